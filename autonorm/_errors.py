@@ -1,0 +1,15 @@
+"""Exceptions raised by autonorm."""
+
+from __future__ import annotations
+
+
+class AutoNormError(ValueError):
+    """A state or input autonorm cannot work with.
+
+    Subclasses ``ValueError`` so that callers validating input with ``except ValueError``
+    also catch autonorm's own validation errors.
+    """
+
+
+class ConfigError(AutoNormError):
+    """A :class:`~autonorm.NormConfig` that does not fit a model, or a malformed config file."""

@@ -1,0 +1,50 @@
+"""The normalization layers autonorm chooses among, and the registry that builds them."""
+
+from __future__ import annotations
+
+from autonorm.norms.layers import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    LAYOUTS,
+    BatchNormChannelsLast,
+    BatchNormNd,
+    DyT,
+    GroupNormChannelsLast,
+    IdentityNorm,
+    InstanceNormChannelsLast,
+    InstanceNormNd,
+    LayerNormChannelsFirst,
+    RMSNormChannelsFirst,
+)
+from autonorm.norms.registry import (
+    NORM_NAMES,
+    NormSpec,
+    check_choice,
+    create_norm,
+    default_groups,
+    get_spec,
+)
+from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SwitchableNorm
+
+__all__ = [
+    "CHANNELS_FIRST",
+    "CHANNELS_LAST",
+    "LAYOUTS",
+    "NORM_NAMES",
+    "SWITCHABLE_CANDIDATES",
+    "BatchNormChannelsLast",
+    "BatchNormNd",
+    "DyT",
+    "GroupNormChannelsLast",
+    "IdentityNorm",
+    "InstanceNormChannelsLast",
+    "InstanceNormNd",
+    "LayerNormChannelsFirst",
+    "NormSpec",
+    "RMSNormChannelsFirst",
+    "SwitchableNorm",
+    "check_choice",
+    "create_norm",
+    "default_groups",
+    "get_spec",
+]

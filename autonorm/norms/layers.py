@@ -1,0 +1,293 @@
+"""Normalization layers that torch lacks: layout variants of its native layers, DyT, identity.
+
+Where torch has a layer (``nn.BatchNorm2d``, ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.InstanceNorm*d``) the registry returns it. The classes here cover the rest: the other layout
+of a native layer (e.g. a LayerNorm over C of an ``(N, C, H, W)`` tensor, as in ConvNeXt) and
+layers that must accept any number of spatial dimensions. They subclass the native layer, so their
+parameters, buffers and ``state_dict`` keys are the native ones and weights carry over by name.
+
+Layouts: ``channels_first`` is ``(N, C, *)``; ``channels_last`` is ``(..., C)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST)
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _check_features(module: nn.Module, x: torch.Tensor, dim: int) -> None:
+    num_features = module.num_features if hasattr(module, "num_features") else None
+    if num_features is not None and x.shape[dim] != num_features:
+        raise ValueError(
+            f"{type(module).__name__} expects {num_features} channels at dim {dim}, "
+            f"got input of shape {tuple(x.shape)}"
+        )
+
+
+class BatchNormNd(_BatchNorm):
+    """``nn.BatchNorm{1,2,3}d`` for an input of any rank ``(N, C, *)``.
+
+    Used where the input rank is not known when the layer is built; with a known rank the
+    registry returns the native class.
+    """
+
+    layout = CHANNELS_FIRST
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+
+
+class BatchNormChannelsLast(_BatchNorm):
+    """Batch normalization of a ``(..., C)`` input: per channel over every other position.
+
+    For tokens ``(N, T, C)`` the statistics of channel c come from all N*T tokens.
+    """
+
+    layout = CHANNELS_LAST
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 2:
+            raise ValueError(f"expected a flattened (M, C) input, got {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (..., C), got {tuple(input.shape)}")
+        _check_features(self, input, -1)
+        return super().forward(input.reshape(-1, input.shape[-1])).reshape(input.shape)
+
+
+class GroupNormChannelsLast(nn.GroupNorm):
+    """``nn.GroupNorm`` of a ``(N, ..., C)`` input: per sample over each group's channels and
+    all positions. Takes ``num_features`` first like the other layers (``groups`` as keyword)."""
+
+    layout = CHANNELS_LAST
+
+    def __init__(
+        self,
+        num_features: int,
+        groups: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(groups, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+    @property
+    def num_features(self) -> int:
+        return self.num_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, ..., C), got {tuple(input.shape)}")
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+
+
+class InstanceNormNd(_InstanceNorm):
+    """Instance normalization of ``(N, C, *)`` with at least one spatial position dimension,
+    any rank. The native ``nn.InstanceNorm{1,2,3}d`` is used where the rank is known."""
+
+    layout = CHANNELS_FIRST
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 3:
+            raise ValueError(
+                "instance normalization needs spatial positions: expected (N, C, L, ...), "
+                f"got {tuple(input.shape)}"
+            )
+
+    def _get_no_batch_dim(self) -> int:
+        return 0  # this layer always expects a batch dimension
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        _check_features(self, input, 1)
+        return F.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNormChannelsLast(InstanceNormNd):
+    """Instance normalization of ``(N, ..., C)``: per sample and channel over all positions
+    (for tokens ``(N, T, C)``: over the T tokens)."""
+
+    layout = CHANNELS_LAST
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 3:
+            raise ValueError(
+                "instance normalization needs positions: expected (N, L, ..., C), "
+                f"got {tuple(input.shape)}"
+            )
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+
+
+class LayerNormChannelsFirst(nn.LayerNorm):
+    """LayerNorm over C at each position of a ``(N, C, *)`` input (ConvNeXt's LayerNorm2d).
+
+    Normalizing over ``(C, H, W)`` per sample is ``groupnorm`` with ``groups=1`` instead.
+    """
+
+    layout = CHANNELS_FIRST
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+
+    @property
+    def num_features(self) -> int:
+        return self.normalized_shape[0]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+        return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+
+
+class RMSNormChannelsFirst(nn.RMSNorm):
+    """RMSNorm over C at each position of a ``(N, C, *)`` input."""
+
+    layout = CHANNELS_FIRST
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+
+    @property
+    def num_features(self) -> int:
+        return self.normalized_shape[0]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+        return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh: ``weight * tanh(alpha * x) + bias``, a normalization-free replacement.
+
+    Zhu et al., "Transformers without Normalization", CVPR 2025. ``alpha`` is one learnable
+    scalar; ``weight`` and ``bias`` are per channel.
+
+    Args:
+        num_features: number of channels C.
+        layout: ``"channels_last"`` for ``(..., C)`` (the paper's use) or ``"channels_first"``
+            for ``(N, C, *)``.
+        alpha_init: initial value of alpha (0.5 in the paper).
+        affine: learn per-channel ``weight`` and ``bias``.
+        eps: accepted for a uniform interface; DyT has no variance to guard.
+
+    Example::
+
+        >>> layer = DyT(8)
+        >>> layer(torch.zeros(2, 3, 8)).shape
+        torch.Size([2, 3, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        layout: str = CHANNELS_LAST,
+        alpha_init: float = 0.5,
+        affine: bool = True,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(alpha_init, (int, float)) and math.isfinite(alpha_init)):
+            raise ValueError(f"`alpha_init` must be a finite number, got {alpha_init!r}")
+        self.num_features = num_features
+        self.layout = check_layout(layout)
+        self.alpha_init = float(alpha_init)
+        self.affine = affine
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        channel_dim = 1 if self.layout == CHANNELS_FIRST else -1
+        _check_features(self, input, channel_dim)
+        out = torch.tanh(self.alpha * input)
+        if self.affine:
+            shape = [1] * input.dim()
+            shape[channel_dim] = self.num_features
+            out = torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, layout={self.layout!r}, alpha_init={self.alpha_init}, "
+            f"affine={self.affine}"
+        )
+
+
+class IdentityNorm(nn.Identity):
+    """No normalization: returns the input. Records ``num_features`` and ``layout`` so that it
+    stays a slot that a later config can turn back into a norm."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        layout: str = CHANNELS_FIRST,
+        **ignored: object,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.layout = check_layout(layout)
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset: the layer has no parameters."""
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, layout={self.layout!r}"

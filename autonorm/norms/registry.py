@@ -1,0 +1,314 @@
+"""One registry of normalization choices: ``create_norm(name, num_features, ...)``.
+
+Each entry knows how to build its layer for a layout and input rank, which parameters it takes,
+and what must hold for a slot (:func:`check_choice`), so that surgery, search spaces and the
+callback validate choices the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from autonorm.norms.layers import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    LAYOUTS,
+    BatchNormChannelsLast,
+    BatchNormNd,
+    DyT,
+    GroupNormChannelsLast,
+    IdentityNorm,
+    InstanceNormChannelsLast,
+    InstanceNormNd,
+    LayerNormChannelsFirst,
+    RMSNormChannelsFirst,
+    check_layout,
+)
+from autonorm.norms.switchable import SwitchableNorm
+
+_BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_INSTANCENORM_BY_NDIM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
+_COMMON = ("eps", "affine", "device", "dtype")
+
+
+def default_groups(num_features: int, max_groups: int = 32) -> int:
+    """The largest group count <= ``max_groups`` dividing ``num_features`` (32 as in Wu & He)."""
+    return max(g for g in range(1, min(max_groups, num_features) + 1) if num_features % g == 0)
+
+
+def _batchnorm(
+    num_features: int, *, layout: str, input_ndim: int | None, momentum: float | None = 0.1, **kw: Any
+) -> nn.Module:
+    if layout == CHANNELS_LAST:
+        return BatchNormChannelsLast(num_features, momentum=momentum, **kw)
+    cls = _BATCHNORM_BY_NDIM.get(input_ndim, BatchNormNd)  # type: ignore[arg-type]
+    return cls(num_features, momentum=momentum, **kw)
+
+
+def _groupnorm(
+    num_features: int, *, layout: str, input_ndim: int | None, groups: int | None = None, **kw: Any
+) -> nn.Module:
+    groups = default_groups(num_features) if groups is None else groups
+    if layout == CHANNELS_LAST:
+        return GroupNormChannelsLast(num_features, groups, **kw)
+    return nn.GroupNorm(groups, num_features, **kw)
+
+
+def _instancenorm(
+    num_features: int,
+    *,
+    layout: str,
+    input_ndim: int | None,
+    track_running_stats: bool = False,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    **kw: Any,
+) -> nn.Module:
+    kw.update(affine=affine, track_running_stats=track_running_stats, momentum=momentum)
+    if layout == CHANNELS_LAST:
+        return InstanceNormChannelsLast(num_features, **kw)
+    cls = _INSTANCENORM_BY_NDIM.get(input_ndim, InstanceNormNd)  # type: ignore[arg-type]
+    return cls(num_features, **kw)
+
+
+def _layernorm(
+    num_features: int, *, layout: str, input_ndim: int | None, affine: bool = True, **kw: Any
+) -> nn.Module:
+    if layout == CHANNELS_FIRST:
+        return LayerNormChannelsFirst(num_features, affine=affine, **kw)
+    return nn.LayerNorm(num_features, elementwise_affine=affine, **kw)
+
+
+def _rmsnorm(
+    num_features: int, *, layout: str, input_ndim: int | None, affine: bool = True, **kw: Any
+) -> nn.Module:
+    if layout == CHANNELS_FIRST:
+        return RMSNormChannelsFirst(num_features, affine=affine, **kw)
+    return nn.RMSNorm(num_features, elementwise_affine=affine, **kw)
+
+
+def _switchable(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
+    return SwitchableNorm(num_features, layout=layout, **kw)
+
+
+def _dyt(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
+    return DyT(num_features, layout=layout, **kw)
+
+
+def _identity(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
+    return IdentityNorm(num_features, layout=layout)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What the registry knows of one choice.
+
+    Attributes:
+        name: registry name.
+        build: ``build(num_features, *, layout, input_ndim, **params)``.
+        params: keyword parameters the choice accepts besides eps/affine/device/dtype.
+        needs_positions: the statistics need more than one position per (sample, channel):
+            invalid on an ``(N, C)`` input.
+        reference: the paper or source, for docs and reports.
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    params: tuple[str, ...] = ()
+    needs_positions: bool = False
+    reference: str = ""
+    layouts: tuple[str, ...] = field(default=LAYOUTS)
+
+
+_REGISTRY: dict[str, NormSpec] = {
+    spec.name: spec
+    for spec in (
+        NormSpec(
+            "batchnorm",
+            _batchnorm,
+            ("momentum", "track_running_stats"),
+            reference="Ioffe & Szegedy, Batch Normalization, ICML 2015",
+        ),
+        NormSpec(
+            "groupnorm", _groupnorm, ("groups",), reference="Wu & He, Group Normalization, ECCV 2018"
+        ),
+        NormSpec(
+            "instancenorm",
+            _instancenorm,
+            ("momentum", "track_running_stats"),
+            needs_positions=True,
+            reference="Ulyanov et al., Instance Normalization, 2016",
+        ),
+        NormSpec("layernorm", _layernorm, reference="Ba et al., Layer Normalization, 2016"),
+        NormSpec(
+            "rmsnorm",
+            _rmsnorm,
+            reference="Zhang & Sennrich, Root Mean Square Layer Normalization, NeurIPS 2019",
+        ),
+        NormSpec(
+            "switchable",
+            _switchable,
+            ("candidates", "momentum"),
+            reference="Luo et al., Switchable Normalization, ICLR 2019",
+        ),
+        NormSpec(
+            "dyt",
+            _dyt,
+            ("alpha_init",),
+            reference="Zhu et al., Transformers without Normalization, CVPR 2025",
+        ),
+        NormSpec("identity", _identity, reference="no normalization"),
+    )
+}
+
+#: Registry names, in a stable order.
+NORM_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_spec(name: str) -> NormSpec:
+    """The :class:`NormSpec` of a registry name.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names).
+    """
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown norm {name!r}; valid names are: {', '.join(NORM_NAMES)}"
+        ) from None
+
+
+def check_choice(
+    name: str,
+    num_features: int,
+    *,
+    layout: str = CHANNELS_FIRST,
+    input_shape: tuple[int, ...] | None = None,
+    **params: Any,
+) -> list[str]:
+    """Everything that keeps a choice from working on a slot, as messages (empty: valid).
+
+    Args:
+        name: registry name.
+        num_features: the slot's channel count.
+        layout: the slot's layout.
+        input_shape: the slot's input shape from the probe, if known.
+        **params: the choice's parameters (e.g. ``groups``).
+
+    Example::
+
+        >>> check_choice("groupnorm", 8, groups=3)
+        ['`groups` must divide num_features, got groups=3, num_features=8']
+    """
+    try:
+        spec = get_spec(name)
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    if layout not in spec.layouts:
+        problems.append(f"{name} does not support layout {layout!r}")
+    allowed = set(spec.params) | set(_COMMON)
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        problems.append(
+            f"{name} takes parameters {sorted(allowed)}, got unknown {unknown}"
+        )
+    if name == "groupnorm":
+        groups = params.get("groups")
+        if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1):
+            problems.append(f"`groups` must be a positive int, got groups={groups!r}")
+        elif groups is not None and num_features % groups:
+            problems.append(
+                f"`groups` must divide num_features, got groups={groups}, num_features={num_features}"
+            )
+    if spec.needs_positions and input_shape is not None:
+        positions = _positions(input_shape, layout)
+        if positions <= 1:
+            problems.append(
+                f"{name} needs more than one position per sample and channel; the input "
+                f"{tuple(input_shape)} ({layout}) has {positions}"
+            )
+    if "eps" in params and not (isinstance(params["eps"], (int, float)) and params["eps"] > 0):
+        problems.append(f"`eps` must be > 0, got eps={params['eps']!r}")
+    return problems
+
+
+def _positions(input_shape: tuple[int, ...], layout: str) -> int:
+    """Positions per (sample, channel): the product of the non-batch, non-channel dims."""
+    dims = input_shape[2:] if layout == CHANNELS_FIRST else input_shape[1:-1]
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    return name in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
+def create_norm(
+    name: str | type[nn.Module] | functools.partial[nn.Module] | Callable[..., nn.Module],
+    num_features: int,
+    *,
+    layout: str = CHANNELS_FIRST,
+    input_ndim: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a normalization layer.
+
+    Args:
+        name: a registry name (``batchnorm``, ``groupnorm``, ``instancenorm``, ``layernorm``,
+            ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
+            called as ``factory(num_features, **kwargs)`` (with ``layout`` if it accepts one).
+        num_features: number of channels C.
+        layout: ``"channels_first"`` (input ``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).
+        input_ndim: rank of the input, when known: picks the native ``nn.BatchNorm{1,2,3}d`` /
+            ``nn.InstanceNorm{1,2,3}d``; without it a rank-agnostic subclass is built.
+        **kwargs: ``eps``, ``affine``, ``device``, ``dtype`` and the choice's own parameters
+            (``groups`` for groupnorm, ``candidates`` for switchable, ``alpha_init`` for dyt).
+
+    Returns:
+        The layer.
+
+    Raises:
+        ValueError: unknown name (listing the valid names) or invalid parameters (saying what
+            must hold and what was given).
+
+    Example::
+
+        >>> create_norm("groupnorm", 64, groups=8)
+        GroupNorm(8, 64, eps=1e-05, affine=True)
+        >>> create_norm("layernorm", 64, layout="channels_last")
+        LayerNorm((64,), eps=1e-05, elementwise_affine=True)
+    """
+    layout = check_layout(layout)
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"`num_features` must be a positive int, got {num_features!r}")
+    if not isinstance(name, str):
+        if not callable(name):
+            raise ValueError(f"`name` must be a registry name, a class or a factory, got {name!r}")
+        if _accepts(name, "layout"):
+            kwargs["layout"] = layout
+        return name(num_features, **kwargs)
+    problems = check_choice(name, num_features, layout=layout, **kwargs)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return get_spec(name).build(num_features, layout=layout, input_ndim=input_ndim, **kwargs)
+
+
+def registry_items() -> Mapping[str, NormSpec]:
+    """Read-only view of the registry (name -> spec)."""
+    return dict(_REGISTRY)
