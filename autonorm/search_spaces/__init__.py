@@ -1,0 +1,7 @@
+"""Search spaces: presets (``auto``, ``cnn``, ``transformer``, ``minimal``) and user spaces."""
+
+from __future__ import annotations
+
+from autonorm.search_spaces.space import PRESETS, TIE_MODES, SearchSpace, SpaceRule, resolve_space
+
+__all__ = ["PRESETS", "TIE_MODES", "SearchSpace", "SpaceRule", "resolve_space"]

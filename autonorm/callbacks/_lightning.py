@@ -1,0 +1,50 @@
+"""Both Lightning namespaces: ``pytorch_lightning`` and ``lightning.pytorch``.
+
+The callback subclasses the ``Callback`` of each namespace that is installed, so that a Trainer
+from either accepts it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+
+
+def _import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def installed_namespaces() -> list[Any]:
+    """The Lightning packages that import here."""
+    return [mod for mod in (_import(name) for name in NAMESPACES) if mod is not None]
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = tuple(mod.Callback for mod in installed_namespaces())
+    if not bases:
+        raise ImportError(
+            "autonorm.callbacks needs PyTorch Lightning: pip install pytorch-lightning"
+        )
+    return bases
+
+
+CALLBACK_BASES = _callback_bases()
+
+
+def lightning_module_classes() -> tuple[type, ...]:
+    return tuple(mod.LightningModule for mod in installed_namespaces())
+
+
+def checkpoint_safe_globals() -> list[Any]:
+    """Classes Lightning puts into checkpoints that ``torch.load(weights_only=True)`` must allow."""
+    out = []
+    for name in NAMESPACES:
+        parsing = _import(f"{name}.utilities.parsing")
+        if parsing is not None and hasattr(parsing, "AttributeDict"):
+            out.append(parsing.AttributeDict)
+    return out

@@ -1,0 +1,658 @@
+"""``autonorm.search``: per-slot Optuna search under memory and batch budgets, with pruning,
+resume, warm start and the export bundle.
+
+Each trial builds a fresh model, lets the :class:`~autonorm.callbacks.AutoNorm` callback (search
+mode) rewrite it from the trial's choices, trains it with a Lightning ``Trainer`` and returns the
+monitored metric. Trials over the budget end at once and are recorded as infeasible.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from torch import nn
+
+from autonorm._errors import AutoNormError, ConfigError
+from autonorm.budget import Budget, free_memory, is_oom_error
+from autonorm.callbacks import AutoNorm
+from autonorm.config import NormConfig
+from autonorm.report import (
+    attach_dashboard_artifacts,
+    best_feasible_trial,
+    pareto_trials,
+    write_report,
+    write_summary,
+)
+from autonorm.search_spaces import SearchSpace, resolve_space
+from autonorm.slots import Slot, find_slots
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+#: Secondary objectives of a multi-objective search, minimized.
+EXTRA_OBJECTIVES = {"peak_memory": "peak_memory", "latency": "step_time", "params": "n_params"}
+METRIC = "metric"
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found.
+
+    Attributes:
+        best_config: the best feasible config, or None when no trial met the budget.
+        best_value: its metric value (None without a best config).
+        best_trial: its Optuna trial.
+        study: the ``optuna.Study``.
+        out_dir: the export bundle's folder.
+        pareto: multi-objective only: ``[(config, values), ...]`` on the Pareto front.
+        summary: the machine-readable summary also written to ``summary.json``.
+    """
+
+    best_config: NormConfig | None
+    best_value: float | None
+    best_trial: optuna.trial.FrozenTrial | None
+    study: optuna.Study
+    out_dir: Path
+    pareto: list[tuple[NormConfig, list[float]]] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def mask_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def make_storage(storage: str | os.PathLike[str] | optuna.storages.BaseStorage | None, out_dir: Path) -> Any:
+    """Optuna storage from autonorm's storage argument.
+
+    ``None``: a SQLite file ``study.db`` in ``out_dir``; a URL with ``://``: Optuna's RDB storage
+    (SQLAlchemy); any other string or path: Optuna's journal file storage (several processes on
+    one host); a storage object is used as it is.
+    """
+    if storage is None:
+        return f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    text = os.fspath(storage)
+    if "://" in text:
+        try:
+            return optuna.storages.RDBStorage(text)
+        except Exception as err:  # SQLAlchemy raises many kinds: name the URL and the cause
+            raise AutoNormError(f"cannot open storage {mask_password(text)!r}: {err}") from None
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise AutoNormError(f"journal storage folder {str(path.parent)!r} does not exist")
+    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    return optuna.storages.journal.JournalStorage(backend)
+
+
+def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int | None) -> optuna.samplers.BaseSampler:
+    if isinstance(sampler, optuna.samplers.BaseSampler):
+        return sampler
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, constraints_func=_constraints)
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"`sampler` must be one of {SAMPLERS} or an optuna sampler, got {sampler!r}")
+
+
+def make_pruner(pruner: str | optuna.pruners.BasePruner | None, max_epochs: int) -> optuna.pruners.BasePruner:
+    if isinstance(pruner, optuna.pruners.BasePruner):
+        return pruner
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1))
+    if pruner in ("none", None):
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"`pruner` must be one of {PRUNERS} or an optuna pruner, got {pruner!r}")
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+    """Constraint values for the TPE sampler: > 0 means over the budget."""
+    return [0.0 if trial.user_attrs.get("feasible", True) else 1.0]
+
+
+def _model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    if inspect.isclass(model):
+        if not issubclass(model, nn.Module):
+            raise ValueError(f"`model` must be a LightningModule class or a factory, got class {model.__name__}")
+        return lambda: model(**model_kwargs)
+    if isinstance(model, nn.Module):
+        raise ValueError(
+            "`model` must be a LightningModule class or a zero-argument factory, not an instance: "
+            "every trial needs a fresh model"
+        )
+    if callable(model):
+        if model_kwargs:
+            raise ValueError("`model_kwargs` applies to a model class, not to a factory")
+        return model
+    raise ValueError(f"`model` must be a LightningModule class or a factory, got {model!r}")
+
+
+def _datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
+    if datamodule is None:
+        return None
+    if inspect.isclass(datamodule) or (callable(datamodule) and not hasattr(datamodule, "train_dataloader")):
+        return datamodule
+    return lambda: datamodule
+
+
+def _set_batch_size(datamodule: Any, loaders: dict[str, Any], batch_size: int) -> None:
+    """Train at the budget's per-device batch size: on the datamodule or the dataloaders."""
+    if datamodule is not None:
+        if hasattr(datamodule, "batch_size"):
+            datamodule.batch_size = batch_size
+        elif hasattr(datamodule, "hparams") and "batch_size" in datamodule.hparams:
+            datamodule.hparams.batch_size = batch_size
+        else:
+            raise AutoNormError(
+                f"budget.batch_size={batch_size} needs {type(datamodule).__name__} to have a "
+                "`batch_size` attribute (or hparams entry) that its dataloaders use"
+            )
+    for key, loader in list(loaders.items()):
+        if loader is not None:
+            loaders[key] = _rebatch(loader, batch_size, shuffle=key == "train")
+
+
+def _rebatch(loader: Any, batch_size: int, *, shuffle: bool) -> Any:
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        raise AutoNormError(
+            f"budget.batch_size needs torch DataLoaders (or a datamodule), got {type(loader).__name__}"
+        )
+    return torch.utils.data.DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last or shuffle,  # a last training batch of 1 breaks batch stats
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _check_study_compatible(study: optuna.Study, params: dict[str, list[str]], directions: list[str]) -> None:
+    """Refuse a space or direction that differs from an existing study's (Optuna would fail later
+    with a less clear message, or silently mix two searches)."""
+    existing = [d.name.lower() for d in study.directions]
+    wanted = [("minimize" if d == "min" else "maximize") for d in directions]
+    if study.get_trials(deepcopy=False) and existing != wanted:
+        raise AutoNormError(
+            f"study {study.study_name!r} has directions {existing}, this search asks for {wanted}; "
+            "use another --study_name or the same mode/objectives"
+        )
+    changed = []
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            if name in params and list(getattr(dist, "choices", ())) != params[name]:
+                changed.append(f"{name}: study has {list(dist.choices)}, space gives {params[name]}")
+        if changed:
+            break
+    if changed:
+        raise ConfigError(
+            f"the search space changed against the existing study {study.study_name!r} (Optuna "
+            "cannot change a categorical parameter's choices):\n  " + "\n  ".join(changed)
+            + "\nUse the same space, or a new study name / out_dir."
+        )
+
+
+def _baseline_params(
+    slots: Sequence[Slot], space: SearchSpace, params: dict[str, tuple[list[str], list[str]]]
+) -> list[tuple[str, dict[str, str]]]:
+    """Warm-start trials: the model's own norms, then well-known uniform configs.
+
+    A baseline is enqueued only where every parameter offers the needed choice.
+    """
+    by_name = {s.name: s for s in slots}
+
+    def pick(labels: list[str], slot: Slot, family: dict[str, str]) -> str | None:
+        if family.get("keep"):
+            label = slot.keep_choice().label
+            return label if label in labels else None
+        wanted = family[slot.layout]
+        return next((label for label in labels if label.split("(")[0] == wanted), None)
+
+    families = [
+        ("own norms", {"keep": "1"}),
+        ("uniform:groupnorm/layernorm", {"channels_first": "groupnorm", "channels_last": "layernorm"}),
+        ("uniform:batchnorm/layernorm", {"channels_first": "batchnorm", "channels_last": "layernorm"}),
+        ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
+    ]
+    out: list[tuple[str, dict[str, str]]] = []
+    for label, family in families:
+        chosen: dict[str, str] = {}
+        for param, (labels, names) in params.items():
+            picks = {pick(labels, by_name[n], family) for n in names}
+            if None in picks or len(picks) != 1:
+                break
+            chosen[param] = picks.pop()  # type: ignore[assignment]
+        else:
+            if chosen not in [c for _, c in out]:
+                out.append((label, chosen))
+    return out
+
+
+def search(
+    model: Any,
+    datamodule: Any = None,
+    *,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    n_trials: int = 20,
+    timeout: float | None = None,
+    space: Any = "auto",
+    budget: Budget | dict[str, Any] | None = None,
+    monitor: str = "val_loss",
+    mode: str = "min",
+    trainer_kwargs: dict[str, Any] | None = None,
+    storage: Any = None,
+    study_name: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    sampler: Any = "tpe",
+    pruner: Any = "median",
+    seed: int | None = None,
+    warm_start: bool = True,
+    objectives: Sequence[str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    example_input: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    retrain: bool = False,
+    verbose: bool = False,
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+) -> SearchResult:
+    """Search the per-slot normalization config that optimizes a validation metric.
+
+    Args:
+        model: a LightningModule class (instantiated per trial with ``model_kwargs``) or a
+            zero-argument factory returning a fresh LightningModule.
+        datamodule: a LightningDataModule instance, class or factory.
+        train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
+        n_trials: the total number of finished trials the study should hold; a resumed study
+            runs only the missing ones (pass a larger number to add trials).
+        timeout: stop starting new trials after this many seconds.
+        space: search space (preset name, YAML path, dict, :class:`SearchSpace`).
+        budget: a :class:`~autonorm.Budget` (or its dict): peak memory per training step,
+            per-device batch size the trials train with, parameter count.
+        monitor: the logged metric to optimize; ``mode``: ``"min"`` or ``"max"``.
+        trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
+            checkpoints).
+        storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL, a journal file
+            path, or an Optuna storage.
+        study_name: study name (default ``autonorm-<ModelClass>``); an existing study resumes.
+        out_dir: the bundle folder (default ``./autonorm-runs/<study_name>``).
+        sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
+        pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
+        seed: seed of the sampler and of each trial's training (``seed + trial.number``).
+        warm_start: enqueue the model's own norms and well-known uniform configs first.
+        objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
+        model_kwargs: init arguments of a model class.
+        example_input: input for the slot probe (default: ``example_input_array``).
+        include, exclude: glob patterns selecting the slots to search.
+        retrain: train the best config once more and save its checkpoint in the bundle.
+        verbose: show Lightning's per-trial progress bar and logs.
+        callbacks: Optuna callbacks called after each trial (progress displays).
+
+    Returns:
+        A :class:`SearchResult`.
+
+    Raises:
+        ValueError: invalid arguments. AutoNormError: a model without slots, a metric never
+            logged, an unusable storage or out_dir.
+    """
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"`n_trials` must be a positive int, got {n_trials!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+    objectives = list(objectives) if objectives else [METRIC]
+    if objectives[0] != METRIC or any(o not in EXTRA_OBJECTIVES for o in objectives[1:]) or len(set(objectives)) != len(objectives):
+        raise ValueError(
+            f"`objectives` must start with 'metric' followed by distinct names from "
+            f"{sorted(EXTRA_OBJECTIVES)}, got {objectives}"
+        )
+    if isinstance(budget, dict):
+        budget = Budget(**budget)
+    if budget is not None and not isinstance(budget, Budget):
+        raise ValueError(f"`budget` must be an autonorm.Budget or a dict, got {type(budget).__name__}")
+    if datamodule is None and train_dataloaders is None:
+        raise ValueError("give a `datamodule` or `train_dataloaders`")
+    make_model = _model_factory(model, dict(model_kwargs or {}))
+    make_datamodule = _datamodule_factory(datamodule)
+    search_space = resolve_space(space)
+    trainer_kwargs = dict(trainer_kwargs or {})
+    max_epochs = int(trainer_kwargs.setdefault("max_epochs", 3))
+
+    probe = make_model()
+    model_class = f"{type(probe).__module__}.{type(probe).__qualname__}"
+    if example_input is None:
+        example_input = getattr(probe, "example_input_array", None)
+    slots = find_slots(probe, example_input, include=include, exclude=exclude)
+    if not slots:
+        raise AutoNormError(f"{type(probe).__name__} has no normalization slot to search")
+    space_params = search_space.parameters(slots)
+    labels = {name: choice_labels for name, (choice_labels, _) in space_params.items()}
+    del probe
+
+    study_name = study_name or f"autonorm-{type(make_model).__name__ if not inspect.isclass(model) else model.__name__}"
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "autonorm-runs" / study_name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write-test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as err:
+        raise AutoNormError(f"out_dir {str(out)!r} cannot be written: {err.strerror or err}") from None
+
+    directions = [mode] + ["min"] * (len(objectives) - 1)
+    optuna_directions = ["minimize" if d == "min" else "maximize" for d in directions]
+    study_storage = make_storage(storage, out)
+    multi = len(objectives) > 1
+    try:
+        existing = optuna.load_study(study_name=study_name, storage=study_storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        _check_study_compatible(existing, labels, directions)
+    study = optuna.create_study(
+        storage=study_storage,
+        study_name=study_name,
+        directions=optuna_directions,
+        sampler=make_sampler(sampler, seed),
+        pruner=optuna.pruners.NopPruner() if multi else make_pruner(pruner, max_epochs),
+        load_if_exists=True,
+    )
+    study.set_user_attr(
+        "autonorm",
+        {
+            "monitor": monitor,
+            "mode": mode,
+            "objectives": [monitor if o == METRIC else o for o in objectives],
+            "budget": budget.to_dict() if budget is not None else None,
+            "space": search_space.to_dict(),
+            "model_class": model_class,
+            "slots": [
+                {"name": s.name, "kind": s.kind, "num_features": s.num_features, "layout": s.layout}
+                for s in slots
+            ],
+            "max_epochs": max_epochs,
+        },
+    )
+    if warm_start and not study.get_trials(deepcopy=False):
+        for label, params in _baseline_params(slots, search_space, space_params):
+            study.enqueue_trial(params, user_attrs={"baseline": label})
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        return _run_trial(
+            trial,
+            make_model=make_model,
+            make_datamodule=make_datamodule,
+            train_dataloaders=train_dataloaders,
+            val_dataloaders=val_dataloaders,
+            space=search_space,
+            budget=budget,
+            monitor=monitor,
+            objectives=objectives,
+            trainer_kwargs=trainer_kwargs,
+            out_dir=out,
+            seed=seed,
+            example_input=example_input,
+            include=include,
+            exclude=exclude,
+            verbose=verbose,
+        )
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    remaining = max(n_trials - done, 0)
+    started = time.time()
+    if remaining:
+        with _quiet_lightning(not verbose):
+            study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=list(callbacks), catch=())
+    elif done:
+        log.info("study %r already holds %d finished trials (n_trials=%d)", study_name, done, n_trials)
+    return export_bundle(
+        study,
+        out,
+        storage=storage,
+        budget=budget,
+        elapsed=time.time() - started,
+        retrain=(lambda cfg: _retrain(cfg, make_model, make_datamodule, train_dataloaders, val_dataloaders, budget, trainer_kwargs, out, seed, example_input)) if retrain else None,
+    )
+
+
+def _run_trial(
+    trial: optuna.Trial,
+    *,
+    make_model: Callable[[], nn.Module],
+    make_datamodule: Callable[[], Any] | None,
+    train_dataloaders: Any,
+    val_dataloaders: Any,
+    space: SearchSpace,
+    budget: Budget | None,
+    monitor: str,
+    objectives: list[str],
+    trainer_kwargs: dict[str, Any],
+    out_dir: Path,
+    seed: int | None,
+    example_input: Any,
+    include: Any,
+    exclude: Any,
+    verbose: bool,
+) -> float | list[float]:
+    import pytorch_lightning as pl
+
+    if seed is not None:
+        pl.seed_everything(seed + trial.number, workers=True, verbose=False)
+    module = make_model()
+    dm = make_datamodule() if make_datamodule is not None else None
+    loaders = {"train": train_dataloaders, "val": val_dataloaders}
+    if budget is not None and budget.batch_size is not None:
+        _set_batch_size(dm, loaders, budget.batch_size)
+    callback = AutoNorm(
+        trial=trial,
+        space=space,
+        monitor=monitor,
+        include=include,
+        exclude=exclude,
+        example_input=example_input,
+        budget=budget,
+    )
+    kwargs = {
+        "accelerator": "auto",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": verbose,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(out_dir / "trials"),
+        **trainer_kwargs,
+    }
+    kwargs["callbacks"] = [callback, *trainer_kwargs.get("callbacks", [])]
+    trainer = pl.Trainer(**kwargs)
+    try:
+        if dm is not None:
+            trainer.fit(module, datamodule=dm)
+        else:
+            trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    except optuna.TrialPruned:
+        raise
+    except Exception as err:
+        if not is_oom_error(err):
+            raise
+        del module, trainer
+        free_memory()
+        callback.mark_infeasible("out of memory during training")
+        raise optuna.TrialPruned("out of memory during training") from None
+    value = callback.monitored_value(trainer)
+    if not math.isfinite(value):
+        reason = f"{monitor} is {value} at the end of training"
+        trial.set_user_attr("prune_reason", reason)
+        raise optuna.TrialPruned(reason)
+    if len(objectives) == 1:
+        return value
+    attrs = callback.recorder.summary() if callback.recorder is not None else {}
+    extra = []
+    for name in objectives[1:]:
+        key = EXTRA_OBJECTIVES[name]
+        if key not in attrs:
+            raise AutoNormError(f"objective {name!r} was not measured in trial {trial.number}")
+        extra.append(float(attrs[key]))
+    return [value, *extra]
+
+
+def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> NormConfig:
+    return NormConfig(dict(trial.user_attrs["config"]), metadata=metadata)
+
+
+def _versions() -> dict[str, str]:
+    import pytorch_lightning as pl
+
+    from autonorm import __version__
+
+    return {
+        "autonorm": __version__,
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "pytorch_lightning": pl.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_bundle(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    storage: Any = None,
+    budget: Budget | None = None,
+    elapsed: float | None = None,
+    retrain: Callable[[NormConfig], Path] | None = None,
+) -> SearchResult:
+    """Write ``best_config.yaml``, ``summary.json``, ``report.html``, ``pareto.yaml`` (multi-
+    objective), ``storage.txt`` (external storage) and the dashboard artifacts into ``out_dir``."""
+    out_dir = Path(out_dir)
+    info = dict(study.user_attrs.get("autonorm") or {})
+    base_meta = {
+        "metric": info.get("monitor"),
+        "mode": info.get("mode"),
+        "budget": info.get("budget"),
+        "space": info.get("space"),
+        "model_class": info.get("model_class"),
+        "study_name": study.study_name,
+        "versions": _versions(),
+    }
+    best_config = best_value = best = None
+    pareto = None
+    written: list[Path] = []
+    if len(study.directions) == 1:
+        best = best_feasible_trial(study)
+        if best is not None:
+            best_value = best.value
+            best_config = _trial_config(best, {**base_meta, "source": "search", "trial": best.number, "value": best.value})
+            path = out_dir / "best_config.yaml"
+            best_config.save(path)
+            written.append(path)
+    else:
+        pareto = []
+        for trial in pareto_trials(study):
+            cfg = _trial_config(trial, {**base_meta, "source": "search", "trial": trial.number, "values": list(trial.values)})
+            pareto.append((cfg, list(trial.values)))
+        path = out_dir / "pareto.yaml"
+        _atomic_write(path, yaml.safe_dump([{"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto], sort_keys=False))
+        written.append(path)
+    if storage is not None and not (isinstance(storage, str) and storage.startswith("sqlite:///") and Path(storage[10:]).parent == out_dir):
+        text = mask_password(os.fspath(storage)) if isinstance(storage, (str, os.PathLike)) else type(storage).__name__
+        _atomic_write(out_dir / "storage.txt", f"{text}\nstudy_name: {study.study_name}\n")
+    if best_config is not None and retrain is not None:
+        written.append(retrain(best_config))
+    write_summary(study, out_dir, elapsed=elapsed)
+    write_report(study, out_dir / "report.html")
+    try:
+        attach_dashboard_artifacts(study, out_dir, written)
+    except Exception as err:  # artifacts are a convenience: never lose the bundle over them
+        log.warning("could not attach dashboard artifacts: %s", err)
+    if best is None and len(study.directions) == 1:
+        log.warning(
+            "no trial of study %r met the budget: no best config (see %s)", study.study_name, out_dir / "report.html"
+        )
+    summary = __import__("json").loads((out_dir / "summary.json").read_text())
+    return SearchResult(best_config, best_value, best, study, out_dir, pareto, summary)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _retrain(
+    config: NormConfig,
+    make_model: Callable[[], nn.Module],
+    make_datamodule: Callable[[], Any] | None,
+    train_dataloaders: Any,
+    val_dataloaders: Any,
+    budget: Budget | None,
+    trainer_kwargs: dict[str, Any],
+    out_dir: Path,
+    seed: int | None,
+    example_input: Any,
+) -> Path:
+    """Train the best config once more for the full schedule; save its checkpoint."""
+    import pytorch_lightning as pl
+
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    module = make_model()
+    dm = make_datamodule() if make_datamodule is not None else None
+    loaders = {"train": train_dataloaders, "val": val_dataloaders}
+    if budget is not None and budget.batch_size is not None:
+        _set_batch_size(dm, loaders, budget.batch_size)
+    kwargs = {
+        "accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+        "enable_model_summary": False, "enable_progress_bar": False, "default_root_dir": str(out_dir / "retrain"),
+        **trainer_kwargs,
+    }
+    kwargs["callbacks"] = [AutoNorm(config=config, example_input=example_input, record_metrics=False), *trainer_kwargs.get("callbacks", [])]
+    trainer = pl.Trainer(**kwargs)
+    if dm is not None:
+        trainer.fit(module, datamodule=dm)
+    else:
+        trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    path = out_dir / "best.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+class _quiet_lightning:
+    """Silence Lightning's per-trial info logs (GPU available, ...) unless verbose."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.saved: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        if self.active:
+            for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+                logger = logging.getLogger(name)
+                self.saved[name] = logger.level
+                logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)

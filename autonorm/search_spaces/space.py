@@ -1,0 +1,307 @@
+"""Search spaces: which norm choices each slot may take.
+
+A :class:`SearchSpace` starts from a preset (a function of the slot) and applies user rules
+(glob patterns on slot names, first match wins) that replace a slot's choices. Choices invalid for
+a slot (groups not dividing C, instancenorm without positions, ...) are removed per slot with
+:func:`autonorm.norms.check_choice`, so that every choice Optuna proposes can be applied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from autonorm._errors import ConfigError
+from autonorm.norms import CHANNELS_FIRST, check_choice
+
+if TYPE_CHECKING:
+    from autonorm.config import NormChoice
+    from autonorm.slots import Slot
+
+TIE_MODES = ("none", "stage", "all")
+TIE_PREFIX = "tie:"
+
+
+def _group_counts(num_features: int, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list[int]:
+    """A few GroupNorm group counts valid for C: from ``wanted``, dividing C, below C."""
+    counts = [g for g in wanted if num_features % g == 0 and g < num_features]
+    return counts[:3] or [1]
+
+
+def _groupnorms(slot: Slot) -> list[dict[str, Any]]:
+    return [{"name": "groupnorm", "groups": g} for g in _group_counts(slot.num_features)]
+
+
+def _auto(slot: Slot) -> list[Any]:
+    if slot.layout == CHANNELS_FIRST:
+        return [
+            "batchnorm",
+            *_groupnorms(slot),
+            "instancenorm",
+            "layernorm",
+            "rmsnorm",
+            "switchable",
+        ]
+    return ["layernorm", "rmsnorm", "dyt", "switchable", "batchnorm"]
+
+
+def _cnn(slot: Slot) -> list[Any]:
+    if slot.layout == CHANNELS_FIRST:
+        return ["batchnorm", *_groupnorms(slot), "instancenorm", "layernorm", "switchable"]
+    return ["layernorm", "batchnorm", "rmsnorm"]
+
+
+def _transformer(slot: Slot) -> list[Any]:
+    if slot.layout == CHANNELS_FIRST:
+        return ["layernorm", "rmsnorm", *_groupnorms(slot), "batchnorm"]
+    return ["layernorm", "rmsnorm", "dyt"]
+
+
+def _minimal(slot: Slot) -> list[Any]:
+    return [slot.keep_choice(), {"name": "groupnorm", "groups": _group_counts(slot.num_features)[0]}, "layernorm"]
+
+
+#: Preset name -> function of a slot giving its candidate choices (before validity filtering).
+PRESETS: dict[str, Callable[[Slot], list[Any]]] = {
+    "auto": _auto,
+    "cnn": _cnn,
+    "transformer": _transformer,
+    "minimal": _minimal,
+}
+
+
+@dataclass(frozen=True)
+class SpaceRule:
+    """Choices for the slots whose name matches ``pattern`` (fnmatch glob)."""
+
+    pattern: str
+    choices: tuple[NormChoice, ...]
+
+
+@dataclass
+class SearchSpace:
+    """Per-slot norm choices for a search.
+
+    Args:
+        preset: name of a preset in :data:`PRESETS` giving every slot's default choices.
+        rules: ``{glob pattern: [choice, ...]}`` replacing the preset's choices for matching
+            slots (first matching pattern wins). A choice is a registry name, a
+            ``{"name": ..., **params}`` dict or a :class:`~autonorm.config.NormChoice`.
+        identity: also offer ``identity`` (no normalization) to every slot.
+        keep: also offer every slot its own original layer (the "own norms" baseline).
+        tie: ``"none"``; ``"stage"`` (slots under the same top-level module share one choice);
+            ``"all"`` (one choice for the whole model).
+
+    Example::
+
+        >>> space = SearchSpace("cnn", rules={"head.*": ["layernorm"]}, tie="none")
+        >>> space.preset
+        'cnn'
+    """
+
+    preset: str = "auto"
+    rules: Mapping[str, Sequence[Any]] | None = None
+    identity: bool = False
+    tie: str = "none"
+    keep: bool = True
+    _rules: tuple[SpaceRule, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from autonorm.config import NormChoice
+
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.tie not in TIE_MODES:
+            problems.append(f"`tie` must be one of {TIE_MODES}, got {self.tie!r}")
+        rules = []
+        for pattern, choices in (self.rules or {}).items():
+            if isinstance(choices, (str, Mapping)) or not isinstance(choices, Iterable):
+                choices = [choices]
+            parsed = []
+            for choice in choices:
+                try:
+                    parsed.append(NormChoice.parse(choice))
+                except ValueError as err:
+                    problems.append(f"rule {pattern!r}: {err}")
+            if not parsed:
+                problems.append(f"rule {pattern!r} has no choices")
+            rules.append(SpaceRule(str(pattern), tuple(parsed)))
+        if problems:
+            raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
+        self._rules = tuple(rules)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "search space") -> SearchSpace:
+        """Build from ``{"preset": ..., "choices": {pattern: [...]}, "identity": bool, "tie": ...}``.
+
+        A bare list under ``choices`` applies to every slot (pattern ``*``).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+        known = {"preset", "choices", "identity", "tie", "keep"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {sorted(known)}")
+        choices = data.get("choices")
+        if isinstance(choices, (list, tuple)):
+            choices = {"*": list(choices)}
+        if choices is not None and not isinstance(choices, Mapping):
+            raise ConfigError(
+                f"{source}: `choices` must map slot patterns to lists of choices, got {choices!r}"
+            )
+        identity = data.get("identity", False)
+        if not isinstance(identity, bool):
+            raise ConfigError(f"{source}: `identity` must be true or false, got {identity!r}")
+        try:
+            return cls(
+                preset=data.get("preset", "auto"),
+                rules=choices,
+                identity=identity,
+                tie=data.get("tie", "none"),
+                keep=bool(data.get("keep", True)),
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> SearchSpace:
+        """Load a space from a YAML file (safe loading)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read search space file {str(path)!r}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"search space file {str(path)!r} is not valid YAML: {err}") from None
+        return cls.from_dict(data or {}, source=f"search space file {str(path)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-value description (for metadata and study attributes)."""
+        return {
+            "preset": self.preset,
+            "choices": {r.pattern: [c.to_value() for c in r.choices] for r in self._rules},
+            "identity": self.identity,
+            "tie": self.tie,
+            "keep": self.keep,
+        }
+
+    # -- per-slot choices ----------------------------------------------------------------------
+
+    def candidates(self, slot: Slot) -> list[NormChoice]:
+        """The slot's choices before validity filtering."""
+        from autonorm.config import NormChoice
+
+        for rule in self._rules:
+            if fnmatch.fnmatchcase(slot.name, rule.pattern):
+                raw: list[Any] = list(rule.choices)
+                break
+        else:
+            raw = PRESETS[self.preset](slot)
+        if self.identity:
+            raw.append("identity")
+        if self.keep:
+            raw.append(slot.keep_choice())
+        out: list[NormChoice] = []
+        for value in raw:
+            choice = NormChoice.parse(value)
+            if choice not in out:
+                out.append(choice)
+        return out
+
+    def choices_for(self, slot: Slot) -> list[NormChoice]:
+        """The slot's valid choices, in the space's order.
+
+        Raises:
+            ConfigError: no choice of the space is valid for the slot (with the reasons).
+        """
+        valid, rejected = [], []
+        for choice in self.candidates(slot):
+            problems = check_choice(
+                choice.name,
+                slot.num_features,
+                layout=slot.layout,
+                input_shape=slot.input_shape,
+                **choice.params,
+            )
+            (rejected if problems else valid).append((choice, problems))
+        if not valid:
+            reasons = "; ".join(f"{c.label}: {p[0]}" for c, p in rejected)
+            raise ConfigError(f"slot {slot.name!r}: no valid choice in the search space ({reasons})")
+        return [c for c, _ in valid]
+
+    def resolve(self, slots: Sequence[Slot]) -> dict[str, list[NormChoice]]:
+        """Valid choices of every slot, collecting all slots without a valid choice in one error."""
+        out, problems = {}, []
+        for slot in slots:
+            try:
+                out[slot.name] = self.choices_for(slot)
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            raise ConfigError("search space does not fit the model:\n  " + "\n  ".join(problems))
+        return out
+
+    def parameters(self, slots: Sequence[Slot]) -> dict[str, tuple[list[str], list[str]]]:
+        """Optuna parameters of the space: ``{param name: (choice labels, slot names)}``.
+
+        Without tying every slot is its own parameter, named by the slot. With tying, a group's
+        parameter is ``"tie:<group>"`` and offers the choices valid for all its slots.
+        """
+        per_slot = self.resolve(slots)
+        groups: dict[str, list[str]] = {}
+        for slot in slots:
+            groups.setdefault(self.group_of(slot.name), []).append(slot.name)
+        params = {}
+        for group, names in groups.items():
+            if self.tie == "none":
+                params[group] = ([c.label for c in per_slot[group]], names)
+                continue
+            common = [c.label for c in per_slot[names[0]]]
+            for name in names[1:]:
+                allowed = {c.label for c in per_slot[name]}
+                common = [label for label in common if label in allowed]
+            if not common:
+                raise ConfigError(
+                    f"tied slots {names} have no choice in common; use tie='none' or widen the space"
+                )
+            params[group] = (common, names)
+        return params
+
+    def group_of(self, slot_name: str) -> str:
+        """The Optuna parameter name that decides ``slot_name``."""
+        if self.tie == "none":
+            return slot_name
+        if self.tie == "all":
+            return TIE_PREFIX + "all"
+        return TIE_PREFIX + slot_name.split(".")[0]
+
+
+def resolve_space(space: str | os.PathLike[str] | Mapping[str, Any] | SearchSpace | None) -> SearchSpace:
+    """A :class:`SearchSpace` from a preset name, a YAML path, a dict or a space.
+
+    Raises:
+        ConfigError: unknown preset, missing/malformed file, invalid choices.
+    """
+    if space is None:
+        return SearchSpace()
+    if isinstance(space, SearchSpace):
+        return space
+    if isinstance(space, Mapping):
+        return SearchSpace.from_dict(space)
+    text = os.fspath(space)
+    if text in PRESETS:
+        return SearchSpace(text)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return SearchSpace.from_yaml(text)
+    raise ConfigError(
+        f"unknown search space {text!r}: give a preset ({', '.join(PRESETS)}) or a YAML file"
+    )
