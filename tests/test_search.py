@@ -1,0 +1,149 @@
+"""autonorm.search: real Optuna studies on SQLite / journal files with tiny Lightning models."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+import autonorm
+from autonorm import Budget, NormConfig
+from autonorm.search_spaces import SearchSpace
+from tests.lightning_models import TinyConvNet, TinyDataModule
+
+FAST = {"max_epochs": 2}
+
+
+def _search(tmp_path, name="run", **kwargs):
+    defaults = dict(
+        n_trials=4, trainer_kwargs=FAST, out_dir=tmp_path / name, seed=0, space="minimal"
+    )
+    defaults.update(kwargs)
+    return autonorm.search(TinyConvNet, TinyDataModule(), **defaults)
+
+
+def test_search_writes_a_complete_bundle(tmp_path):
+    result = _search(tmp_path, sampler="random")
+    out = result.out_dir
+    assert {p.name for p in out.iterdir()} >= {"best_config.yaml", "study.db", "report.html", "summary.json", "artifacts"}
+
+    study = optuna.load_study(study_name=result.study.study_name, storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 4
+    assert study.trials[0].user_attrs["baseline"] == "own norms"
+    assert set(study.trials[0].params) == {"bn1", "bn2", "head_norm"}
+
+    config = NormConfig.load(out / "best_config.yaml")
+    assert config == result.best_config
+    assert config.metadata["metric"] == "val_loss" and config.metadata["trial"] == result.best_trial.number
+    model = autonorm.apply_config(TinyConvNet(), config)
+    assert torch.isfinite(model(torch.randn(3, 2, 16))).all()
+
+    assert result.best_value == min(t.value for t in study.trials if t.value is not None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_value"] == pytest.approx(result.best_value)
+    html = (out / "report.html").read_text()
+    assert "plotly" in html.lower() and "bn1" in html
+
+
+def test_second_call_resumes_the_study(tmp_path):
+    first = _search(tmp_path, n_trials=3)
+    numbers = [t.number for t in first.study.trials]
+    params = [t.params for t in first.study.trials]
+    second = _search(tmp_path, n_trials=5)
+    assert second.study.study_name == first.study.study_name
+    assert len(second.study.trials) == 5
+    assert [t.params for t in second.study.trials[:3]] == params
+    assert numbers == [0, 1, 2]
+    # asking for no more than exists runs nothing
+    third = _search(tmp_path, n_trials=5)
+    assert len(third.study.trials) == 5
+
+
+def test_tiny_memory_budget_leaves_no_best_config(tmp_path, caplog):
+    result = _search(tmp_path, n_trials=2, budget=Budget(max_memory="2KiB"))
+    assert result.best_config is None and result.best_value is None
+    assert not (result.out_dir / "best_config.yaml").exists()
+    assert all(t.user_attrs["feasible"] is False for t in result.study.trials)
+    assert result.summary["trials"]["infeasible"] == 2
+    assert "met the budget" in caplog.text
+
+
+def test_batch_size_budget_sets_the_per_device_batch(tmp_path):
+    seen = []
+
+    class Recording(TinyConvNet):
+        def training_step(self, batch, batch_idx):
+            seen.append(len(batch[0]))
+            return super().training_step(batch, batch_idx)
+
+    autonorm.search(Recording, TinyDataModule(batch_size=16), n_trials=1, trainer_kwargs={"max_epochs": 1},
+                    out_dir=tmp_path / "bs", budget=Budget(batch_size=4), space="minimal")
+    assert set(seen) == {4}
+
+
+def test_out_of_memory_is_contained(tmp_path):
+    result = autonorm.search(
+        TinyConvNet, TinyDataModule(), model_kwargs={"fail_with": "oom"}, n_trials=2,
+        trainer_kwargs=FAST, out_dir=tmp_path / "oom", space="minimal",
+    )
+    states = {t.state for t in result.study.trials}
+    assert states == {optuna.trial.TrialState.PRUNED}
+    assert all(t.user_attrs["feasible"] is False for t in result.study.trials)
+    assert "out of memory" in result.study.trials[0].user_attrs["infeasible_reason"]
+    assert result.best_config is None
+
+
+def test_nan_loss_is_pruned_with_its_reason(tmp_path):
+    result = autonorm.search(
+        TinyConvNet, TinyDataModule(), model_kwargs={"fail_with": "nan"}, n_trials=1,
+        trainer_kwargs=FAST, out_dir=tmp_path / "nan", space="minimal",
+    )
+    trial = result.study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert "nan" in trial.user_attrs["prune_reason"]
+
+
+def test_seed_makes_trial_parameters_identical(tmp_path):
+    a = _search(tmp_path, "a", n_trials=5, warm_start=False, space="cnn")
+    b = _search(tmp_path, "b", n_trials=5, warm_start=False, space="cnn")
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
+    assert [t.value for t in a.study.trials] == pytest.approx([t.value for t in b.study.trials])
+
+
+def test_multi_objective_returns_a_pareto_front(tmp_path):
+    result = _search(tmp_path, n_trials=3, objectives=["metric", "params"])
+    assert result.pareto and all(len(values) == 2 for _, values in result.pareto)
+    assert (result.out_dir / "pareto.yaml").exists()
+    assert len(result.study.directions) == 2
+
+
+def test_changed_space_against_an_existing_study_is_refused_and_the_study_kept(tmp_path):
+    _search(tmp_path, n_trials=1)
+    db = (tmp_path / "run" / "study.db").read_bytes()
+    with pytest.raises(autonorm.ConfigError, match="search space changed"):
+        _search(tmp_path, n_trials=2, space=SearchSpace("cnn"))
+    assert (tmp_path / "run" / "study.db").read_bytes() == db
+
+
+def test_journal_file_storage(tmp_path):
+    result = _search(tmp_path, n_trials=2, storage=str(tmp_path / "journal.log"))
+    assert (tmp_path / "journal.log").stat().st_size > 0
+    assert (result.out_dir / "storage.txt").read_text().startswith(str(tmp_path / "journal.log"))
+    assert len(result.study.trials) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_trials": 0}, "n_trials"),
+        ({"mode": "up"}, "`mode`"),
+        ({"objectives": ["latency"]}, "objectives"),
+        ({"sampler": "grid"}, "`sampler`"),
+        ({"space": "nonsense"}, "unknown search space"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _search(tmp_path, **kwargs)
