@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from autonorm._errors import AutoNormError, ConfigError
+from autonorm.budget import Budget
+from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import NORM_NAMES, SwitchableNorm, create_norm
+from autonorm.slots import Slot, find_slots, register_slot_type
+from autonorm.surgery import apply_config, derive_config, to_switchable
 
 __version__ = "0.1.0"
+
+# Imported on first use: they pull in Lightning and Optuna.
+_LAZY = {
+    "search": ("autonorm.search", "search"),
+    "SearchResult": ("autonorm.search", "SearchResult"),
+    "load_from_checkpoint": ("autonorm.callbacks", "load_from_checkpoint"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'autonorm' has no attribute {name!r}")
+
 
 __all__ = [
     "NORM_NAMES",
     "AutoNormError",
+    "Budget",
     "ConfigError",
+    "NormChoice",
+    "NormConfig",
+    "SearchResult",
+    "Slot",
     "SwitchableNorm",
     "__version__",
+    "apply_config",
     "create_norm",
+    "derive_config",
+    "find_slots",
+    "load_from_checkpoint",
+    "register_slot_type",
+    "search",
+    "to_switchable",
 ]

@@ -34,7 +34,9 @@ from autonorm.norms.switchable import SwitchableNorm
 
 _BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _INSTANCENORM_BY_NDIM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
-_COMMON = ("eps", "affine", "device", "dtype")
+#: Keyword arguments every registry layer takes.
+COMMON_PARAMS = ("eps", "affine", "device", "dtype")
+_COMMON = COMMON_PARAMS
 
 
 def default_groups(num_features: int, max_groups: int = 32) -> int:

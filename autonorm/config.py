@@ -1,0 +1,309 @@
+"""Per-slot norm configs: :class:`NormChoice` (one slot's choice) and :class:`NormConfig`.
+
+A config maps slot names to choices and carries metadata (where it came from). It is saved as
+YAML or JSON with a schema version, loaded with safe loading only, and validated on load with
+every problem of the file collected into one :class:`~autonorm.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from autonorm._errors import ConfigError
+from autonorm.norms import get_spec
+from autonorm.norms.registry import COMMON_PARAMS
+
+if TYPE_CHECKING:
+    from autonorm.slots import Slot
+
+SCHEMA_VERSION = 1
+_SUFFIXES = (".yaml", ".yml", ".json")
+_LABEL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists and mappings into dicts (YAML/JSON-safe)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _frozen(value: Any) -> Any:
+    """Hashable form of a parameter value (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Mapping):
+        raise ValueError(f"a choice parameter cannot be a mapping, got {value!r}")
+    return value
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a=1, b=[x, y]`` at the commas outside brackets."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if "".join(current).strip():
+        parts.append("".join(current))
+    return parts
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class NormChoice:
+    """One slot's choice: a registry name and its parameters.
+
+    Written as a plain name (``"layernorm"``), a mapping (``{"name": "groupnorm", "groups": 8}``)
+    or a label (``"groupnorm(groups=8)"``, the form Optuna stores as a categorical choice).
+
+    Example::
+
+        >>> NormChoice.parse({"name": "groupnorm", "groups": 8}).label
+        'groupnorm(groups=8)'
+        >>> NormChoice.parse("groupnorm(groups=8)") == NormChoice("groupnorm", {"groups": 8})
+        True
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = get_spec(self.name)  # ValueError listing the valid names
+        params = {str(k): _frozen(v) for k, v in dict(self.params).items()}
+        allowed = set(spec.params) | set(COMMON_PARAMS)
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(f"{self.name} takes parameters {sorted(allowed)}, got unknown {unknown}")
+        object.__setattr__(self, "params", dict(sorted(params.items())))
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.params.items())))
+
+    @classmethod
+    def parse(cls, value: Any) -> NormChoice:
+        """A choice from a name, a label, a ``{"name": ..., **params}`` mapping or a choice.
+
+        Raises:
+            ValueError: unknown name, unknown parameter, or malformed value.
+        """
+        if isinstance(value, NormChoice):
+            return value
+        if isinstance(value, Mapping):
+            data = dict(value)
+            name = data.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError(f"a choice mapping needs a `name` string, got {dict(value)!r}")
+            return cls(name, data)
+        if isinstance(value, str):
+            match = _LABEL.match(value)
+            if match is None:
+                raise ValueError(f"malformed norm choice {value!r}; expected e.g. 'groupnorm(groups=8)'")
+            name, args = match.group(1), match.group(2)
+            params: dict[str, Any] = {}
+            for part in _split_top_level(args or ""):
+                key, sep, raw = part.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(f"malformed parameter {part.strip()!r} in norm choice {value!r}")
+                params[key.strip()] = yaml.safe_load(raw.strip())
+            return cls(name, params)
+        raise ValueError(f"a norm choice must be a name, a label or a mapping, got {value!r}")
+
+    @property
+    def label(self) -> str:
+        """The choice as one string: ``name`` or ``name(key=value, ...)``."""
+        if not self.params:
+            return self.name
+        args = ", ".join(f"{k}={_format_value(v)}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+    def to_value(self) -> str | dict[str, Any]:
+        """The plain form written to files: the name alone, or a mapping with the parameters."""
+        if not self.params:
+            return self.name
+        return {"name": self.name, **plain(self.params)}
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class NormConfig:
+    """Slot name -> :class:`NormChoice`, plus metadata (schema version, model class, source).
+
+    Two configs are equal when they make the same choices (metadata is provenance and does not
+    take part).
+
+    Args:
+        choices: ``{slot name: choice}``; a choice is anything :meth:`NormChoice.parse` accepts.
+        metadata: plain values (YAML/JSON-safe): e.g. ``source``, ``trial``, ``metric``,
+            ``value``, ``model_class``, ``space``.
+
+    Raises:
+        ConfigError: invalid choices (all of them named in one message).
+
+    Example::
+
+        >>> cfg = NormConfig({"layer1.bn": "groupnorm", "head.norm": "layernorm"})
+        >>> cfg["layer1.bn"].label
+        'groupnorm'
+    """
+
+    def __init__(self, choices: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(choices, Mapping):
+            raise ConfigError(f"`choices` must map slot names to choices, got {type(choices).__name__}")
+        parsed, problems = {}, []
+        for name, value in choices.items():
+            if not isinstance(name, str) or not name:
+                problems.append(f"slot names must be non-empty strings, got {name!r}")
+                continue
+            try:
+                parsed[name] = NormChoice.parse(value)
+            except ValueError as err:
+                problems.append(f"slot {name!r}: {err}")
+        if problems:
+            raise ConfigError("invalid norm config:\n  " + "\n  ".join(problems))
+        self.choices: dict[str, NormChoice] = parsed
+        self.metadata: dict[str, Any] = plain(dict(metadata or {}))
+
+    @classmethod
+    def uniform(cls, slots: Iterable[Slot | str], name: str, **params: Any) -> NormConfig:
+        """The same choice for every slot.
+
+        Example::
+
+            >>> NormConfig.uniform(["a", "b"], "groupnorm", groups=4)["b"].label
+            'groupnorm(groups=4)'
+        """
+        choice = NormChoice(name, params)
+        names = [s if isinstance(s, str) else s.name for s in slots]
+        return cls(dict.fromkeys(names, choice), metadata={"source": f"uniform:{choice.label}"})
+
+    # -- mapping protocol --------------------------------------------------------------------
+
+    def __getitem__(self, slot_name: str) -> NormChoice:
+        return self.choices[slot_name]
+
+    def __contains__(self, slot_name: object) -> bool:
+        return slot_name in self.choices
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.choices)
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NormConfig):
+            return NotImplemented
+        return self.choices == other.choices
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k!r}: {v.label!r}" for k, v in self.choices.items())
+        return f"NormConfig({{{inner}}})"
+
+    # -- plain values and files ----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"schema_version": 1, "metadata": {...}, "slots": {name: value}}``."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "metadata": plain(self.metadata),
+            "slots": {name: choice.to_value() for name, choice in self.choices.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "config") -> NormConfig:
+        """Build from :meth:`to_dict`'s form, naming ``source`` in every error.
+
+        Raises:
+            ConfigError: wrong schema version, missing or malformed sections, invalid choices.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping with `slots`, got {type(data).__name__}")
+        problems = []
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            problems.append(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
+        unknown = sorted(set(data) - {"schema_version", "metadata", "slots"})
+        if unknown:
+            problems.append(f"unknown keys {unknown}; valid keys: metadata, schema_version, slots")
+        slots = data.get("slots")
+        if not isinstance(slots, Mapping) or not slots:
+            problems.append(f"`slots` must map slot names to choices, got {slots!r}")
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            problems.append(f"`metadata` must be a mapping, got {metadata!r}")
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+        try:
+            return cls(slots, metadata=metadata)  # type: ignore[arg-type]
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``), atomically.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        if path.suffix.lower() not in _SUFFIXES:
+            raise ConfigError(f"config file must end in {', '.join(_SUFFIXES)}, got {str(path)!r}")
+        data = self.to_dict()
+        if path.suffix.lower() == ".json":
+            text = json.dumps(data, indent=2) + "\n"
+        else:
+            text = yaml.safe_dump(data, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> NormConfig:
+        """Read a config written by :meth:`save` (safe YAML loading; JSON is YAML's subset).
+
+        Raises:
+            ConfigError: missing or unreadable file, malformed YAML/JSON, invalid content.
+        """
+        path = Path(path)
+        source = f"config file {str(path)!r}"
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read {source}: {err.strerror or err}") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                data = yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{source} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {err}") from None
+        return cls.from_dict(data, source=source)

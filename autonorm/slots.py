@@ -1,0 +1,475 @@
+"""Find the norm slots of a model: which modules normalize, their channels, layout and input shape.
+
+A slot is a module that normalizes: torch's norm classes and their subclasses, autonorm's own
+layers, a :class:`NormWithExtra` left by an earlier rewrite, and any class registered with
+:func:`register_slot_type`. With an example input, one probe forward pass (eval mode, no grad,
+forward hooks) records each slot's input shape; the layout is then read from the shape, not
+from the class alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from autonorm.config import NormChoice
+from autonorm.norms import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    DyT,
+    IdentityNorm,
+    SwitchableNorm,
+)
+from autonorm.norms.layers import check_layout
+from autonorm.norms.switchable import DEFAULT_CANDIDATES
+
+log = logging.getLogger(__name__)
+
+
+class NormWithExtra(nn.Module):
+    """A norm followed by the extra steps of the subclass it replaced (activation, drop path).
+
+    Model zoos fuse steps into norm subclasses (``BatchNormAct2d``: batch norm, then ``act``
+    and ``drop`` children). When such a slot gets another norm, the new norm runs first and
+    the original child modules after it, under their original names.
+
+    Args:
+        norm: the normalization layer.
+        extra: ``(name, module)`` pairs run in order after ``norm``.
+    """
+
+    def __init__(self, norm: nn.Module, extra: Sequence[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.norm = norm
+        self.extra_names = tuple(name for name, _ in extra)
+        for name, module in extra:
+            self.add_module(name, module)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self.norm(input)
+        for name in self.extra_names:
+            out = getattr(self, name)(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"extra={self.extra_names}"
+
+
+@dataclass(frozen=True)
+class SlotType:
+    """How to read a registered norm class: its registry kind, layout and channel count."""
+
+    cls: type[nn.Module]
+    kind: str
+    layout: str
+    num_features: Callable[[nn.Module], int | None]
+    extra: tuple[str, ...] | None = None
+
+
+_USER_TYPES: dict[type[nn.Module], SlotType] = {}
+
+
+def _features_attr(module: nn.Module) -> int | None:
+    for attr in ("num_features", "num_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _features_normalized_shape(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    return shape[0] if len(shape) == 1 else None
+
+
+def register_slot_type(
+    cls: type[nn.Module],
+    *,
+    kind: str,
+    layout: str = CHANNELS_FIRST,
+    num_features: str | Callable[[nn.Module], int] = "num_features",
+    extra: Sequence[str] | None = None,
+) -> None:
+    """Declare a norm class of your own as a slot type.
+
+    Args:
+        cls: the class (its subclasses are slots too).
+        kind: the registry name closest to what it computes (``batchnorm``, ``layernorm``, ...):
+            the slot's "keep" choice and the kind reported for it.
+        layout: its default layout, when the probe cannot tell.
+        num_features: attribute name or function giving the channel count.
+        extra: names of child modules that run after the normalization (kept on rewrite).
+
+    Example::
+
+        >>> class MyNorm(nn.LayerNorm):
+        ...     pass
+        >>> register_slot_type(MyNorm, kind="layernorm", layout="channels_last",
+        ...                    num_features=lambda m: m.normalized_shape[0])
+    """
+    from autonorm.norms import get_spec
+
+    get_spec(kind)
+    check_layout(layout)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"`cls` must be an nn.Module subclass, got {cls!r}")
+    reader = num_features if callable(num_features) else (lambda m, a=num_features: getattr(m, a))
+    _USER_TYPES[cls] = SlotType(cls, kind, layout, reader, None if extra is None else tuple(extra))
+
+
+def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
+    """``(kind, default layout, num_features)`` of a module autonorm knows, else None."""
+    layout = getattr(module, "layout", None)
+    if isinstance(module, SwitchableNorm):
+        return "switchable", module.layout, module.num_features
+    if isinstance(module, DyT):
+        return "dyt", module.layout, module.num_features
+    if isinstance(module, IdentityNorm):
+        return "identity", module.layout, module.num_features
+    if isinstance(module, _BatchNorm):
+        return "batchnorm", layout or CHANNELS_FIRST, module.num_features
+    if isinstance(module, _InstanceNorm):
+        return "instancenorm", layout or CHANNELS_FIRST, module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm", layout or CHANNELS_FIRST, module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm", layout or CHANNELS_LAST, _features_normalized_shape(module)
+    if isinstance(module, nn.RMSNorm):
+        return "rmsnorm", layout or CHANNELS_LAST, _features_normalized_shape(module)
+    return None
+
+
+def _slot_type(module: nn.Module) -> tuple[str, str, int | None, tuple[str, ...] | None] | None:
+    if isinstance(module, NormWithExtra):
+        inner = _slot_type(module.norm)
+        return None if inner is None else (*inner[:3], module.extra_names)
+    for cls in type(module).__mro__:
+        if cls in _USER_TYPES:
+            entry = _USER_TYPES[cls]
+            return entry.kind, entry.layout, entry.num_features(module), entry.extra
+    found = _builtin_type(module)
+    return None if found is None else (*found, None)
+
+
+def _native_forward(module: nn.Module) -> bool:
+    """Whether the module's forward is that of a torch or autonorm class (nothing extra)."""
+    forward = type(module).forward
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__module__.startswith(("torch.", "autonorm.")) and vars(cls)["forward"] is forward
+    return True
+
+
+def keep_choice_of(module: nn.Module, kind: str) -> NormChoice:
+    """The registry choice that rebuilds ``module`` as it is (non-default settings included)."""
+    norm = module.norm if isinstance(module, NormWithExtra) else module
+    params: dict[str, Any] = {}
+    eps = getattr(norm, "eps", None)
+    if kind == "groupnorm":
+        params["groups"] = norm.num_groups
+    if kind == "switchable":
+        if norm.candidates != DEFAULT_CANDIDATES[norm.layout]:
+            params["candidates"] = list(norm.candidates)
+        if norm.momentum != 0.1:
+            params["momentum"] = norm.momentum
+    if kind == "dyt" and norm.alpha_init != 0.5:
+        params["alpha_init"] = norm.alpha_init
+    if kind in ("batchnorm", "instancenorm"):
+        if norm.momentum != 0.1:
+            params["momentum"] = norm.momentum
+        default_tracking = kind == "batchnorm"
+        if norm.track_running_stats != default_tracking:
+            params["track_running_stats"] = norm.track_running_stats
+    if kind in ("batchnorm", "groupnorm", "instancenorm", "switchable", "dyt"):
+        affine = bool(getattr(norm, "affine", True))
+    elif kind in ("layernorm", "rmsnorm"):
+        affine = bool(getattr(norm, "elementwise_affine", True))
+    else:
+        affine = True
+    if not affine:
+        params["affine"] = False
+    if kind != "identity" and kind != "dyt" and eps is not None and eps != 1e-5:
+        params["eps"] = float(eps)
+    return NormChoice(kind, params)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One norm slot of a model.
+
+    Attributes:
+        name: dotted module path, as ``named_modules()`` gives it (the first one for a module
+            registered at several places).
+        kind: registry name of the layer in the slot (``batchnorm``, ``layernorm``, ...).
+        num_features: channel count C.
+        layout: ``"channels_first"`` (``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).
+        input_shape: input shape seen by the probe, or None.
+        module_class: qualified class name of the layer in the slot.
+        aliases: other names of the same module (a shared module is one slot).
+        extra: child modules run after the norm (a fused subclass), kept on rewrite; None
+            when the slot's forward does more than autonorm can reproduce.
+        reached: whether the probe reached the slot (None without a probe).
+    """
+
+    name: str
+    kind: str
+    num_features: int
+    layout: str
+    input_shape: tuple[int, ...] | None = None
+    module_class: str = ""
+    aliases: tuple[str, ...] = ()
+    extra: tuple[str, ...] | None = ()
+    reached: bool | None = None
+    keep: NormChoice | None = field(default=None, compare=False, repr=False)
+    refusal: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of the slot's module."""
+        return (self.name, *self.aliases)
+
+    def keep_choice(self) -> NormChoice:
+        """The choice that keeps the slot's layer as it is."""
+        return self.keep if self.keep is not None else NormChoice(self.kind)
+
+    @property
+    def input_ndim(self) -> int | None:
+        return None if self.input_shape is None else len(self.input_shape)
+
+
+def _layout_from_shape(shape: tuple[int, ...], num_features: int, default: str) -> str:
+    """channels_first when only dim 1 is C, channels_last when only the last dim is C."""
+    if len(shape) < 3:
+        return default
+    first, last = shape[1] == num_features, shape[-1] == num_features
+    if first and not last:
+        return CHANNELS_FIRST
+    if last and not first:
+        return CHANNELS_LAST
+    return default
+
+
+def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+def _to_device(value: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def call_with_example(model: nn.Module, example_input: Any) -> Any:
+    """Call ``model`` the way Lightning uses ``example_input_array``: a tuple is unpacked into
+    positional arguments, a dict into keyword arguments, anything else is one argument."""
+    example_input = _to_device(example_input, _device_of(model))
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)
+
+
+@dataclass
+class _Probe:
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _run_probe(model: nn.Module, modules: dict[int, nn.Module], example_input: Any, record_io: set[int]) -> _Probe:
+    """One forward pass in eval mode under no_grad; train flags and buffers restored after."""
+    probe = _Probe()
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        key = id(module)
+        if key in probe.shapes or not args or not isinstance(args[0], torch.Tensor):
+            return
+        probe.shapes[key] = tuple(args[0].shape)
+        if key in record_io and isinstance(output, torch.Tensor):
+            probe.io[key] = (args[0].detach().clone(), output.detach().clone())
+
+    flags = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
+    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_with_example(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                if name in buffers and value is not None:
+                    value.copy_(buffers[name])
+    return probe
+
+
+def _reproduces(module: nn.Module, kind: str, layout: str, keep: NormChoice, io: tuple[torch.Tensor, torch.Tensor], extra: tuple[str, ...]) -> bool:
+    """Whether ``kind`` (rebuilt with the module's weights) then ``extra`` reproduces the
+    module's probe output."""
+    from autonorm.surgery import build_replacement
+
+    x, y = io
+    try:
+        rebuilt = build_replacement(module, keep, layout=layout, input_ndim=x.dim(), extra=None)
+        rebuilt.eval()
+        with torch.no_grad():
+            out = rebuilt(x)
+            for name in extra:
+                out = getattr(module, name)(out)
+        return out.shape == y.shape and torch.allclose(out, y, rtol=1e-4, atol=1e-5)
+    except Exception as err:  # a rebuild that cannot even run does not reproduce it
+        log.debug("rebuilding %s as %s failed: %s", type(module).__name__, kind, err)
+        return False
+
+
+def find_slots(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    probe: bool = True,
+) -> list[Slot]:
+    """The norm slots of ``model``, in ``named_modules()`` order.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule included).
+        example_input: input for one probe forward pass (a tensor, a tuple of positional
+            arguments or a dict of keyword arguments). Default: the model's
+            ``example_input_array`` when it has one. Without an input, layouts come from the
+            classes and ``input_shape`` is None.
+        include: glob patterns on slot names; only matching slots are returned.
+        exclude: glob patterns on slot names; matching slots are left out.
+        probe: run the probe forward pass when an input is available (False: classes only).
+
+    Returns:
+        One :class:`Slot` per norm module (a module shared at several places is one slot).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> [(s.name, s.kind, s.layout) for s in find_slots(model, torch.zeros(2, 3, 8, 8))]
+        [('1', 'batchnorm', 'channels_first')]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if example_input is None:
+        example_input = getattr(model, "example_input_array", None)
+    if not probe:
+        example_input = None
+    found: dict[int, tuple[nn.Module, list[str], tuple[str, str, int | None, tuple[str, ...] | None]]] = {}
+    inside: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        parts = name.split(".")
+        if name and ("" in inside or any(".".join(parts[:i]) in inside for i in range(1, len(parts)))):
+            continue  # children of a slot (a fused norm's activation) are not slots
+        key = id(module)
+        if key in found:
+            found[key][1].append(name)
+            inside.add(name)
+            continue
+        info = _slot_type(module)
+        if info is None:
+            continue
+        if info[2] is None:
+            warnings.warn(
+                f"{name or type(module).__name__}: {type(module).__name__} normalizes over several "
+                "dimensions (normalized_shape has more than one entry); it is not treated as a slot",
+                stacklevel=2,
+            )
+            continue
+        found[key] = (module, [name], info)
+        inside.add(name)
+    if include is not None or exclude is not None:
+        found = {
+            k: v
+            for k, v in found.items()
+            if (include is None or any(_matches(n, include) for n in v[1]))
+            and not any(_matches(n, exclude) for n in v[1])
+        }
+    custom = {k for k, (m, _, info) in found.items() if info[3] is None and not _native_forward(m)}
+    probed = None
+    if example_input is not None and found:
+        probed = _run_probe(model, {k: v[0] for k, v in found.items()}, example_input, custom)
+    slots = []
+    unreached = []
+    for key, (module, names, (kind, default_layout, num_features, extra)) in found.items():
+        shape = probed.shapes.get(key) if probed is not None else None
+        layout = default_layout if shape is None else _layout_from_shape(shape, num_features, default_layout)
+        keep = keep_choice_of(module, kind)
+        refusal = None
+        if extra is None:
+            if key in custom:
+                children = tuple(n for n, _ in module.named_children())
+                io = probed.io.get(key) if probed is not None else None
+                if io is None or _reproduces(module, kind, layout, keep, io, children):
+                    extra = children
+                else:
+                    refusal = (
+                        f"its forward ({type(module).__qualname__}) does more than {kind} followed by "
+                        f"its child modules {list(children)}, and autonorm cannot reproduce it; "
+                        "register the class with autonorm.register_slot_type(..., extra=[...])"
+                    )
+            else:
+                extra = ()
+        if probed is not None and shape is None:
+            unreached.append(names[0])
+        slots.append(
+            Slot(
+                name=names[0],
+                kind=kind,
+                num_features=int(num_features),
+                layout=layout,
+                input_shape=shape,
+                module_class=f"{type(module).__module__}.{type(module).__qualname__}",
+                aliases=tuple(names[1:]),
+                extra=extra if refusal is None else None,
+                reached=None if probed is None else shape is not None,
+                keep=keep,
+                refusal=refusal,
+            )
+        )
+    if unreached:
+        warnings.warn(
+            f"the probe forward pass did not reach {len(unreached)} norm slot(s): {unreached[:10]}"
+            f"{' ...' if len(unreached) > 10 else ''}; their layouts come from their classes",
+            stacklevel=2,
+        )
+    return slots
+
+
+def slot_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Slot name -> module in the slot, without a probe (cheap)."""
+    return {s.name: model.get_submodule(s.name) for s in find_slots(model, probe=False)}
