@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 # Imported on first use: they pull in Lightning and Optuna.
 _LAZY = {
-    "search": ("autonorm.search", "search"),
-    "SearchResult": ("autonorm.search", "SearchResult"),
+    "search": ("autonorm.study", "search"),
+    "SearchResult": ("autonorm.study", "SearchResult"),
     "load_from_checkpoint": ("autonorm.callbacks", "load_from_checkpoint"),
 }
 

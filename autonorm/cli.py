@@ -105,7 +105,7 @@ def run_search(argv: Sequence[str]) -> int:
 
     from autonorm.budget import Budget
     from autonorm.progress import SearchProgress
-    from autonorm.search import search
+    from autonorm.study import search
     from autonorm.search_spaces import SearchSpace, resolve_space
 
     sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
@@ -212,7 +212,7 @@ def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
 def _load_study(storage: Any, name: str | None) -> Any:
     import optuna
 
-    from autonorm.search import make_storage
+    from autonorm.study import make_storage
 
     resolved = make_storage(storage, Path.cwd())
     names = optuna.get_all_study_names(storage=resolved)
@@ -226,7 +226,7 @@ def _load_study(storage: Any, name: str | None) -> Any:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from autonorm.search import export_bundle
+    from autonorm.study import export_bundle
 
     storage, name, folder = _storage_of(args.target)
     study = _load_study(storage, args.study_name or name)
@@ -263,7 +263,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         raise UsageError("optuna-dashboard is not installed: pip install 'autonorm[dashboard]'") from None
     from optuna.artifacts import FileSystemArtifactStore
 
-    from autonorm.search import make_storage
+    from autonorm.study import make_storage
 
     storage, _, folder = _storage_of(args.target)
     store = None

@@ -342,7 +342,7 @@ class _AutoNormLogic:
             value = self.monitored_value(trainer)
             if not math.isfinite(value):
                 reason = f"{self.monitor} is {value} at epoch {epoch}"
-            else:
+            elif len(self.trial.study.directions) == 1:  # Optuna cannot prune multi-objective
                 self.trial.report(value, step=epoch)
                 if self.trial.should_prune():
                     reason = f"pruned by {type(getattr(self.trial.study, 'pruner', None)).__name__} at epoch {epoch}"

@@ -528,7 +528,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "autonorm": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "optuna": optuna.__version__,
         "pytorch_lightning": pl.__version__,
         "python": platform.python_version(),
