@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,8 +116,10 @@ def run_search(argv: Sequence[str]) -> int:
     except (ArgumentError, SystemExit) as err:
         if isinstance(err, SystemExit):
             return int(err.code or 0)
-        raise UsageError(str(err).splitlines()[0]) from None
+        raise UsageError(_parse_error_summary(str(err))) from None
     options = cfg.search
+    if options.n_trials < 1:
+        raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
     budget_opts = {k: v for k, v in vars(options.budget).items() if v is not None}
     budget = Budget(**budget_opts) if budget_opts else None
     space = resolve_space(options.space)
@@ -154,6 +157,23 @@ def run_search(argv: Sequence[str]) -> int:
     return 0
 
 
+def _parse_error_summary(text: str) -> str:
+    """One line from jsonargparse's nested message: the class path that failed and why."""
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    for i, line in enumerate(lines):
+        found = re.match(r"Problem with given class_path '([^']+)'", line)
+        if found and key:
+            cause = lines[i + 1] if i + 1 < len(lines) else "cannot be imported"
+            return (
+                f"cannot import --{key.group(1)} class {found.group(1)!r} ({cause}); give a dotted "
+                "path importable from the working directory or PYTHONPATH"
+            )
+    if key and len(lines) > 1:
+        return f"--{key.group(1)}: {lines[1]}"
+    return lines[0] if lines else "invalid arguments"
+
+
 def _trainer_defaults(given: dict[str, Any]) -> dict[str, Any]:
     """Drop the Trainer signature's own defaults so that search() applies its trial defaults."""
     import inspect
@@ -173,7 +193,7 @@ def _print_result(console: Any, result: Any) -> None:
         table = Table(title=f"best config: {result.study.study_name} (value {result.best_value:.4g}, trial {result.best_trial.number})")
         table.add_column("slot")
         table.add_column("choice")
-        for slot, choice in result.best_config.items():
+        for slot, choice in result.best_config.choices.items():
             table.add_row(slot, choice.label)
         console.print(table)
     elif result.pareto is not None:
@@ -246,7 +266,7 @@ def run_show(args: argparse.Namespace) -> int:
     table = Table(title=str(args.config))
     table.add_column("slot")
     table.add_column("choice")
-    for slot, choice in config.items():
+    for slot, choice in config.choices.items():
         table.add_row(slot, choice.label)
     console = _console()
     console.print(table)

@@ -104,7 +104,8 @@ def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int | None) -
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, constraints_func=_constraints)
+        # infeasible trials carry trial.set_constraint("budget", 1.0), which TPE reads itself
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"`sampler` must be one of {SAMPLERS} or an optuna sampler, got {sampler!r}")
@@ -120,11 +121,6 @@ def make_pruner(pruner: str | optuna.pruners.BasePruner | None, max_epochs: int)
     if pruner in ("none", None):
         return optuna.pruners.NopPruner()
     raise ValueError(f"`pruner` must be one of {PRUNERS} or an optuna pruner, got {pruner!r}")
-
-
-def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-    """Constraint values for the TPE sampler: > 0 means over the budget."""
-    return [0.0 if trial.user_attrs.get("feasible", True) else 1.0]
 
 
 def _model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.Module]:

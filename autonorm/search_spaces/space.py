@@ -28,14 +28,18 @@ TIE_MODES = ("none", "stage", "all")
 TIE_PREFIX = "tie:"
 
 
-def _group_counts(num_features: int, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list[int]:
-    """A few GroupNorm group counts valid for C: from ``wanted``, dividing C, below C."""
-    counts = [g for g in wanted if num_features % g == 0 and g < num_features]
+def _group_counts(slot: Slot, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list[int]:
+    """A few GroupNorm group counts for a slot: from ``wanted``, dividing C, with at least 4
+    channels per group (8 on an ``(N, C)`` input, where a group has no positions to average
+    over and tiny groups make the output a sign pattern with exploding gradients)."""
+    no_positions = slot.input_shape is not None and len(slot.input_shape) <= 2
+    min_size = 8 if no_positions else 4
+    counts = [g for g in wanted if slot.num_features % g == 0 and slot.num_features // g >= min_size]
     return counts[:3] or [1]
 
 
 def _groupnorms(slot: Slot) -> list[dict[str, Any]]:
-    return [{"name": "groupnorm", "groups": g} for g in _group_counts(slot.num_features)]
+    return [{"name": "groupnorm", "groups": g} for g in _group_counts(slot)]
 
 
 def _auto(slot: Slot) -> list[Any]:
@@ -64,7 +68,7 @@ def _transformer(slot: Slot) -> list[Any]:
 
 
 def _minimal(slot: Slot) -> list[Any]:
-    return [slot.keep_choice(), {"name": "groupnorm", "groups": _group_counts(slot.num_features)[0]}, "layernorm"]
+    return [slot.keep_choice(), {"name": "groupnorm", "groups": _group_counts(slot)[0]}, "layernorm"]
 
 
 #: Preset name -> function of a slot giving its candidate choices (before validity filtering).
