@@ -312,6 +312,23 @@ def _plain_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = None
+    record.exc_text = None
+    return True
+
+
+def _quiet_optuna(debug: bool) -> None:
+    """Optuna's per-trial INFO lines would interleave with the live display, and a failed trial
+    logs its traceback: the CLI reports the error in one line instead (``--debug`` keeps all)."""
+    if debug:
+        return
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_drop_traceback)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": run_report,
     "show": run_show,
@@ -325,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_optuna(debug)
     try:
         if argv and argv[0] == "search":
             return run_search(argv[1:])
