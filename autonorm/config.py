@@ -30,6 +30,13 @@ _SUFFIXES = (".yaml", ".yml", ".json")
 _LABEL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
+def _checked_suffix(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in _SUFFIXES:
+        raise ConfigError(f"config file must end in {', '.join(_SUFFIXES)}, got {str(path)!r}")
+    return path
+
+
 def plain(value: Any) -> Any:
     """``value`` with tuples turned into lists and mappings into dicts (YAML/JSON-safe)."""
     if isinstance(value, Mapping):
@@ -73,7 +80,29 @@ def _format_value(value: Any) -> str:
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null"
     return str(value)
+
+
+def _parse_value(raw: str) -> Any:
+    """A label's parameter value: YAML scalars and lists, plus what YAML 1.1 reads as strings
+    but Python writes for numbers and None (``1e-06``, ``None``)."""
+    value = yaml.safe_load(raw)
+    return _numbers(value)
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value == "None":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 @dataclass(frozen=True)
@@ -100,7 +129,9 @@ class NormChoice:
         allowed = set(spec.params) | set(COMMON_PARAMS)
         unknown = sorted(set(params) - allowed)
         if unknown:
-            raise ValueError(f"{self.name} takes parameters {sorted(allowed)}, got unknown {unknown}")
+            raise ValueError(
+                f"{self.name} takes parameters {sorted(allowed)}, got unknown {unknown}"
+            )
         object.__setattr__(self, "params", dict(sorted(params.items())))
 
     def __hash__(self) -> int:
@@ -124,14 +155,18 @@ class NormChoice:
         if isinstance(value, str):
             match = _LABEL.match(value)
             if match is None:
-                raise ValueError(f"malformed norm choice {value!r}; expected e.g. 'groupnorm(groups=8)'")
+                raise ValueError(
+                    f"malformed norm choice {value!r}; expected e.g. 'groupnorm(groups=8)'"
+                )
             name, args = match.group(1), match.group(2)
             params: dict[str, Any] = {}
             for part in _split_top_level(args or ""):
                 key, sep, raw = part.partition("=")
                 if not sep or not key.strip():
-                    raise ValueError(f"malformed parameter {part.strip()!r} in norm choice {value!r}")
-                params[key.strip()] = yaml.safe_load(raw.strip())
+                    raise ValueError(
+                        f"malformed parameter {part.strip()!r} in norm choice {value!r}"
+                    )
+                params[key.strip()] = _parse_value(raw.strip())
             return cls(name, params)
         raise ValueError(f"a norm choice must be a name, a label or a mapping, got {value!r}")
 
@@ -161,6 +196,7 @@ class NormConfig:
 
     Args:
         choices: ``{slot name: choice}``; a choice is anything :meth:`NormChoice.parse` accepts.
+            The slot name of a model that is itself a norm layer is ``""``.
         metadata: plain values (YAML/JSON-safe): e.g. ``source``, ``trial``, ``metric``,
             ``value``, ``model_class``, ``space``.
 
@@ -174,13 +210,17 @@ class NormConfig:
         'groupnorm'
     """
 
-    def __init__(self, choices: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, choices: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+    ) -> None:
         if not isinstance(choices, Mapping):
-            raise ConfigError(f"`choices` must map slot names to choices, got {type(choices).__name__}")
+            raise ConfigError(
+                f"`choices` must map slot names to choices, got {type(choices).__name__}"
+            )
         parsed, problems = {}, []
         for name, value in choices.items():
-            if not isinstance(name, str) or not name:
-                problems.append(f"slot names must be non-empty strings, got {name!r}")
+            if not isinstance(name, str):  # "" is allowed: the root module as a slot
+                problems.append(f"slot names must be strings, got {name!r}")
                 continue
             try:
                 parsed[name] = NormChoice.parse(value)
@@ -245,24 +285,27 @@ class NormConfig:
             ConfigError: wrong schema version, missing or malformed sections, invalid choices.
         """
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: expected a mapping with `slots`, got {type(data).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping with `slots`, got {type(data).__name__}"
+            )
         problems = []
         version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version != SCHEMA_VERSION:
             problems.append(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
-        unknown = sorted(set(data) - {"schema_version", "metadata", "slots"})
+        unknown = sorted(str(k) for k in data if k not in ("schema_version", "metadata", "slots"))
         if unknown:
             problems.append(f"unknown keys {unknown}; valid keys: metadata, schema_version, slots")
-        slots = data.get("slots")
-        if not isinstance(slots, Mapping) or not slots:
-            problems.append(f"`slots` must map slot names to choices, got {slots!r}")
+        if "slots" not in data:
+            problems.append("`slots` is missing: it must map slot names to choices")
+        elif not isinstance(data["slots"], Mapping):
+            problems.append(f"`slots` must map slot names to choices, got {data['slots']!r}")
         metadata = data.get("metadata") or {}
         if not isinstance(metadata, Mapping):
             problems.append(f"`metadata` must be a mapping, got {metadata!r}")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         try:
-            return cls(slots, metadata=metadata)  # type: ignore[arg-type]
+            return cls(data["slots"], metadata=metadata)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
@@ -272,9 +315,7 @@ class NormConfig:
         Returns:
             The path written.
         """
-        path = Path(path)
-        if path.suffix.lower() not in _SUFFIXES:
-            raise ConfigError(f"config file must end in {', '.join(_SUFFIXES)}, got {str(path)!r}")
+        path = _checked_suffix(path)
         data = self.to_dict()
         if path.suffix.lower() == ".json":
             text = json.dumps(data, indent=2) + "\n"
@@ -291,19 +332,19 @@ class NormConfig:
         """Read a config written by :meth:`save` (safe YAML loading; JSON is YAML's subset).
 
         Raises:
-            ConfigError: missing or unreadable file, malformed YAML/JSON, invalid content.
+            ConfigError: a suffix other than ``.yaml``/``.yml``/``.json``, missing or unreadable
+                file, malformed YAML/JSON (or YAML with Python tags), invalid content.
         """
-        path = Path(path)
+        path = _checked_suffix(path)
         source = f"config file {str(path)!r}"
         try:
             text = path.read_text()
         except OSError as err:
             raise ConfigError(f"cannot read {source}: {err.strerror or err}") from None
         try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text)
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{source} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {err}") from None
+            raise ConfigError(
+                f"{source} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {err}"
+            ) from None
         return cls.from_dict(data, source=source)

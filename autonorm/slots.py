@@ -5,11 +5,18 @@ layers, a :class:`NormWithExtra` left by an earlier rewrite, and any class regis
 :func:`register_slot_type`. With an example input, one probe forward pass (eval mode, no grad,
 forward hooks) records each slot's input shape; the layout is then read from the shape, not
 from the class alone.
+
+A subclass with a forward of its own (``LayerNorm2d`` permuting around ``nn.LayerNorm``, a
+``BatchNormAct2d`` applying its ``act`` child) is checked: its registry kind rebuilt with its
+weights, followed by its child modules, must reproduce its output on the probe's input (on small
+random inputs without a probe). A slot that passes keeps the children on rewrite; one that
+fails can only keep its layer (:attr:`Slot.extra` is None).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,7 +107,7 @@ def register_slot_type(
     kind: str,
     layout: str = CHANNELS_FIRST,
     num_features: str | Callable[[nn.Module], int] = "num_features",
-    extra: Sequence[str] | None = None,
+    extra: Sequence[str] | None = (),
 ) -> None:
     """Declare a norm class of your own as a slot type.
 
@@ -110,7 +117,11 @@ def register_slot_type(
             the slot's "keep" choice and the kind reported for it.
         layout: its default layout, when the probe cannot tell.
         num_features: attribute name or function giving the channel count.
-        extra: names of child modules that run after the normalization (kept on rewrite).
+        extra: names of child modules that run after the normalization (kept on rewrite); the
+            rest of the class's forward is taken to be the normalization itself. None: let
+            autonorm check, as for an unregistered subclass, that ``kind`` followed by the
+            class's child modules reproduces its output, and refuse to rewrite it otherwise.
+            A subclass that overrides ``forward`` again is always checked.
 
     Example::
 
@@ -158,7 +169,9 @@ def _slot_type(module: nn.Module) -> tuple[str, str, int | None, tuple[str, ...]
     for cls in type(module).__mro__:
         if cls in _USER_TYPES:
             entry = _USER_TYPES[cls]
-            return entry.kind, entry.layout, entry.num_features(module), entry.extra
+            # the declaration covers the registered class's forward, not a subclass's override
+            extra = entry.extra if type(module).forward is cls.forward else None
+            return entry.kind, entry.layout, entry.num_features(module), extra
     found = _builtin_type(module)
     return None if found is None else (*found, None)
 
@@ -168,7 +181,10 @@ def _native_forward(module: nn.Module) -> bool:
     forward = type(module).forward
     for cls in type(module).__mro__:
         if "forward" in vars(cls):
-            return cls.__module__.startswith(("torch.", "autonorm.")) and vars(cls)["forward"] is forward
+            return (
+                cls.__module__.startswith(("torch.", "autonorm."))
+                and vars(cls)["forward"] is forward
+            )
     return True
 
 
@@ -249,16 +265,22 @@ class Slot:
         return None if self.input_shape is None else len(self.input_shape)
 
 
-def _layout_from_shape(shape: tuple[int, ...], num_features: int, default: str) -> str:
-    """channels_first when only dim 1 is C, channels_last when only the last dim is C."""
-    if len(shape) < 3:
-        return default
-    first, last = shape[1] == num_features, shape[-1] == num_features
-    if first and not last:
-        return CHANNELS_FIRST
-    if last and not first:
-        return CHANNELS_LAST
-    return default
+def _other(layout: str) -> str:
+    return CHANNELS_LAST if layout == CHANNELS_FIRST else CHANNELS_FIRST
+
+
+def _layouts_from_shape(
+    shape: tuple[int, ...] | None, num_features: int, default: str
+) -> list[str]:
+    """The layouts an input shape allows, most likely first: channels_first alone when only
+    dim 1 is C, channels_last alone when only the last dim is C, else both (default first)."""
+    if shape is not None and len(shape) >= 3:
+        first, last = shape[1] == num_features, shape[-1] == num_features
+        if first and not last:
+            return [CHANNELS_FIRST]
+        if last and not first:
+            return [CHANNELS_LAST]
+    return [default, _other(default)]
 
 
 def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
@@ -270,7 +292,7 @@ def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return None
 
@@ -304,8 +326,14 @@ class _Probe:
     io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def _run_probe(model: nn.Module, modules: dict[int, nn.Module], example_input: Any, record_io: set[int]) -> _Probe:
-    """One forward pass in eval mode under no_grad; train flags and buffers restored after."""
+def _run_probe(
+    model: nn.Module, modules: dict[int, nn.Module], example_input: Any, record_io: set[int]
+) -> _Probe:
+    """One forward pass in eval mode under no_grad; train flags and buffers restored after.
+
+    torch's fused transformer inference path is switched off for the pass: it would skip the
+    norm modules (and turn padded batches into nested tensors, which have no shape).
+    """
     probe = _Probe()
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -319,11 +347,14 @@ def _run_probe(model: nn.Module, modules: dict[int, nn.Module], example_input: A
     flags = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
     handles = [m.register_forward_hook(hook) for m in modules.values()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             call_with_example(model, example_input)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         for module, flag in flags.items():
@@ -335,23 +366,95 @@ def _run_probe(model: nn.Module, modules: dict[int, nn.Module], example_input: A
     return probe
 
 
-def _reproduces(module: nn.Module, kind: str, layout: str, keep: NormChoice, io: tuple[torch.Tensor, torch.Tensor], extra: tuple[str, ...]) -> bool:
-    """Whether ``kind`` (rebuilt with the module's weights) then ``extra`` reproduces the
-    module's probe output."""
+def _synthetic_inputs(module: nn.Module, num_features: int, layout: str) -> list[torch.Tensor]:
+    """Random inputs of the usual ranks for a layout, on the module's device and dtype."""
+    factory: dict[str, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            factory = {"device": tensor.device, "dtype": tensor.dtype}
+            break
+    c = num_features
+    shapes = (
+        [(2, c, 3, 4), (2, c, 5), (2, c, 2, 3, 4)]
+        if layout == CHANNELS_FIRST
+        else [(2, 3, 4, c), (2, 5, c), (2, 2, 3, 4, c)]
+    )
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator).to(**factory) for shape in shapes]
+
+
+def _run_alone(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``module(x)`` in eval mode under no_grad, its train flags and buffers restored; None
+    when it fails or returns no tensor."""
+    flags = {m: m.training for m in module.modules()}
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            out = module(x)
+    except Exception as err:  # this input does not fit the module: try another
+        log.debug(
+            "%s rejected a synthetic input %s: %s", type(module).__name__, tuple(x.shape), err
+        )
+        return None
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _reproduces(
+    module: nn.Module,
+    num_features: int,
+    keep: NormChoice,
+    layout: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    extra: tuple[str, ...],
+) -> bool:
+    """Whether the keep choice (rebuilt with the module's weights) then ``extra`` maps ``x`` to
+    ``y``, the module's own output."""
     from autonorm.surgery import build_replacement
 
-    x, y = io
     try:
-        rebuilt = build_replacement(module, keep, layout=layout, input_ndim=x.dim(), extra=None)
+        rebuilt = build_replacement(
+            module, keep, layout=layout, input_ndim=x.dim(), extra=None, num_features=num_features
+        )
         rebuilt.eval()
         with torch.no_grad():
             out = rebuilt(x)
             for name in extra:
                 out = getattr(module, name)(out)
-        return out.shape == y.shape and torch.allclose(out, y, rtol=1e-4, atol=1e-5)
     except Exception as err:  # a rebuild that cannot even run does not reproduce it
-        log.debug("rebuilding %s as %s failed: %s", type(module).__name__, kind, err)
+        log.debug("rebuilding %s as %s failed: %s", type(module).__name__, keep.label, err)
         return False
+    low_precision = y.dtype in (torch.float16, torch.bfloat16)
+    rtol, atol = (1e-2, 1e-3) if low_precision else (1e-4, 1e-5)
+    return out.shape == y.shape and torch.allclose(out, y, rtol=rtol, atol=atol)
+
+
+def _check_custom(
+    module: nn.Module,
+    keep: NormChoice,
+    layouts: list[str],
+    num_features: int,
+    io: tuple[torch.Tensor, torch.Tensor] | None,
+    extra: tuple[str, ...],
+) -> str | None:
+    """The first of ``layouts`` under which the keep choice then ``extra`` reproduces a custom
+    forward: on the probe's input when there is one, else on synthetic inputs. None: none does."""
+    for layout in layouts:
+        if io is not None:
+            pairs = [io]
+        else:
+            inputs = _synthetic_inputs(module, num_features, layout)
+            pairs = [(x, y) for x in inputs if (y := _run_alone(module, x)) is not None]
+        if any(_reproduces(module, num_features, keep, layout, x, y, extra) for x, y in pairs):
+            return layout
+    return None
 
 
 def find_slots(
@@ -369,7 +472,8 @@ def find_slots(
         example_input: input for one probe forward pass (a tensor, a tuple of positional
             arguments or a dict of keyword arguments). Default: the model's
             ``example_input_array`` when it has one. Without an input, layouts come from the
-            classes and ``input_shape`` is None.
+            classes (for a subclass with its own forward, from a check on random inputs) and
+            ``input_shape`` is None.
         include: glob patterns on slot names; only matching slots are returned.
         exclude: glob patterns on slot names; matching slots are left out.
         probe: run the probe forward pass when an input is available (False: classes only).
@@ -389,11 +493,15 @@ def find_slots(
         example_input = getattr(model, "example_input_array", None)
     if not probe:
         example_input = None
-    found: dict[int, tuple[nn.Module, list[str], tuple[str, str, int | None, tuple[str, ...] | None]]] = {}
+    found: dict[
+        int, tuple[nn.Module, list[str], tuple[str, str, int | None, tuple[str, ...] | None]]
+    ] = {}
     inside: set[str] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         parts = name.split(".")
-        if name and ("" in inside or any(".".join(parts[:i]) in inside for i in range(1, len(parts)))):
+        if name and (
+            "" in inside or any(".".join(parts[:i]) in inside for i in range(1, len(parts)))
+        ):
             continue  # children of a slot (a fused norm's activation) are not slots
         key = id(module)
         if key in found:
@@ -427,20 +535,24 @@ def find_slots(
     unreached = []
     for key, (module, names, (kind, default_layout, num_features, extra)) in found.items():
         shape = probed.shapes.get(key) if probed is not None else None
-        layout = default_layout if shape is None else _layout_from_shape(shape, num_features, default_layout)
+        layouts = _layouts_from_shape(shape, num_features, default_layout)
+        layout = layouts[0]
         keep = keep_choice_of(module, kind)
         refusal = None
         if extra is None:
             if key in custom:
                 children = tuple(n for n, _ in module.named_children())
                 io = probed.io.get(key) if probed is not None else None
-                if io is None or _reproduces(module, kind, layout, keep, io, children):
-                    extra = children
+                checked = _check_custom(module, keep, layouts, num_features, io, children)
+                if checked is not None:
+                    layout, extra = checked, children
                 else:
+                    tried = "the probe's input" if io is not None else "synthetic inputs"
                     refusal = (
-                        f"its forward ({type(module).__qualname__}) does more than {kind} followed by "
-                        f"its child modules {list(children)}, and autonorm cannot reproduce it; "
-                        "register the class with autonorm.register_slot_type(..., extra=[...])"
+                        f"its forward ({type(module).__qualname__}) does more than {kind} followed "
+                        f"by its child modules {list(children)} (checked on {tried}), and autonorm "
+                        "cannot reproduce it; keep it, or declare what runs after the norm with "
+                        "autonorm.register_slot_type(..., extra=[...])"
                     )
             else:
                 extra = ()

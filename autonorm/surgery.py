@@ -8,7 +8,9 @@ extra steps. :func:`to_switchable` and :func:`derive_config` are the learned pat
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import SwitchableNorm, check_choice, create_norm
+from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm, check_choice, create_norm
 from autonorm.slots import NormWithExtra, Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,11 @@ def _inner(module: nn.Module) -> nn.Module:
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
-    for tensor in (*module.parameters(), *module.buffers()):
+    """``device`` and ``dtype`` of the module's tensors (empty when it has none)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         if tensor.is_floating_point():
             return {"device": tensor.device, "dtype": tensor.dtype}
-    for tensor in (*module.parameters(), *module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         return {"device": tensor.device}
     return {}
 
@@ -92,6 +95,8 @@ def build_replacement(
     extra: Sequence[str] | None,
     dropped: list[str] | None = None,
     slot_name: str = "",
+    default_factory: Mapping[str, Any] | None = None,
+    num_features: int | None = None,
 ) -> nn.Module:
     """The layer ``choice`` builds for the slot holding ``module``, weights carried over.
 
@@ -103,9 +108,21 @@ def build_replacement(
         extra: names of ``module``'s children that run after the norm (kept after the new norm).
         dropped: collects the parameters the new layer has no place for.
         slot_name: for messages.
+        default_factory: ``device``/``dtype`` for a layer built in place of one that has no
+            tensors to take them from (identity, a norm without affine parameters).
+        num_features: the slot's channel count (default: read from ``module``'s attributes;
+            a slot type registered with its own reader passes it).
     """
     old = _inner(module)
-    new = create_norm(choice.name, _num_features(old), layout=layout, input_ndim=input_ndim, **_factory(old), **choice.params)
+    factory = {**(default_factory or {}), **_factory(old)}
+    new = create_norm(
+        choice.name,
+        _num_features(old) if num_features is None else num_features,
+        layout=layout,
+        input_ndim=input_ndim,
+        **factory,
+        **choice.params,
+    )
     _carry(old, new, dropped if dropped is not None else [], slot_name)
     new.train(module.training)
     if extra:
@@ -142,7 +159,9 @@ def _guard_transformer_fast_paths(model: nn.Module) -> None:
 
 
 def _plain_layernorms(layer: nn.Module) -> bool:
-    return all(type(getattr(layer, n)) is nn.LayerNorm for n in ("norm1", "norm2") if hasattr(layer, n))
+    return all(
+        type(getattr(layer, n)) is nn.LayerNorm for n in ("norm1", "norm2") if hasattr(layer, n)
+    )
 
 
 def _toggle(module: nn.Module, attr: str, off: Any, enabled: bool) -> None:
@@ -157,7 +176,9 @@ def _toggle(module: nn.Module, attr: str, off: Any, enabled: bool) -> None:
         setattr(module, attr, vars(module).pop(saved_attr))
 
 
-def validate_config(slots: Sequence[Slot], config: NormConfig, *, partial: bool = False, model_name: str = "model") -> dict[str, tuple[Slot, NormChoice]]:
+def validate_config(
+    slots: Sequence[Slot], config: NormConfig, *, partial: bool = False, model_name: str = "model"
+) -> dict[str, tuple[Slot, NormChoice]]:
     """Match a config to slots and check every choice.
 
     Returns:
@@ -172,25 +193,37 @@ def validate_config(slots: Sequence[Slot], config: NormConfig, *, partial: bool 
     if unknown:
         known = [s.name for s in slots]
         shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
-        problems.append(f"{unknown} are not norm slots of {model_name}; its slots are: {shown or 'none'}")
+        problems.append(
+            f"{unknown} are not norm slots of {model_name}; its slots are: {shown or 'none'}"
+        )
     for name, choice in config.choices.items():
         slot = by_name.get(name)
         if slot is None:
             continue
         if slot.name in matched and matched[slot.name][1] != choice:
-            problems.append(f"slot {slot.name!r} is given twice (also as {name!r}) with different choices")
+            problems.append(
+                f"slot {slot.name!r} is given twice (also as {name!r}) with different choices"
+            )
             continue
         matched[slot.name] = (slot, choice)
         if choice == slot.keep_choice():
             continue
-        for problem in check_choice(choice.name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **choice.params):
+        for problem in check_choice(
+            choice.name,
+            slot.num_features,
+            layout=slot.layout,
+            input_shape=slot.input_shape,
+            **choice.params,
+        ):
             problems.append(f"{problem} (slot {slot.name!r})")
         if slot.refusal is not None:
             problems.append(f"slot {slot.name!r} cannot be rewritten: {slot.refusal}")
     if not partial:
         missing = [s.name for s in slots if s.name not in matched]
         if missing:
-            problems.append(f"the config has no choice for slots {missing} (pass partial=True to leave them as they are)")
+            problems.append(
+                f"the config has no choice for slots {missing} (pass partial=True to leave them as they are)"
+            )
     if problems:
         raise ConfigError(f"config does not fit {model_name}:\n  " + "\n  ".join(problems))
     return matched
@@ -214,14 +247,15 @@ def apply_config(
         config: a :class:`~autonorm.NormConfig` or a ``{slot name: choice}`` mapping.
         partial: allow slots the config does not name (they stay as they are).
         example_input: input for the probe (default: the model's ``example_input_array``).
-        slots: the model's slots, when already found (skips the probe).
+        slots: the model's current slots, when already found (skips the probe).
 
     Returns:
         The model (a new root when the root itself is a slot).
 
     Raises:
         ConfigError: unknown slot names, slots missing from the config, choices invalid for a
-            slot (all collected into one message).
+            slot or whose layer cannot be built (all collected into one message). The model is
+            unchanged then.
 
     Example::
 
@@ -236,12 +270,28 @@ def apply_config(
     matched = validate_config(slots, config, partial=partial, model_name=type(model).__name__)
     dropped: list[str] = []
     replacements = {}
+    problems = []
+    model_factory = _factory(model)  # for slots whose layer has no tensors of its own
     for name, (slot, choice) in matched.items():
         if choice == slot.keep_choice():
             continue
-        module = model.get_submodule(name)
-        replacements[slot] = build_replacement(
-            module, choice, layout=slot.layout, input_ndim=slot.input_ndim, extra=slot.extra, dropped=dropped, slot_name=name
+        try:
+            replacements[slot] = build_replacement(
+                model.get_submodule(name),
+                choice,
+                layout=slot.layout,
+                input_ndim=slot.input_ndim,
+                extra=slot.extra,
+                dropped=dropped,
+                slot_name=name,
+                default_factory=model_factory,
+                num_features=slot.num_features,
+            )
+        except (ValueError, TypeError) as err:  # a parameter value the layer refuses
+            problems.append(f"{choice.label}: {err} (slot {name!r})")
+    if problems:
+        raise ConfigError(
+            f"config does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
         )
     for slot, new in replacements.items():
         if slot.name == "":
@@ -274,6 +324,8 @@ def to_switchable(
         model: the model, rewritten in place.
         slots: slot names (or :class:`Slot` objects) to convert; default all.
         candidates: SwitchableNorm candidates: one tuple for every slot or ``{layout: tuple}``.
+            Default: the paper's, less ``instance`` where the probe saw one position per sample
+            and channel (an ``(N, C)`` input), whose instance statistics are undefined.
         example_input: input for the probe (default: the model's ``example_input_array``).
         **sn_kwargs: other SwitchableNorm arguments (``eps``, ``momentum``).
 
@@ -287,7 +339,11 @@ def to_switchable(
         if wanted is not None and not wanted & set(slot.names):
             continue
         params = dict(sn_kwargs)
-        layout_candidates = candidates.get(slot.layout) if isinstance(candidates, Mapping) else candidates
+        layout_candidates = (
+            candidates.get(slot.layout) if isinstance(candidates, Mapping) else candidates
+        )
+        if layout_candidates is None and _single_position(slot):
+            layout_candidates = [c for c in SWITCHABLE_CANDIDATES[slot.layout] if c != "instance"]
         if layout_candidates is not None:
             params["candidates"] = tuple(layout_candidates)
         choices[slot.name] = NormChoice("switchable", params)
@@ -296,6 +352,13 @@ def to_switchable(
         if unknown:
             raise ConfigError(f"{sorted(unknown)} are not norm slots of {type(model).__name__}")
     return apply_config(model, NormConfig(choices), partial=True, slots=found)
+
+
+def _single_position(slot: Slot) -> bool:
+    """Whether the probe saw one position per (sample, channel) at a channels-first slot."""
+    if slot.input_shape is None or slot.layout != "channels_first":
+        return False
+    return math.prod(slot.input_shape[2:]) <= 1
 
 
 def switchable_layers(model: nn.Module) -> dict[str, SwitchableNorm]:
@@ -341,8 +404,15 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
         slot = slots[name]
         ranked = ranked_choices(sn)
         valid = [
-            c for c, _ in ranked
-            if not check_choice(c.name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **c.params)
+            c
+            for c, _ in ranked
+            if not check_choice(
+                c.name,
+                slot.num_features,
+                layout=slot.layout,
+                input_shape=slot.input_shape,
+                **c.params,
+            )
         ]
         choices[name] = valid[0] if valid else ranked[0][0]
         weights[name] = sn.mixing_weights()

@@ -1,0 +1,68 @@
+"""The shipped examples run: their models have the slots they claim, and the scripts finish."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+
+import autonorm
+from autonorm.callbacks import AutoNorm
+from examples.digits_cnn.model import DigitsCNN, DigitsDataModule
+from examples.mnist1d_cnn.data import MNIST1DDataModule
+from examples.mnist1d_cnn.model import MNIST1DCNN
+from examples.mnist1d_transformer.model import MNIST1DTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("model_class", "layouts"),
+    [
+        (MNIST1DCNN, ["channels_first"] * 4),
+        (MNIST1DTransformer, ["channels_last"] * 5),
+        (DigitsCNN, ["channels_first"] * 3),
+    ],
+)
+def test_example_models_have_their_slots(model_class, layouts):
+    slots = autonorm.find_slots(model_class())
+    assert [s.layout for s in slots] == layouts
+    assert all(s.reached for s in slots)
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [
+        (MNIST1DTransformer(), MNIST1DDataModule(batch_size=32, train_fraction=0.1)),
+        (DigitsCNN(), DigitsDataModule(batch_size=32)),
+    ],
+)
+def test_example_models_train_with_a_searched_choice(tmp_path, model, data):
+    callback = AutoNorm(config=autonorm.NormConfig.uniform(autonorm.find_slots(model), "rmsnorm"))
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=10, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.callbacks.append(callback)
+    trainer.fit(model, datamodule=data)
+    assert 0.0 <= float(trainer.callback_metrics["val_acc"]) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["examples/learn_switchable.py", "--epochs", "1", "--train-fraction", "0.2"],
+        ["examples/search_mnist1d.py", "--trials", "2", "--epochs", "1"],
+    ],
+)
+def test_example_scripts_finish(tmp_path, script):
+    result = subprocess.run(
+        [sys.executable, *script, "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "derived config" in result.stdout or "best val_acc" in result.stdout
