@@ -129,7 +129,12 @@ class TrainingStepRecorder:
             param_bytes = tensor_bytes(params)
             grad_bytes = tensor_bytes(p.grad for p in params if p.grad is not None)
             grad_bytes = grad_bytes or tensor_bytes(p for p in params if p.requires_grad)
-            estimate = param_bytes + grad_bytes + _optimizer_state_bytes(optimizers) + self.activation_bytes
+            estimate = (
+                param_bytes
+                + grad_bytes
+                + _optimizer_state_bytes(optimizers)
+                + self.activation_bytes
+            )
             self.peak_memory = max(self.peak_memory, estimate)
         self._steps += 1
 

@@ -82,7 +82,9 @@ TASKS = {
         lambda b: MNIST1DDataModule(batch_size=b, train_fraction=0.5),
         32,
     ),
-    "digits": Task("digits 2-D CNN, batch 4", DigitsCNN, lambda b: DigitsDataModule(batch_size=b), 4),
+    "digits": Task(
+        "digits 2-D CNN, batch 4", DigitsCNN, lambda b: DigitsDataModule(batch_size=b), 4
+    ),
 }
 
 
@@ -257,8 +259,20 @@ def write_results(results: list[dict[str, Any]]) -> None:
         for row in task["rows"]:
             if row["history"]:
                 xs, ys = zip(*row["history"], strict=True)
-                ax.step(xs, [100 * y for y in ys], where="post", alpha=0.5, label=f"{row['method']} (search)")
-            ax.errorbar(row["epochs"], 100 * row["mean"], yerr=100 * row["std"], fmt="o", label=f"{row['method']} (retrained)")
+                ax.step(
+                    xs,
+                    [100 * y for y in ys],
+                    where="post",
+                    alpha=0.5,
+                    label=f"{row['method']} (search)",
+                )
+            ax.errorbar(
+                row["epochs"],
+                100 * row["mean"],
+                yerr=100 * row["std"],
+                fmt="o",
+                label=f"{row['method']} (retrained)",
+            )
         ax.set_title(task["name"])
         ax.set_xlabel("training epochs spent searching")
         ax.set_ylabel("val accuracy (%)")

@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4, help="per-device batch to judge norms at")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="per-device batch to judge norms at"
+    )
     parser.add_argument("--out", default="runs/search_mnist1d")
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ import autonorm
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
 
 USER_MODULE = textwrap.dedent(
-    '''
+    """
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
@@ -71,7 +71,7 @@ USER_MODULE = textwrap.dedent(
 
         def val_dataloader(self):
             return DataLoader(self.val_set, batch_size=32)
-    '''
+    """
 )
 
 SEARCH_ARGS = [
@@ -213,7 +213,10 @@ def test_dashboard_serves_the_study(bundle, workdir):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["search", "--model", "nowhere.Net", "--data", "usermodels.Data"], "cannot import --model"),
+        (
+            ["search", "--model", "nowhere.Net", "--data", "usermodels.Data"],
+            "cannot import --model",
+        ),
         (["search", "--config", "missing.yaml"], "does not exist"),
         (["search", "--config", "broken.yaml"], "config"),
         (["search", *SEARCH_ARGS, "--search.budget.max_memory", "lots"], "max_memory"),
@@ -245,9 +248,12 @@ def test_bad_input_gives_one_line_and_exit_2(workdir, args, message):
 def test_failed_invocations_leave_an_existing_study_intact(bundle, workdir):
     out, _ = bundle
     before = {p.name: digest(p) for p in out.iterdir() if p.is_file()}
-    changed_space = run(["search", *SEARCH_ARGS, "--search.out_dir", "out", "--search.space", "cnn"], workdir)
+    changed_space = run(
+        ["search", *SEARCH_ARGS, "--search.out_dir", "out", "--search.space", "cnn"], workdir
+    )
     bad_budget = run(
-        ["search", *SEARCH_ARGS, "--search.out_dir", "out", "--search.budget.max_memory", "-1"], workdir
+        ["search", *SEARCH_ARGS, "--search.out_dir", "out", "--search.budget.max_memory", "-1"],
+        workdir,
     )
     for result in (changed_space, bad_budget):
         assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -27,16 +27,27 @@ def _search(tmp_path, name="run", **kwargs):
 def test_search_writes_a_complete_bundle(tmp_path):
     result = _search(tmp_path, sampler="random")
     out = result.out_dir
-    assert {p.name for p in out.iterdir()} >= {"best_config.yaml", "study.db", "report.html", "summary.json", "artifacts"}
+    assert {p.name for p in out.iterdir()} >= {
+        "best_config.yaml",
+        "study.db",
+        "report.html",
+        "summary.json",
+        "artifacts",
+    }
 
-    study = optuna.load_study(study_name=result.study.study_name, storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(
+        study_name=result.study.study_name, storage=f"sqlite:///{out / 'study.db'}"
+    )
     assert len(study.trials) == 4
     assert study.trials[0].user_attrs["baseline"] == "own norms"
     assert set(study.trials[0].params) == {"bn1", "bn2", "head_norm"}
 
     config = NormConfig.load(out / "best_config.yaml")
     assert config == result.best_config
-    assert config.metadata["metric"] == "val_loss" and config.metadata["trial"] == result.best_trial.number
+    assert (
+        config.metadata["metric"] == "val_loss"
+        and config.metadata["trial"] == result.best_trial.number
+    )
     model = autonorm.apply_config(TinyConvNet(), config)
     assert torch.isfinite(model(torch.randn(3, 2, 16))).all()
 
@@ -78,15 +89,27 @@ def test_batch_size_budget_sets_the_per_device_batch(tmp_path):
             seen.append(len(batch[0]))
             return super().training_step(batch, batch_idx)
 
-    autonorm.search(Recording, TinyDataModule(batch_size=16), n_trials=1, trainer_kwargs={"max_epochs": 1},
-                    out_dir=tmp_path / "bs", budget=Budget(batch_size=4), space="minimal")
+    autonorm.search(
+        Recording,
+        TinyDataModule(batch_size=16),
+        n_trials=1,
+        trainer_kwargs={"max_epochs": 1},
+        out_dir=tmp_path / "bs",
+        budget=Budget(batch_size=4),
+        space="minimal",
+    )
     assert set(seen) == {4}
 
 
 def test_out_of_memory_is_contained(tmp_path):
     result = autonorm.search(
-        TinyConvNet, TinyDataModule(), model_kwargs={"fail_with": "oom"}, n_trials=2,
-        trainer_kwargs=FAST, out_dir=tmp_path / "oom", space="minimal",
+        TinyConvNet,
+        TinyDataModule(),
+        model_kwargs={"fail_with": "oom"},
+        n_trials=2,
+        trainer_kwargs=FAST,
+        out_dir=tmp_path / "oom",
+        space="minimal",
     )
     states = {t.state for t in result.study.trials}
     assert states == {optuna.trial.TrialState.PRUNED}
@@ -97,8 +120,13 @@ def test_out_of_memory_is_contained(tmp_path):
 
 def test_nan_loss_is_pruned_with_its_reason(tmp_path):
     result = autonorm.search(
-        TinyConvNet, TinyDataModule(), model_kwargs={"fail_with": "nan"}, n_trials=1,
-        trainer_kwargs=FAST, out_dir=tmp_path / "nan", space="minimal",
+        TinyConvNet,
+        TinyDataModule(),
+        model_kwargs={"fail_with": "nan"},
+        n_trials=1,
+        trainer_kwargs=FAST,
+        out_dir=tmp_path / "nan",
+        space="minimal",
     )
     trial = result.study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED

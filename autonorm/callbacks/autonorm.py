@@ -41,8 +41,7 @@ def _is_copying_callback(callback: object) -> bool:
 def _holds_module_copy(callback: object, model: nn.Module) -> bool:
     """Whether a callback keeps its own nn.Module (a copy of the model made before AutoNorm)."""
     return any(
-        isinstance(value, nn.Module) and value is not model
-        for value in vars(callback).values()
+        isinstance(value, nn.Module) and value is not model for value in vars(callback).values()
     )
 
 
@@ -75,9 +74,11 @@ def recalibrate_batchnorm(
     Returns:
         The number of batches used.
     """
-    bns = list(modules) if modules is not None else [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
+    bns = (
+        list(modules)
+        if modules is not None
+        else [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    )
     if not bns or num_batches <= 0:
         return 0
     flags = {m: m.training for m in model.modules()}
@@ -135,10 +136,20 @@ class _AutoNormLogic:
         if trial is not None and config is not None:
             raise ValueError("give either `trial` (search mode) or `config` (fixed mode), not both")
         if mode != inferred:
-            need = {"search": "`trial`", "fixed": "`config`", "learn": "neither `trial` nor `config`"}
-            raise ValueError(f"mode={mode!r} needs {need[mode]}; got mode={mode!r} with {inferred} inputs")
-        if mixing_lr_scale is not None and not (mixing_lr_scale > 0 and math.isfinite(mixing_lr_scale)):
-            raise ValueError(f"`mixing_lr_scale` must be a positive number, got {mixing_lr_scale!r}")
+            need = {
+                "search": "`trial`",
+                "fixed": "`config`",
+                "learn": "neither `trial` nor `config`",
+            }
+            raise ValueError(
+                f"mode={mode!r} needs {need[mode]}; got mode={mode!r} with {inferred} inputs"
+            )
+        if mixing_lr_scale is not None and not (
+            mixing_lr_scale > 0 and math.isfinite(mixing_lr_scale)
+        ):
+            raise ValueError(
+                f"`mixing_lr_scale` must be a positive number, got {mixing_lr_scale!r}"
+            )
         if mixing_weight_decay is not None and mixing_weight_decay < 0:
             raise ValueError(f"`mixing_weight_decay` must be >= 0, got {mixing_weight_decay!r}")
         if finalize_batches < 0:
@@ -171,7 +182,9 @@ class _AutoNormLogic:
             NormConfig.load(config) if isinstance(config, (str, os.PathLike)) else config
         )
         if self.config is not None and not isinstance(self.config, NormConfig):
-            raise ValueError(f"`config` must be a NormConfig or a path, got {type(config).__name__}")
+            raise ValueError(
+                f"`config` must be a NormConfig or a path, got {type(config).__name__}"
+            )
         self.slots: list[Slot] = []
         self.structure: NormConfig | None = None
         self.mixing_history: list[dict[str, Any]] = []
@@ -192,7 +205,11 @@ class _AutoNormLogic:
         if not slots:
             raise AutoNormError(
                 f"{type(pl_module).__name__} has no normalization slot"
-                + (f" matching include={self.include!r} exclude={self.exclude!r}" if self.include or self.exclude else "")
+                + (
+                    f" matching include={self.include!r} exclude={self.exclude!r}"
+                    if self.include or self.exclude
+                    else ""
+                )
                 + ": AutoNorm needs at least one BatchNorm/GroupNorm/InstanceNorm/LayerNorm/RMSNorm "
                 "layer (or a class registered with autonorm.register_slot_type)"
             )
@@ -203,7 +220,10 @@ class _AutoNormLogic:
             apply_config(pl_module, resumed, partial=True, example_input=example)
         elif self.mode == "learn":
             to_switchable(
-                pl_module, [s.name for s in slots], candidates=self.candidates, example_input=example
+                pl_module,
+                [s.name for s in slots],
+                candidates=self.candidates,
+                example_input=example,
             )
         elif self.mode == "fixed":
             assert self.config is not None
@@ -222,9 +242,15 @@ class _AutoNormLogic:
         n_params = sum(p.numel() for p in pl_module.parameters())
         if self.trial is not None and self._is_global_zero(trainer):
             self.trial.set_user_attr("n_params", n_params)
-        if self.budget is not None and self.budget.max_params is not None and n_params > self.budget.max_params:
+        if (
+            self.budget is not None
+            and self.budget.max_params is not None
+            and n_params > self.budget.max_params
+        ):
             self._over_budget(f"{n_params} parameters > budget max_params={self.budget.max_params}")
-        log.info("AutoNorm (%s): rewrote %d slots of %s", self.mode, len(slots), type(pl_module).__name__)
+        log.info(
+            "AutoNorm (%s): rewrote %d slots of %s", self.mode, len(slots), type(pl_module).__name__
+        )
 
     def _preceding_copies(self, trainer: Any, pl_module: nn.Module) -> list[Any]:
         """Callbacks listed before this one that may already hold a copy of the old model."""
@@ -244,7 +270,9 @@ class _AutoNormLogic:
 
     def _current_structure(self, pl_module: nn.Module) -> NormConfig:
         slots = find_slots(pl_module)
-        return NormConfig({s.name: s.keep_choice() for s in slots}, metadata={"source": "structure"})
+        return NormConfig(
+            {s.name: s.keep_choice() for s in slots}, metadata={"source": "structure"}
+        )
 
     def _structure_from_checkpoint(self, ckpt_path: Any) -> NormConfig | None:
         if not ckpt_path or not Path(str(ckpt_path)).is_file():
@@ -262,12 +290,19 @@ class _AutoNormLogic:
         params = self.space.parameters(slots)
         chosen: dict[str, str] | None = None
         if self._is_global_zero(trainer):
-            chosen = {name: self.trial.suggest_categorical(name, labels) for name, (labels, _) in params.items()}
+            chosen = {
+                name: self.trial.suggest_categorical(name, labels)
+                for name, (labels, _) in params.items()
+            }
         strategy = getattr(trainer, "strategy", None)
         if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
             chosen = strategy.broadcast(chosen, src=0)
         assert chosen is not None
-        choices = {slot: NormChoice.parse(chosen[name]) for name, (_, names) in params.items() for slot in names}
+        choices = {
+            slot: NormChoice.parse(chosen[name])
+            for name, (_, names) in params.items()
+            for slot in names
+        }
         metadata: dict[str, Any] = {"source": "trial", "space": self.space.to_dict()}
         if self.trial is not None:
             metadata["trial"] = self.trial.number
@@ -282,21 +317,27 @@ class _AutoNormLogic:
         original = pl_module.configure_optimizers
         self._original_configure_optimizers = original
         mixing = {
-            id(p) for sn in switchable_layers(pl_module).values() for p in (sn.mean_weight, sn.var_weight)
+            id(p)
+            for sn in switchable_layers(pl_module).values()
+            for p in (sn.mean_weight, sn.var_weight)
         }
         scale, decay = self.mixing_lr_scale or 1.0, self.mixing_weight_decay
 
         def configure_optimizers() -> Any:
             result = original()
             for optimizer, schedulers in _optimizers_and_schedulers(result):
-                split_mixing_group(optimizer, mixing, lr_scale=scale, weight_decay=decay, schedulers=schedulers)
+                split_mixing_group(
+                    optimizer, mixing, lr_scale=scale, weight_decay=decay, schedulers=schedulers
+                )
             return result
 
         pl_module.configure_optimizers = configure_optimizers
 
     # -- search mode: report, prune, record ----------------------------------------------------
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.recorder is not None:
             self.recorder.batch_start(pl_module)
 
@@ -304,7 +345,9 @@ class _AutoNormLogic:
         if self.recorder is not None:
             self.recorder.forward_done()
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.recorder is None:
             return
         self.recorder.batch_end(pl_module, trainer.optimizers)
@@ -413,7 +456,12 @@ class _AutoNormLogic:
 
     def _finalize(self, trainer: Any, pl_module: Any) -> None:
         assert self.config is not None
-        apply_config(pl_module, self.config, partial=True, example_input=getattr(pl_module, "example_input_array", None))
+        apply_config(
+            pl_module,
+            self.config,
+            partial=True,
+            example_input=getattr(pl_module, "example_input_array", None),
+        )
         new_bns = [
             module
             for name, module in pl_module.named_modules()
@@ -424,11 +472,16 @@ class _AutoNormLogic:
         if new_bns and self.finalize_batches:
             loader = trainer.train_dataloader
             if loader is None:
-                raise AutoNormError("finalize=True needs the training dataloader to recalibrate BatchNorm")
+                raise AutoNormError(
+                    "finalize=True needs the training dataloader to recalibrate BatchNorm"
+                )
             batches = (trainer.strategy.batch_to_device(b) for b in loader)
             used = recalibrate_batchnorm(
-                pl_module, batches, num_batches=self.finalize_batches,
-                forward=self.calibration_forward, modules=new_bns,
+                pl_module,
+                batches,
+                num_batches=self.finalize_batches,
+                forward=self.calibration_forward,
+                modules=new_bns,
             )
             log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
         self.structure = self._current_structure(pl_module)
@@ -551,7 +604,9 @@ def load_from_checkpoint(
             f"Trainer with the AutoNorm callback; use {model_class.__name__}.load_from_checkpoint"
         )
     hparams = {
-        k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")
+        k: v
+        for k, v in dict(checkpoint.get("hyper_parameters") or {}).items()
+        if not k.startswith("_")
     }
     model = model_class(**{**hparams, **kwargs})
     apply_config(model, NormConfig.from_dict(info["structure"]), partial=True)
@@ -575,7 +630,9 @@ def _optimizers_and_schedulers(result: Any) -> list[tuple[torch.optim.Optimizer,
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], (list, tuple)):
         optimizers, schedulers = result
         flat = [s.get("scheduler") if isinstance(s, dict) else s for s in schedulers]
-        return [(opt, [s for s in flat if getattr(s, "optimizer", None) is opt]) for opt in optimizers]
+        return [
+            (opt, [s for s in flat if getattr(s, "optimizer", None) is opt]) for opt in optimizers
+        ]
     if isinstance(result, (list, tuple)):
         out = []
         for item in result:
@@ -615,7 +672,9 @@ def split_mixing_group(
     if weight_decay is not None:
         new_group["weight_decay"] = weight_decay
     for scheduler in schedulers:
-        unsupported = [a for a in ("max_lrs", "base_momentums", "max_momentums") if hasattr(scheduler, a)]
+        unsupported = [
+            a for a in ("max_lrs", "base_momentums", "max_momentums") if hasattr(scheduler, a)
+        ]
         if unsupported or type(scheduler).__name__ in ("OneCycleLR", "CyclicLR"):
             raise AutoNormError(
                 f"mixing_lr_scale cannot extend {type(scheduler).__name__} with a new param group; "

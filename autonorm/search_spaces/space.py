@@ -34,7 +34,9 @@ def _group_counts(slot: Slot, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list
     over and tiny groups make the output a sign pattern with exploding gradients)."""
     no_positions = slot.input_shape is not None and len(slot.input_shape) <= 2
     min_size = 8 if no_positions else 4
-    counts = [g for g in wanted if slot.num_features % g == 0 and slot.num_features // g >= min_size]
+    counts = [
+        g for g in wanted if slot.num_features % g == 0 and slot.num_features // g >= min_size
+    ]
     return counts[:3] or [1]
 
 
@@ -68,7 +70,11 @@ def _transformer(slot: Slot) -> list[Any]:
 
 
 def _minimal(slot: Slot) -> list[Any]:
-    return [slot.keep_choice(), {"name": "groupnorm", "groups": _group_counts(slot)[0]}, "layernorm"]
+    return [
+        slot.keep_choice(),
+        {"name": "groupnorm", "groups": _group_counts(slot)[0]},
+        "layernorm",
+    ]
 
 
 #: Preset name -> function of a slot giving its candidate choices (before validity filtering).
@@ -183,7 +189,9 @@ class SearchSpace:
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as err:
-            raise ConfigError(f"cannot read search space file {str(path)!r}: {err.strerror}") from None
+            raise ConfigError(
+                f"cannot read search space file {str(path)!r}: {err.strerror}"
+            ) from None
         except yaml.YAMLError as err:
             raise ConfigError(f"search space file {str(path)!r} is not valid YAML: {err}") from None
         return cls.from_dict(data or {}, source=f"search space file {str(path)!r}")
@@ -239,7 +247,9 @@ class SearchSpace:
             (rejected if problems else valid).append((choice, problems))
         if not valid:
             reasons = "; ".join(f"{c.label}: {p[0]}" for c, p in rejected)
-            raise ConfigError(f"slot {slot.name!r}: no valid choice in the search space ({reasons})")
+            raise ConfigError(
+                f"slot {slot.name!r}: no valid choice in the search space ({reasons})"
+            )
         return [c for c, _ in valid]
 
     def resolve(self, slots: Sequence[Slot]) -> dict[str, list[NormChoice]]:
@@ -289,7 +299,9 @@ class SearchSpace:
         return TIE_PREFIX + slot_name.split(".")[0]
 
 
-def resolve_space(space: str | os.PathLike[str] | Mapping[str, Any] | SearchSpace | None) -> SearchSpace:
+def resolve_space(
+    space: str | os.PathLike[str] | Mapping[str, Any] | SearchSpace | None,
+) -> SearchSpace:
     """A :class:`SearchSpace` from a preset name, a YAML path, a dict or a space.
 
     Raises:

@@ -36,7 +36,9 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, generator=generator)
+        return DataLoader(
+            self.train_set, self.batch_size, shuffle=True, drop_last=True, generator=generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)
@@ -68,7 +70,9 @@ class DigitsCNN(pl.LightningModule):
         x = F.relu(self.bn3(self.conv3(x)))
         return self.head(x.mean((2, 3)))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss)

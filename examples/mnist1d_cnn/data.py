@@ -38,7 +38,11 @@ class MNIST1DDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, batch_size: int = 64, num_samples: int = 5000, train_fraction: float = 1.0, seed: int = 42
+        self,
+        batch_size: int = 64,
+        num_samples: int = 5000,
+        train_fraction: float = 1.0,
+        seed: int = 42,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -55,7 +59,11 @@ class MNIST1DDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
         )
 
     def val_dataloader(self) -> DataLoader:

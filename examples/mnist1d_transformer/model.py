@@ -35,7 +35,9 @@ class MNIST1DTransformer(pl.LightningModule):
         lr: AdamW learning rate.
     """
 
-    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, patch: int = 4, lr: float = 3e-3) -> None:
+    def __init__(
+        self, dim: int = 32, depth: int = 2, heads: int = 4, patch: int = 4, lr: float = 3e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.embed = nn.Linear(patch, dim)
@@ -51,7 +53,9 @@ class MNIST1DTransformer(pl.LightningModule):
             tokens = block(tokens)
         return self.head(self.final_norm(tokens).mean(1))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss)
