@@ -161,7 +161,9 @@ class LayerNormChannelsFirst(nn.LayerNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype
+        )
 
     @property
     def num_features(self) -> int:
@@ -186,7 +188,9 @@ class RMSNormChannelsFirst(nn.RMSNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype
+        )
 
     @property
     def num_features(self) -> int:

@@ -45,7 +45,12 @@ def default_groups(num_features: int, max_groups: int = 32) -> int:
 
 
 def _batchnorm(
-    num_features: int, *, layout: str, input_ndim: int | None, momentum: float | None = 0.1, **kw: Any
+    num_features: int,
+    *,
+    layout: str,
+    input_ndim: int | None,
+    momentum: float | None = 0.1,
+    **kw: Any,
 ) -> nn.Module:
     if layout == CHANNELS_LAST:
         return BatchNormChannelsLast(num_features, momentum=momentum, **kw)
@@ -138,7 +143,10 @@ _REGISTRY: dict[str, NormSpec] = {
             reference="Ioffe & Szegedy, Batch Normalization, ICML 2015",
         ),
         NormSpec(
-            "groupnorm", _groupnorm, ("groups",), reference="Wu & He, Group Normalization, ECCV 2018"
+            "groupnorm",
+            _groupnorm,
+            ("groups",),
+            reference="Wu & He, Group Normalization, ECCV 2018",
         ),
         NormSpec(
             "instancenorm",
@@ -219,12 +227,12 @@ def check_choice(
     allowed = set(spec.params) | set(_COMMON)
     unknown = sorted(set(params) - allowed)
     if unknown:
-        problems.append(
-            f"{name} takes parameters {sorted(allowed)}, got unknown {unknown}"
-        )
+        problems.append(f"{name} takes parameters {sorted(allowed)}, got unknown {unknown}")
     if name == "groupnorm":
         groups = params.get("groups")
-        if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1):
+        if groups is not None and (
+            not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
+        ):
             problems.append(f"`groups` must be a positive int, got groups={groups!r}")
         elif groups is not None and num_features % groups:
             problems.append(
@@ -291,10 +299,11 @@ def create_norm(
 
     Example::
 
-        >>> create_norm("groupnorm", 64, groups=8)
-        GroupNorm(8, 64, eps=1e-05, affine=True)
-        >>> create_norm("layernorm", 64, layout="channels_last")
-        LayerNorm((64,), eps=1e-05, elementwise_affine=True)
+        >>> gn = create_norm("groupnorm", 64, groups=8)
+        >>> type(gn).__name__, gn.num_groups, gn.num_channels
+        ('GroupNorm', 8, 64)
+        >>> create_norm("layernorm", 64, layout="channels_last").normalized_shape
+        (64,)
     """
     layout = check_layout(layout)
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
