@@ -449,8 +449,10 @@ class _AutoNormLogic:
                 self._finalize(trainer, pl_module)
         if self.trial is not None and self._is_global_zero(trainer):
             self._record_metrics()
-        if self.config is not None and self._is_global_zero(trainer):
-            path = self.resolved_config_path(trainer)
+        if self.config is None:
+            return
+        path = self.resolved_config_path(trainer)  # every rank: trainer.log_dir is a collective
+        if self._is_global_zero(trainer):
             self.config.save(path)
             log.info("AutoNorm: wrote %s", path)
 
