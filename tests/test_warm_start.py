@@ -1,0 +1,40 @@
+"""SN-guided warm start: narrowing a space and mapping a derived config onto trial parameters."""
+
+from __future__ import annotations
+
+import autonorm
+from autonorm.search_spaces import SearchSpace
+from autonorm.warm_start import narrow_space, params_for
+from tests.lightning_models import TinyConvNet
+
+
+def weights(**scores):
+    return {"mean": dict(scores), "var": dict(scores)}
+
+
+def test_narrow_space_drops_choices_the_learned_mix_weighed_low():
+    slots = autonorm.find_slots(TinyConvNet())
+    learned = {
+        "bn1": weights(instance=0.1, layer=0.1, batch=0.8),
+        "bn2": weights(instance=0.45, layer=0.1, batch=0.45),
+        "head_norm": weights(layer=0.2, rms=0.7, batch=0.1),
+    }
+    narrowed = narrow_space(SearchSpace("cnn"), slots, learned)
+    by_slot = {s.name: [c.label for c in narrowed.choices_for(s)] for s in slots}
+    assert by_slot["bn1"] == ["batchnorm", "switchable"]
+    assert "instancenorm" in by_slot["bn2"] and "batchnorm" in by_slot["bn2"]
+    assert not any(label.startswith("groupnorm") for label in by_slot["bn2"])
+    # the slot's own layer (layernorm) stays even though its family scored low
+    assert by_slot["head_norm"] == ["layernorm", "rmsnorm"]
+
+
+def test_params_for_maps_a_derived_config_into_the_space():
+    slots = autonorm.find_slots(TinyConvNet())
+    params = SearchSpace("cnn").parameters(slots)
+    derived = autonorm.NormConfig(
+        {"bn1": {"name": "groupnorm", "groups": 1}, "bn2": "batchnorm", "head_norm": "layernorm"}
+    )
+    chosen = params_for(derived, slots, params)
+    assert chosen["bn1"].startswith("groupnorm(") and chosen["bn1"] in params["bn1"][0]
+    assert chosen["bn2"] == "batchnorm" and chosen["head_norm"] == "layernorm"
+    assert params_for(autonorm.NormConfig({"bn1": "dyt"}), slots, params) is None
