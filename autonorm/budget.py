@@ -110,6 +110,12 @@ class Budget:
         if problems:
             raise ValueError("invalid budget: " + "; ".join(problems))
 
+    @property
+    def global_batch_size(self) -> int | None:
+        """``batch_size`` times ``devices``: the batch a synced batch norm sees (None when the
+        batch size is not given)."""
+        return None if self.batch_size is None else self.batch_size * self.devices
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (bytes as ints)."""
         return asdict(self)

@@ -21,6 +21,7 @@ import yaml
 from autonorm._errors import ConfigError
 from autonorm.norms import get_spec
 from autonorm.norms.registry import COMMON_PARAMS
+from autonorm.norms.weight import check_weight
 
 if TYPE_CHECKING:
     from autonorm.slots import Slot
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 _SUFFIXES = (".yaml", ".yml", ".json")
 _LABEL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
+#: ``<choice>+<weight part>``: the last ``+`` followed by a bare name (``1e+20`` is no match).
+_WEIGHT_SUFFIX = re.compile(r"^(.*)\+\s*([A-Za-z_]\w*)\s*$", re.DOTALL)
 
 
 def _checked_suffix(path: str | os.PathLike[str]) -> Path:
@@ -107,10 +110,13 @@ def _numbers(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class NormChoice:
-    """One slot's choice: a registry name and its parameters.
+    """One slot's choice: a registry name, its parameters, and optionally a weight-side part.
 
     Written as a plain name (``"layernorm"``), a mapping (``{"name": "groupnorm", "groups": 8}``)
     or a label (``"groupnorm(groups=8)"``, the form Optuna stores as a categorical choice).
+    The weight-side part normalizes the weight of the Conv/Linear layer feeding the slot:
+    ``"ws"`` (Weight Standardization) or ``"wn"`` (Weight Normalization). It is written after a
+    ``+`` in a label (``"groupnorm(groups=8)+ws"``) and under ``weight`` in a mapping.
 
     Example::
 
@@ -118,10 +124,16 @@ class NormChoice:
         'groupnorm(groups=8)'
         >>> NormChoice.parse("groupnorm(groups=8)") == NormChoice("groupnorm", {"groups": 8})
         True
+        >>> choice = NormChoice.parse("groupnorm(groups=8)+ws")
+        >>> choice.weight, choice.to_value()
+        ('ws', {'name': 'groupnorm', 'groups': 8, 'weight': 'ws'})
+        >>> NormChoice.parse({"name": "identity", "weight": "wn"}).label
+        'identity+wn'
     """
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    weight: str | None = None
 
     def __post_init__(self) -> None:
         spec = get_spec(self.name)  # ValueError listing the valid names
@@ -132,10 +144,13 @@ class NormChoice:
             raise ValueError(
                 f"{self.name} takes parameters {sorted(allowed)}, got unknown {unknown}"
             )
+        problems = check_weight(self.weight)
+        if problems:
+            raise ValueError(problems[0])
         object.__setattr__(self, "params", dict(sorted(params.items())))
 
     def __hash__(self) -> int:
-        return hash((self.name, tuple(self.params.items())))
+        return hash((self.name, tuple(self.params.items()), self.weight))
 
     @classmethod
     def parse(cls, value: Any) -> NormChoice:
@@ -151,12 +166,20 @@ class NormChoice:
             name = data.pop("name", None)
             if not isinstance(name, str):
                 raise ValueError(f"a choice mapping needs a `name` string, got {dict(value)!r}")
-            return cls(name, data)
+            weight = data.pop("weight", None)
+            if weight is not None and not isinstance(weight, str):
+                raise ValueError(f"`weight` must be 'ws' or 'wn', got {weight!r}")
+            return cls(name, data, weight)
         if isinstance(value, str):
+            weight = None
+            suffix = _WEIGHT_SUFFIX.match(value)
+            if suffix is not None:
+                value, weight = suffix.group(1), suffix.group(2)
             match = _LABEL.match(value)
             if match is None:
                 raise ValueError(
-                    f"malformed norm choice {value!r}; expected e.g. 'groupnorm(groups=8)'"
+                    f"malformed norm choice {value!r}; expected e.g. 'groupnorm(groups=8)' or "
+                    "'groupnorm(groups=8)+ws'"
                 )
             name, args = match.group(1), match.group(2)
             params: dict[str, Any] = {}
@@ -167,22 +190,37 @@ class NormChoice:
                         f"malformed parameter {part.strip()!r} in norm choice {value!r}"
                     )
                 params[key.strip()] = _parse_value(raw.strip())
-            return cls(name, params)
+            return cls(name, params, weight)
         raise ValueError(f"a norm choice must be a name, a label or a mapping, got {value!r}")
 
     @property
+    def base(self) -> NormChoice:
+        """The norm-layer part alone (the choice without its weight-side part)."""
+        return self if self.weight is None else NormChoice(self.name, self.params)
+
+    def with_weight(self, weight: str | None) -> NormChoice:
+        """The same norm layer with the weight-side part ``weight`` (None: none)."""
+        return NormChoice(self.name, self.params, weight)
+
+    @property
     def label(self) -> str:
-        """The choice as one string: ``name`` or ``name(key=value, ...)``."""
-        if not self.params:
-            return self.name
-        args = ", ".join(f"{k}={_format_value(v)}" for k, v in self.params.items())
-        return f"{self.name}({args})"
+        """The choice as one string: ``name`` or ``name(key=value, ...)``, then ``+ws``/``+wn``
+        when it has a weight-side part."""
+        label = self.name
+        if self.params:
+            args = ", ".join(f"{k}={_format_value(v)}" for k, v in self.params.items())
+            label = f"{self.name}({args})"
+        return label if self.weight is None else f"{label}+{self.weight}"
 
     def to_value(self) -> str | dict[str, Any]:
-        """The plain form written to files: the name alone, or a mapping with the parameters."""
+        """The plain form written to files: the label when there are no parameters, else a
+        mapping with the parameters (and ``weight``)."""
         if not self.params:
-            return self.name
-        return {"name": self.name, **plain(self.params)}
+            return self.label
+        value = {"name": self.name, **plain(self.params)}
+        if self.weight is not None:
+            value["weight"] = self.weight
+        return value
 
     def __str__(self) -> str:
         return self.label

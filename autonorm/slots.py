@@ -11,6 +11,10 @@ A subclass with a forward of its own (``LayerNorm2d`` permuting around ``nn.Laye
 weights, followed by its child modules, must reproduce its output on the probe's input (on small
 random inputs without a probe). A slot that passes keeps the children on rewrite; one that
 fails can only keep its layer (:attr:`Slot.extra` is None).
+
+The probe also records each slot's *feeder*: the Conv/Linear layer whose output tensor is the
+slot's input (the same tensor object, or a permuted view of it, unmodified in between), on which
+a weight-side choice (``+ws``, ``+wn``) acts. Where the probe cannot see it, declare it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import fnmatch
 import itertools
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from autonorm._errors import AutoNormError
 from autonorm.config import NormChoice
 from autonorm.norms import (
     CHANNELS_FIRST,
@@ -35,9 +41,14 @@ from autonorm.norms import (
     DyT,
     IdentityNorm,
     SwitchableNorm,
+    check_choice,
 )
 from autonorm.norms.layers import check_layout
 from autonorm.norms.switchable import DEFAULT_CANDIDATES
+from autonorm.norms.weight import is_feeder, output_channels, tagged_slot, weight_norm_of
+
+#: Model attribute declaring feeders the probe cannot see: ``{slot name: feeder name or None}``.
+FEEDERS_ATTR = "autonorm_feeders"
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +160,8 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
         return "dyt", module.layout, module.num_features
     if isinstance(module, IdentityNorm):
         return "identity", module.layout, module.num_features
+    if isinstance(module, nn.SyncBatchNorm):
+        return "syncbatchnorm", layout or CHANNELS_FIRST, module.num_features
     if isinstance(module, _BatchNorm):
         return "batchnorm", layout or CHANNELS_FIRST, module.num_features
     if isinstance(module, _InstanceNorm):
@@ -202,13 +215,13 @@ def keep_choice_of(module: nn.Module, kind: str) -> NormChoice:
             params["momentum"] = norm.momentum
     if kind == "dyt" and norm.alpha_init != 0.5:
         params["alpha_init"] = norm.alpha_init
-    if kind in ("batchnorm", "instancenorm"):
+    if kind in ("batchnorm", "syncbatchnorm", "instancenorm"):
         if norm.momentum != 0.1:
             params["momentum"] = norm.momentum
-        default_tracking = kind == "batchnorm"
+        default_tracking = kind != "instancenorm"
         if norm.track_running_stats != default_tracking:
             params["track_running_stats"] = norm.track_running_stats
-    if kind in ("batchnorm", "groupnorm", "instancenorm", "switchable", "dyt"):
+    if kind in ("batchnorm", "syncbatchnorm", "groupnorm", "instancenorm", "switchable", "dyt"):
         affine = bool(getattr(norm, "affine", True))
     elif kind in ("layernorm", "rmsnorm"):
         affine = bool(getattr(norm, "elementwise_affine", True))
@@ -237,6 +250,9 @@ class Slot:
         extra: child modules run after the norm (a fused subclass), kept on rewrite; None
             when the slot's forward does more than autonorm can reproduce.
         reached: whether the probe reached the slot (None without a probe).
+        feeder: dotted name of the Conv/Linear layer whose output is the slot's input (the
+            layer a weight-side choice ``+ws``/``+wn`` acts on), or None: the input comes from
+            elsewhere (an add, an activation), from several places, or is unknown.
     """
 
     name: str
@@ -248,6 +264,7 @@ class Slot:
     aliases: tuple[str, ...] = ()
     extra: tuple[str, ...] | None = ()
     reached: bool | None = None
+    feeder: str | None = None
     keep: NormChoice | None = field(default=None, compare=False, repr=False)
     refusal: str | None = field(default=None, compare=False, repr=False)
 
@@ -257,8 +274,42 @@ class Slot:
         return (self.name, *self.aliases)
 
     def keep_choice(self) -> NormChoice:
-        """The choice that keeps the slot's layer as it is."""
+        """The choice that keeps the slot's layer as it is (with the weight-side part its
+        feeder carries, if any)."""
         return self.keep if self.keep is not None else NormChoice(self.kind)
+
+    def check(self, choice: NormChoice | str | Mapping[str, Any]) -> list[str]:
+        """Everything that keeps ``choice`` from working on this slot (empty: valid).
+
+        The norm layer is checked with :func:`autonorm.norms.check_choice` unless the choice
+        keeps the slot's layer; a weight-side part needs a feeder.
+
+        Example::
+
+            >>> slot = Slot("bn", "batchnorm", 8, "channels_first", (2, 8, 4, 4))
+            >>> slot.check("groupnorm(groups=3)+ws")  # doctest: +NORMALIZE_WHITESPACE
+            ['`groups` must divide num_features, got groups=3, num_features=8',
+             "ws needs the Conv/Linear layer that feeds the slot, and its input does not come
+              straight from one (declare it: find_slots(..., feeders={'bn': '<layer name>'}))"]
+        """
+        choice = NormChoice.parse(choice)
+        keep = self.keep_choice()
+        problems = []
+        if choice.base != keep.base:
+            problems += check_choice(
+                choice.name,
+                self.num_features,
+                layout=self.layout,
+                input_shape=self.input_shape,
+                **choice.params,
+            )
+        if choice.weight != keep.weight and choice.weight is not None and self.feeder is None:
+            problems.append(
+                f"{choice.weight} needs the Conv/Linear layer that feeds the slot, and its input "
+                "does not come straight from one (declare it: "
+                f"find_slots(..., feeders={{{self.name!r}: '<layer name>'}}))"
+            )
+        return problems
 
     @property
     def input_ndim(self) -> int | None:
@@ -324,17 +375,63 @@ def call_with_example(model: nn.Module, example_input: Any) -> Any:
 class _Probe:
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: slot module id -> the feeder name seen at each call (None: not a feeder's output)
+    sources: dict[int, list[str | None]] = field(default_factory=dict)
+
+
+def _pure_permutation(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` holds exactly ``base``'s elements with its dims reordered."""
+    return (
+        view.data_ptr() == base.data_ptr()
+        and view.numel() == base.numel()
+        and sorted(zip(view.shape, view.stride(), strict=True))
+        == sorted(zip(base.shape, base.stride(), strict=True))
+    )
+
+
+class _Outputs:
+    """The feeders' output tensors of a probe pass, held weakly: a tensor is a feeder's output
+    when it is the very object the feeder returned (or a permuted view of it) and no in-place
+    operation touched it since (its version counter is unchanged)."""
+
+    def __init__(self) -> None:
+        self.tensors: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.info: dict[int, tuple[str, int]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[id(tensor)] = tensor
+        self.info[id(tensor)] = (name, tensor._version)
+
+    def source(self, x: Any) -> str | None:
+        if not isinstance(x, torch.Tensor):
+            return None
+        for candidate in (x, x._base):
+            if candidate is None or self.tensors.get(id(candidate)) is not candidate:
+                continue
+            name, version = self.info[id(candidate)]
+            if candidate._version == version and (
+                candidate is x or _pure_permutation(x, candidate)
+            ):
+                return name
+        return None
 
 
 def _run_probe(
-    model: nn.Module, modules: dict[int, nn.Module], example_input: Any, record_io: set[int]
+    model: nn.Module,
+    modules: dict[int, nn.Module],
+    example_input: Any,
+    record_io: set[int],
+    feeders: dict[int, tuple[nn.Module, str]] | None = None,
 ) -> _Probe:
     """One forward pass in eval mode under no_grad; train flags and buffers restored after.
 
     torch's fused transformer inference path is switched off for the pass: it would skip the
     norm modules (and turn padded batches into nested tensors, which have no shape).
+    ``feeders`` (id -> (module, name)) are watched so that each slot's input can be traced to
+    the layer that produced it.
     """
     probe = _Probe()
+    outputs = _Outputs()
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         key = id(module)
@@ -344,9 +441,19 @@ def _run_probe(
         if key in record_io and isinstance(output, torch.Tensor):
             probe.io[key] = (args[0].detach().clone(), output.detach().clone())
 
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        probe.sources.setdefault(id(module), []).append(outputs.source(args[0] if args else None))
+
+    def feeder_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs.add(feeder_names[id(module)], output)
+
+    feeder_names = {key: name for key, (_, name) in (feeders or {}).items()}
     flags = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
     handles = [m.register_forward_hook(hook) for m in modules.values()]
+    handles += [m.register_forward_pre_hook(pre_hook) for m in modules.values()]
+    handles += [m.register_forward_hook(feeder_hook) for m, _ in (feeders or {}).values()]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
@@ -464,6 +571,7 @@ def find_slots(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     probe: bool = True,
+    feeders: Mapping[str, str | None] | None = None,
 ) -> list[Slot]:
     """The norm slots of ``model``, in ``named_modules()`` order.
 
@@ -477,9 +585,18 @@ def find_slots(
         include: glob patterns on slot names; only matching slots are returned.
         exclude: glob patterns on slot names; matching slots are left out.
         probe: run the probe forward pass when an input is available (False: classes only).
+        feeders: ``{slot name: layer name or None}`` declaring the Conv/Linear layer that feeds
+            a slot where the probe cannot see it (None: the slot has no feeder). Default: the
+            model's ``autonorm_feeders`` attribute, when it has one. Otherwise a slot's feeder
+            is found by the probe; without one, from a weight-side normalization autonorm
+            applied before, or from an ``nn.Sequential`` running a Conv/Linear right before it.
 
     Returns:
         One :class:`Slot` per norm module (a module shared at several places is one slot).
+
+    Raises:
+        AutoNormError: a declared feeder that is not a Conv/Linear layer of the model with the
+            slot's channel count, or that names no slot.
 
     Example::
 
@@ -520,6 +637,9 @@ def find_slots(
             continue
         found[key] = (module, [name], info)
         inside.add(name)
+    if feeders is None:
+        feeders = getattr(model, FEEDERS_ATTR, None)
+    declared = _declared_feeders(model, feeders, found)
     if include is not None or exclude is not None:
         found = {
             k: v
@@ -528,9 +648,19 @@ def find_slots(
             and not any(_matches(n, exclude) for n in v[1])
         }
     custom = {k for k, (m, _, info) in found.items() if info[3] is None and not _native_forward(m)}
+    feeder_modules = {
+        id(m): (m, name) for name, m in model.named_modules() if name and is_feeder(m)
+    }
     probed = None
     if example_input is not None and found:
-        probed = _run_probe(model, {k: v[0] for k, v in found.items()}, example_input, custom)
+        probed = _run_probe(
+            model,
+            {k: v[0] for k, v in found.items()},
+            example_input,
+            custom,
+            feeders=feeder_modules,
+        )
+    tagged = _tagged_feeders(feeder_modules)
     slots = []
     unreached = []
     for key, (module, names, (kind, default_layout, num_features, extra)) in found.items():
@@ -538,6 +668,9 @@ def find_slots(
         layouts = _layouts_from_shape(shape, num_features, default_layout)
         layout = layouts[0]
         keep = keep_choice_of(module, kind)
+        feeder = _feeder_of(model, names, int(num_features), key, probed, declared, tagged)
+        if feeder is not None:
+            keep = keep.with_weight(weight_norm_of(model.get_submodule(feeder)))
         refusal = None
         if extra is None:
             if key in custom:
@@ -569,6 +702,7 @@ def find_slots(
                 aliases=tuple(names[1:]),
                 extra=extra if refusal is None else None,
                 reached=None if probed is None else shape is not None,
+                feeder=feeder,
                 keep=keep,
                 refusal=refusal,
             )
@@ -580,6 +714,116 @@ def find_slots(
             stacklevel=2,
         )
     return slots
+
+
+def _declared_feeders(
+    model: nn.Module,
+    feeders: Mapping[str, str | None] | None,
+    found: dict[int, tuple[nn.Module, list[str], tuple[str, str, int | None, Any]]],
+) -> dict[str, str | None]:
+    """The declared ``{slot name: feeder name or None}``, checked (every problem at once)."""
+    if feeders is None:
+        return {}
+    if not isinstance(feeders, Mapping):
+        raise AutoNormError(
+            f"`feeders` must map slot names to layer names, got {type(feeders).__name__}"
+        )
+    channels = {name: info[2] for _, names, info in found.values() for name in names}
+    problems = []
+    out: dict[str, str | None] = {}
+    for slot, feeder in feeders.items():
+        if slot not in channels:
+            problems.append(f"{slot!r} is not a norm slot")
+            continue
+        if feeder is None:
+            out[slot] = None
+            continue
+        try:
+            module = model.get_submodule(str(feeder))
+        except AttributeError:
+            problems.append(f"slot {slot!r}: the model has no module {feeder!r}")
+            continue
+        if not is_feeder(module):
+            problems.append(
+                f"slot {slot!r}: {feeder!r} is a {type(module).__name__}; a feeder must be a "
+                "Conv1d/2d/3d, Linear or ConvTranspose (groups=1) layer"
+            )
+        elif output_channels(module) != channels[slot]:
+            problems.append(
+                f"slot {slot!r}: feeder {feeder!r} has {output_channels(module)} output channels, "
+                f"the slot normalizes {channels[slot]}"
+            )
+        else:
+            out[slot] = str(feeder)
+    if problems:
+        raise AutoNormError(
+            f"declared feeders do not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
+        )
+    return out
+
+
+def _tagged_feeders(feeder_modules: dict[int, tuple[nn.Module, str]]) -> dict[str, str]:
+    """``{slot name: feeder name}`` from the weight-side normalizations autonorm applied,
+    names moved by the prefix the model gained (wrapped) or lost (unwrapped) since."""
+    out = {}
+    for module, name in feeder_modules.values():
+        tag = tagged_slot(module)
+        if tag is None:
+            continue
+        slot, then = tag
+        if name == then:
+            out[slot] = name
+        elif then and name.endswith("." + then):
+            out[name[: -len(then)] + slot] = name
+        elif name and then.endswith("." + name):
+            lost = then[: -len(name)]
+            if slot.startswith(lost):
+                out[slot[len(lost) :]] = name
+    return out
+
+
+def _sequential_feeder(model: nn.Module, name: str) -> str | None:
+    """The Conv/Linear run right before ``name`` by an ``nn.Sequential`` (its own forward)."""
+    if not name:
+        return None
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+        return None
+    keys = list(parent._modules)
+    index = keys.index(child)
+    previous = parent._modules[keys[index - 1]] if index > 0 else None
+    if previous is None or not is_feeder(previous):
+        return None
+    return f"{parent_name}.{keys[index - 1]}" if parent_name else keys[index - 1]
+
+
+def _feeder_of(
+    model: nn.Module,
+    names: list[str],
+    num_features: int,
+    key: int,
+    probed: _Probe | None,
+    declared: dict[str, str | None],
+    tagged: dict[str, str],
+) -> str | None:
+    """A slot's feeder: declared, else seen by the probe, else recorded by an earlier
+    weight-side rewrite, else (no probe) read from an ``nn.Sequential``."""
+    for name in names:
+        if name in declared:
+            return declared[name]
+    candidate = None
+    sources = probed.sources.get(key) if probed is not None else None
+    if sources and len(set(sources)) == 1:  # fed by the same layer at every call
+        candidate = sources[0]
+    if candidate is None:
+        candidate = next((tagged[n] for n in names if n in tagged), None)
+    if candidate is None and not sources and len(names) == 1:
+        candidate = _sequential_feeder(model, names[0])
+    if candidate is None:
+        return None
+    module = model.get_submodule(candidate)
+    return candidate if output_channels(module) == num_features else None
 
 
 def slot_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm, check_choice, create_norm
+from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
 from autonorm.slots import NormWithExtra, Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -208,15 +209,9 @@ def validate_config(
         matched[slot.name] = (slot, choice)
         if choice == slot.keep_choice():
             continue
-        for problem in check_choice(
-            choice.name,
-            slot.num_features,
-            layout=slot.layout,
-            input_shape=slot.input_shape,
-            **choice.params,
-        ):
+        for problem in slot.check(choice):
             problems.append(f"{problem} (slot {slot.name!r})")
-        if slot.refusal is not None:
+        if slot.refusal is not None and choice.base != slot.keep_choice().base:
             problems.append(f"slot {slot.name!r} cannot be rewritten: {slot.refusal}")
     if not partial:
         missing = [s.name for s in slots if s.name not in matched]
@@ -236,11 +231,18 @@ def apply_config(
     partial: bool = False,
     example_input: Any = None,
     slots: Sequence[Slot] | None = None,
+    feeders: Mapping[str, str | None] | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s norm slots as ``config`` says, in place.
 
     Nothing changes unless the whole config is valid. A slot whose choice rebuilds its current
     layer (its "keep" choice) is left untouched.
+
+    A choice's weight-side part (``+ws``, ``+wn``) is applied to the slot's feeder (the
+    Conv/Linear layer whose output the slot normalizes, :attr:`Slot.feeder`) as a
+    ``torch.nn.utils.parametrize`` parametrization; a choice without one removes a ws/wn the
+    feeder carries, leaving the weight it computed. Applying a config gives the config's
+    model whatever was applied before.
 
     Args:
         model: the model.
@@ -248,14 +250,17 @@ def apply_config(
         partial: allow slots the config does not name (they stay as they are).
         example_input: input for the probe (default: the model's ``example_input_array``).
         slots: the model's current slots, when already found (skips the probe).
+        feeders: ``{slot name: layer name or None}``: the layers feeding slots that the probe
+            cannot see (see :func:`~autonorm.find_slots`).
 
     Returns:
         The model (a new root when the root itself is a slot).
 
     Raises:
         ConfigError: unknown slot names, slots missing from the config, choices invalid for a
-            slot or whose layer cannot be built (all collected into one message). The model is
-            unchanged then.
+            slot or whose layer cannot be built, weight-side parts for slots without a feeder or
+            differing between slots that share one (all collected into one message). The model
+            is unchanged then.
 
     Example::
 
@@ -266,14 +271,14 @@ def apply_config(
     if not isinstance(config, NormConfig):
         config = NormConfig(config)
     if slots is None:
-        slots = find_slots(model, example_input)
+        slots = find_slots(model, example_input, feeders=feeders)
     matched = validate_config(slots, config, partial=partial, model_name=type(model).__name__)
     dropped: list[str] = []
     replacements = {}
     problems = []
     model_factory = _factory(model)  # for slots whose layer has no tensors of its own
     for name, (slot, choice) in matched.items():
-        if choice == slot.keep_choice():
+        if choice.base == slot.keep_choice().base:
             continue
         try:
             replacements[slot] = build_replacement(
@@ -289,6 +294,7 @@ def apply_config(
             )
         except (ValueError, TypeError) as err:  # a parameter value the layer refuses
             problems.append(f"{choice.label}: {err} (slot {name!r})")
+    weights = _plan_weights(model, slots, matched, problems)
     if problems:
         raise ConfigError(
             f"config does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
@@ -305,9 +311,48 @@ def apply_config(
             f"(e.g. {dropped[:3]}): they are dropped",
             stacklevel=2,
         )
+    for feeder, (weight, slot_name) in weights.items():
+        set_weight_norm(model.get_submodule(feeder), weight, slot=slot_name, name=feeder)
     _guard_transformer_fast_paths(model)
-    log.debug("apply_config: rewrote %d of %d slots", len(replacements), len(slots))
+    log.debug(
+        "apply_config: rewrote %d of %d slots and the weights of %d feeders",
+        len(replacements),
+        len(slots),
+        len(weights),
+    )
     return model
+
+
+def _plan_weights(
+    model: nn.Module,
+    slots: Sequence[Slot],
+    matched: Mapping[str, tuple[Slot, NormChoice]],
+    problems: list[str],
+) -> dict[str, tuple[str | None, str]]:
+    """``{feeder name: (weight part, slot name)}`` for the feeders whose weight-side
+    normalization changes; problems go to ``problems``. Slots sharing a feeder must agree
+    (a slot the config leaves out asks for what its feeder carries now)."""
+    wanted: dict[str, dict[str | None, list[str]]] = {}
+    for slot in slots:
+        if slot.feeder is None:
+            continue
+        choice = matched[slot.name][1] if slot.name in matched else slot.keep_choice()
+        wanted.setdefault(slot.feeder, {}).setdefault(choice.weight, []).append(slot.name)
+    plan = {}
+    for feeder, by_weight in wanted.items():
+        if len(by_weight) > 1:
+            given = "; ".join(f"{w or 'none'} for {names}" for w, names in by_weight.items())
+            problems.append(
+                f"slots sharing the feeder {feeder!r} need the same weight part, got {given}"
+            )
+            continue
+        ((weight, names),) = by_weight.items()
+        module = model.get_submodule(feeder)
+        if weight_norm_of(module) == weight:
+            continue
+        problems.extend(f"{p} (slot {names[0]!r})" for p in weight_problems(module, weight, feeder))
+        plan[feeder] = (weight, names[0])
+    return plan
 
 
 def to_switchable(
@@ -346,7 +391,7 @@ def to_switchable(
             layout_candidates = [c for c in SWITCHABLE_CANDIDATES[slot.layout] if c != "instance"]
         if layout_candidates is not None:
             params["candidates"] = tuple(layout_candidates)
-        choices[slot.name] = NormChoice("switchable", params)
+        choices[slot.name] = NormChoice("switchable", params, slot.keep_choice().weight)
     if wanted is not None:
         unknown = wanted - {n for s in found for n in s.names}
         if unknown:
@@ -387,7 +432,8 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     averaged), mapped to its native layer: ``instance`` -> instancenorm, ``layer`` ->
     groupnorm(groups=1) (channels first) or layernorm (channels last), ``rms`` -> rmsnorm,
     ``batch`` -> batchnorm. A candidate invalid for the slot's input (instance statistics of an
-    ``(N, C)`` input) is passed over. The learned weights are recorded in the metadata.
+    ``(N, C)`` input) is passed over. A slot's weight-side part (``+ws``/``+wn`` on its feeder)
+    is kept. The learned weights are recorded in the metadata.
 
     Raises:
         AutoNormError: the model has no SwitchableNorm.
@@ -414,7 +460,8 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
                 **c.params,
             )
         ]
-        choices[name] = valid[0] if valid else ranked[0][0]
+        # the weight side stays: SN learned its weights with what the feeder carries
+        choices[name] = (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
         weights[name] = sn.mixing_weights()
     metadata = {
         "source": "switchable",

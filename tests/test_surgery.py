@@ -34,6 +34,7 @@ from autonorm.norms import (
     LayerNormChannelsFirst,
     RMSNormChannelsFirst,
     SwitchableNorm,
+    SyncBatchNorm,
 )
 from autonorm.slots import NormWithExtra
 from autonorm.surgery import switchable_layers
@@ -187,6 +188,7 @@ def test_keep_config_leaves_model_and_outputs_identical(name):
 def expected_type(norm: str, layout: str, ndim: int) -> type[nn.Module]:
     native_cf = {
         "batchnorm": {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[ndim],
+        "syncbatchnorm": SyncBatchNorm,
         "groupnorm": nn.GroupNorm,
         "instancenorm": {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d}.get(ndim),
         "layernorm": LayerNormChannelsFirst,
@@ -194,6 +196,7 @@ def expected_type(norm: str, layout: str, ndim: int) -> type[nn.Module]:
     }
     native_cl = {
         "batchnorm": BatchNormChannelsLast,
+        "syncbatchnorm": SyncBatchNorm,
         "groupnorm": GroupNormChannelsLast,
         "instancenorm": InstanceNormChannelsLast,
         "layernorm": nn.LayerNorm,

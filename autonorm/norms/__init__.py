@@ -25,6 +25,14 @@ from autonorm.norms.registry import (
     get_spec,
 )
 from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SwitchableNorm
+from autonorm.norms.sync import SyncBatchNorm
+from autonorm.norms.weight import (
+    WEIGHT_NAMES,
+    WEIGHT_NORMS,
+    WeightStandardization,
+    set_weight_norm,
+    weight_norm_of,
+)
 
 __all__ = [
     "CHANNELS_FIRST",
@@ -32,6 +40,8 @@ __all__ = [
     "LAYOUTS",
     "NORM_NAMES",
     "SWITCHABLE_CANDIDATES",
+    "WEIGHT_NAMES",
+    "WEIGHT_NORMS",
     "BatchNormChannelsLast",
     "BatchNormNd",
     "DyT",
@@ -43,8 +53,12 @@ __all__ = [
     "NormSpec",
     "RMSNormChannelsFirst",
     "SwitchableNorm",
+    "SyncBatchNorm",
+    "WeightStandardization",
     "check_choice",
     "create_norm",
     "default_groups",
     "get_spec",
+    "set_weight_norm",
+    "weight_norm_of",
 ]

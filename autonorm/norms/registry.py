@@ -31,6 +31,8 @@ from autonorm.norms.layers import (
     check_layout,
 )
 from autonorm.norms.switchable import SwitchableNorm
+from autonorm.norms.sync import SyncBatchNorm
+from autonorm.norms.weight import check_weight
 
 _BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _INSTANCENORM_BY_NDIM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
@@ -56,6 +58,17 @@ def _batchnorm(
         return BatchNormChannelsLast(num_features, momentum=momentum, **kw)
     cls = _BATCHNORM_BY_NDIM.get(input_ndim, BatchNormNd)  # type: ignore[arg-type]
     return cls(num_features, momentum=momentum, **kw)
+
+
+def _syncbatchnorm(
+    num_features: int,
+    *,
+    layout: str,
+    input_ndim: int | None,
+    momentum: float | None = 0.1,
+    **kw: Any,
+) -> nn.Module:
+    return SyncBatchNorm(num_features, momentum=momentum, layout=layout, **kw)
 
 
 def _groupnorm(
@@ -143,6 +156,13 @@ _REGISTRY: dict[str, NormSpec] = {
             reference="Ioffe & Szegedy, Batch Normalization, ICML 2015",
         ),
         NormSpec(
+            "syncbatchnorm",
+            _syncbatchnorm,
+            ("momentum", "track_running_stats"),
+            reference="Zhang et al., Context Encoding for Semantic Segmentation, CVPR 2018 "
+            "(cross-GPU batch norm); Peng et al., MegDet, CVPR 2018",
+        ),
+        NormSpec(
             "groupnorm",
             _groupnorm,
             ("groups",),
@@ -201,6 +221,7 @@ def check_choice(
     *,
     layout: str = CHANNELS_FIRST,
     input_shape: tuple[int, ...] | None = None,
+    weight: str | None = None,
     **params: Any,
 ) -> list[str]:
     """Everything that keeps a choice from working on a slot, as messages (empty: valid).
@@ -210,6 +231,8 @@ def check_choice(
         num_features: the slot's channel count.
         layout: the slot's layout.
         input_shape: the slot's input shape from the probe, if known.
+        weight: the choice's weight-side part (``"ws"``, ``"wn"`` or None); whether the slot
+            has a layer feeding it is checked with the slot (:meth:`autonorm.Slot.check`).
         **params: the choice's parameters (e.g. ``groups``).
 
     Example::
@@ -221,7 +244,7 @@ def check_choice(
         spec = get_spec(name)
     except ValueError as err:
         return [str(err)]
-    problems = []
+    problems = check_weight(weight)
     if layout not in spec.layouts:
         problems.append(f"{name} does not support layout {layout!r}")
     allowed = set(spec.params) | set(_COMMON)
@@ -280,8 +303,8 @@ def create_norm(
     """Build a normalization layer.
 
     Args:
-        name: a registry name (``batchnorm``, ``groupnorm``, ``instancenorm``, ``layernorm``,
-            ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
+        name: a registry name (``batchnorm``, ``syncbatchnorm``, ``groupnorm``,
+            ``instancenorm``, ``layernorm``, ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
             called as ``factory(num_features, **kwargs)`` (with ``layout`` if it accepts one).
         num_features: number of channels C.
         layout: ``"channels_first"`` (input ``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).
@@ -314,6 +337,11 @@ def create_norm(
         if _accepts(name, "layout"):
             kwargs["layout"] = layout
         return name(num_features, **kwargs)
+    if "weight" in kwargs:
+        raise ValueError(
+            "`weight` (ws/wn) acts on the layer feeding a slot, not on the norm layer: give it "
+            "in a NormChoice and apply it with autonorm.apply_config"
+        )
     problems = check_choice(name, num_features, layout=layout, **kwargs)
     if problems:
         raise ValueError("; ".join(problems))

@@ -2,12 +2,18 @@
 
 A :class:`SearchSpace` starts from a preset (a function of the slot) and applies user rules
 (glob patterns on slot names, first match wins) that replace a slot's choices. Choices invalid for
-a slot (groups not dividing C, instancenorm without positions, ...) are removed per slot with
-:func:`autonorm.norms.check_choice`, so that every choice Optuna proposes can be applied.
+a slot (groups not dividing C, instancenorm without positions, a weight-side part without a
+feeder, ...) are removed per slot with :meth:`autonorm.Slot.check`, so that every choice Optuna
+proposes can be applied.
+
+Two options widen the presets: ``weight_norms=True`` adds weight-side pairs (``groupnorm+ws``,
+``batchnorm+ws``, ``identity+wn``) where a slot has a feeder, and ``devices > 1`` (from the
+budget, :meth:`SearchSpace.for_budget`) adds ``syncbatchnorm`` next to ``batchnorm``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,14 +24,18 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autonorm._errors import ConfigError
-from autonorm.norms import CHANNELS_FIRST, check_choice
+from autonorm.norms import CHANNELS_FIRST
 
 if TYPE_CHECKING:
+    from autonorm.budget import Budget
     from autonorm.config import NormChoice
     from autonorm.slots import Slot
 
 TIE_MODES = ("none", "stage", "all")
 TIE_PREFIX = "tie:"
+#: Norm choices that ``weight_norms=True`` pairs with weight standardization (Qiao et al. 2019
+#: pair WS with group and batch norm).
+WS_PARTNERS = ("groupnorm", "batchnorm", "syncbatchnorm")
 
 
 def _group_counts(slot: Slot, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list[int]:
@@ -107,6 +117,10 @@ class SearchSpace:
         keep: also offer every slot its own original layer (the "own norms" baseline).
         tie: ``"none"``; ``"stage"`` (slots under the same top-level module share one choice);
             ``"all"`` (one choice for the whole model).
+        weight_norms: also offer weight-side pairs to slots with a feeder: each groupnorm /
+            batchnorm / syncbatchnorm choice with ``+ws``, and ``identity+wn``.
+        devices: how many devices the final training uses; with more than one, the presets
+            offer ``syncbatchnorm`` after ``batchnorm`` (see :meth:`for_budget`).
 
     Example::
 
@@ -120,6 +134,8 @@ class SearchSpace:
     identity: bool = False
     tie: str = "none"
     keep: bool = True
+    weight_norms: bool = False
+    devices: int = 1
     _rules: tuple[SpaceRule, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +146,10 @@ class SearchSpace:
             problems.append(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.tie not in TIE_MODES:
             problems.append(f"`tie` must be one of {TIE_MODES}, got {self.tie!r}")
+        if not isinstance(self.weight_norms, bool):
+            problems.append(f"`weight_norms` must be true or false, got {self.weight_norms!r}")
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            problems.append(f"`devices` must be a positive int, got {self.devices!r}")
         rules = []
         for pattern, choices in (self.rules or {}).items():
             if isinstance(choices, (str, Mapping)) or not isinstance(choices, Iterable):
@@ -151,13 +171,14 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "search space") -> SearchSpace:
-        """Build from ``{"preset": ..., "choices": {pattern: [...]}, "identity": bool, "tie": ...}``.
+        """Build from ``{"preset": ..., "choices": {pattern: [...]}, "identity": bool, "tie": ...,
+        "keep": bool, "weight_norms": bool, "devices": int}``.
 
         A bare list under ``choices`` applies to every slot (pattern ``*``).
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-        known = {"preset", "choices", "identity", "tie", "keep"}
+        known = {"preset", "choices", "identity", "tie", "keep", "weight_norms", "devices"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -178,6 +199,8 @@ class SearchSpace:
                 identity=identity,
                 tie=data.get("tie", "none"),
                 keep=bool(data.get("keep", True)),
+                weight_norms=data.get("weight_norms", False),
+                devices=data.get("devices", 1),
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -204,7 +227,22 @@ class SearchSpace:
             "identity": self.identity,
             "tie": self.tie,
             "keep": self.keep,
+            "weight_norms": self.weight_norms,
+            "devices": self.devices,
         }
+
+    def for_budget(self, budget: Budget | None) -> SearchSpace:
+        """This space for a run under ``budget``: its ``devices`` taken from the budget.
+
+        Example::
+
+            >>> from autonorm.budget import Budget
+            >>> SearchSpace("cnn").for_budget(Budget(batch_size=2, devices=4)).devices
+            4
+        """
+        if budget is None or budget.devices == self.devices:
+            return self
+        return dataclasses.replace(self, devices=budget.devices)
 
     # -- per-slot choices ----------------------------------------------------------------------
 
@@ -218,15 +256,21 @@ class SearchSpace:
                 break
         else:
             raw = PRESETS[self.preset](slot)
+            if self.devices > 1 and "batchnorm" in raw:  # a preset's choices are plain names
+                raw.insert(raw.index("batchnorm") + 1, "syncbatchnorm")
         if self.identity:
             raw.append("identity")
-        if self.keep:
-            raw.append(slot.keep_choice())
         out: list[NormChoice] = []
         for value in raw:
             choice = NormChoice.parse(value)
             if choice not in out:
                 out.append(choice)
+        if self.weight_norms and slot.feeder is not None:
+            pairs = [c.with_weight("ws") for c in out if c.name in WS_PARTNERS and not c.weight]
+            pairs.append(NormChoice("identity", weight="wn"))
+            out += [c for c in pairs if c not in out]
+        if self.keep and slot.keep_choice() not in out:
+            out.append(slot.keep_choice())
         return out
 
     def choices_for(self, slot: Slot) -> list[NormChoice]:
@@ -237,13 +281,7 @@ class SearchSpace:
         """
         valid, rejected = [], []
         for choice in self.candidates(slot):
-            problems = check_choice(
-                choice.name,
-                slot.num_features,
-                layout=slot.layout,
-                input_shape=slot.input_shape,
-                **choice.params,
-            )
+            problems = slot.check(choice)
             (rejected if problems else valid).append((choice, problems))
         if not valid:
             reasons = "; ".join(f"{c.label}: {p[0]}" for c, p in rejected)

@@ -67,6 +67,7 @@ def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
 def test_registry_names_are_the_documented_choices():
     assert NORM_NAMES == (
         "batchnorm",
+        "syncbatchnorm",
         "groupnorm",
         "instancenorm",
         "layernorm",
