@@ -8,6 +8,7 @@ from autonorm._errors import AutoNormError, ConfigError
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import NORM_NAMES, SwitchableNorm, create_norm
+from autonorm.recommend import format_reasons, recommend
 from autonorm.slots import Slot, find_slots, register_slot_type
 from autonorm.surgery import apply_config, derive_config, to_switchable
 
@@ -45,7 +46,9 @@ __all__ = [
     "create_norm",
     "derive_config",
     "find_slots",
+    "format_reasons",
     "load_from_checkpoint",
+    "recommend",
     "register_slot_type",
     "search",
     "to_switchable",

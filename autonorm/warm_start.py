@@ -24,12 +24,18 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, dict[str, str]] = {
     "channels_first": {
         "batchnorm": "batch",
+        "syncbatchnorm": "batch",
         "instancenorm": "instance",
         "groupnorm": "layer",
         "layernorm": "layer",
         "rmsnorm": "layer",
     },
-    "channels_last": {"batchnorm": "batch", "layernorm": "layer", "rmsnorm": "rms"},
+    "channels_last": {
+        "batchnorm": "batch",
+        "syncbatchnorm": "batch",
+        "layernorm": "layer",
+        "rmsnorm": "rms",
+    },
 }
 
 

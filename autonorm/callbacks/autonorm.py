@@ -178,6 +178,7 @@ class _AutoNormLogic:
         if budget is not None and budget.max_memory is not None and not record_metrics:
             raise ValueError("`budget.max_memory` needs record_metrics=True (memory is measured)")
         self.budget = budget
+        self.space = self.space.for_budget(budget)  # syncbatchnorm only on several devices
         self.config: NormConfig | None = (
             NormConfig.load(config) if isinstance(config, (str, os.PathLike)) else config
         )
