@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autonorm._errors import ConfigError
+from autonorm._io import atomic_write
 from autonorm.norms import get_spec
 from autonorm.norms.registry import COMMON_PARAMS
 from autonorm.norms.weight import check_weight
@@ -359,11 +360,7 @@ class NormConfig:
             text = json.dumps(data, indent=2) + "\n"
         else:
             text = yaml.safe_dump(data, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NormConfig:

@@ -28,7 +28,6 @@ import logging
 import math
 import mimetypes
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -37,6 +36,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from autonorm._io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -275,20 +276,6 @@ def _trial_seconds(trials: Sequence[FrozenTrial]) -> float:
     return sum(t.duration.total_seconds() for t in trials if t.duration is not None)
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -- summary.json ----------------------------------------------------------------------------
 
 
@@ -356,7 +343,7 @@ def write_summary(study: optuna.Study, out_dir: Path, *, elapsed: float | None =
     """
     summary = _summary(study, elapsed=elapsed)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    _atomic_write(Path(out_dir) / SUMMARY_FILE, text)
+    atomic_write(Path(out_dir) / SUMMARY_FILE, text)
     return summary
 
 
@@ -1055,7 +1042,7 @@ def write_report(study: optuna.Study, path: Path) -> Path:
         ``path``.
     """
     path = Path(path)
-    _atomic_write(path, _render_report(study))
+    atomic_write(path, _render_report(study))
     log.info("wrote %s", path)
     return path
 
