@@ -1,9 +1,11 @@
-"""A live progress display across the trials of a search (rich)."""
+"""Progress of a search: a live display across its trials (rich), fed by Optuna callbacks or
+by polling a study that worker processes run, and plain per-trial lines for worker logs."""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import optuna
 from rich.console import Console, Group
@@ -26,7 +28,9 @@ class SearchProgress:
     Use as a context manager around ``autonorm.search(..., callbacks=[progress])``.
     """
 
-    def __init__(self, n_trials: int, console: Console | None = None, *, already_done: int = 0) -> None:
+    def __init__(
+        self, n_trials: int, console: Console | None = None, *, already_done: int = 0
+    ) -> None:
         self.n_trials = n_trials
         self.console = console or Console(stderr=True)
         self.started = time.time()
@@ -34,7 +38,11 @@ class SearchProgress:
         self.counts: dict[str, int] = {"complete": 0, "pruned": 0, "infeasible": 0, "failed": 0}
         self.best: str = "-"
         self.best_config: str = ""
-        self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
+        self.polled = False
+        self.note = ""
+        self._live = Live(
+            self.render(), console=self.console, refresh_per_second=4, transient=False
+        )
 
     def __enter__(self) -> SearchProgress:
         self._live.__enter__()
@@ -53,6 +61,28 @@ class SearchProgress:
             self.counts["pruned"] += 1
         else:
             self.counts["failed"] += 1
+        self._update_best(study)
+        self._live.update(self.render())
+
+    def update(self, study: optuna.Study, note: str = "") -> None:
+        """Recount from all trials of ``study``: a display of a study other processes run.
+
+        Args:
+            study: the shared study.
+            note: an extra line (e.g. the workers still running).
+        """
+        counts = dict.fromkeys(
+            ("complete", "pruned", "infeasible", "failed", "running", "waiting"), 0
+        )
+        for trial in study.get_trials(deepcopy=False):
+            counts[_category(trial)] += 1
+        self.counts = counts
+        self.polled = True
+        self.note = note
+        self._update_best(study)
+        self._live.update(self.render())
+
+    def _update_best(self, study: optuna.Study) -> None:
         if len(study.directions) == 1:
             best = best_feasible_trial(study)
             if best is not None:
@@ -63,18 +93,63 @@ class SearchProgress:
                     name = value if isinstance(value, str) else value.get("name", "?")
                     kinds[name.split("(")[0]] = kinds.get(name.split("(")[0], 0) + 1
                 self.best_config = ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items()))
-        self._live.update(self.render())
 
     def render(self) -> Group:
-        done = sum(self.counts.values())
         elapsed = time.time() - self.started
-        left = self.n_trials - self.already_done - done
-        eta = _duration(elapsed / done * left) if done and left > 0 else "-"
         table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_row("trial", f"{min(self.already_done + done + 1, self.n_trials)} of {self.n_trials}")
+        if self.polled:
+            done = sum(self.counts[k] for k in ("complete", "pruned", "infeasible"))
+            left = self.n_trials - done
+            table.add_row("finished", f"{done} of {self.n_trials}")
+        else:
+            done = sum(self.counts.values())
+            left = self.n_trials - self.already_done - done
+            table.add_row(
+                "trial", f"{min(self.already_done + done + 1, self.n_trials)} of {self.n_trials}"
+            )
+        eta = _duration(elapsed / done * left) if done and left > 0 else "-"
         table.add_row("states", ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         table.add_row("best", self.best)
         if self.best_config:
             table.add_row("best config", self.best_config)
         table.add_row("time", f"{_duration(elapsed)} elapsed, ~{eta} left")
+        if self.note:
+            table.add_row("workers", self.note)
         return Group(Text("autonorm search", style="bold"), table)
+
+
+def _category(trial: optuna.trial.FrozenTrial) -> str:
+    state = trial.state
+    if state == optuna.trial.TrialState.RUNNING:
+        return "running"
+    if state == optuna.trial.TrialState.WAITING:
+        return "waiting"
+    if trial.user_attrs.get("feasible") is False:
+        return "infeasible"
+    if state == optuna.trial.TrialState.COMPLETE:
+        return "complete"
+    if state == optuna.trial.TrialState.PRUNED:
+        return "pruned"
+    return "failed"
+
+
+class TrialLines:
+    """Optuna callback writing one plain line per finished trial: the progress of a pool worker,
+    whose output goes to a log file rather than a terminal.
+
+    Args:
+        prefix: start of each line, e.g. ``"worker 1/4"``.
+        stream: where to write (default stderr).
+    """
+
+    def __init__(self, prefix: str, stream: IO[str] | None = None) -> None:
+        self.prefix = prefix
+        self.stream = stream
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        value = (
+            "" if trial.values is None else " value " + ", ".join(f"{v:.4g}" for v in trial.values)
+        )
+        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason")
+        line = f"{self.prefix}: trial {trial.number} {_category(trial)}{value}"
+        print(line + (f" ({reason})" if reason else ""), file=self.stream or sys.stderr, flush=True)

@@ -8,14 +8,18 @@ monitored metric. Trials over the budget end at once and are recorded as infeasi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import logging
 import math
 import os
 import platform
+import random
 import re
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,10 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from optuna.trial import TrialState
 from torch import nn
 
+from autonorm import workers
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm.budget import Budget, free_memory, is_oom_error
 from autonorm.callbacks import AutoNorm
@@ -76,31 +82,97 @@ def mask_password(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def make_storage(storage: str | os.PathLike[str] | optuna.storages.BaseStorage | None, out_dir: Path) -> Any:
+def postgres_driver_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` -> the installed driver's SQLAlchemy URL.
+
+    SQLAlchemy's plain ``postgresql://`` means psycopg2; with only psycopg 3 installed (the
+    ``postgres`` extra) the URL becomes ``postgresql+psycopg://``. Other URLs are returned as
+    they are.
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql{sep}{rest}"
+    if importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg{sep}{rest}"
+    raise AutoNormError(
+        f"storage {mask_password(url)!r} needs a PostgreSQL driver: pip install 'autonorm[postgres]'"
+    )
+
+
+def _journal_path(storage: Any) -> Path | None:
+    if isinstance(storage, (str, os.PathLike)) and "://" not in os.fspath(storage):
+        return Path(os.fspath(storage)).resolve()
+    return None
+
+
+def _open_rdb(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
+    """RDBStorage, retried when workers starting together race to create the schema."""
+    import sqlalchemy.exc
+
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == 5:
+                raise
+            log.debug("storage schema created concurrently (%s): retrying", type(err).__name__)
+            time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def make_storage(
+    storage: str | os.PathLike[str] | optuna.storages.BaseStorage | None,
+    out_dir: Path,
+    *,
+    heartbeat_interval: float | None = None,
+    grace_period: float | None = None,
+) -> optuna.storages.BaseStorage:
     """Optuna storage from autonorm's storage argument.
 
     ``None``: a SQLite file ``study.db`` in ``out_dir``; a URL with ``://``: Optuna's RDB storage
-    (SQLAlchemy); any other string or path: Optuna's journal file storage (several processes on
-    one host); a storage object is used as it is.
+    (SQLAlchemy; ``postgresql://`` uses psycopg 3 when psycopg2 is missing); any other string
+    or path: Optuna's journal file storage (several processes on one host); a storage object is
+    used as it is. With ``heartbeat_interval``, a PostgreSQL/MySQL storage runs Optuna's
+    heartbeat: a trial silent for ``grace_period`` seconds is failed and retried once.
     """
     if storage is None:
-        return f"sqlite:///{(out_dir / 'study.db').resolve()}"
+        return _open_rdb(f"sqlite:///{(out_dir / 'study.db').resolve()}")
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     text = os.fspath(storage)
     if "://" in text:
+        url = postgres_driver_url(text)
+        kwargs: dict[str, Any] = {}
+        if heartbeat_interval is not None and not url.startswith("sqlite"):
+            from autonorm.workers import RetryStaleTrial
+
+            kwargs = {
+                "heartbeat_interval": max(1, math.ceil(heartbeat_interval)),
+                "grace_period": max(2, math.ceil(grace_period or 4 * heartbeat_interval)),
+                "heartbeat_stale_trial_callback": RetryStaleTrial(),
+            }
         try:
-            return optuna.storages.RDBStorage(text)
+            return _open_rdb(url, **kwargs)
         except Exception as err:  # SQLAlchemy raises many kinds: name the URL and the cause
-            raise AutoNormError(f"cannot open storage {mask_password(text)!r}: {err}") from None
+            cause = mask_password(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise AutoNormError(f"cannot open storage {mask_password(text)!r}: {cause}") from None
     path = Path(text)
     if not path.parent.is_dir():
         raise AutoNormError(f"journal storage folder {str(path.parent)!r} does not exist")
-    backend = optuna.storages.journal.JournalFileBackend(str(path))
-    return optuna.storages.journal.JournalStorage(backend)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
-def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    sampler: str | optuna.samplers.BaseSampler, seed: int | None
+) -> optuna.samplers.BaseSampler:
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     if sampler == "tpe":
@@ -111,7 +183,9 @@ def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int | None) -
     raise ValueError(f"`sampler` must be one of {SAMPLERS} or an optuna sampler, got {sampler!r}")
 
 
-def make_pruner(pruner: str | optuna.pruners.BasePruner | None, max_epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(
+    pruner: str | optuna.pruners.BasePruner | None, max_epochs: int
+) -> optuna.pruners.BasePruner:
     if isinstance(pruner, optuna.pruners.BasePruner):
         return pruner
     if pruner == "median":
@@ -126,7 +200,9 @@ def make_pruner(pruner: str | optuna.pruners.BasePruner | None, max_epochs: int)
 def _model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
     if inspect.isclass(model):
         if not issubclass(model, nn.Module):
-            raise ValueError(f"`model` must be a LightningModule class or a factory, got class {model.__name__}")
+            raise ValueError(
+                f"`model` must be a LightningModule class or a factory, got class {model.__name__}"
+            )
         return lambda: model(**model_kwargs)
     if isinstance(model, nn.Module):
         raise ValueError(
@@ -143,7 +219,9 @@ def _model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.
 def _datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
     if datamodule is None:
         return None
-    if inspect.isclass(datamodule) or (callable(datamodule) and not hasattr(datamodule, "train_dataloader")):
+    if inspect.isclass(datamodule) or (
+        callable(datamodule) and not hasattr(datamodule, "train_dataloader")
+    ):
         return datamodule
     return lambda: datamodule
 
@@ -181,7 +259,9 @@ def _rebatch(loader: Any, batch_size: int, *, shuffle: bool) -> Any:
     )
 
 
-def _check_study_compatible(study: optuna.Study, params: dict[str, list[str]], directions: list[str]) -> None:
+def _check_study_compatible(
+    study: optuna.Study, params: dict[str, list[str]], directions: list[str]
+) -> None:
     """Refuse a space or direction that differs from an existing study's (Optuna would fail later
     with a less clear message, or silently mix two searches)."""
     existing = [d.name.lower() for d in study.directions]
@@ -195,13 +275,16 @@ def _check_study_compatible(study: optuna.Study, params: dict[str, list[str]], d
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
             if name in params and list(getattr(dist, "choices", ())) != params[name]:
-                changed.append(f"{name}: study has {list(dist.choices)}, space gives {params[name]}")
+                changed.append(
+                    f"{name}: study has {list(dist.choices)}, space gives {params[name]}"
+                )
         if changed:
             break
     if changed:
         raise ConfigError(
             f"the search space changed against the existing study {study.study_name!r} (Optuna "
-            "cannot change a categorical parameter's choices):\n  " + "\n  ".join(changed)
+            "cannot change a categorical parameter's choices):\n  "
+            + "\n  ".join(changed)
             + "\nUse the same space, or a new study name / out_dir."
         )
 
@@ -224,8 +307,14 @@ def _baseline_params(
 
     families = [
         ("own norms", {"keep": "1"}),
-        ("uniform:groupnorm/layernorm", {"channels_first": "groupnorm", "channels_last": "layernorm"}),
-        ("uniform:batchnorm/layernorm", {"channels_first": "batchnorm", "channels_last": "layernorm"}),
+        (
+            "uniform:groupnorm/layernorm",
+            {"channels_first": "groupnorm", "channels_last": "layernorm"},
+        ),
+        (
+            "uniform:batchnorm/layernorm",
+            {"channels_first": "batchnorm", "channels_last": "layernorm"},
+        ),
         ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
     ]
     out: list[tuple[str, dict[str, str]]] = []
@@ -270,6 +359,9 @@ def search(
     retrain: bool = False,
     verbose: bool = False,
     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    heartbeat_interval: float = 10.0,
+    grace_period: float | None = None,
+    export: bool = True,
 ) -> SearchResult:
     """Search the per-slot normalization config that optimizes a validation metric.
 
@@ -278,8 +370,9 @@ def search(
             zero-argument factory returning a fresh LightningModule.
         datamodule: a LightningDataModule instance, class or factory.
         train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
-        n_trials: the total number of finished trials the study should hold; a resumed study
-            runs only the missing ones (pass a larger number to add trials).
+        n_trials: the total number of finished (complete or pruned) trials the study should
+            hold, however many workers share it; a resumed study runs only the missing ones
+            (pass a larger number to add trials).
         timeout: stop starting new trials after this many seconds.
         space: search space (preset name, YAML path, dict, :class:`SearchSpace`).
         budget: a :class:`~autonorm.Budget` (or its dict): peak memory per training step,
@@ -287,8 +380,10 @@ def search(
         monitor: the logged metric to optimize; ``mode``: ``"min"`` or ``"max"``.
         trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
             checkpoints).
-        storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL, a journal file
-            path, or an Optuna storage.
+        storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL (PostgreSQL for
+            workers on several machines), a journal file path (several workers on one host),
+            or an Optuna storage. Every ``search`` given the same storage and study name joins
+            the study as one more worker.
         study_name: study name (default ``autonorm-<ModelClass>``); an existing study resumes.
         out_dir: the bundle folder (default ``./autonorm-runs/<study_name>``).
         sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
@@ -302,6 +397,12 @@ def search(
         retrain: train the best config once more and save its checkpoint in the bundle.
         verbose: show Lightning's per-trial progress bar and logs.
         callbacks: Optuna callbacks called after each trial (progress displays).
+        heartbeat_interval: seconds between the heartbeats of a running trial (user attributes
+            ``worker`` and ``heartbeat``; Optuna's heartbeat too on PostgreSQL/MySQL).
+        grace_period: seconds without a heartbeat after which a trial counts as lost: it is
+            marked FAIL and its parameters run once more (default ``4 * heartbeat_interval``).
+        export: write the bundle at the end; False for a worker whose bundle another process
+            writes (the result then carries no summary).
 
     Returns:
         A :class:`SearchResult`.
@@ -309,6 +410,14 @@ def search(
     Raises:
         ValueError: invalid arguments. AutoNormError: a model without slots, a metric never
             logged, an unusable storage or out_dir.
+        KeyboardInterrupt: Ctrl-C or (through the CLI) SIGTERM: the running trial is marked
+            FAIL with its ``fail_reason``, its parameters are enqueued to run again, and the
+            bundle is written from the trials that exist before the interrupt is re-raised.
+
+    Example::
+
+        >>> # several processes, one study (each one a worker; run them anywhere):
+        >>> # autonorm.search(Net, Data(), storage="runs/journal.log", study_name="s", n_trials=40)
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"`n_trials` must be a positive int, got {n_trials!r}")
@@ -316,8 +425,20 @@ def search(
         raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}")
     if mode not in ("min", "max"):
         raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
+    if not heartbeat_interval > 0:
+        raise ValueError(f"`heartbeat_interval` must be > 0 seconds, got {heartbeat_interval!r}")
+    grace = 4.0 * heartbeat_interval if grace_period is None else grace_period
+    if not grace > heartbeat_interval:
+        raise ValueError(
+            f"`grace_period` must be longer than `heartbeat_interval`, got grace_period={grace!r}, "
+            f"heartbeat_interval={heartbeat_interval!r}"
+        )
     objectives = list(objectives) if objectives else [METRIC]
-    if objectives[0] != METRIC or any(o not in EXTRA_OBJECTIVES for o in objectives[1:]) or len(set(objectives)) != len(objectives):
+    if (
+        objectives[0] != METRIC
+        or any(o not in EXTRA_OBJECTIVES for o in objectives[1:])
+        or len(set(objectives)) != len(objectives)
+    ):
         raise ValueError(
             f"`objectives` must start with 'metric' followed by distinct names from "
             f"{sorted(EXTRA_OBJECTIVES)}, got {objectives}"
@@ -325,7 +446,9 @@ def search(
     if isinstance(budget, dict):
         budget = Budget(**budget)
     if budget is not None and not isinstance(budget, Budget):
-        raise ValueError(f"`budget` must be an autonorm.Budget or a dict, got {type(budget).__name__}")
+        raise ValueError(
+            f"`budget` must be an autonorm.Budget or a dict, got {type(budget).__name__}"
+        )
     if datamodule is None and train_dataloaders is None:
         raise ValueError("give a `datamodule` or `train_dataloaders`")
     make_model = _model_factory(model, dict(model_kwargs or {}))
@@ -345,19 +468,26 @@ def search(
     labels = {name: choice_labels for name, (choice_labels, _) in space_params.items()}
     del probe
 
-    study_name = study_name or f"autonorm-{type(make_model).__name__ if not inspect.isclass(model) else model.__name__}"
+    study_name = (
+        study_name
+        or f"autonorm-{type(make_model).__name__ if not inspect.isclass(model) else model.__name__}"
+    )
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "autonorm-runs" / study_name
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".write-test"
+        probe_file = out / f".write-test-{os.getpid()}"
         probe_file.write_text("")
         probe_file.unlink()
     except OSError as err:
-        raise AutoNormError(f"out_dir {str(out)!r} cannot be written: {err.strerror or err}") from None
+        raise AutoNormError(
+            f"out_dir {str(out)!r} cannot be written: {err.strerror or err}"
+        ) from None
 
     directions = [mode] + ["min"] * (len(objectives) - 1)
-    optuna_directions = ["minimize" if d == "min" else "maximize" for d in directions]
-    study_storage = make_storage(storage, out)
+    optuna_directions: list[Any] = ["minimize" if d == "min" else "maximize" for d in directions]
+    study_storage = make_storage(
+        storage, out, heartbeat_interval=heartbeat_interval, grace_period=grace
+    )
     multi = len(objectives) > 1
     try:
         existing = optuna.load_study(study_name=study_name, storage=study_storage)
@@ -365,13 +495,13 @@ def search(
         existing = None
     if existing is not None:
         _check_study_compatible(existing, labels, directions)
-    study = optuna.create_study(
-        storage=study_storage,
-        study_name=study_name,
-        directions=optuna_directions,
+    study, created = _open_study(
+        study_storage,
+        study_name,
+        optuna_directions,
         sampler=make_sampler(sampler, seed),
         pruner=optuna.pruners.NopPruner() if multi else make_pruner(pruner, max_epochs),
-        load_if_exists=True,
+        existing=existing,
     )
     study.set_user_attr(
         "autonorm",
@@ -389,47 +519,217 @@ def search(
             "max_epochs": max_epochs,
         },
     )
-    if warm_start and not study.get_trials(deepcopy=False):
+    if _is_sqlite(study_storage) and workers.live_foreign_trials(study, grace):
+        warnings.warn(
+            f"another process is running trials of study {study_name!r} in the same SQLite "
+            "file: SQLite locks the whole file on every write, which several workers wait on "
+            "(or fail with 'database is locked'); give the workers a journal file "
+            "(--search.storage path/journal.log) on one host, or PostgreSQL across hosts",
+            stacklevel=2,
+        )
+    if warm_start and created:  # only the worker that created the study: enqueued once
         for label, params in _baseline_params(slots, search_space, space_params):
             study.enqueue_trial(params, user_attrs={"baseline": label})
 
+    claim = workers.claim_lock(study_storage, study_name, _journal_path(storage))
+    current: dict[str, optuna.Trial] = {}
+
     def objective(trial: optuna.Trial) -> float | list[float]:
-        return _run_trial(
-            trial,
-            make_model=make_model,
-            make_datamodule=make_datamodule,
-            train_dataloaders=train_dataloaders,
-            val_dataloaders=val_dataloaders,
-            space=search_space,
+        claim.release()  # the trial is asked: other workers may claim theirs
+        current["trial"] = trial
+        with workers.TrialHeartbeat(study, trial, heartbeat_interval):
+            try:
+                return _run_trial(
+                    trial,
+                    make_model=make_model,
+                    make_datamodule=make_datamodule,
+                    train_dataloaders=train_dataloaders,
+                    val_dataloaders=val_dataloaders,
+                    space=search_space,
+                    budget=budget,
+                    monitor=monitor,
+                    objectives=objectives,
+                    trainer_kwargs=trainer_kwargs,
+                    out_dir=out,
+                    seed=seed,
+                    example_input=example_input,
+                    include=include,
+                    exclude=exclude,
+                    verbose=verbose,
+                )
+            except (KeyboardInterrupt, SystemExit) as err:
+                interrupt = workers.as_interrupt(err)
+                if interrupt is None:
+                    raise
+                trial.set_user_attr(workers.FAIL_REASON_ATTR, _interrupt_reason(interrupt))
+                raise interrupt from None  # Optuna marks the trial FAIL and re-raises
+
+    started = time.time()
+
+    def bundle(interrupted: bool = False) -> SearchResult:
+        if not export:
+            return _result(study, out)
+        return export_bundle(
+            study,
+            out,
+            storage=storage,
             budget=budget,
-            monitor=monitor,
-            objectives=objectives,
-            trainer_kwargs=trainer_kwargs,
-            out_dir=out,
-            seed=seed,
-            example_input=example_input,
-            include=include,
-            exclude=exclude,
-            verbose=verbose,
+            elapsed=time.time() - started,
+            retrain=(
+                (
+                    lambda cfg: _retrain(
+                        cfg,
+                        make_model,
+                        make_datamodule,
+                        train_dataloaders,
+                        val_dataloaders,
+                        budget,
+                        trainer_kwargs,
+                        out,
+                        seed,
+                        example_input,
+                    )
+                )
+                if retrain and not interrupted
+                else None
+            ),
         )
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=finished))
-    remaining = max(n_trials - done, 0)
-    started = time.time()
-    if remaining:
+    try:
         with _quiet_lightning(not verbose):
-            study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=list(callbacks), catch=())
-    elif done:
-        log.info("study %r already holds %d finished trials (n_trials=%d)", study_name, done, n_trials)
-    return export_bundle(
-        study,
-        out,
-        storage=storage,
-        budget=budget,
-        elapsed=time.time() - started,
-        retrain=(lambda cfg: _retrain(cfg, make_model, make_datamodule, train_dataloaders, val_dataloaders, budget, trainer_kwargs, out, seed, example_input)) if retrain else None,
-    )
+            ran = _optimize(
+                study, objective, claim, current, n_trials, timeout, list(callbacks), grace
+            )
+    except BaseException as err:
+        interrupt = workers.as_interrupt(err) if isinstance(err, KeyboardInterrupt) else None
+        _settle_interrupted_trial(study, current.get("trial"), interrupt, err)
+        if interrupt is None:
+            raise
+        log.warning(
+            "search of study %r interrupted by %s: writing the bundle from its trials",
+            study_name,
+            interrupt.signal_name,
+        )
+        try:
+            bundle(interrupted=True)
+        except Exception as follow_up:  # e.g. the storage went away: the interrupt still wins
+            log.warning("could not write the bundle of study %r: %s", study_name, follow_up)
+        raise interrupt from None
+    if not ran and timeout is None:
+        log.info("study %r already holds its %d finished trials", study_name, n_trials)
+    return bundle()
+
+
+def _is_sqlite(storage: Any) -> bool:
+    return str(getattr(storage, "url", "")).startswith("sqlite")
+
+
+def _open_study(
+    storage: Any,
+    name: str,
+    directions: list[Any],
+    *,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    existing: optuna.Study | None,
+) -> tuple[optuna.Study, bool]:
+    """The study and whether this call created it. Workers starting together race to create
+    it: the storage lets one win (DuplicatedStudyError for the others), who then load it."""
+    if existing is None:
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=name,
+                directions=directions,
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=False,
+            )
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            log.debug("study %r was created by another worker", name)
+    for attempt in range(20):
+        try:
+            return optuna.load_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner
+            ), False
+        except KeyError:  # created, not yet visible to this connection
+            time.sleep(0.05 * (attempt + 1))
+    raise AutoNormError(f"study {name!r} exists but cannot be loaded from its storage")
+
+
+def _optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], Any],
+    claim: Any,
+    current: dict[str, optuna.Trial],
+    n_trials: int,
+    timeout: float | None,
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]],
+    grace: float,
+) -> int:
+    """Run trials until the study holds ``n_trials`` finished ones; return how many ran here.
+
+    Under the claim lock a worker recovers lost trials, then starts a trial only while the
+    finished plus running trials are fewer than ``n_trials``; otherwise it waits for the
+    running ones (they finish, or are lost and retried). So the study ends with exactly
+    ``n_trials`` finished trials and all workers stop together.
+    """
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    started = time.time()
+    ran = 0
+    waiting = False
+    while timeout is None or time.time() - started < timeout:
+        claim.acquire()
+        try:
+            workers.recover_stale_trials(study, grace)
+            trials = study.get_trials(deepcopy=False, states=states)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            finished = len(trials) - running
+            if finished >= n_trials:
+                break
+            if finished + running >= n_trials:
+                claim.release()
+                if not waiting:
+                    log.info("waiting for %d running trials of other workers", running)
+                    waiting = True
+                time.sleep(min(1.0, grace / 4))
+                continue
+            waiting = False
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=())
+            current.clear()
+            ran += 1
+        finally:
+            claim.release()
+    return ran
+
+
+def _interrupt_reason(interrupt: workers.Interrupted) -> str:
+    who = workers.worker_identity()
+    return f"interrupted by {interrupt.signal_name} (worker {who['host']}:{who['pid']})"
+
+
+def _settle_interrupted_trial(
+    study: optuna.Study,
+    trial: optuna.Trial | None,
+    interrupt: workers.Interrupted | None,
+    err: BaseException,
+) -> None:
+    """After the search loop died: the trial it ran must not stay RUNNING; an interrupted
+    trial's parameters are enqueued to run again (once)."""
+    if trial is None:
+        return
+    try:
+        frozen = workers.fresh_trial(study, trial)
+        if frozen.state == TrialState.RUNNING:
+            reason = _interrupt_reason(interrupt) if interrupt else f"{type(err).__name__}: {err}"
+            workers.fail_trial(study, frozen, reason)
+            frozen = workers.fresh_trial(study, trial)
+        retry = interrupt is not None and frozen.state == TrialState.FAIL
+        if retry and workers.enqueue_retry(study, frozen):
+            log.warning("trial %d was interrupted: its parameters run again", frozen.number)
+    except Exception as follow_up:  # the storage may be what failed: keep the first error
+        log.warning("could not mark trial %d after %r: %s", trial.number, err, follow_up)
 
 
 def _run_trial(
@@ -531,18 +831,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def export_bundle(
+def _best_of(
     study: optuna.Study,
-    out_dir: Path,
-    *,
-    storage: Any = None,
-    budget: Budget | None = None,
-    elapsed: float | None = None,
-    retrain: Callable[[NormConfig], Path] | None = None,
-) -> SearchResult:
-    """Write ``best_config.yaml``, ``summary.json``, ``report.html``, ``pareto.yaml`` (multi-
-    objective), ``storage.txt`` (external storage) and the dashboard artifacts into ``out_dir``."""
-    out_dir = Path(out_dir)
+) -> tuple[
+    optuna.trial.FrozenTrial | None,
+    NormConfig | None,
+    list[tuple[NormConfig, list[float]]] | None,
+]:
+    """(best trial, best config, None) of a single-objective study, (None, None, Pareto
+    front) of a multi-objective one; configs carry the study's metadata."""
     info = dict(study.user_attrs.get("autonorm") or {})
     base_meta = {
         "metric": info.get("monitor"),
@@ -553,27 +850,92 @@ def export_bundle(
         "study_name": study.study_name,
         "versions": _versions(),
     }
-    best_config = best_value = best = None
-    pareto = None
-    written: list[Path] = []
     if len(study.directions) == 1:
         best = best_feasible_trial(study)
-        if best is not None:
-            best_value = best.value
-            best_config = _trial_config(best, {**base_meta, "source": "search", "trial": best.number, "value": best.value})
-            path = out_dir / "best_config.yaml"
-            best_config.save(path)
-            written.append(path)
-    else:
-        pareto = []
-        for trial in pareto_trials(study):
-            cfg = _trial_config(trial, {**base_meta, "source": "search", "trial": trial.number, "values": list(trial.values)})
-            pareto.append((cfg, list(trial.values)))
-        path = out_dir / "pareto.yaml"
-        _atomic_write(path, yaml.safe_dump([{"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto], sort_keys=False))
+        if best is None:
+            return None, None, None
+        meta = {**base_meta, "source": "search", "trial": best.number, "value": best.value}
+        return best, _trial_config(best, meta), None
+    pareto = []
+    for trial in pareto_trials(study):
+        meta = {**base_meta, "source": "search", "trial": trial.number, "values": trial.values}
+        pareto.append((_trial_config(trial, meta), list(trial.values)))
+    return None, None, pareto
+
+
+def _result(study: optuna.Study, out_dir: Path) -> SearchResult:
+    """The result of a worker that leaves the bundle to another process."""
+    best, best_config, pareto = _best_of(study)
+    value = best.value if best is not None else None
+    return SearchResult(best_config, value, best, study, Path(out_dir), pareto, {})
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    """Workers finishing together write one bundle folder in turn, not at once."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no file locks; the writes themselves are atomic
+        yield
+        return
+    fd = os.open(out_dir / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def export_bundle(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    storage: Any = None,
+    budget: Budget | None = None,
+    elapsed: float | None = None,
+    retrain: Callable[[NormConfig], Path] | None = None,
+) -> SearchResult:
+    """Write ``best_config.yaml``, ``summary.json``, ``report.html``, ``pareto.yaml`` (multi-
+    objective), ``storage.txt`` (external storage, its password masked) and the dashboard
+    artifacts into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _export_lock(out_dir):
+        return _export(study, out_dir, storage=storage, elapsed=elapsed, retrain=retrain)
+
+
+def _export(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    storage: Any,
+    elapsed: float | None,
+    retrain: Callable[[NormConfig], Path] | None,
+) -> SearchResult:
+    best, best_config, pareto = _best_of(study)
+    best_value = best.value if best is not None else None
+    written: list[Path] = []
+    if best_config is not None:
+        path = out_dir / "best_config.yaml"
+        best_config.save(path)
         written.append(path)
-    if storage is not None and not (isinstance(storage, str) and storage.startswith("sqlite:///") and Path(storage[10:]).parent == out_dir):
-        text = mask_password(os.fspath(storage)) if isinstance(storage, (str, os.PathLike)) else type(storage).__name__
+    if pareto is not None:
+        path = out_dir / "pareto.yaml"
+        front = [
+            {"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto
+        ]
+        _atomic_write(path, yaml.safe_dump(front, sort_keys=False))
+        written.append(path)
+    if storage is not None and not (
+        isinstance(storage, str)
+        and storage.startswith("sqlite:///")
+        and Path(storage[10:]).parent == out_dir
+    ):
+        text = (
+            mask_password(os.fspath(storage))
+            if isinstance(storage, (str, os.PathLike))
+            else type(storage).__name__
+        )
         _atomic_write(out_dir / "storage.txt", f"{text}\nstudy_name: {study.study_name}\n")
     if best_config is not None and retrain is not None:
         written.append(retrain(best_config))
@@ -585,14 +947,16 @@ def export_bundle(
         log.warning("could not attach dashboard artifacts: %s", err)
     if best is None and len(study.directions) == 1:
         log.warning(
-            "no trial of study %r met the budget: no best config (see %s)", study.study_name, out_dir / "report.html"
+            "no trial of study %r met the budget: no best config (see %s)",
+            study.study_name,
+            out_dir / "report.html",
         )
-    summary = __import__("json").loads((out_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
     return SearchResult(best_config, best_value, best, study, out_dir, pareto, summary)
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -620,11 +984,19 @@ def _retrain(
     if budget is not None and budget.batch_size is not None:
         _set_batch_size(dm, loaders, budget.batch_size)
     kwargs = {
-        "accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_model_summary": False, "enable_progress_bar": False, "default_root_dir": str(out_dir / "retrain"),
+        "accelerator": "auto",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "default_root_dir": str(out_dir / "retrain"),
         **trainer_kwargs,
     }
-    kwargs["callbacks"] = [AutoNorm(config=config, example_input=example_input, record_metrics=False), *trainer_kwargs.get("callbacks", [])]
+    kwargs["callbacks"] = [
+        AutoNorm(config=config, example_input=example_input, record_metrics=False),
+        *trainer_kwargs.get("callbacks", []),
+    ]
     trainer = pl.Trainer(**kwargs)
     if dm is not None:
         trainer.fit(module, datamodule=dm)
