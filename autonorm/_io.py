@@ -1,8 +1,9 @@
-"""File writing shared by configs, reports and bundles."""
+"""File writing shared by configs, reports and bundles, and the masking of what they show."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,9 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def mask_password(text: str) -> str:
+    """Every URL password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
+    ``postgresql://u:***@h/db`` (storage URLs are never printed or written in clear)."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)

@@ -15,15 +15,17 @@ hosts); ``--search.n_workers K`` starts K local workers and shows their combined
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from autonorm._errors import AutoNormError
+from autonorm._io import mask_password
 
 USAGE_ERROR = 2
 
@@ -81,6 +83,18 @@ def _search_parser() -> Any:
     )
     parser.add_argument(f"--{group}.budget.batch_size", type=int | None, default=None)
     parser.add_argument(f"--{group}.budget.max_params", type=int | None, default=None)
+    parser.add_argument(
+        f"--{group}.budget.devices",
+        type=int | None,
+        default=None,
+        help="devices of the final training (more than 1 offers syncbatchnorm)",
+    )
+    parser.add_argument(
+        f"--{group}.weight_norms",
+        type=bool,
+        default=False,
+        help="also search +ws/+wn pairs on slots fed by a Conv/Linear",
+    )
     parser.add_argument(f"--{group}.monitor", type=str, default="val_loss")
     parser.add_argument(f"--{group}.mode", type=str, default="min", help="min or max")
     parser.add_argument(
@@ -93,7 +107,13 @@ def _search_parser() -> Any:
         f"--{group}.pruner", type=str, default="median", help="median, hyperband or none"
     )
     parser.add_argument(f"--{group}.seed", type=int | None, default=None)
-    parser.add_argument(f"--{group}.warm_start", type=bool, default=True)
+    parser.add_argument(
+        f"--{group}.warm_start",
+        type=bool | Literal["learn"],
+        default=True,
+        help="true: own norms, recommended and uniform configs first; learn: also one "
+        "learned-SwitchableNorm run that narrows each slot's choices",
+    )
     parser.add_argument(
         f"--{group}.objectives",
         type=list[str] | None,
@@ -159,7 +179,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from autonorm import workers
     from autonorm.budget import Budget
     from autonorm.progress import SearchProgress, TrialLines
-    from autonorm.search_spaces import SearchSpace, resolve_space
+    from autonorm.search_spaces import resolve_space
     from autonorm.study import make_sampler, search
 
     sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
@@ -179,9 +199,9 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     budget = Budget(**budget_opts) if budget_opts else None
     space = resolve_space(options.space)
     if options.choices:
-        space = SearchSpace(
-            space.preset, rules={"*": list(options.choices)}, identity=space.identity, tie=space.tie
-        )
+        space = dataclasses.replace(space, rules={"*": list(options.choices)})
+    if options.weight_norms:
+        space = dataclasses.replace(space, weight_norms=True)
     trainer_kwargs = _trainer_defaults(
         {k: v for k, v in vars(cfg.trainer).items() if v is not None}
     )
@@ -256,7 +276,7 @@ def _run_pool(
 
     from autonorm import workers
     from autonorm.progress import SearchProgress
-    from autonorm.study import export_bundle, make_storage, mask_password
+    from autonorm.study import export_bundle, make_storage
 
     console = _console()
     out = Path(options.out_dir) if options.out_dir else Path.cwd() / "autonorm-runs" / study_name
@@ -478,6 +498,48 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_recommend(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+    from rich.table import Table
+
+    from autonorm.budget import Budget
+    from autonorm.recommend import recommend
+    from autonorm.slots import find_slots
+
+    sys.path.insert(0, os.getcwd())
+    cls = _import_class(args.model, "model")
+    kwargs = yaml.safe_load(args.model_args) if args.model_args else {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(
+            f"--model-args must be a YAML mapping, e.g. '{{width: 32}}', got {args.model_args!r}"
+        )
+    model = cls(**kwargs)
+    example = (
+        torch.zeros(args.input_shape)
+        if args.input_shape
+        else getattr(model, "example_input_array", None)
+    )
+    if example is None:
+        raise UsageError(
+            f"{cls.__name__} has no example_input_array: give --input-shape, e.g. "
+            "--input-shape 2 3 32 32"
+        )
+    budget = Budget(batch_size=args.batch_size, devices=args.devices)
+    config = recommend(find_slots(model, example), budget, task=args.task)
+    config.metadata["model_class"] = f"{cls.__module__}.{cls.__qualname__}"
+    table = Table(title=f"recommended norms for {cls.__name__}")
+    for column in ("slot", "choice", "why"):
+        table.add_column(column)
+    for name, choice in config.choices.items():
+        table.add_row(name, choice.label, config.metadata["reasons"][name])
+    console = _console()
+    console.print(table)
+    if args.output:
+        console.print(f"wrote {config.save(args.output)}")
+    return 0
+
+
 def run_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -534,6 +596,20 @@ def _plain_parser() -> argparse.ArgumentParser:
     report.add_argument("--out-dir", default=None)
     show = sub.add_parser("show", help="print the per-slot table of a config file")
     show.add_argument("config")
+    rec = sub.add_parser(
+        "recommend", help="a per-slot config from established practice (no training)"
+    )
+    rec.add_argument("model", help="dotted path of the model class (nn.Module or LightningModule)")
+    rec.add_argument("--model-args", default=None, help="YAML mapping of init arguments")
+    rec.add_argument("--input-shape", type=int, nargs="+", default=None)
+    rec.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
+    rec.add_argument("--devices", type=int, default=1)
+    rec.add_argument(
+        "--task",
+        choices=("classification", "detection", "segmentation", "generation", "style"),
+        default=None,
+    )
+    rec.add_argument("-o", "--output", default=None, help="write the config (.yaml/.json)")
     dash = sub.add_parser("dashboard", help="open the study in optuna-dashboard")
     dash.add_argument("target", help="bundle folder, storage URL or journal file")
     dash.add_argument("--host", default="127.0.0.1")
@@ -558,16 +634,10 @@ def _quiet_optuna(debug: bool) -> None:
     logging.getLogger("optuna.study._optimize").addFilter(_drop_traceback)
 
 
-def _masked(text: str) -> str:
-    """Error text with any storage URL's password masked."""
-    if "://" not in text:
-        return text
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": run_report,
     "show": run_show,
+    "recommend": run_recommend,
     "dashboard": run_dashboard,
 }
 
@@ -598,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:  # bad input, incl. AutoNormError
         if debug:
             raise
-        message = _masked(str(err)).strip().splitlines()
+        message = mask_password(str(err)).strip().splitlines()
         print(f"autonorm: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
         for line in message[1:3]:
             print(f"  {line.strip()}", file=sys.stderr)
@@ -607,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(
-            f"autonorm: failed: {type(err).__name__}: {_masked(str(err))} (run with --debug for "
+            f"autonorm: failed: {type(err).__name__}: {mask_password(str(err))} (run with --debug for "
             "the traceback)",
             file=sys.stderr,
         )

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import random
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,9 +31,10 @@ from torch import nn
 
 from autonorm import workers
 from autonorm._errors import AutoNormError, ConfigError
+from autonorm._io import atomic_write, mask_password
 from autonorm.budget import Budget, free_memory, is_oom_error
 from autonorm.callbacks import AutoNorm
-from autonorm.config import NormConfig
+from autonorm.config import NormChoice, NormConfig
 from autonorm.report import (
     attach_dashboard_artifacts,
     best_feasible_trial,
@@ -44,6 +44,7 @@ from autonorm.report import (
 )
 from autonorm.search_spaces import SearchSpace, resolve_space
 from autonorm.slots import Slot, find_slots
+from autonorm.warm_start import narrow_space, params_for
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,6 @@ class SearchResult:
     out_dir: Path
     pareto: list[tuple[NormConfig, list[float]]] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def mask_password(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def postgres_driver_url(url: str) -> str:
@@ -290,7 +286,7 @@ def _check_study_compatible(
 
 
 def _baseline_params(
-    slots: Sequence[Slot], space: SearchSpace, params: dict[str, tuple[list[str], list[str]]]
+    slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]
 ) -> list[tuple[str, dict[str, str]]]:
     """Warm-start trials: the model's own norms, then well-known uniform configs.
 
@@ -303,7 +299,7 @@ def _baseline_params(
             label = slot.keep_choice().label
             return label if label in labels else None
         wanted = family[slot.layout]
-        return next((label for label in labels if label.split("(")[0] == wanted), None)
+        return next((label for label in labels if _plain_choice(label, wanted)), None)
 
     families = [
         ("own norms", {"keep": "1"}),
@@ -331,6 +327,36 @@ def _baseline_params(
     return out
 
 
+def _plain_choice(label: str, name: str) -> bool:
+    """Whether ``label`` is the registry choice ``name`` without a weight-side part."""
+    choice = NormChoice.parse(label)
+    return choice.name == name and choice.weight is None
+
+
+def _warm_start_params(
+    slots: Sequence[Slot],
+    params: dict[str, tuple[list[str], list[str]]],
+    budget: Budget | None,
+    learned: NormConfig | None,
+) -> list[tuple[str, dict[str, str]]]:
+    """The warm-start trials in order: own norms, the learned config, the recommended config,
+    then the uniform baselines (each once, and only where the space offers it)."""
+    from autonorm.recommend import recommend
+
+    baselines = _baseline_params(slots, params)
+    out = baselines[:1]
+    for label, config in (("learned (SN)", learned), ("recommend", recommend(slots, budget))):
+        chosen = None if config is None else params_for(config, slots, params)
+        if chosen is not None:
+            out.append((label, chosen))
+    out.extend(baselines[1:])
+    unique: list[tuple[str, dict[str, str]]] = []
+    for label, chosen in out:
+        if chosen not in [c for _, c in unique]:
+            unique.append((label, chosen))
+    return unique
+
+
 def search(
     model: Any,
     datamodule: Any = None,
@@ -350,7 +376,7 @@ def search(
     sampler: Any = "tpe",
     pruner: Any = "median",
     seed: int | None = None,
-    warm_start: bool = True,
+    warm_start: bool | str = True,
     objectives: Sequence[str] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     example_input: Any = None,
@@ -389,7 +415,12 @@ def search(
         sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
         pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
         seed: seed of the sampler and of each trial's training (``seed + trial.number``).
-        warm_start: enqueue the model's own norms and well-known uniform configs first.
+        warm_start: ``True``: the first trials are the model's own norms, the config
+            :func:`autonorm.recommend` gives for the budget, and well-known uniform configs, so
+            the search never ends worse than the user's starting point. ``"learn"``: first one
+            learned-SwitchableNorm run (``max_epochs`` epochs, Sparse SN settings); its derived
+            config is enqueued too and each slot's choices are narrowed to those the learned mix
+            weighed at least half as much as its favourite. ``False``: no warm start.
         objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
         model_kwargs: init arguments of a model class.
         example_input: input for the slot probe (default: ``example_input_array``).
@@ -451,9 +482,11 @@ def search(
         )
     if datamodule is None and train_dataloaders is None:
         raise ValueError("give a `datamodule` or `train_dataloaders`")
+    if warm_start not in (True, False, "learn"):
+        raise ValueError(f"`warm_start` must be True, False or 'learn', got {warm_start!r}")
     make_model = _model_factory(model, dict(model_kwargs or {}))
     make_datamodule = _datamodule_factory(datamodule)
-    search_space = resolve_space(space)
+    search_space = resolve_space(space).for_budget(budget)
     trainer_kwargs = dict(trainer_kwargs or {})
     max_epochs = int(trainer_kwargs.setdefault("max_epochs", 3))
 
@@ -464,9 +497,20 @@ def search(
     slots = find_slots(probe, example_input, include=include, exclude=exclude)
     if not slots:
         raise AutoNormError(f"{type(probe).__name__} has no normalization slot to search")
-    space_params = search_space.parameters(slots)
-    labels = {name: choice_labels for name, (choice_labels, _) in space_params.items()}
+    search_space.parameters(slots)  # a space that does not fit the model fails here, early
     del probe
+    training = _Training(
+        make_model,
+        make_datamodule,
+        train_dataloaders,
+        val_dataloaders,
+        budget,
+        trainer_kwargs,
+        example_input,
+        include,
+        exclude,
+        verbose,
+    )
 
     study_name = (
         study_name
@@ -493,6 +537,18 @@ def search(
         existing = optuna.load_study(study_name=study_name, storage=study_storage)
     except KeyError:
         existing = None
+    learned: NormConfig | None = None
+    if warm_start == "learn":
+        stored = (existing.user_attrs.get("autonorm") or {}) if existing is not None else {}
+        if stored.get("learned_config"):  # a resumed study keeps the space its learn pass made
+            learned = NormConfig.from_dict(stored["learned_config"])
+            search_space = SearchSpace.from_dict(stored["space"])
+        else:
+            with _quiet_lightning(not verbose):
+                learned = _learn_pass(training, out, seed)
+            search_space = narrow_space(search_space, slots, learned.metadata["weights"])
+    space_params = search_space.parameters(slots)
+    labels = {name: choice_labels for name, (choice_labels, _) in space_params.items()}
     if existing is not None:
         _check_study_compatible(existing, labels, directions)
     study, created = _open_study(
@@ -517,6 +573,9 @@ def search(
                 for s in slots
             ],
             "max_epochs": max_epochs,
+            "warm_start": warm_start,
+            "learned_config": None if learned is None else learned.to_dict(),
+            "learn_epochs": max_epochs if learned is not None else 0,
         },
     )
     if _is_sqlite(study_storage) and workers.live_foreign_trials(study, grace):
@@ -528,7 +587,7 @@ def search(
             stacklevel=2,
         )
     if warm_start and created:  # only the worker that created the study: enqueued once
-        for label, params in _baseline_params(slots, search_space, space_params):
+        for label, params in _warm_start_params(slots, space_params, budget, learned):
             study.enqueue_trial(params, user_attrs={"baseline": label})
 
     claim = workers.claim_lock(study_storage, study_name, _journal_path(storage))
@@ -541,21 +600,12 @@ def search(
             try:
                 return _run_trial(
                     trial,
-                    make_model=make_model,
-                    make_datamodule=make_datamodule,
-                    train_dataloaders=train_dataloaders,
-                    val_dataloaders=val_dataloaders,
+                    training,
                     space=search_space,
-                    budget=budget,
                     monitor=monitor,
                     objectives=objectives,
-                    trainer_kwargs=trainer_kwargs,
                     out_dir=out,
                     seed=seed,
-                    example_input=example_input,
-                    include=include,
-                    exclude=exclude,
-                    verbose=verbose,
                 )
             except (KeyboardInterrupt, SystemExit) as err:
                 interrupt = workers.as_interrupt(err)
@@ -576,20 +626,7 @@ def search(
             budget=budget,
             elapsed=time.time() - started,
             retrain=(
-                (
-                    lambda cfg: _retrain(
-                        cfg,
-                        make_model,
-                        make_datamodule,
-                        train_dataloaders,
-                        val_dataloaders,
-                        budget,
-                        trainer_kwargs,
-                        out,
-                        seed,
-                        example_input,
-                    )
-                )
+                (lambda cfg: _retrain(cfg, training, out, seed))
                 if retrain and not interrupted
                 else None
             ),
@@ -732,67 +769,81 @@ def _settle_interrupted_trial(
         log.warning("could not mark trial %d after %r: %s", trial.number, err, follow_up)
 
 
-def _run_trial(
-    trial: optuna.Trial,
-    *,
-    make_model: Callable[[], nn.Module],
-    make_datamodule: Callable[[], Any] | None,
-    train_dataloaders: Any,
-    val_dataloaders: Any,
-    space: SearchSpace,
-    budget: Budget | None,
-    monitor: str,
-    objectives: list[str],
-    trainer_kwargs: dict[str, Any],
-    out_dir: Path,
-    seed: int | None,
-    example_input: Any,
-    include: Any,
-    exclude: Any,
-    verbose: bool,
-) -> float | list[float]:
-    import pytorch_lightning as pl
+@dataclass
+class _Training:
+    """How every training run of a search is set up: fresh model and data, the budget's
+    per-device batch size, the Trainer's trial defaults, the slot selection."""
 
-    if seed is not None:
-        pl.seed_everything(seed + trial.number, workers=True, verbose=False)
-    module = make_model()
-    dm = make_datamodule() if make_datamodule is not None else None
-    loaders = {"train": train_dataloaders, "val": val_dataloaders}
-    if budget is not None and budget.batch_size is not None:
-        _set_batch_size(dm, loaders, budget.batch_size)
-    callback = AutoNorm(
-        trial=trial,
-        space=space,
-        monitor=monitor,
-        include=include,
-        exclude=exclude,
-        example_input=example_input,
-        budget=budget,
-    )
-    kwargs = {
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": verbose,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": str(out_dir / "trials"),
-        **trainer_kwargs,
-    }
-    kwargs["callbacks"] = [callback, *trainer_kwargs.get("callbacks", [])]
-    trainer = pl.Trainer(**kwargs)
-    try:
+    make_model: Callable[[], nn.Module]
+    make_datamodule: Callable[[], Any] | None
+    train_dataloaders: Any
+    val_dataloaders: Any
+    budget: Budget | None
+    trainer_kwargs: dict[str, Any]
+    example_input: Any
+    include: Any
+    exclude: Any
+    verbose: bool
+
+    def fit(self, callback: AutoNorm, root: Path, seed: int | None) -> tuple[nn.Module, Any]:
+        """Seed, build a fresh model and data, train with ``callback`` first among callbacks."""
+        import pytorch_lightning as pl
+
+        if seed is not None:
+            pl.seed_everything(seed, workers=True, verbose=False)
+        module = self.make_model()
+        dm = self.make_datamodule() if self.make_datamodule is not None else None
+        loaders = {"train": self.train_dataloaders, "val": self.val_dataloaders}
+        if self.budget is not None and self.budget.batch_size is not None:
+            _set_batch_size(dm, loaders, self.budget.batch_size)
+        kwargs = {
+            "accelerator": "auto",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": self.verbose,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root),
+            **self.trainer_kwargs,
+        }
+        kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
+        trainer = pl.Trainer(**kwargs)
         if dm is not None:
             trainer.fit(module, datamodule=dm)
         else:
             trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+        return module, trainer
+
+
+def _run_trial(
+    trial: optuna.Trial,
+    training: _Training,
+    *,
+    space: SearchSpace,
+    monitor: str,
+    objectives: list[str],
+    out_dir: Path,
+    seed: int | None,
+) -> float | list[float]:
+    callback = AutoNorm(
+        trial=trial,
+        space=space,
+        monitor=monitor,
+        include=training.include,
+        exclude=training.exclude,
+        example_input=training.example_input,
+        budget=training.budget,
+    )
+    try:
+        _, trainer = training.fit(
+            callback, out_dir / "trials", None if seed is None else seed + trial.number
+        )
     except optuna.TrialPruned:
         raise
     except Exception as err:
         if not is_oom_error(err):
             raise
-        del module, trainer
         free_memory()
         callback.mark_infeasible("out of memory during training")
         raise optuna.TrialPruned("out of memory during training") from None
@@ -811,6 +862,24 @@ def _run_trial(
             raise AutoNormError(f"objective {name!r} was not measured in trial {trial.number}")
         extra.append(float(attrs[key]))
     return [value, *extra]
+
+
+def _learn_pass(training: _Training, out_dir: Path, seed: int | None) -> NormConfig:
+    """One learned-SwitchableNorm run (Sparse SN's settings for the mixing weights): the
+    derived config, with the learned weights in its metadata."""
+    callback = AutoNorm(
+        mode="learn",
+        mixing_lr_scale=0.1,
+        mixing_weight_decay=0.0,
+        include=training.include,
+        exclude=training.exclude,
+        example_input=training.example_input,
+        config_path=out_dir / "learned_config.yaml",
+        record_metrics=False,
+    )
+    training.fit(callback, out_dir / "learn", seed)
+    assert callback.config is not None
+    return callback.config
 
 
 def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> NormConfig:
@@ -924,7 +993,7 @@ def _export(
         front = [
             {"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto
         ]
-        _atomic_write(path, yaml.safe_dump(front, sort_keys=False))
+        atomic_write(path, yaml.safe_dump(front, sort_keys=False))
         written.append(path)
     if storage is not None and not (
         isinstance(storage, str)
@@ -936,7 +1005,7 @@ def _export(
             if isinstance(storage, (str, os.PathLike))
             else type(storage).__name__
         )
-        _atomic_write(out_dir / "storage.txt", f"{text}\nstudy_name: {study.study_name}\n")
+        atomic_write(out_dir / "storage.txt", f"{text}\nstudy_name: {study.study_name}\n")
     if best_config is not None and retrain is not None:
         written.append(retrain(best_config))
     write_summary(study, out_dir, elapsed=elapsed)
@@ -955,53 +1024,10 @@ def _export(
     return SearchResult(best_config, best_value, best, study, out_dir, pareto, summary)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _retrain(
-    config: NormConfig,
-    make_model: Callable[[], nn.Module],
-    make_datamodule: Callable[[], Any] | None,
-    train_dataloaders: Any,
-    val_dataloaders: Any,
-    budget: Budget | None,
-    trainer_kwargs: dict[str, Any],
-    out_dir: Path,
-    seed: int | None,
-    example_input: Any,
-) -> Path:
+def _retrain(config: NormConfig, training: _Training, out_dir: Path, seed: int | None) -> Path:
     """Train the best config once more for the full schedule; save its checkpoint."""
-    import pytorch_lightning as pl
-
-    if seed is not None:
-        pl.seed_everything(seed, workers=True, verbose=False)
-    module = make_model()
-    dm = make_datamodule() if make_datamodule is not None else None
-    loaders = {"train": train_dataloaders, "val": val_dataloaders}
-    if budget is not None and budget.batch_size is not None:
-        _set_batch_size(dm, loaders, budget.batch_size)
-    kwargs = {
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": False,
-        "default_root_dir": str(out_dir / "retrain"),
-        **trainer_kwargs,
-    }
-    kwargs["callbacks"] = [
-        AutoNorm(config=config, example_input=example_input, record_metrics=False),
-        *trainer_kwargs.get("callbacks", []),
-    ]
-    trainer = pl.Trainer(**kwargs)
-    if dm is not None:
-        trainer.fit(module, datamodule=dm)
-    else:
-        trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    callback = AutoNorm(config=config, example_input=training.example_input, record_metrics=False)
+    _, trainer = training.fit(callback, out_dir / "retrain", seed)
     path = out_dir / "best.ckpt"
     trainer.save_checkpoint(path)
     return path

@@ -10,6 +10,7 @@ and the slot's own layer are never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,7 +82,7 @@ def narrow_space(
             or scores[family(c, slot.layout)] >= keep_ratio * best  # type: ignore[index]
         ]
         rules[_literal(slot.name)] = [c.to_value() for c in kept]
-    return SearchSpace(space.preset, rules=rules, identity=False, tie=space.tie, keep=False)
+    return dataclasses.replace(space, rules=rules, identity=False, keep=False)
 
 
 def _literal(name: str) -> str:
@@ -108,14 +109,15 @@ def params_for(
             chosen[param] = wanted.label
             continue
         target = family(wanted, slot.layout)
-        match = next(
-            (
-                label
-                for label in labels
-                if target is not None and family(NormChoice.parse(label), slot.layout) == target
-            ),
-            None,
-        )
+        same_family = [
+            (label, choice)
+            for label in labels
+            if target is not None
+            and family(choice := NormChoice.parse(label), slot.layout) == target
+        ]
+        # the same weight-side part when the space offers it, else the plain choice
+        match = next((label for label, c in same_family if c.weight == wanted.weight), None)
+        match = match or next((label for label, c in same_family if c.weight is None), None)
         if match is None:
             return None
         chosen[param] = match

@@ -178,6 +178,15 @@ def test_show_prints_the_slot_table(bundle, workdir):
     assert "bn" in result.stdout and "norm" in result.stdout
 
 
+def test_recommend_prints_choices_with_reasons_and_writes_the_config(workdir):
+    result = run(["recommend", "usermodels.Net", "--batch-size", "2", "-o", "rec.yaml"], workdir)
+    assert result.returncode == 0, result.stderr
+    assert "why" in result.stdout and "GroupNorm" in result.stdout
+    config = autonorm.NormConfig.load(workdir / "rec.yaml")
+    assert config["bn"].name == "groupnorm" and config["norm"].name == "layernorm"
+    assert set(config.metadata["reasons"]) == {"bn", "norm"}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -231,6 +240,8 @@ def test_dashboard_serves_the_study(bundle, workdir):
         (["search", *SEARCH_ARGS, "--search.mode", "up"], "mode"),
         (["show", "missing.yaml"], "cannot read"),
         (["report", "nowhere"], "neither"),
+        (["recommend", "nowhere.Net"], "cannot import"),
+        (["recommend", "usermodels.Net", "--model-args", "[1, 2]"], "YAML mapping"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(workdir, args, message):

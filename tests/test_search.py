@@ -175,3 +175,28 @@ def test_journal_file_storage(tmp_path):
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _search(tmp_path, **kwargs)
+
+
+def test_learned_warm_start_enqueues_the_derived_config_and_narrows_the_space(tmp_path):
+    result = _search(tmp_path, n_trials=3, warm_start="learn", space="cnn")
+    info = result.study.user_attrs["autonorm"]
+    learned = NormConfig.from_dict(info["learned_config"])
+    assert set(learned.choices) == {"bn1", "bn2", "head_norm"}
+    assert set(learned.metadata["weights"]["bn1"]["mean"]) == {"instance", "layer", "batch"}
+    assert (result.out_dir / "learned_config.yaml").exists()
+    baselines = [t.user_attrs.get("baseline") for t in result.study.trials]
+    assert baselines[:2] == ["own norms", "learned (SN)"]
+    full = SearchSpace("cnn").choices_for(autonorm.find_slots(TinyConvNet())[0])
+    offered = result.study.trials[0].distributions["bn1"].choices
+    assert set(offered) <= {c.label for c in full}
+    # a resumed search reuses the narrowed space instead of learning (and changing it) again
+    mtime = (result.out_dir / "learned_config.yaml").stat().st_mtime_ns
+    again = _search(tmp_path, n_trials=4, warm_start="learn", space="cnn")
+    assert len(again.study.trials) == 4
+    assert (result.out_dir / "learned_config.yaml").stat().st_mtime_ns == mtime
+
+
+def test_warm_start_includes_the_recommended_config(tmp_path):
+    result = _search(tmp_path, n_trials=2, budget=Budget(batch_size=4), space="cnn")
+    labels = [t.user_attrs.get("baseline") for t in result.study.get_trials(deepcopy=False)]
+    assert labels[0] == "own norms" and "recommend" in labels

@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 import autonorm
 from autonorm import workers
-from autonorm.study import make_storage, mask_password, postgres_driver_url
+from autonorm._io import mask_password
+from autonorm.study import make_storage, postgres_driver_url
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
