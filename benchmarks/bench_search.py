@@ -13,6 +13,7 @@ Methods:
   learned  one learned-SwitchableNorm run (AutoNorm learn mode) and its derived config
   autonorm autonorm.search with its defaults (TPE, median pruning, warm start), stopped once it
            has used the uniform grid's epoch budget
+  autonorm+learn  the same with warm_start="learn" (its learned-SN run counts in the budget)
 
 Run (about 15 minutes on 2 CPU cores)::
 
@@ -151,7 +152,10 @@ def run_search(task: Task, epochs: int, budget_epochs: int, **options: Any) -> O
     history: list[tuple[int, float]] = []
 
     def spent(study: optuna.Study) -> int:
-        return sum(t.user_attrs.get("epochs", 0) for t in study.trials if t.state.is_finished())
+        learn = (study.user_attrs.get("autonorm") or {}).get("learn_epochs", 0)
+        return learn + sum(
+            t.user_attrs.get("epochs", 0) for t in study.trials if t.state.is_finished()
+        )
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -176,6 +180,8 @@ def run_search(task: Task, epochs: int, budget_epochs: int, **options: Any) -> O
         )
         used = spent(result.study)
     method = "random" if options.get("sampler") == "random" else "autonorm"
+    if options.get("warm_start") == "learn":
+        method = "autonorm+learn"
     return Outcome(method, result.best_config, used, time.time() - start, history)
 
 
@@ -200,6 +206,7 @@ def bench_task(key: str, epochs: int, seeds: int) -> dict[str, Any]:
     )
     outcomes.append(run_learned(task, epochs))
     outcomes.append(run_search(task, epochs, grid, seed=0))
+    outcomes.append(run_search(task, epochs, grid, seed=0, warm_start="learn"))
     rows = []
     for outcome in outcomes:
         outcome.retrained = [train(task, outcome.config, epochs, 1000 + s) for s in range(seeds)]
