@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -32,70 +31,13 @@ from tests.lightning_models import TinyConvNet, TinyDataModule
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-USER_MODULE = textwrap.dedent(
-    """
-    import time
-
-    import pytorch_lightning as pl
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-
-    class SlowNet(pl.LightningModule):
-        \"\"\"Tiny, but each training step sleeps: a trial is clearly mid-flight for a while.\"\"\"
-
-        def __init__(self, width: int = 4, sleep: float = 0.0):
-            super().__init__()
-            self.save_hyperparameters()
-            self.conv = nn.Conv1d(2, width, 3, padding=1)
-            self.bn = nn.BatchNorm1d(width)
-            self.norm = nn.LayerNorm(width)
-            self.head = nn.Linear(width, 2)
-            self.example_input_array = torch.zeros(4, 2, 16)
-
-        def forward(self, x):
-            return self.head(self.norm(F.relu(self.bn(self.conv(x))).mean(-1)))
-
-        def training_step(self, batch, batch_idx):
-            time.sleep(self.hparams.sleep)
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", F.cross_entropy(self(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-    class Data(pl.LightningDataModule):
-        def __init__(self, batch_size: int = 16):
-            super().__init__()
-            self.batch_size = batch_size
-
-        def setup(self, stage=None):
-            g = torch.Generator().manual_seed(0)
-            y = torch.randint(0, 2, (64,), generator=g)
-            x = torch.randn(64, 2, 16, generator=g) + (y.float() * 2 - 1)[:, None, None]
-            self.train_set = TensorDataset(x, y)
-            self.val_set = TensorDataset(x[:32], y[:32])
-
-        def train_dataloader(self):
-            return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=True)
-
-        def val_dataloader(self):
-            return DataLoader(self.val_set, batch_size=32)
-    """
-)
+USER_MODULE = (Path(__file__).parent / "user_project" / "usermodels.py").read_text()
 
 
 def search_args(storage: str, name: str, out: Path, n_trials: int, sleep: float = 0.0) -> list:
     return [
         "search",
-        "--model", "workmodels.SlowNet",
+        "--model", "workmodels.Net",
         "--model.sleep", str(sleep),
         "--data", "workmodels.Data",
         "--trainer.max_epochs", "1",
@@ -261,7 +203,7 @@ def test_n_workers_runs_a_local_pool_with_one_display_and_one_bundle(workdir, tm
     out = tmp_path / "pool"
     args = [
         "search",
-        "--model", "workmodels.SlowNet",
+        "--model", "workmodels.Net",
         "--model.sleep", "0.1",
         "--data", "workmodels.Data",
         "--trainer.max_epochs", "1",
@@ -281,7 +223,7 @@ def test_n_workers_runs_a_local_pool_with_one_display_and_one_bundle(workdir, tm
     summary = json.loads((out / "summary.json").read_text())
     counts = summary["trials"]
     assert counts["complete"] + counts["pruned"] + counts["infeasible"] == 6, counts
-    study = load(str(out / "journal.log"), "autonorm-SlowNet", tmp_path)
+    study = load(str(out / "journal.log"), "autonorm-Net", tmp_path)
     trials = assert_settled(study, 6)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
     assert (
@@ -358,7 +300,7 @@ def test_sigterm_to_a_pool_stops_its_workers_and_writes_the_bundle(workdir, tmp_
     out = tmp_path / "pool"
     args = [
         "search",
-        "--model", "workmodels.SlowNet",
+        "--model", "workmodels.Net",
         "--model.sleep", "0.25",
         "--data", "workmodels.Data",
         "--trainer.max_epochs", "2",
