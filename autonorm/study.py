@@ -736,6 +736,8 @@ def _optimize(
             study.optimize(objective, n_trials=1, callbacks=callbacks, catch=())
             current.clear()
             ran += 1
+            if getattr(study, "_stop_flag", False):
+                break  # a callback's study.stop() ends the search, not just this one-trial loop
         finally:
             claim.release()
     return ran

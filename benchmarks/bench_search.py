@@ -7,6 +7,7 @@ optimistic: it is the maximum of noisy runs).
 
 Methods:
   own      the model's own norms (no search; compute 0)
+  recommend  autonorm.recommend: rules of practice for the per-device batch (compute 0)
   uniform  one run per uniform norm (batchnorm, groupnorm, layernorm, instancenorm, rmsnorm;
            a norm invalid for a slot falls back to layernorm there), the best one kept
   random   random per-slot configs, no pruning, at the uniform grid's epoch budget
@@ -195,10 +196,19 @@ def run_learned(task: Task, epochs: int) -> Outcome:
     return Outcome("learned", callback.config, epochs, time.time() - start)
 
 
+def run_recommend(task: Task) -> Outcome:
+    start = time.time()
+    model = task.model()
+    config = autonorm.recommend(
+        autonorm.find_slots(model), autonorm.Budget(batch_size=task.batch_size)
+    )
+    return Outcome("recommend", config, 0, time.time() - start)
+
+
 def bench_task(key: str, epochs: int, seeds: int) -> dict[str, Any]:
     task = TASKS[key]
     print(f"\n== {task.name}: {epochs} epochs a run, {seeds} retrain seeds", flush=True)
-    outcomes = [Outcome("own", None, 0, 0.0)]
+    outcomes = [Outcome("own", None, 0, 0.0), run_recommend(task)]
     outcomes.append(run_uniform(task, epochs))
     grid = outcomes[-1].epochs
     outcomes.append(

@@ -200,3 +200,15 @@ def test_warm_start_includes_the_recommended_config(tmp_path):
     result = _search(tmp_path, n_trials=2, budget=Budget(batch_size=4), space="cnn")
     labels = [t.user_attrs.get("baseline") for t in result.study.get_trials(deepcopy=False)]
     assert labels[0] == "own norms" and "recommend" in labels
+
+
+def test_study_stop_from_a_callback_ends_the_search(tmp_path):
+    def stop_after_two(study, trial):
+        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) >= 2:
+            study.stop()
+
+    result = _search(
+        tmp_path, n_trials=6, warm_start=False, pruner="none", callbacks=[stop_after_two]
+    )
+    finished = [t for t in result.study.trials if t.state.is_finished()]
+    assert len(finished) == 2
