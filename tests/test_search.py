@@ -212,3 +212,12 @@ def test_study_stop_from_a_callback_ends_the_search(tmp_path):
     )
     finished = [t for t in result.study.trials if t.state.is_finished()]
     assert len(finished) == 2
+
+
+def test_retrain_saves_a_checkpoint_of_the_best_config(tmp_path):
+    result = _search(tmp_path, n_trials=2, retrain=True, pruner="hyperband")
+    checkpoint = result.out_dir / "best.ckpt"
+    model = autonorm.load_from_checkpoint(TinyConvNet, checkpoint)
+    applied = {s.name: s.keep_choice() for s in autonorm.find_slots(model)}
+    assert applied == result.best_config.choices
+    assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
