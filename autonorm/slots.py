@@ -360,6 +360,21 @@ def _to_device(value: Any, device: torch.device | None) -> Any:
     return value
 
 
+class ProbeError(AutoNormError, RuntimeError):
+    """The probe forward pass failed on the example input (a usage error: the input does not
+    fit the model)."""
+
+
+def _describe(example_input: Any) -> str:
+    if isinstance(example_input, torch.Tensor):
+        return f"of shape {tuple(example_input.shape)}"
+    if isinstance(example_input, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in example_input) + ")"
+    if isinstance(example_input, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in example_input.items()) + "}"
+    return type(example_input).__name__
+
+
 def call_with_example(model: nn.Module, example_input: Any) -> Any:
     """Call ``model`` the way Lightning uses ``example_input_array``: a tuple is unpacked into
     positional arguments, a dict into keyword arguments, anything else is one argument."""
@@ -459,7 +474,14 @@ def _run_probe(
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
-            call_with_example(model, example_input)
+            try:
+                call_with_example(model, example_input)
+            except Exception as err:
+                raise ProbeError(
+                    f"the probe forward pass of {type(model).__name__} with the example input "
+                    f"{_describe(example_input)} failed: {type(err).__name__}: {err}; give an "
+                    "example input the model accepts (example_input= or example_input_array)"
+                ) from err
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:

@@ -137,11 +137,11 @@ def make_storage(
     used as it is. With ``heartbeat_interval``, a PostgreSQL/MySQL storage runs Optuna's
     heartbeat: a trial silent for ``grace_period`` seconds is failed and retried once.
     """
-    if storage is None:
-        return _open_rdb(f"sqlite:///{(out_dir / 'study.db').resolve()}")
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    text = os.fspath(storage)
+    text = (
+        f"sqlite:///{(out_dir / 'study.db').resolve()}" if storage is None else os.fspath(storage)
+    )
     if "://" in text:
         url = postgres_driver_url(text)
         kwargs: dict[str, Any] = {}
