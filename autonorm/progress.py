@@ -51,6 +51,8 @@ class SearchProgress:
     def __exit__(self, *exc: Any) -> None:
         self._live.update(self.render())
         self._live.__exit__(*exc)
+        if not self.console.is_terminal:
+            self.console.print()  # rich ends the last frame without a newline off a terminal
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.user_attrs.get("feasible") is False:
