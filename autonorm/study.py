@@ -307,10 +307,7 @@ def _baseline_params(
             "uniform:groupnorm/layernorm",
             {"channels_first": "groupnorm", "channels_last": "layernorm"},
         ),
-        (
-            "uniform:batchnorm/layernorm",
-            {"channels_first": "batchnorm", "channels_last": "layernorm"},
-        ),
+        ("uniform:batchnorm", {"channels_first": "batchnorm", "channels_last": "batchnorm"}),
         ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
     ]
     out: list[tuple[str, dict[str, str]]] = []

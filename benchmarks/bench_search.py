@@ -273,27 +273,24 @@ def write_results(results: list[dict[str, Any]]) -> None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, task in zip(axes[0], results, strict=True):
-        for row in task["rows"]:
+        for index, row in enumerate(task["rows"]):
+            color = f"C{index}"  # one colour per method: its search curve and retrained point
             if row["history"]:
                 xs, ys = zip(*row["history"], strict=True)
-                ax.step(
-                    xs,
-                    [100 * y for y in ys],
-                    where="post",
-                    alpha=0.5,
-                    label=f"{row['method']} (search)",
-                )
+                ys = [100 * y for y in ys]
+                ax.step(xs, ys, where="post", color=color, alpha=0.4, linestyle="--")
             ax.errorbar(
                 row["epochs"],
                 100 * row["mean"],
                 yerr=100 * row["std"],
                 fmt="o",
-                label=f"{row['method']} (retrained)",
+                color=color,
+                label=row["method"],
             )
         ax.set_title(task["name"])
         ax.set_xlabel("training epochs spent searching")
         ax.set_ylabel("val accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, title="retrained (dots), search best (dashed)")
     fig.tight_layout()
     fig.savefig(RESULTS / "search.png", dpi=100)
     print(f"wrote {RESULTS / 'search.md'}, search.json, search.png")
@@ -304,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     parser.add_argument("--epochs", type=int, default=4, help="epochs per training run")
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds per config")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the table and plot from search.json"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        write_results(json.loads((RESULTS / "search.json").read_text()))
+        return 0
     if args.epochs < 1 or args.seeds < 1:
         parser.error("--epochs and --seeds must be >= 1")
     warnings.filterwarnings("ignore")
