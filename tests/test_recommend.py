@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import warnings
 
 import pytest
 import torch
 
-import autonorm.recommend
 from autonorm import Budget, NormConfig, apply_config, find_slots
 from autonorm.norms import weight_norm_of
 from autonorm.recommend import format_reasons, recommend, recommended_groups
@@ -169,5 +169,5 @@ def test_bad_arguments():
 
 def test_recommended_groups_and_docstrings():
     assert [recommended_groups(c) for c in (3, 4, 8, 12, 64, 96, 512)] == [1, 1, 2, 3, 16, 24, 32]
-    result = doctest.testmod(autonorm.recommend, verbose=False)
+    result = doctest.testmod(importlib.import_module("autonorm.recommend"), verbose=False)
     assert result.attempted > 0 and result.failed == 0
