@@ -450,12 +450,15 @@ class _AutoNormLogic:
                 self._finalize(trainer, pl_module)
         if self.trial is not None and self._is_global_zero(trainer):
             self._record_metrics()
-        if self.config is None:
-            return
-        path = self.resolved_config_path(trainer)  # every rank: trainer.log_dir is a collective
-        if self._is_global_zero(trainer):
-            self.config.save(path)
-            log.info("AutoNorm: wrote %s", path)
+        if self.config is not None:
+            path = self.resolved_config_path(trainer)  # every rank: trainer.log_dir is a collective
+            if self._is_global_zero(trainer):
+                self.config.save(path)
+                log.info("AutoNorm: wrote %s", path)
+        if getattr(trainer, "world_size", 1) > 1:
+            # ranks leave together: rank 0 hosts the process group's store, and a rank still
+            # deriving its config when rank 0 exits aborts in gloo's teardown
+            trainer.strategy.barrier("autonorm_fit_end")
 
     def _finalize(self, trainer: Any, pl_module: Any) -> None:
         assert self.config is not None
