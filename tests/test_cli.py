@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import optuna
 import pytest
 
 import autonorm
+from tests.ports import free_port
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
 
@@ -135,15 +135,9 @@ def test_recommend_prints_choices_with_reasons_and_writes_the_config(workdir):
     assert set(config.metadata["reasons"]) == {"bn", "norm"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_dashboard_serves_the_study(bundle, workdir):
     out, _ = bundle
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [AUTONORM, "dashboard", str(out), "--port", str(port)],
         cwd=workdir,

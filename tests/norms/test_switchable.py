@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import socket
 import warnings
 import weakref
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autonorm.norms import CHANNELS_FIRST, CHANNELS_LAST, SwitchableNorm
+from tests.ports import free_port
 
 C = 5
 PARAMS = ("weight", "bias", "mean_weight", "var_weight")
@@ -450,14 +450,8 @@ def _dist_worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for layout, shape in DIST_CASES.items():
         single = _dist_run(_random_sn(layout), _x(shape), _x(shape, seed=1))

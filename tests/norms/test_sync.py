@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import doctest
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torch.testing import assert_close
 from autonorm import NormConfig, apply_config, find_slots
 from autonorm.norms import BatchNormChannelsLast, SyncBatchNorm, create_norm, sync
 from tests.models import MODELS
+from tests.ports import free_port
 
 C = 6
 
@@ -133,14 +133,8 @@ def _dist_worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for name in DIST_MODELS:
         model = _converted(name)
