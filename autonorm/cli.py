@@ -360,11 +360,16 @@ def _retrainer(
     """``--search.retrain`` of a pool: the parent trains the best config once all workers end."""
 
     def retrain(config: Any, out: Path) -> Path:
-        from autonorm.study import _retrain
+        from autonorm.study import retrain_best
 
-        kwargs = {"max_epochs": 3, **trainer_kwargs}  # search()'s default schedule
-        return _retrain(
-            config, model_factory, data_factory, None, None, budget, kwargs, out, seed, None
+        return retrain_best(
+            config,
+            model_factory,
+            data_factory,
+            budget=budget,
+            trainer_kwargs=trainer_kwargs,
+            out_dir=out,
+            seed=seed,
         )
 
     return retrain

@@ -53,6 +53,8 @@ PRUNERS = ("median", "hyperband", "none")
 #: Secondary objectives of a multi-objective search, minimized.
 EXTRA_OBJECTIVES = {"peak_memory": "peak_memory", "latency": "step_time", "params": "n_params"}
 METRIC = "metric"
+#: Training epochs of a trial when ``trainer_kwargs`` does not say.
+DEFAULT_MAX_EPOCHS = 3
 
 
 @dataclass
@@ -485,7 +487,7 @@ def search(
     make_datamodule = _datamodule_factory(datamodule)
     search_space = resolve_space(space).for_budget(budget)
     trainer_kwargs = dict(trainer_kwargs or {})
-    max_epochs = int(trainer_kwargs.setdefault("max_epochs", 3))
+    max_epochs = int(trainer_kwargs.setdefault("max_epochs", DEFAULT_MAX_EPOCHS))
 
     probe = make_model()
     model_class = f"{type(probe).__module__}.{type(probe).__qualname__}"
@@ -1021,6 +1023,25 @@ def _export(
         )
     summary = json.loads((out_dir / "summary.json").read_text())
     return SearchResult(best_config, best_value, best, study, out_dir, pareto, summary)
+
+
+def retrain_best(
+    config: NormConfig,
+    make_model: Callable[[], nn.Module],
+    make_datamodule: Callable[[], Any] | None,
+    *,
+    budget: Budget | None,
+    trainer_kwargs: dict[str, Any],
+    out_dir: Path,
+    seed: int | None,
+) -> Path:
+    """Train ``config`` once more with a search's trial setup (for a bundle written by another
+    process than the trials, e.g. a worker pool's parent); returns the checkpoint's path."""
+    kwargs = {"max_epochs": DEFAULT_MAX_EPOCHS, **trainer_kwargs}
+    training = _Training(
+        make_model, make_datamodule, None, None, budget, kwargs, None, None, None, False
+    )
+    return _retrain(config, training, out_dir, seed)
 
 
 def _retrain(config: NormConfig, training: _Training, out_dir: Path, seed: int | None) -> Path:

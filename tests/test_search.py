@@ -11,6 +11,7 @@ import torch
 import autonorm
 from autonorm import Budget, NormConfig
 from autonorm.search_spaces import SearchSpace
+from autonorm.study import retrain_best
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 FAST = {"max_epochs": 2}
@@ -221,3 +222,21 @@ def test_retrain_saves_a_checkpoint_of_the_best_config(tmp_path):
     applied = {s.name: s.keep_choice() for s in autonorm.find_slots(model)}
     assert applied == result.best_config.choices
     assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
+
+
+def test_retrain_best_trains_a_config_outside_a_search(tmp_path):
+    """What a worker pool's parent calls for --search.retrain once its workers have ended."""
+    config = NormConfig(
+        {"bn1": {"name": "groupnorm", "groups": 2}, "bn2": "batchnorm", "head_norm": "rmsnorm"}
+    )
+    path = retrain_best(
+        config,
+        TinyConvNet,
+        TinyDataModule,
+        budget=Budget(batch_size=8),
+        trainer_kwargs={"max_epochs": 1},
+        out_dir=tmp_path,
+        seed=0,
+    )
+    model = autonorm.load_from_checkpoint(TinyConvNet, path)
+    assert {s.name: s.keep_choice() for s in autonorm.find_slots(model)} == config.choices
