@@ -12,6 +12,7 @@ Layouts: ``channels_first`` is ``(N, C, *)``; ``channels_last`` is ``(..., C)``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ class DyT(nn.Module):
         self.alpha_init = float(alpha_init)
         self.affine = affine
         self.eps = eps
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty(1, **factory))
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))

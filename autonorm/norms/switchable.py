@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -369,7 +370,7 @@ class SwitchableNorm(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.mean_weight = nn.Parameter(torch.empty(len(candidates), **factory))
         self.var_weight = nn.Parameter(torch.empty(len(candidates), **factory))
         if affine:
