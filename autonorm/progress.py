@@ -55,6 +55,11 @@ class SearchProgress:
             self.console.print()  # rich ends the last frame without a newline off a terminal
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not any(self.counts.values()):  # first trial of this process: a resumed study's
+            finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            earlier = len(study.get_trials(deepcopy=False, states=finished))
+            earlier -= trial.state in finished
+            self.already_done = max(self.already_done, earlier)  # earlier trials count too
         if trial.user_attrs.get("feasible") is False:
             self.counts["infeasible"] += 1
         elif trial.state == optuna.trial.TrialState.COMPLETE:
