@@ -8,13 +8,11 @@ import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call
 
 from autonorm.norms import CHANNELS_FIRST, CHANNELS_LAST, SwitchableNorm
-from tests.ports import free_port
+from tests.ports import run_on_ranks
 
 C = 5
 PARAMS = ("weight", "bias", "mean_weight", "var_weight")
@@ -434,25 +432,17 @@ def _dist_run(sn: SwitchableNorm, x: torch.Tensor, grad: torch.Tensor) -> dict[s
     return result
 
 
-def _dist_worker(rank: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        results = {}
-        for layout, shape in DIST_CASES.items():
-            sn = _random_sn(layout)
-            x, grad = _x(shape), _x(shape, seed=1)
-            results[layout] = _dist_run(sn, x.chunk(WORLD)[rank], grad.chunk(WORLD)[rank])
-        torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    results = {}
+    for layout, shape in DIST_CASES.items():
+        sn = _random_sn(layout)
+        x, grad = _x(shape), _x(shape, seed=1)
+        results[layout] = _dist_run(sn, x.chunk(WORLD)[rank], grad.chunk(WORLD)[rank])
+    return results
 
 
 def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_rank_results, WORLD, tmp_path)
     for layout, shape in DIST_CASES.items():
         single = _dist_run(_random_sn(layout), _x(shape), _x(shape, seed=1))
         parts = [r[layout] for r in ranks]

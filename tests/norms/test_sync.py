@@ -8,14 +8,13 @@ import doctest
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.testing import assert_close
 
 from autonorm import NormConfig, apply_config, find_slots
 from autonorm.norms import BatchNormChannelsLast, SyncBatchNorm, create_norm, sync
 from tests.models import MODELS
-from tests.ports import free_port
+from tests.ports import run_on_ranks
 
 C = 6
 
@@ -117,25 +116,17 @@ def _converted(name: str) -> nn.Module:
     return apply_config(model, NormConfig.uniform(slots, "syncbatchnorm"), slots=slots)
 
 
-def _dist_worker(rank: int, port: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        results = {}
-        for name in DIST_MODELS:
-            model = _converted(name)
-            _, x = _model(name)
-            results[name] = _run(model, x.chunk(WORLD)[rank])
-        torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    results = {}
+    for name in DIST_MODELS:
+        model = _converted(name)
+        _, x = _model(name)
+        results[name] = _run(model, x.chunk(WORLD)[rank])
+    return results
 
 
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_ranks(_rank_results, WORLD, tmp_path)
     for name in DIST_MODELS:
         model = _converted(name)
         assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
