@@ -13,3 +13,12 @@ class AutoNormError(ValueError):
 
 class ConfigError(AutoNormError):
     """A :class:`~autonorm.NormConfig` that does not fit a model, or a malformed config file."""
+
+
+class ProbeError(AutoNormError, RuntimeError):
+    """The probe forward pass failed on the example input (a usage error: the input does not
+    fit the model)."""
+
+
+class UsageError(AutoNormError):
+    """Bad command-line input."""

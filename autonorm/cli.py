@@ -25,16 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from autonorm._errors import AutoNormError
+from autonorm._errors import UsageError
 from autonorm._io import mask_password
 
 USAGE_ERROR = 2
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(AutoNormError):
-    """Bad command-line input."""
 
 
 def _console() -> Any:

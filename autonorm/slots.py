@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from autonorm._errors import AutoNormError
+from autonorm._errors import AutoNormError, ProbeError
 from autonorm.config import NormChoice
 from autonorm.norms import (
     CHANNELS_FIRST,
@@ -358,11 +358,6 @@ def _to_device(value: Any, device: torch.device | None) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
-
-
-class ProbeError(AutoNormError, RuntimeError):
-    """The probe forward pass failed on the example input (a usage error: the input does not
-    fit the model)."""
 
 
 def _describe(example_input: Any) -> str:

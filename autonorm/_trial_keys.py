@@ -1,0 +1,41 @@
+"""Names of what autonorm stores on Optuna studies and trials.
+
+The callback writes them, the search and the workers write and read them, the report and the
+progress display read them: one spelling, here.
+"""
+
+from __future__ import annotations
+
+#: ``study.user_attrs[STUDY_INFO]``: the settings that define the study (monitor, mode, budget,
+#: space, model class, slots, ...).
+STUDY_INFO = "autonorm"
+
+# -- trial user attributes ----------------------------------------------------------------------
+#: the trial's per-slot choices, ``{slot name: choice value}``.
+CONFIG = "config"
+#: False when the trial broke the budget (also recorded as an Optuna constraint).
+FEASIBLE = "feasible"
+#: why an infeasible trial broke the budget.
+INFEASIBLE_REASON = "infeasible_reason"
+#: why a trial was pruned (by the pruner, a non-finite metric, or infeasibility).
+PRUNE_REASON = "prune_reason"
+#: epochs the trial trained.
+EPOCHS = "epochs"
+#: the warm-start label of an enqueued trial (``own norms``, ``uniform:batchnorm``, ...).
+BASELINE = "baseline"
+#: parameter count of the rewritten model.
+N_PARAMS = "n_params"
+#: peak memory per training step (bytes), median step time (s), how memory was measured.
+PEAK_MEMORY = "peak_memory"
+STEP_TIME = "step_time"
+MEMORY_METHOD = "memory_method"
+#: the worker running the trial and its last heartbeat.
+WORKER = "worker"
+HEARTBEAT = "heartbeat"
+#: why a trial was marked FAIL (interrupt, lost worker).
+FAIL_REASON = "fail_reason"
+#: the number of the trial whose parameters this retry runs again.
+RETRY_OF = "retry_of"
+
+#: the Optuna constraint name of the budget (> 0: infeasible).
+BUDGET_CONSTRAINT = "budget"
