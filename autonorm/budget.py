@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -110,15 +111,24 @@ class Budget:
         if problems:
             raise ValueError("invalid budget: " + "; ".join(problems))
 
-    @property
-    def global_batch_size(self) -> int | None:
-        """``batch_size`` times ``devices``: the batch a synced batch norm sees (None when the
-        batch size is not given)."""
-        return None if self.batch_size is None else self.batch_size * self.devices
-
     def to_dict(self) -> dict[str, Any]:
         """Plain values (bytes as ints)."""
         return asdict(self)
+
+
+def as_budget(value: Budget | Mapping[str, Any] | None, what: str = "budget") -> Budget | None:
+    """A :class:`Budget` from a Budget, its dict (``Budget.to_dict()`` / YAML) or None: the one
+    coercion every entry point (search, callback, recommend, CLI) uses."""
+    if value is None or isinstance(value, Budget):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {f.name for f in fields(Budget)})
+        if unknown:
+            raise ValueError(
+                f"`{what}` has unknown keys {unknown}; valid: {[f.name for f in fields(Budget)]}"
+            )
+        return Budget(**value)
+    raise ValueError(f"`{what}` must be an autonorm.Budget or a dict, got {type(value).__name__}")
 
 
 def is_oom_error(error: BaseException) -> bool:
