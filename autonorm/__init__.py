@@ -15,9 +15,10 @@ from autonorm.surgery import apply_config, derive_config, to_switchable
 __version__ = "0.1.0"
 
 # Imported on first use: they pull in Lightning and Optuna.
-_LAZY = {
-    "search": ("autonorm.study", "search"),
-    "SearchResult": ("autonorm.study", "SearchResult"),
+# `search` is the callable package autonorm.search (see autonorm/search/__init__.py).
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "search": ("autonorm.search", None),
+    "SearchResult": ("autonorm.search", "SearchResult"),
     "load_from_checkpoint": ("autonorm.callbacks", "load_from_checkpoint"),
 }
 
@@ -27,7 +28,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        loaded = importlib.import_module(module)
+        return loaded if attr is None else getattr(loaded, attr)
     raise AttributeError(f"module 'autonorm' has no attribute {name!r}")
 
 

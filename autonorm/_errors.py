@@ -22,3 +22,7 @@ class ProbeError(AutoNormError, RuntimeError):
 
 class UsageError(AutoNormError):
     """Bad command-line input."""
+
+
+#: Exit status of the ``autonorm`` command (and of a pool worker) on bad input.
+USAGE_ERROR = 2

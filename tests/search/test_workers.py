@@ -23,15 +23,16 @@ import pytest
 from optuna.trial import TrialState
 
 import autonorm
-from autonorm import workers
+from autonorm.search import pool as worker_pool
+from autonorm.search import workers
 from autonorm._io import mask_password
-from autonorm.study import make_storage, postgres_driver_url
+from autonorm.search.storage import make_storage, postgres_driver_url
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-USER_MODULE = (Path(__file__).parent / "user_project" / "usermodels.py").read_text()
+USER_MODULE = (Path(__file__).parents[1] / "user_project" / "usermodels.py").read_text()
 
 
 def search_args(storage: str, name: str, out: Path, n_trials: int, sleep: float = 0.0) -> list:
@@ -409,7 +410,7 @@ def test_bad_worker_options_are_refused(tmp_path):
 
 def test_pool_hands_out_gpus_round_robin_and_numbers_its_workers(tmp_path):
     code = "import os; print(os.environ['AUTONORM_WORKER'], os.environ['CUDA_VISIBLE_DEVICES'])"
-    pool, signum = workers.run_worker_pool(
+    pool, signum = worker_pool.run_worker_pool(
         [sys.executable, "-c", code], 3, tmp_path, gpus=["0", "1"], poll_interval=0.1
     )
     assert signum is None and [w.returncode for w in pool] == [0, 0, 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import autonorm
 from autonorm.search_spaces import SearchSpace
-from autonorm.warm_start import narrow_space, params_for
+from autonorm.search.warm_start import narrow_space, params_for
 from tests.lightning_models import TinyConvNet
 
 

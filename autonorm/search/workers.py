@@ -32,15 +32,13 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -435,131 +433,3 @@ def claim_lock(storage: Any, study_name: str, journal_path: Path | None = None) 
             return _PostgresLock(storage.engine, study_name)
     log.debug("no claim lock for storage %s", type(storage).__name__)
     return _NoLock()
-
-
-# -- the local pool --------------------------------------------------------------------------
-
-
-@dataclass
-class PoolWorker:
-    """One worker process of :func:`run_worker_pool`."""
-
-    index: int
-    process: subprocess.Popen
-    log_path: Path
-    log_file: IO[bytes] = field(repr=False)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.poll()
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs a pool can hand out: ``CUDA_VISIBLE_DEVICES`` entries, else ``0..n-1``."""
-    given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if given is not None:
-        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no CUDA runtime: CPU workers
-        return []
-
-
-def _worker_env(index: int, count: int, gpus: Sequence[str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env[WORKER_ENV] = f"{index}/{count}"
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    elif "OMP_NUM_THREADS" not in env:
-        # CPU workers share the cores instead of each spawning one thread per core
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
-    return env
-
-
-def run_worker_pool(
-    command: Sequence[str],
-    count: int,
-    log_dir: Path,
-    *,
-    poll: Callable[[list[PoolWorker]], None] | None = None,
-    poll_interval: float = 1.0,
-    gpus: Sequence[str] | None = None,
-) -> tuple[list[PoolWorker], int | None]:
-    """Run ``count`` copies of ``command`` and wait for all of them.
-
-    Each worker gets ``AUTONORM_WORKER=i/count``, a GPU round-robin through
-    ``CUDA_VISIBLE_DEVICES`` when there are GPUs (else an even share of the CPU threads), and
-    its output in ``log_dir/worker-<i>.log``. The first SIGINT/SIGTERM to this process is
-    forwarded to the workers (which mark their trials and stop); a second one kills them.
-
-    Args:
-        command: the worker's command line.
-        count: number of workers.
-        log_dir: folder of the workers' logs (created).
-        poll: called with the workers every ``poll_interval`` seconds while they run.
-        poll_interval: seconds.
-        gpus: GPU ids to hand out (default :func:`visible_gpus`).
-
-    Returns:
-        The workers (exited) and the signal that interrupted the pool, if any.
-    """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    gpus = visible_gpus() if gpus is None else list(gpus)
-    workers: list[PoolWorker] = []
-    received: list[int] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for worker in workers:
-            if worker.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    if len(received) == 1:
-                        worker.process.send_signal(signum)
-                    else:
-                        worker.process.kill()
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    for signum in previous:
-        signal.signal(signum, forward)
-    try:
-        for index in range(count):
-            path = log_dir / f"worker-{index}.log"
-            handle = path.open("wb")
-            process = subprocess.Popen(
-                list(command),
-                env=_worker_env(index, count, gpus),
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-            workers.append(PoolWorker(index, process, path, handle))
-        while any(w.process.poll() is None for w in workers):
-            if poll is not None:
-                poll(workers)
-            time.sleep(poll_interval)
-        if poll is not None:
-            poll(workers)
-    finally:
-        for worker in workers:
-            if worker.process.poll() is None:  # this process is failing: do not leave orphans
-                worker.process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.process.wait(timeout=30)
-                if worker.process.poll() is None:
-                    worker.process.kill()
-            worker.log_file.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return workers, (received[0] if received else None)
-
-
-def log_tail(path: Path, lines: int = 8) -> list[str]:
-    """The last ``lines`` non-empty lines of a worker log."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    return [line for line in text.splitlines() if line.strip()][-lines:]

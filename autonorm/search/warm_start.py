@@ -1,4 +1,7 @@
-"""SN-guided warm start: one short learned-SwitchableNorm run steers the black-box search.
+"""The first trials of a search: the model's own norms, the learned and recommended configs,
+and well-known uniform configs; and the SN-guided narrowing of the space.
+
+One short learned-SwitchableNorm run can steer the black-box search.
 
 The learn pass turns every slot into a :class:`~autonorm.norms.SwitchableNorm` and trains it
 once. Its mixing weights then (1) give a derived config that the search enqueues as one of its
@@ -15,7 +18,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
+from autonorm.recommend import recommend
 from autonorm.search_spaces import SearchSpace
 from autonorm.slots import Slot
 
@@ -122,3 +127,70 @@ def params_for(
             return None
         chosen[param] = match
     return chosen
+
+
+def _baseline_params(
+    slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]
+) -> list[tuple[str, dict[str, str]]]:
+    """Warm-start trials: the model's own norms, then well-known uniform configs.
+
+    A baseline is enqueued only where every parameter offers the needed choice.
+    """
+    by_name = {s.name: s for s in slots}
+
+    def pick(labels: list[str], slot: Slot, family: dict[str, str]) -> str | None:
+        if family.get("keep"):
+            label = slot.keep_choice().label
+            return label if label in labels else None
+        wanted = family[slot.layout]
+        return next((label for label in labels if _plain_choice(label, wanted)), None)
+
+    families = [
+        ("own norms", {"keep": "1"}),
+        (
+            "uniform:groupnorm/layernorm",
+            {"channels_first": "groupnorm", "channels_last": "layernorm"},
+        ),
+        ("uniform:batchnorm", {"channels_first": "batchnorm", "channels_last": "batchnorm"}),
+        ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
+    ]
+    out: list[tuple[str, dict[str, str]]] = []
+    for label, family in families:
+        chosen: dict[str, str] = {}
+        for param, (labels, names) in params.items():
+            picks = {pick(labels, by_name[n], family) for n in names}
+            if None in picks or len(picks) != 1:
+                break
+            chosen[param] = picks.pop()  # type: ignore[assignment]
+        else:
+            if chosen not in [c for _, c in out]:
+                out.append((label, chosen))
+    return out
+
+
+def _plain_choice(label: str, name: str) -> bool:
+    """Whether ``label`` is the registry choice ``name`` without a weight-side part."""
+    choice = NormChoice.parse(label)
+    return choice.name == name and choice.weight is None
+
+
+def warm_start_params(
+    slots: Sequence[Slot],
+    params: dict[str, tuple[list[str], list[str]]],
+    budget: Budget | None,
+    learned: NormConfig | None,
+) -> list[tuple[str, dict[str, str]]]:
+    """The warm-start trials in order: own norms, the learned config, the recommended config,
+    then the uniform baselines (each once, and only where the space offers it)."""
+    baselines = _baseline_params(slots, params)
+    out = baselines[:1]
+    for label, config in (("learned (SN)", learned), ("recommend", recommend(slots, budget))):
+        chosen = None if config is None else params_for(config, slots, params)
+        if chosen is not None:
+            out.append((label, chosen))
+    out.extend(baselines[1:])
+    unique: list[tuple[str, dict[str, str]]] = []
+    for label, chosen in out:
+        if chosen not in [c for _, c in unique]:
+            unique.append((label, chosen))
+    return unique

@@ -1,0 +1,146 @@
+"""``autonorm report``, ``show``, ``recommend`` and ``dashboard``: commands on a study or a
+config, after (or without) a search."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from autonorm._errors import AutoNormError, UsageError
+from autonorm.cli.output import console, print_result
+from autonorm.cli.user_code import import_class
+
+
+def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
+    """(storage, study name or None, bundle folder or None) from a bundle folder or a storage."""
+    from autonorm.search.export import bundle_storage
+
+    path = Path(target)
+    if path.is_dir():
+        try:
+            storage, name = bundle_storage(path)
+        except AutoNormError as err:
+            raise UsageError(str(err)) from None
+        return storage, name, path
+    if "://" in target or path.is_file():
+        return target, None, None
+    raise UsageError(f"{target!r} is neither a bundle folder, a storage URL nor a journal file")
+
+
+def _load_study(storage: Any, name: str | None) -> Any:
+    import optuna
+
+    from autonorm.search.storage import make_storage
+
+    resolved = make_storage(storage, Path.cwd())
+    names = optuna.get_all_study_names(storage=resolved)
+    if name is None:
+        if len(names) != 1:
+            raise UsageError(f"the storage holds {len(names)} studies {names}; pass --study-name")
+        name = names[0]
+    if name not in names:
+        raise UsageError(f"no study {name!r} in the storage; it holds {names}")
+    return optuna.load_study(study_name=name, storage=resolved)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from autonorm.search import export_bundle
+    from autonorm.search.settings import default_out_dir
+
+    storage, name, folder = _storage_of(args.target)
+    study = _load_study(storage, args.study_name or name)
+    out = Path(args.out_dir) if args.out_dir else folder or default_out_dir(study.study_name)
+    out.mkdir(parents=True, exist_ok=True)
+    result = export_bundle(
+        study,
+        out,
+        storage=storage if folder is None or not str(storage).startswith("sqlite") else None,
+    )
+    print_result(console(), result)
+    return 0
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+    from rich.table import Table
+
+    from autonorm.budget import Budget
+    from autonorm.recommend import recommend
+    from autonorm.slots import find_slots
+
+    sys.path.insert(0, os.getcwd())
+    cls = import_class(args.model, "model")
+    kwargs = yaml.safe_load(args.model_args) if args.model_args else {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(
+            f"--model-args must be a YAML mapping, e.g. '{{width: 32}}', got {args.model_args!r}"
+        )
+    model = cls(**kwargs)
+    example = (
+        torch.zeros(args.input_shape)
+        if args.input_shape
+        else getattr(model, "example_input_array", None)
+    )
+    if example is None:
+        raise UsageError(
+            f"{cls.__name__} has no example_input_array: give --input-shape, e.g. "
+            "--input-shape 2 3 32 32"
+        )
+    budget = Budget(batch_size=args.batch_size, devices=args.devices)
+    config = recommend(find_slots(model, example), budget, task=args.task)
+    config.metadata["model_class"] = f"{cls.__module__}.{cls.__qualname__}"
+    table = Table(title=f"recommended norms for {cls.__name__}")
+    for column in ("slot", "choice", "why"):
+        table.add_column(column)
+    for name, choice in config.choices.items():
+        table.add_row(name, choice.label, config.metadata["reasons"][name])
+    out = console()
+    out.print(table)
+    if args.output:
+        out.print(f"wrote {config.save(args.output)}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autonorm.config import NormConfig
+
+    config = NormConfig.load(args.config)
+    table = Table(title=str(args.config))
+    table.add_column("slot")
+    table.add_column("choice")
+    for slot, choice in config.choices.items():
+        table.add_row(slot, choice.label)
+    out = console()
+    out.print(table)
+    for key, value in config.metadata.items():
+        if key not in ("versions", "space", "switchable_weights"):
+            out.print(f"{key}: {value}")
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise UsageError(
+            "optuna-dashboard is not installed: pip install 'autonorm[dashboard]'"
+        ) from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from autonorm.search.storage import make_storage
+
+    storage, _, folder = _storage_of(args.target)
+    store = None
+    if folder is not None and (folder / "artifacts").is_dir():
+        store = FileSystemArtifactStore(str(folder / "artifacts"))
+    console().print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    optuna_dashboard.run_server(
+        make_storage(storage, Path.cwd()), host=args.host, port=args.port, artifact_store=store
+    )
+    return 0

@@ -1,0 +1,46 @@
+"""What the ``autonorm`` command prints: the console and a search's result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, soft_wrap=True)
+
+
+def print_result(out: Any, result: Any) -> None:
+    """The best config as a table (or the Pareto front's size) and the bundle's files."""
+    from rich.table import Table
+
+    from autonorm.report import SUMMARY_FILE
+    from autonorm.search.export import BEST_CONFIG_FILE, PARETO_FILE, REPORT_FILE, STORAGE_FILE
+    from autonorm.search.storage import SQLITE_FILE
+
+    if result.best_config is not None:
+        table = Table(
+            title=f"best config: {result.study.study_name} (value {result.best_value:.4g}, "
+            f"trial {result.best_trial.number})"
+        )
+        table.add_column("slot")
+        table.add_column("choice")
+        for slot, choice in result.best_config.choices.items():
+            table.add_row(slot, choice.label)
+        out.print(table)
+    elif result.pareto is not None:
+        out.print(f"Pareto front: {len(result.pareto)} configs ({PARETO_FILE})")
+    else:
+        out.print("[bold red]no trial met the budget[/]: no best config")
+    out.print(f"bundle: {result.out_dir}")
+    for name in (
+        BEST_CONFIG_FILE,
+        PARETO_FILE,
+        REPORT_FILE,
+        SUMMARY_FILE,
+        SQLITE_FILE,
+        STORAGE_FILE,
+    ):
+        if (result.out_dir / name).exists():
+            out.print(f"  {result.out_dir / name}")

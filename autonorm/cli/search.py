@@ -1,0 +1,317 @@
+"""``autonorm search``: LightningCLI-style arguments (jsonargparse) -> :func:`autonorm.search`,
+one process or a local pool of workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from autonorm._errors import UsageError
+from autonorm._io import mask_password
+from autonorm.cli.output import console, print_result
+from autonorm.cli.user_code import import_class
+
+
+def _search_parser() -> Any:
+    import pytorch_lightning as pl
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="autonorm search",
+        description="Search the per-slot normalization config of a LightningModule with Optuna.",
+        exit_on_error=False,
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="YAML file with any of the options"
+    )
+    parser.add_subclass_arguments(pl.LightningModule, "model", required=True, instantiate=False)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True, instantiate=False)
+    parser.add_class_arguments(
+        pl.Trainer,
+        "trainer",
+        instantiate=False,
+        fail_untyped=False,
+        skip={"callbacks", "logger", "plugins", "strategy", "profiler"},
+    )
+    group = "search"
+    parser.add_argument(f"--{group}.n_trials", type=int, default=20, help="total finished trials")
+    parser.add_argument(f"--{group}.timeout", type=float | None, default=None, help="seconds")
+    parser.add_argument(
+        f"--{group}.space", type=str, default="auto", help="preset name or YAML file"
+    )
+    parser.add_argument(
+        f"--{group}.choices",
+        type=list[str] | None,
+        default=None,
+        help="restrict every slot to these norm names, e.g. [batchnorm,groupnorm,layernorm]",
+    )
+    parser.add_argument(
+        f"--{group}.budget.max_memory", type=str | None, default=None, help="e.g. 8GiB"
+    )
+    parser.add_argument(f"--{group}.budget.batch_size", type=int | None, default=None)
+    parser.add_argument(f"--{group}.budget.max_params", type=int | None, default=None)
+    parser.add_argument(
+        f"--{group}.budget.devices",
+        type=int | None,
+        default=None,
+        help="devices of the final training (more than 1 offers syncbatchnorm)",
+    )
+    parser.add_argument(
+        f"--{group}.weight_norms",
+        type=bool,
+        default=False,
+        help="also search +ws/+wn pairs on slots fed by a Conv/Linear",
+    )
+    parser.add_argument(f"--{group}.monitor", type=str, default="val_loss")
+    parser.add_argument(f"--{group}.mode", type=str, default="min", help="min or max")
+    parser.add_argument(
+        f"--{group}.storage", type=str | None, default=None, help="SQLAlchemy URL or journal file"
+    )
+    parser.add_argument(f"--{group}.study_name", type=str | None, default=None)
+    parser.add_argument(f"--{group}.out_dir", type=str | None, default=None)
+    parser.add_argument(f"--{group}.sampler", type=str, default="tpe", help="tpe or random")
+    parser.add_argument(
+        f"--{group}.pruner", type=str, default="median", help="median, hyperband or none"
+    )
+    parser.add_argument(f"--{group}.seed", type=int | None, default=None)
+    parser.add_argument(
+        f"--{group}.warm_start",
+        type=bool | Literal["learn"],
+        default=True,
+        help="true: own norms, recommended and uniform configs first; learn: also one "
+        "learned-SwitchableNorm run that narrows each slot's choices",
+    )
+    parser.add_argument(
+        f"--{group}.objectives",
+        type=list[str] | None,
+        default=None,
+        help="e.g. [metric,peak_memory]",
+    )
+    parser.add_argument(f"--{group}.retrain", type=bool, default=False)
+    parser.add_argument(
+        f"--{group}.verbose", type=bool, default=False, help="per-trial progress bars"
+    )
+    parser.add_argument(
+        f"--{group}.n_workers",
+        type=int,
+        default=1,
+        help="local worker processes on one shared study (default storage: OUT_DIR/journal.log)",
+    )
+    parser.add_argument(
+        f"--{group}.heartbeat_interval",
+        type=float,
+        default=10.0,
+        help="seconds between the heartbeats of a running trial",
+    )
+    parser.add_argument(
+        f"--{group}.grace_period",
+        type=float | None,
+        default=None,
+        help="seconds without heartbeat before a trial counts as lost and runs again "
+        "(default 4 x heartbeat_interval)",
+    )
+    return parser
+
+
+def _factory(spec: Any, what: str) -> Callable[[], Any]:
+    class_path = spec["class_path"] if isinstance(spec, dict) else spec.class_path
+    init_args = (
+        spec.get("init_args") if isinstance(spec, dict) else getattr(spec, "init_args", None)
+    )
+    cls = import_class(class_path, what)
+    kwargs = (
+        dict(vars(init_args))
+        if init_args is not None and not isinstance(init_args, dict)
+        else dict(init_args or {})
+    )
+    return lambda: cls(**kwargs)
+
+
+def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
+    from jsonargparse import ArgumentError
+
+    from autonorm.budget import as_budget
+    from autonorm.search import search, workers
+    from autonorm.search.progress import SearchProgress, TrialLines
+    from autonorm.search.settings import default_study_name
+    from autonorm.search.storage import make_sampler
+    from autonorm.search_spaces import resolve_space
+
+    sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
+    parser = _search_parser()
+    try:
+        cfg = parser.parse_args(list(argv))
+    except (ArgumentError, SystemExit) as err:
+        if isinstance(err, SystemExit):
+            return int(err.code or 0)
+        raise UsageError(_parse_error_summary(str(err))) from None
+    options = cfg.search
+    if options.n_trials < 1:
+        raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
+    if options.n_workers < 1:
+        raise UsageError(f"--search.n_workers must be a positive int, got {options.n_workers}")
+    budget_opts = {k: v for k, v in vars(options.budget).items() if v is not None}
+    budget = as_budget(budget_opts or None)
+    space = resolve_space(options.space)
+    if options.choices:
+        space = dataclasses.replace(space, rules={"*": list(options.choices)})
+    if options.weight_norms:
+        space = dataclasses.replace(space, weight_norms=True)
+    trainer_kwargs = _trainer_defaults(
+        {k: v for k, v in vars(cfg.trainer).items() if v is not None}
+    )
+    model_factory = _factory(cfg.model, "model")
+    data_factory = _factory(cfg.data, "data")
+    study_name = options.study_name or default_study_name(_class_name(cfg.model))
+    if options.n_workers > 1:
+        retrain = _retrainer(
+            model_factory, data_factory, budget, trainer_kwargs, options, study_name
+        )
+        return _run_pool(argv, options, study_name, debug=debug, retrain=retrain)
+
+    position = workers.pool_position()
+    sampler: Any = options.sampler
+    if position is not None and options.seed is not None and sampler in ("tpe", "random"):
+        sampler = make_sampler(sampler, options.seed + position[0])  # no two workers alike
+    kwargs = dict(
+        n_trials=options.n_trials,
+        timeout=options.timeout,
+        space=space,
+        budget=budget,
+        monitor=options.monitor,
+        mode=options.mode,
+        trainer_kwargs=trainer_kwargs,
+        storage=options.storage,
+        study_name=study_name,
+        out_dir=options.out_dir,
+        sampler=sampler,
+        pruner=options.pruner,
+        seed=options.seed,
+        warm_start=options.warm_start,
+        objectives=options.objectives,
+        retrain=options.retrain,
+        verbose=options.verbose,
+        heartbeat_interval=options.heartbeat_interval,
+        grace_period=options.grace_period,
+    )
+    if position is not None:  # a worker of `--search.n_workers`: its parent writes the bundle
+        index, count = position
+        prefix = f"worker {index}/{count} (pid {os.getpid()})"
+        search(model_factory, data_factory, callbacks=[TrialLines(prefix)], export=False, **kwargs)
+        print(f"{prefix}: done", file=sys.stderr, flush=True)
+        return 0
+    progress = SearchProgress(options.n_trials)
+    with progress:
+        result = search(model_factory, data_factory, callbacks=[progress], **kwargs)
+    print_result(console(), result)
+    return 0
+
+
+def _class_name(spec: Any) -> str:
+    class_path = spec["class_path"] if isinstance(spec, dict) else spec.class_path
+    return class_path.rsplit(".", 1)[-1]
+
+
+def _run_pool(
+    argv: Sequence[str],
+    options: Any,
+    study_name: str,
+    *,
+    debug: bool,
+    retrain: Callable[[Any], Path] | None,
+) -> int:
+    """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it."""
+    from autonorm.search.pool import run_pool, worker_command
+    from autonorm.search.settings import default_out_dir
+    from autonorm.search.pool import log_tail
+
+    out = console()
+    outcome = run_pool(
+        worker_command(argv, debug=debug),
+        n_workers=options.n_workers,
+        n_trials=options.n_trials,
+        study_name=study_name,
+        out=Path(options.out_dir) if options.out_dir else default_out_dir(study_name),
+        storage=options.storage,
+        retrain=retrain,
+        say=out.print,
+    )
+    if outcome.result is not None:
+        print_result(out, outcome.result)
+    else:
+        out.print(f"no finished trial in study {study_name!r}: no bundle written")
+    for worker in outcome.failed:
+        lines = log_tail(worker.log_path, 20)
+        errors = [line for line in lines if line.startswith("autonorm:")] or lines[-4:]
+        print(
+            f"autonorm: worker {worker.index} exited {worker.returncode} (log {worker.log_path})",
+            file=sys.stderr,
+        )
+        for line in errors[-3:]:
+            print(f"  {mask_password(line)}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _retrainer(
+    model_factory: Callable[[], Any],
+    data_factory: Callable[[], Any],
+    budget: Any,
+    trainer_kwargs: dict[str, Any],
+    options: Any,
+    study_name: str,
+) -> Callable[[Any], Path] | None:
+    """``--search.retrain`` of a pool: the parent trains the best config once all workers end."""
+    if not options.retrain:
+        return None
+    from autonorm.search.settings import default_out_dir
+
+    out = Path(options.out_dir) if options.out_dir else default_out_dir(study_name)
+
+    def retrain(config: Any) -> Path:
+        from autonorm.search import retrain_best
+
+        return retrain_best(
+            config,
+            model_factory,
+            data_factory,
+            budget=budget,
+            trainer_kwargs=trainer_kwargs,
+            out_dir=out,
+            seed=options.seed,
+        )
+
+    return retrain
+
+
+def _parse_error_summary(text: str) -> str:
+    """One line from jsonargparse's nested message: the class path that failed and why."""
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    for i, line in enumerate(lines):
+        found = re.match(r"Problem with given class_path '([^']+)'", line)
+        if found and key:
+            cause = lines[i + 1] if i + 1 < len(lines) else "cannot be imported"
+            return (
+                f"cannot import --{key.group(1)} class {found.group(1)!r} ({cause}); give a dotted "
+                "path importable from the working directory or PYTHONPATH"
+            )
+    if key and len(lines) > 1:
+        return f"--{key.group(1)}: {lines[1]}"
+    return lines[0] if lines else "invalid arguments"
+
+
+def _trainer_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """Drop the Trainer signature's own defaults so that search() applies its trial defaults."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+    }
+    return {k: v for k, v in given.items() if k not in defaults or defaults[k] != v}

@@ -1,0 +1,226 @@
+"""The export bundle: ``best_config.yaml``, ``pareto.yaml``, ``summary.json``, ``report.html``,
+``storage.txt`` and the dashboard artifacts, written from a study; and :class:`SearchResult`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+
+from autonorm._errors import AutoNormError
+from autonorm._io import atomic_write, mask_password
+from autonorm._trial_keys import CONFIG, STUDY_INFO
+from autonorm.config import NormConfig
+from autonorm.report import (
+    attach_dashboard_artifacts,
+    best_feasible_trial,
+    pareto_trials,
+    write_report,
+    write_summary,
+)
+from autonorm.search.storage import SQLITE_FILE, sqlite_url
+
+log = logging.getLogger(__name__)
+
+BEST_CONFIG_FILE = "best_config.yaml"
+PARETO_FILE = "pareto.yaml"
+#: Names an external storage (its password masked) and the study, for ``autonorm report``.
+STORAGE_FILE = "storage.txt"
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found.
+
+    Attributes:
+        best_config: the best feasible config, or None when no trial met the budget.
+        best_value: its metric value (None without a best config).
+        best_trial: its Optuna trial.
+        study: the ``optuna.Study``.
+        out_dir: the export bundle's folder.
+        pareto: multi-objective only: ``[(config, values), ...]`` on the Pareto front.
+        summary: the machine-readable summary also written to ``summary.json``.
+    """
+
+    best_config: NormConfig | None
+    best_value: float | None
+    best_trial: optuna.trial.FrozenTrial | None
+    study: optuna.Study
+    out_dir: Path
+    pareto: list[tuple[NormConfig, list[float]]] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> NormConfig:
+    return NormConfig(dict(trial.user_attrs[CONFIG]), metadata=metadata)
+
+
+def _versions() -> dict[str, str]:
+    import pytorch_lightning as pl
+
+    from autonorm import __version__
+
+    return {
+        "autonorm": __version__,
+        "torch": str(torch.__version__),
+        "optuna": optuna.__version__,
+        "pytorch_lightning": pl.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _best_of(
+    study: optuna.Study,
+) -> tuple[
+    optuna.trial.FrozenTrial | None,
+    NormConfig | None,
+    list[tuple[NormConfig, list[float]]] | None,
+]:
+    """(best trial, best config, None) of a single-objective study, (None, None, Pareto
+    front) of a multi-objective one; configs carry the study's metadata."""
+    info = dict(study.user_attrs.get(STUDY_INFO) or {})
+    base_meta = {
+        "metric": info.get("monitor"),
+        "mode": info.get("mode"),
+        "budget": info.get("budget"),
+        "space": info.get("space"),
+        "model_class": info.get("model_class"),
+        "study_name": study.study_name,
+        "versions": _versions(),
+    }
+    if len(study.directions) == 1:
+        best = best_feasible_trial(study)
+        if best is None:
+            return None, None, None
+        meta = {**base_meta, "source": "search", "trial": best.number, "value": best.value}
+        return best, _trial_config(best, meta), None
+    pareto = []
+    for trial in pareto_trials(study):
+        meta = {**base_meta, "source": "search", "trial": trial.number, "values": trial.values}
+        pareto.append((_trial_config(trial, meta), list(trial.values)))
+    return None, None, pareto
+
+
+def worker_result(study: optuna.Study, out_dir: Path) -> SearchResult:
+    """The result of a worker that leaves the bundle to another process."""
+    best, best_config, pareto = _best_of(study)
+    value = best.value if best is not None else None
+    return SearchResult(best_config, value, best, study, Path(out_dir), pareto, {})
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    """Workers finishing together write one bundle folder in turn, not at once."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no file locks; the writes themselves are atomic
+        yield
+        return
+    fd = os.open(out_dir / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def export_bundle(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    storage: Any = None,
+    elapsed: float | None = None,
+    retrain: Callable[[NormConfig], Path] | None = None,
+) -> SearchResult:
+    """Write ``best_config.yaml``, ``summary.json``, ``report.html``, ``pareto.yaml`` (multi-
+    objective), ``storage.txt`` (external storage, its password masked) and the dashboard
+    artifacts into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _export_lock(out_dir):
+        return _export(study, out_dir, storage=storage, elapsed=elapsed, retrain=retrain)
+
+
+def _export(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    storage: Any,
+    elapsed: float | None,
+    retrain: Callable[[NormConfig], Path] | None,
+) -> SearchResult:
+    best, best_config, pareto = _best_of(study)
+    best_value = best.value if best is not None else None
+    written: list[Path] = []
+    if best_config is not None:
+        written.append(best_config.save(out_dir / BEST_CONFIG_FILE))
+    if pareto is not None:
+        front = [
+            {"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto
+        ]
+        written.append(atomic_write(out_dir / PARETO_FILE, yaml.safe_dump(front, sort_keys=False)))
+    write_storage_file(out_dir, storage, study.study_name)
+    if best_config is not None and retrain is not None:
+        written.append(retrain(best_config))
+    summary = write_summary(study, out_dir, elapsed=elapsed)
+    write_report(study, out_dir / REPORT_FILE, summary=summary)
+    try:
+        attach_dashboard_artifacts(study, out_dir, written, summary=summary)
+    except Exception as err:  # artifacts are a convenience: never lose the bundle over them
+        log.warning("could not attach dashboard artifacts: %s", err)
+    if best is None and len(study.directions) == 1:
+        log.warning(
+            "no trial of study %r met the budget: no best config (see %s)",
+            study.study_name,
+            out_dir / REPORT_FILE,
+        )
+    return SearchResult(best_config, best_value, best, study, out_dir, pareto, summary)
+
+
+def write_storage_file(out_dir: Path, storage: Any, study_name: str) -> None:
+    """``storage.txt``: the storage of a study kept outside the bundle (its password masked),
+    so that ``autonorm report <bundle>`` finds it; nothing for the bundle's own SQLite file."""
+    if storage is None or (
+        isinstance(storage, str)
+        and storage.startswith("sqlite:///")
+        and Path(storage[len("sqlite:///") :]).parent == out_dir
+    ):
+        return
+    text = (
+        mask_password(os.fspath(storage))
+        if isinstance(storage, (str, os.PathLike))
+        else type(storage).__name__
+    )
+    atomic_write(out_dir / STORAGE_FILE, f"{text}\nstudy_name: {study_name}\n")
+
+
+def bundle_storage(folder: Path) -> tuple[str, str | None]:
+    """(storage, study name or None) of a bundle folder: its own SQLite file, else the storage
+    its ``storage.txt`` names.
+
+    Raises:
+        AutoNormError: the folder is no bundle, or ``storage.txt``'s password is masked.
+    """
+    if (folder / SQLITE_FILE).is_file():
+        return sqlite_url(folder), None
+    if not (folder / STORAGE_FILE).is_file():
+        raise AutoNormError(
+            f"{str(folder)!r} holds neither {SQLITE_FILE} nor {STORAGE_FILE}: not an autonorm bundle"
+        )
+    lines = (folder / STORAGE_FILE).read_text().splitlines()
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("study_name:")), None)
+    if "***" in lines[0]:
+        raise AutoNormError(
+            f"{folder}/{STORAGE_FILE} names a storage with a masked password; pass the storage URL"
+        )
+    return lines[0], name

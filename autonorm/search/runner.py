@@ -1,0 +1,393 @@
+"""``autonorm.search``: per-slot Optuna search under memory and batch budgets, with pruning,
+resume, warm start and the export bundle.
+
+Each trial builds a fresh model, lets the :class:`~autonorm.callbacks.AutoNorm` callback (search
+mode) rewrite it from the trial's choices, trains it with a Lightning ``Trainer`` and returns the
+monitored metric. Trials over the budget end at once and are recorded as infeasible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from autonorm._errors import AutoNormError
+from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
+from autonorm.budget import Budget
+from autonorm.config import NormConfig
+from autonorm.search import loop, workers
+from autonorm.search.export import SearchResult, export_bundle, worker_result
+from autonorm.search.settings import METRIC, SearchSettings, default_study_name, writable_out_dir
+from autonorm.search.storage import (
+    check_study_compatible,
+    is_sqlite,
+    journal_path,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    open_study,
+)
+from autonorm.search.training import (
+    Training,
+    datamodule_factory,
+    learn_pass,
+    model_factory,
+    quiet_lightning,
+    retrain,
+    run_trial,
+)
+from autonorm.search.warm_start import narrow_space, warm_start_params
+from autonorm.search_spaces import SearchSpace
+from autonorm.slots import Slot, find_slots
+
+log = logging.getLogger(__name__)
+
+
+def search(
+    model: Any,
+    datamodule: Any = None,
+    *,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    n_trials: int = 20,
+    timeout: float | None = None,
+    space: Any = "auto",
+    budget: Budget | dict[str, Any] | None = None,
+    monitor: str = "val_loss",
+    mode: str = "min",
+    trainer_kwargs: dict[str, Any] | None = None,
+    storage: Any = None,
+    study_name: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    sampler: Any = "tpe",
+    pruner: Any = "median",
+    seed: int | None = None,
+    warm_start: bool | str = True,
+    objectives: Sequence[str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    example_input: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    retrain: bool = False,
+    verbose: bool = False,
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    heartbeat_interval: float = 10.0,
+    grace_period: float | None = None,
+    export: bool = True,
+) -> SearchResult:
+    """Search the per-slot normalization config that optimizes a validation metric.
+
+    Args:
+        model: a LightningModule class (instantiated per trial with ``model_kwargs``) or a
+            zero-argument factory returning a fresh LightningModule.
+        datamodule: a LightningDataModule instance, class or factory.
+        train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
+        n_trials: the total number of finished (complete or pruned) trials the study should
+            hold, however many workers share it; a resumed study runs only the missing ones
+            (pass a larger number to add trials).
+        timeout: stop starting new trials after this many seconds.
+        space: search space (preset name, YAML path, dict, :class:`SearchSpace`).
+        budget: a :class:`~autonorm.Budget` (or its dict): peak memory per training step,
+            per-device batch size the trials train with, parameter count.
+        monitor: the logged metric to optimize; ``mode``: ``"min"`` or ``"max"``.
+        trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
+            checkpoints).
+        storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL (PostgreSQL for
+            workers on several machines), a journal file path (several workers on one host),
+            or an Optuna storage. Every ``search`` given the same storage and study name joins
+            the study as one more worker.
+        study_name: study name (default ``autonorm-<ModelClass>``); an existing study resumes.
+        out_dir: the bundle folder (default ``./autonorm-runs/<study_name>``).
+        sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
+        pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
+        seed: seed of the sampler and of each trial's training (``seed + trial.number``).
+        warm_start: ``True``: the first trials are the model's own norms, the config
+            :func:`autonorm.recommend` gives for the budget, and well-known uniform configs, so
+            the search never ends worse than the user's starting point. ``"learn"``: first one
+            learned-SwitchableNorm run (``max_epochs`` epochs, Sparse SN settings); its derived
+            config is enqueued too and each slot's choices are narrowed to those the learned mix
+            weighed at least half as much as its favourite. ``False``: no warm start.
+        objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
+        model_kwargs: init arguments of a model class.
+        example_input: input for the slot probe (default: ``example_input_array``).
+        include, exclude: glob patterns selecting the slots to search.
+        retrain: train the best config once more and save its checkpoint in the bundle.
+        verbose: show Lightning's per-trial progress bar and logs.
+        callbacks: Optuna callbacks called after each trial (progress displays).
+        heartbeat_interval: seconds between the heartbeats of a running trial (user attributes
+            ``worker`` and ``heartbeat``; Optuna's heartbeat too on PostgreSQL/MySQL).
+        grace_period: seconds without a heartbeat after which a trial counts as lost: it is
+            marked FAIL and its parameters run once more (default ``4 * heartbeat_interval``).
+        export: write the bundle at the end; False for a worker whose bundle another process
+            writes (the result then carries no summary).
+
+    Returns:
+        A :class:`SearchResult`.
+
+    Raises:
+        ValueError: invalid arguments. AutoNormError: a model without slots, a metric never
+            logged, an unusable storage or out_dir.
+        KeyboardInterrupt: Ctrl-C or (through the CLI) SIGTERM: the running trial is marked
+            FAIL with its ``fail_reason``, its parameters are enqueued to run again, and the
+            bundle is written from the trials that exist before the interrupt is re-raised.
+
+    Example::
+
+        >>> # several processes, one study (each one a worker; run them anywhere):
+        >>> # autonorm.search(Net, Data(), storage="runs/journal.log", study_name="s", n_trials=40)
+    """
+    settings = SearchSettings.from_arguments(
+        **{k: v for k, v in locals().items() if k not in _MODEL_AND_DATA}
+    )
+    if datamodule is None and train_dataloaders is None:
+        raise ValueError("give a `datamodule` or `train_dataloaders`")
+    training = Training(
+        make_model=model_factory(model, dict(model_kwargs or {})),
+        make_datamodule=datamodule_factory(datamodule),
+        train_dataloaders=train_dataloaders,
+        val_dataloaders=val_dataloaders,
+        budget=settings.budget,
+        trainer_kwargs=settings.trainer_kwargs,
+        include=include,
+        exclude=exclude,
+        verbose=verbose,
+    )
+    slots, model_class = _probe_slots(training, settings)
+    run = _SearchRun.open(settings, training, slots, model_class)
+    return run.optimize()
+
+
+#: The arguments of :func:`search` that are not settings.
+_MODEL_AND_DATA = ("model", "datamodule", "train_dataloaders", "val_dataloaders", "model_kwargs")
+
+
+def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slot], str]:
+    """Find the slots on one fresh model (one probe), check the space fits them; fill in the
+    example input the probe used. Returns the slots and the model's class path."""
+    probe = training.make_model()
+    model_class = f"{type(probe).__module__}.{type(probe).__qualname__}"
+    if settings.example_input is not None:
+        training.example_input = settings.example_input
+    else:
+        training.example_input = getattr(probe, "example_input_array", None)
+    slots = find_slots(
+        probe, training.example_input, include=settings.include, exclude=settings.exclude
+    )
+    if not slots:
+        raise AutoNormError(f"{type(probe).__name__} has no normalization slot to search")
+    settings.space.parameters(slots)  # a space that does not fit the model fails here, early
+    return slots, model_class
+
+
+class _SearchRun:
+    """One process's part of a search: the study it joined, and how it runs trials there."""
+
+    def __init__(
+        self,
+        settings: SearchSettings,
+        training: Training,
+        study: optuna.Study,
+        space: SearchSpace,
+        out: Path,
+        storage: optuna.storages.BaseStorage,
+    ) -> None:
+        self.settings = settings
+        self.training = training
+        self.study = study
+        self.space = space
+        self.out = out
+        self.claim = workers.claim_lock(storage, study.study_name, journal_path(settings.storage))
+        self.current: optuna.Trial | None = None
+        self.started = time.time()
+
+    @classmethod
+    def open(
+        cls, settings: SearchSettings, training: Training, slots: list[Slot], model_class: str
+    ) -> _SearchRun:
+        """Create or join the study: its storage, its space (narrowed by a learn pass), the
+        settings it records, and the warm-start trials when this process created it."""
+        study_name = settings.study_name or default_study_name(model_class.rsplit(".", 1)[-1])
+        out = writable_out_dir(settings.out_dir, study_name)
+        storage = make_storage(
+            settings.storage,
+            out,
+            heartbeat_interval=settings.heartbeat_interval,
+            grace_period=settings.grace_period,
+        )
+        try:
+            existing: optuna.Study | None = optuna.load_study(
+                study_name=study_name, storage=storage
+            )
+        except KeyError:
+            existing = None
+        space, learned = _space_of(settings, training, slots, existing, out)
+        params = space.parameters(slots)
+        if existing is not None:
+            labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
+            check_study_compatible(existing, labels, settings.directions)
+        study, created = open_study(
+            storage,
+            study_name,
+            ["minimize" if d == "min" else "maximize" for d in settings.directions],
+            sampler=make_sampler(settings.sampler, settings.seed),
+            pruner=optuna.pruners.NopPruner()
+            if settings.multi_objective
+            else make_pruner(settings.pruner, settings.max_epochs),
+            existing=existing,
+        )
+        study.set_user_attr(STUDY_INFO, _study_info(settings, space, slots, model_class, learned))
+        if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace_period):
+            warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
+        if settings.warm_start and created:  # only the worker that created the study
+            for label, chosen in warm_start_params(slots, params, settings.budget, learned):
+                study.enqueue_trial(chosen, user_attrs={BASELINE: label})
+        return cls(settings, training, study, space, out, storage)
+
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        self.claim.release()  # the trial is asked: other workers may claim theirs
+        self.current = trial
+        settings = self.settings
+        with workers.TrialHeartbeat(self.study, trial, settings.heartbeat_interval):
+            try:
+                return run_trial(
+                    trial,
+                    self.training,
+                    space=self.space,
+                    monitor=settings.monitor,
+                    objectives=settings.objectives,
+                    out_dir=self.out,
+                    seed=settings.seed,
+                )
+            except (KeyboardInterrupt, SystemExit) as err:
+                interrupt = workers.as_interrupt(err)
+                if interrupt is None:
+                    raise
+                trial.set_user_attr(FAIL_REASON, loop.interrupt_reason(interrupt))
+                raise interrupt from None  # Optuna marks the trial FAIL and re-raises
+
+    def _trial_done(self) -> None:
+        self.current = None
+
+    def optimize(self) -> SearchResult:
+        """Run trials until the study holds ``n_trials``; write the bundle (also when
+        interrupted, before the interrupt is re-raised)."""
+        settings = self.settings
+        try:
+            with quiet_lightning(not settings.verbose):
+                ran = loop.optimize(
+                    self.study,
+                    self.objective,
+                    self.claim,
+                    n_trials=settings.n_trials,
+                    timeout=settings.timeout,
+                    callbacks=list(settings.callbacks),
+                    grace=settings.grace_period,
+                    trial_done=self._trial_done,
+                )
+        except BaseException as err:
+            interrupt = workers.as_interrupt(err) if isinstance(err, KeyboardInterrupt) else None
+            loop.settle_interrupted_trial(self.study, self.current, interrupt, err)
+            if interrupt is None:
+                raise
+            self._bundle_after(interrupt)
+            raise interrupt from None
+        if not ran and settings.timeout is None:
+            log.info(
+                "study %r already holds its %d finished trials",
+                self.study.study_name,
+                settings.n_trials,
+            )
+        return self.bundle()
+
+    def bundle(self, interrupted: bool = False) -> SearchResult:
+        settings = self.settings
+        if not settings.export:
+            return worker_result(self.study, self.out)
+        retrain_best: Callable[[NormConfig], Path] | None = None
+        if settings.retrain and not interrupted:
+
+            def retrain_best(config: NormConfig) -> Path:
+                return retrain(config, self.training, self.out, settings.seed)
+
+        return export_bundle(
+            self.study,
+            self.out,
+            storage=settings.storage,
+            elapsed=time.time() - self.started,
+            retrain=retrain_best,
+        )
+
+    def _bundle_after(self, interrupt: workers.Interrupted) -> None:
+        name = self.study.study_name
+        log.warning(
+            "search of study %r interrupted by %s: writing the bundle from its trials",
+            name,
+            interrupt.signal_name,
+        )
+        try:
+            self.bundle(interrupted=True)
+        except Exception as follow_up:  # e.g. the storage went away: the interrupt still wins
+            log.warning("could not write the bundle of study %r: %s", name, follow_up)
+
+
+_SQLITE_SHARED = (
+    "another process is running trials of study {name!r} in the same SQLite file: SQLite "
+    "locks the whole file on every write, which several workers wait on (or fail with "
+    "'database is locked'); give the workers a journal file (--search.storage "
+    "path/journal.log) on one host, or PostgreSQL across hosts"
+)
+
+
+def _space_of(
+    settings: SearchSettings,
+    training: Training,
+    slots: list[Slot],
+    existing: optuna.Study | None,
+    out: Path,
+) -> tuple[SearchSpace, NormConfig | None]:
+    """The space the trials sample, and the learned config of ``warm_start="learn"``: a resumed
+    study keeps the space its learn pass made; a new one runs the learn pass here."""
+    if settings.warm_start != "learn":
+        return settings.space, None
+    stored = (existing.user_attrs.get(STUDY_INFO) or {}) if existing is not None else {}
+    if stored.get("learned_config"):
+        return SearchSpace.from_dict(stored["space"]), NormConfig.from_dict(
+            stored["learned_config"]
+        )
+    with quiet_lightning(not settings.verbose):
+        learned = learn_pass(training, out, settings.seed)
+    return narrow_space(settings.space, slots, learned.metadata["weights"]), learned
+
+
+def _study_info(
+    settings: SearchSettings,
+    space: SearchSpace,
+    slots: Sequence[Slot],
+    model_class: str,
+    learned: NormConfig | None,
+) -> dict[str, Any]:
+    """The settings a study records (``study.user_attrs["autonorm"]``)."""
+    budget: Budget | None = settings.budget
+    return {
+        "monitor": settings.monitor,
+        "mode": settings.mode,
+        "objectives": [settings.monitor if o == METRIC else o for o in settings.objectives],
+        "budget": budget.to_dict() if budget is not None else None,
+        "space": space.to_dict(),
+        "model_class": model_class,
+        "slots": [
+            {"name": s.name, "kind": s.kind, "num_features": s.num_features, "layout": s.layout}
+            for s in slots
+        ],
+        "max_epochs": settings.max_epochs,
+        "warm_start": settings.warm_start,
+        "learned_config": None if learned is None else learned.to_dict(),
+        "learn_epochs": settings.max_epochs if learned is not None else 0,
+    }

@@ -1,0 +1,247 @@
+"""The trainings of a search: a fresh model and data for each, at the budget's per-device batch
+size, with the Trainer's trial defaults; a trial, the learn pass and the final retraining."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from autonorm._errors import AutoNormError
+from autonorm.budget import Budget, free_memory, is_oom_error
+from autonorm.callbacks import AutoNorm
+from autonorm.config import NormConfig
+from autonorm.search.settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
+from autonorm.search_spaces import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    if inspect.isclass(model):
+        if not issubclass(model, nn.Module):
+            raise ValueError(
+                f"`model` must be a LightningModule class or a factory, got class {model.__name__}"
+            )
+        return lambda: model(**model_kwargs)
+    if isinstance(model, nn.Module):
+        raise ValueError(
+            "`model` must be a LightningModule class or a zero-argument factory, not an instance: "
+            "every trial needs a fresh model"
+        )
+    if callable(model):
+        if model_kwargs:
+            raise ValueError("`model_kwargs` applies to a model class, not to a factory")
+        return model
+    raise ValueError(f"`model` must be a LightningModule class or a factory, got {model!r}")
+
+
+def datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
+    if datamodule is None:
+        return None
+    if inspect.isclass(datamodule) or (
+        callable(datamodule) and not hasattr(datamodule, "train_dataloader")
+    ):
+        return datamodule
+    return lambda: datamodule
+
+
+def _set_batch_size(datamodule: Any, loaders: dict[str, Any], batch_size: int) -> None:
+    """Train at the budget's per-device batch size: on the datamodule or the dataloaders."""
+    if datamodule is not None:
+        if hasattr(datamodule, "batch_size"):
+            datamodule.batch_size = batch_size
+        elif hasattr(datamodule, "hparams") and "batch_size" in datamodule.hparams:
+            datamodule.hparams.batch_size = batch_size
+        else:
+            raise AutoNormError(
+                f"budget.batch_size={batch_size} needs {type(datamodule).__name__} to have a "
+                "`batch_size` attribute (or hparams entry) that its dataloaders use"
+            )
+    for key, loader in list(loaders.items()):
+        if loader is not None:
+            loaders[key] = _rebatch(loader, batch_size, shuffle=key == "train")
+
+
+def _rebatch(loader: Any, batch_size: int, *, shuffle: bool) -> Any:
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        raise AutoNormError(
+            f"budget.batch_size needs torch DataLoaders (or a datamodule), got {type(loader).__name__}"
+        )
+    return torch.utils.data.DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last or shuffle,  # a last training batch of 1 breaks batch stats
+        pin_memory=loader.pin_memory,
+    )
+
+
+@dataclass(kw_only=True)
+class Training:
+    """How every training run of a search is set up: fresh model and data, the budget's
+    per-device batch size, the Trainer's trial defaults, the slot selection."""
+
+    make_model: Callable[[], nn.Module]
+    make_datamodule: Callable[[], Any] | None = None
+    train_dataloaders: Any = None
+    val_dataloaders: Any = None
+    budget: Budget | None = None
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    example_input: Any = None
+    include: Any = None
+    exclude: Any = None
+    verbose: bool = False
+
+    def fit(self, callback: AutoNorm, *, root: Path, seed: int | None) -> Any:
+        """Seed, build a fresh model and data, train with ``callback`` first among callbacks;
+        return the Trainer."""
+        import pytorch_lightning as pl
+
+        if seed is not None:
+            pl.seed_everything(seed, workers=True, verbose=False)
+        module = self.make_model()
+        dm = self.make_datamodule() if self.make_datamodule is not None else None
+        loaders = {"train": self.train_dataloaders, "val": self.val_dataloaders}
+        if self.budget is not None and self.budget.batch_size is not None:
+            _set_batch_size(dm, loaders, self.budget.batch_size)
+        kwargs = {
+            "accelerator": "auto",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": self.verbose,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root),
+            **self.trainer_kwargs,
+        }
+        kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
+        trainer = pl.Trainer(**kwargs)
+        if dm is not None:
+            trainer.fit(module, datamodule=dm)
+        else:
+            trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+        return trainer
+
+    def slot_selection(self) -> dict[str, Any]:
+        """The callback arguments that select and probe the slots, as the search found them."""
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "example_input": self.example_input,
+        }
+
+
+def run_trial(
+    trial: optuna.Trial,
+    training: Training,
+    *,
+    space: SearchSpace,
+    monitor: str,
+    objectives: list[str],
+    out_dir: Path,
+    seed: int | None,
+) -> float | list[float]:
+    """Train the trial's config; return its objective values. The callback decides what is
+    infeasible or pruned (it raises ``TrialPruned``); an out-of-memory error is infeasible."""
+    callback = AutoNorm(
+        trial=trial,
+        space=space,
+        monitor=monitor,
+        budget=training.budget,
+        **training.slot_selection(),
+    )
+    try:
+        trainer = training.fit(
+            callback, root=out_dir / "trials", seed=None if seed is None else seed + trial.number
+        )
+    except optuna.TrialPruned:
+        raise
+    except Exception as err:
+        if not is_oom_error(err):
+            raise
+        free_memory()  # the callback has marked the trial infeasible (its on_exception hook)
+        raise optuna.TrialPruned("out of memory during training") from None
+    outcome = callback.outcome(trainer)
+    values = [outcome.value]
+    for name in objectives[1:]:
+        key = EXTRA_OBJECTIVES[name]
+        if key not in outcome.measurements:
+            raise AutoNormError(f"objective {name!r} was not measured in trial {trial.number}")
+        values.append(float(outcome.measurements[key]))
+    return values[0] if len(values) == 1 else values
+
+
+def learn_pass(training: Training, out_dir: Path, seed: int | None) -> NormConfig:
+    """One learned-SwitchableNorm run (Sparse SN's settings for the mixing weights): the
+    derived config, with the learned weights in its metadata."""
+    callback = AutoNorm(
+        mode="learn",
+        mixing_lr_scale=0.1,
+        mixing_weight_decay=0.0,
+        config_path=out_dir / "learned_config.yaml",
+        record_metrics=False,
+        **training.slot_selection(),
+    )
+    training.fit(callback, root=out_dir / "learn", seed=seed)
+    assert callback.config is not None
+    return callback.config
+
+
+def retrain_best(
+    config: NormConfig,
+    make_model: Callable[[], nn.Module],
+    make_datamodule: Callable[[], Any] | None,
+    *,
+    budget: Budget | None,
+    trainer_kwargs: dict[str, Any],
+    out_dir: Path,
+    seed: int | None,
+) -> Path:
+    """Train ``config`` once more with a search's trial setup (for a bundle written by another
+    process than the trials, e.g. a worker pool's parent); returns the checkpoint's path."""
+    training = Training(
+        make_model=make_model,
+        make_datamodule=make_datamodule,
+        budget=budget,
+        trainer_kwargs={"max_epochs": DEFAULT_MAX_EPOCHS, **trainer_kwargs},
+    )
+    return retrain(config, training, out_dir, seed)
+
+
+def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | None) -> Path:
+    """Train the best config once more for the full schedule; save its checkpoint."""
+    callback = AutoNorm(config=config, example_input=training.example_input, record_metrics=False)
+    trainer = training.fit(callback, root=out_dir / "retrain", seed=seed)
+    path = out_dir / "best.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+class quiet_lightning:
+    """Silence Lightning's per-trial info logs (GPU available, ...) unless verbose."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.saved: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        if self.active:
+            for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+                logger = logging.getLogger(name)
+                self.saved[name] = logger.level
+                logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)
