@@ -13,7 +13,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from autonorm.report import best_feasible_trial
+from autonorm._trial_keys import CONFIG, FAIL_REASON, PRUNE_REASON
+from autonorm.report import best_feasible_trial, trial_category
 
 
 def _duration(seconds: float) -> str:
@@ -60,14 +61,7 @@ class SearchProgress:
             earlier = len(study.get_trials(deepcopy=False, states=finished))
             earlier -= trial.state in finished
             self.already_done = max(self.already_done, earlier)  # earlier trials count too
-        if trial.user_attrs.get("feasible") is False:
-            self.counts["infeasible"] += 1
-        elif trial.state == optuna.trial.TrialState.COMPLETE:
-            self.counts["complete"] += 1
-        elif trial.state == optuna.trial.TrialState.PRUNED:
-            self.counts["pruned"] += 1
-        else:
-            self.counts["failed"] += 1
+        self.counts[trial_category(trial)] += 1  # a finished trial: one of the four counted
         self._update_best(study)
         self._live.update(self.render())
 
@@ -94,7 +88,7 @@ class SearchProgress:
             best = best_feasible_trial(study)
             if best is not None:
                 self.best = f"{best.value:.4g} (trial {best.number})"
-                config = best.user_attrs.get("config") or best.params
+                config = best.user_attrs.get(CONFIG) or best.params
                 kinds: dict[str, int] = {}
                 for value in config.values():
                     name = value if isinstance(value, str) else value.get("name", "?")
@@ -125,21 +119,6 @@ class SearchProgress:
         return Group(Text("autonorm search", style="bold"), table)
 
 
-def _category(trial: optuna.trial.FrozenTrial) -> str:
-    state = trial.state
-    if state == optuna.trial.TrialState.RUNNING:
-        return "running"
-    if state == optuna.trial.TrialState.WAITING:
-        return "waiting"
-    if trial.user_attrs.get("feasible") is False:
-        return "infeasible"
-    if state == optuna.trial.TrialState.COMPLETE:
-        return "complete"
-    if state == optuna.trial.TrialState.PRUNED:
-        return "pruned"
-    return "failed"
-
-
 class TrialLines:
     """Optuna callback writing one plain line per finished trial: the progress of a pool worker,
     whose output goes to a log file rather than a terminal.
@@ -157,6 +136,6 @@ class TrialLines:
         value = (
             "" if trial.values is None else " value " + ", ".join(f"{v:.4g}" for v in trial.values)
         )
-        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason")
-        line = f"{self.prefix}: trial {trial.number} {_category(trial)}{value}"
+        reason = trial.user_attrs.get(FAIL_REASON) or trial.user_attrs.get(PRUNE_REASON)
+        line = f"{self.prefix}: trial {trial.number} {trial_category(trial)}{value}"
         print(line + (f" ({reason})" if reason else ""), file=self.stream or sys.stderr, flush=True)

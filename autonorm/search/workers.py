@@ -43,16 +43,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autonorm._trial_keys import BASELINE, FAIL_REASON, HEARTBEAT, RETRY_OF, WORKER
+
 log = logging.getLogger(__name__)
 
-WORKER_ATTR = "worker"
-HEARTBEAT_ATTR = "heartbeat"
-FAIL_REASON_ATTR = "fail_reason"
-RETRY_OF_ATTR = "retry_of"
 #: Environment variable naming a pool worker: ``"<index>/<count>"``.
 WORKER_ENV = "AUTONORM_WORKER"
 #: User attributes a retried trial keeps from the trial it repeats.
-_KEPT_ON_RETRY = ("baseline",)
+_KEPT_ON_RETRY = (BASELINE,)
 
 
 def worker_identity() -> dict[str, Any]:
@@ -186,7 +184,7 @@ class TrialHeartbeat:
         self.interval = float(interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        trial.set_user_attr(WORKER, worker_identity())
 
     def __enter__(self) -> TrialHeartbeat:
         self._beat()
@@ -203,7 +201,7 @@ class TrialHeartbeat:
 
     def _beat(self) -> bool:
         try:
-            self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_ATTR, time.time())
+            self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             return False  # finished, or failed as stale by another worker
         return True
@@ -239,10 +237,10 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
         Whether a retry was enqueued.
     """
     params = _params_of(trial)
-    if RETRY_OF_ATTR in trial.user_attrs or not params:
+    if RETRY_OF in trial.user_attrs or not params:
         return False
     attrs = {k: trial.user_attrs[k] for k in _KEPT_ON_RETRY if k in trial.user_attrs}
-    study.enqueue_trial(params, user_attrs={**attrs, RETRY_OF_ATTR: trial.number})
+    study.enqueue_trial(params, user_attrs={**attrs, RETRY_OF: trial.number})
     return True
 
 
@@ -250,7 +248,7 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     """Mark a RUNNING trial FAIL with ``fail_reason``; False when it has finished meanwhile."""
     storage = _storage(study)
     try:
-        storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
+        storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -278,12 +276,12 @@ def recover_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
     now = time.time()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+        beat = trial.user_attrs.get(HEARTBEAT)
         if not isinstance(beat, (int, float)):
             beat = trial.datetime_start.timestamp() if trial.datetime_start else None
         if beat is None or now - beat <= grace_period:
             continue
-        worker = _describe(trial.user_attrs.get(WORKER_ATTR))
+        worker = _describe(trial.user_attrs.get(WORKER))
         reason = (
             f"worker {worker} stopped sending heartbeats: the last one was {now - beat:.0f} s "
             f"ago, the grace period is {grace_period:g} s"
@@ -307,8 +305,8 @@ def live_foreign_trials(study: optuna.Study, grace_period: float) -> list[Frozen
     now = time.time()
     out = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER_ATTR)
-        beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+        worker = trial.user_attrs.get(WORKER)
+        beat = trial.user_attrs.get(HEARTBEAT)
         fresh = isinstance(beat, (int, float)) and now - beat <= grace_period
         if worker and worker != me and fresh:
             out.append(trial)
@@ -328,12 +326,12 @@ class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
         log.warning(
             "trial %d failed: worker %s stopped sending heartbeats",
             trial.number,
-            _describe(trial.user_attrs.get(WORKER_ATTR)),
+            _describe(trial.user_attrs.get(WORKER)),
         )
         retry = copy.copy(trial)
         attrs = {k: trial.user_attrs[k] for k in _KEPT_ON_RETRY if k in trial.user_attrs}
         original = trial.system_attrs.get("failed_trial", trial.number)
-        retry.user_attrs = {**attrs, RETRY_OF_ATTR: original}
+        retry.user_attrs = {**attrs, RETRY_OF: original}
         super().__call__(study, retry)
 
 

@@ -10,8 +10,8 @@ import torch
 
 import autonorm
 from autonorm import Budget, NormConfig
-from autonorm.search_spaces import SearchSpace
 from autonorm.search import retrain_best
+from autonorm.search_spaces import SearchSpace
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 FAST = {"max_epochs": 2}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import autonorm
-from autonorm.search_spaces import SearchSpace
 from autonorm.search.warm_start import narrow_space, params_for
+from autonorm.search_spaces import SearchSpace
 from tests.lightning_models import TinyConvNet
 
 

@@ -23,9 +23,9 @@ import pytest
 from optuna.trial import TrialState
 
 import autonorm
+from autonorm._io import mask_password
 from autonorm.search import pool as worker_pool
 from autonorm.search import workers
-from autonorm._io import mask_password
 from autonorm.search.storage import make_storage, postgres_driver_url
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
