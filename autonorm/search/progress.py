@@ -76,7 +76,7 @@ class SearchProgress:
             ("complete", "pruned", "infeasible", "failed", "running", "waiting"), 0
         )
         for trial in study.get_trials(deepcopy=False):
-            counts[_category(trial)] += 1
+            counts[trial_category(trial)] += 1
         self.counts = counts
         self.polled = True
         self.note = note
