@@ -84,9 +84,20 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-def _why_long(node: ast.AST) -> bool:
-    doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+def _why_long(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    doc = ast.get_docstring(node)
     return bool(doc and "long because" in doc.lower())
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function without its docstring (documentation does not make it long)."""
+    assert node.end_lineno is not None
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        assert first.end_lineno is not None
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
@@ -95,11 +106,10 @@ def test_module_and_function_sizes(path: Path) -> None:
     lines = len(source.splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path} has {lines} lines (> {MAX_MODULE_LINES})"
     long = [
-        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        f"{node.name} ({_code_lines(node)} lines)"
         for node in ast.walk(ast.parse(source))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno is not None
-        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        and _code_lines(node) > MAX_FUNCTION_LINES
         and not _why_long(node)
     ]
     assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"

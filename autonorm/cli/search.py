@@ -16,6 +16,61 @@ from autonorm._io import mask_password
 from autonorm.cli.output import console, print_result
 from autonorm.cli.user_code import import_class
 
+#: ``--search.<name>`` options: (name, type, default, help).
+_SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
+    ("n_trials", int, 20, "total finished trials"),
+    ("timeout", float | None, None, "seconds"),
+    ("space", str, "auto", "preset name or YAML file"),
+    (
+        "choices",
+        list[str] | None,
+        None,
+        "restrict every slot to these norm names, e.g. [batchnorm,groupnorm,layernorm]",
+    ),
+    ("budget.max_memory", str | None, None, "e.g. 8GiB"),
+    ("budget.batch_size", int | None, None, None),
+    ("budget.max_params", int | None, None, None),
+    (
+        "budget.devices",
+        int | None,
+        None,
+        "devices of the final training (more than 1 offers syncbatchnorm)",
+    ),
+    ("weight_norms", bool, False, "also search +ws/+wn pairs on slots fed by a Conv/Linear"),
+    ("monitor", str, "val_loss", None),
+    ("mode", str, "min", "min or max"),
+    ("storage", str | None, None, "SQLAlchemy URL or journal file"),
+    ("study_name", str | None, None, None),
+    ("out_dir", str | None, None, None),
+    ("sampler", str, "tpe", "tpe or random"),
+    ("pruner", str, "median", "median, hyperband or none"),
+    ("seed", int | None, None, None),
+    (
+        "warm_start",
+        bool | Literal["learn"],
+        True,
+        "true: own norms, recommended and uniform configs first; learn: also one "
+        "learned-SwitchableNorm run that narrows each slot's choices",
+    ),
+    ("objectives", list[str] | None, None, "e.g. [metric,peak_memory]"),
+    ("retrain", bool, False, None),
+    ("verbose", bool, False, "per-trial progress bars"),
+    (
+        "n_workers",
+        int,
+        1,
+        "local worker processes on one shared study (default storage: OUT_DIR/journal.log)",
+    ),
+    ("heartbeat_interval", float, 10.0, "seconds between the heartbeats of a running trial"),
+    (
+        "grace_period",
+        float | None,
+        None,
+        "seconds without heartbeat before a trial counts as lost and runs again "
+        "(default 4 x heartbeat_interval)",
+    ),
+]
+
 
 def _search_parser() -> Any:
     import pytorch_lightning as pl
@@ -38,83 +93,8 @@ def _search_parser() -> Any:
         fail_untyped=False,
         skip={"callbacks", "logger", "plugins", "strategy", "profiler"},
     )
-    group = "search"
-    parser.add_argument(f"--{group}.n_trials", type=int, default=20, help="total finished trials")
-    parser.add_argument(f"--{group}.timeout", type=float | None, default=None, help="seconds")
-    parser.add_argument(
-        f"--{group}.space", type=str, default="auto", help="preset name or YAML file"
-    )
-    parser.add_argument(
-        f"--{group}.choices",
-        type=list[str] | None,
-        default=None,
-        help="restrict every slot to these norm names, e.g. [batchnorm,groupnorm,layernorm]",
-    )
-    parser.add_argument(
-        f"--{group}.budget.max_memory", type=str | None, default=None, help="e.g. 8GiB"
-    )
-    parser.add_argument(f"--{group}.budget.batch_size", type=int | None, default=None)
-    parser.add_argument(f"--{group}.budget.max_params", type=int | None, default=None)
-    parser.add_argument(
-        f"--{group}.budget.devices",
-        type=int | None,
-        default=None,
-        help="devices of the final training (more than 1 offers syncbatchnorm)",
-    )
-    parser.add_argument(
-        f"--{group}.weight_norms",
-        type=bool,
-        default=False,
-        help="also search +ws/+wn pairs on slots fed by a Conv/Linear",
-    )
-    parser.add_argument(f"--{group}.monitor", type=str, default="val_loss")
-    parser.add_argument(f"--{group}.mode", type=str, default="min", help="min or max")
-    parser.add_argument(
-        f"--{group}.storage", type=str | None, default=None, help="SQLAlchemy URL or journal file"
-    )
-    parser.add_argument(f"--{group}.study_name", type=str | None, default=None)
-    parser.add_argument(f"--{group}.out_dir", type=str | None, default=None)
-    parser.add_argument(f"--{group}.sampler", type=str, default="tpe", help="tpe or random")
-    parser.add_argument(
-        f"--{group}.pruner", type=str, default="median", help="median, hyperband or none"
-    )
-    parser.add_argument(f"--{group}.seed", type=int | None, default=None)
-    parser.add_argument(
-        f"--{group}.warm_start",
-        type=bool | Literal["learn"],
-        default=True,
-        help="true: own norms, recommended and uniform configs first; learn: also one "
-        "learned-SwitchableNorm run that narrows each slot's choices",
-    )
-    parser.add_argument(
-        f"--{group}.objectives",
-        type=list[str] | None,
-        default=None,
-        help="e.g. [metric,peak_memory]",
-    )
-    parser.add_argument(f"--{group}.retrain", type=bool, default=False)
-    parser.add_argument(
-        f"--{group}.verbose", type=bool, default=False, help="per-trial progress bars"
-    )
-    parser.add_argument(
-        f"--{group}.n_workers",
-        type=int,
-        default=1,
-        help="local worker processes on one shared study (default storage: OUT_DIR/journal.log)",
-    )
-    parser.add_argument(
-        f"--{group}.heartbeat_interval",
-        type=float,
-        default=10.0,
-        help="seconds between the heartbeats of a running trial",
-    )
-    parser.add_argument(
-        f"--{group}.grace_period",
-        type=float | None,
-        default=None,
-        help="seconds without heartbeat before a trial counts as lost and runs again "
-        "(default 4 x heartbeat_interval)",
-    )
+    for name, kind, default, text in _SEARCH_OPTIONS:
+        parser.add_argument(f"--search.{name}", type=kind, default=default, help=text)
     return parser
 
 
@@ -226,9 +206,8 @@ def _run_pool(
     retrain: Callable[[Any], Path] | None,
 ) -> int:
     """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it."""
-    from autonorm.search.pool import run_pool, worker_command
+    from autonorm.search.pool import log_tail, run_pool, worker_command
     from autonorm.search.settings import default_out_dir
-    from autonorm.search.pool import log_tail
 
     out = console()
     outcome = run_pool(
