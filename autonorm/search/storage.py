@@ -195,10 +195,9 @@ def check_study_compatible(
     changed = []
     for trial in study.get_trials(deepcopy=False):
         for name, dist in trial.distributions.items():
-            if name in params and list(getattr(dist, "choices", ())) != params[name]:
-                changed.append(
-                    f"{name}: study has {list(dist.choices)}, space gives {params[name]}"
-                )
+            choices = list(getattr(dist, "choices", ()))
+            if name in params and choices != params[name]:
+                changed.append(f"{name}: study has {choices}, space gives {params[name]}")
         if changed:
             break
     if changed:

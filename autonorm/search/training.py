@@ -126,7 +126,7 @@ class Training:
             **self.trainer_kwargs,
         }
         kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
-        trainer = pl.Trainer(**kwargs)
+        trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
         if dm is not None:
             trainer.fit(module, datamodule=dm)
         else:
