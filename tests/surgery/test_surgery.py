@@ -12,7 +12,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 
-import autonorm.slots
+import autonorm.surgery.slots
 from autonorm import (
     NORM_NAMES,
     AutoNormError,
@@ -36,8 +36,7 @@ from autonorm.norms import (
     SwitchableNorm,
     SyncBatchNorm,
 )
-from autonorm.slots import NormWithExtra
-from autonorm.surgery import switchable_layers
+from autonorm.surgery import NormWithExtra, switchable_layers
 from tests import models
 from tests.models import MODELS
 
@@ -713,7 +712,7 @@ class ScaledChannelRMSNorm(ChannelRMSNorm):
 
 @pytest.fixture
 def user_types(monkeypatch):
-    monkeypatch.setattr(autonorm.slots, "_USER_TYPES", {})
+    monkeypatch.setattr(autonorm.surgery.slots, "_USER_TYPES", {})
 
 
 def tokens_model(norm: nn.Module) -> nn.Module:
