@@ -9,8 +9,14 @@ from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import NORM_NAMES, SwitchableNorm, create_norm
 from autonorm.recommend import format_reasons, recommend
-from autonorm.slots import Slot, find_slots, register_slot_type
-from autonorm.surgery import apply_config, derive_config, to_switchable
+from autonorm.surgery import (
+    Slot,
+    apply_config,
+    derive_config,
+    find_slots,
+    register_slot_type,
+    to_switchable,
+)
 
 __version__ = "0.1.0"
 

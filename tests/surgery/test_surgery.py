@@ -12,7 +12,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 
-import autonorm.slots
+import autonorm.surgery.slots
 from autonorm import (
     NORM_NAMES,
     AutoNormError,
@@ -36,8 +36,7 @@ from autonorm.norms import (
     SwitchableNorm,
     SyncBatchNorm,
 )
-from autonorm.slots import NormWithExtra
-from autonorm.surgery import switchable_layers
+from autonorm.surgery import NormWithExtra, switchable_layers
 from tests import models
 from tests.models import MODELS
 
@@ -713,7 +712,7 @@ class ScaledChannelRMSNorm(ChannelRMSNorm):
 
 @pytest.fixture
 def user_types(monkeypatch):
-    monkeypatch.setattr(autonorm.slots, "_USER_TYPES", {})
+    monkeypatch.setattr(autonorm.surgery.slots, "_USER_TYPES", {})
 
 
 def tokens_model(norm: nn.Module) -> nn.Module:
@@ -756,3 +755,26 @@ def test_register_slot_type_rejects_bad_arguments(user_types):
         register_slot_type(ChannelRMSNorm, kind="rmsnorm", layout="nhwc")
     with pytest.raises(ValueError, match="nn.Module subclass"):
         register_slot_type(object, kind="rmsnorm")
+
+
+def test_to_switchable_takes_found_slots_without_a_probe():
+    model, x = build("resnet")
+    slots = find_slots(model, x)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    to_switchable(model, [s for s in slots if s.name in ("bn1", "layer2.0.bn2")])
+    assert calls == []  # the slots were found already: no probe pass
+    assert list(switchable_layers(model)) == ["bn1", "layer2.0.bn2"]
+    # the probe's findings come with the slots: (N, C) inputs leave out instance statistics
+    model, x = build("mlp")
+    to_switchable(model, find_slots(model, x))
+    assert {sn.candidates for sn in switchable_layers(model).values()} == {("layer", "batch")}
+
+
+def test_apply_config_takes_found_slots_without_a_probe():
+    model, x = build("resnet")
+    slots = find_slots(model, x)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    apply_config(model, NormConfig.uniform(slots, "groupnorm"), slots=slots)
+    assert calls == [] and type(model.bn1) is nn.GroupNorm

@@ -1,142 +1,30 @@
 """Model surgery: rewrite a model's norm slots from a :class:`~autonorm.NormConfig`.
 
 :func:`apply_config` validates the whole config against the model before it changes anything,
-builds every replacement, then installs them: affine weights, BatchNorm running statistics,
-device, dtype, train/eval mode and ``requires_grad`` carry over, and a fused subclass keeps its
-extra steps. :func:`to_switchable` and :func:`derive_config` are the learned path.
+builds every replacement (:mod:`autonorm.surgery.rebuild`), then installs them: affine weights,
+BatchNorm running statistics, device, dtype, train/eval mode and ``requires_grad`` carry over,
+and a fused subclass keeps its extra steps. :func:`to_switchable` turns slots into learned
+SwitchableNorm layers (the learned path; :mod:`autonorm.surgery.derive` reads them back).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from autonorm._errors import AutoNormError, ConfigError
+from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm, check_choice, create_norm
+from autonorm.norms import SWITCHABLE_CANDIDATES
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
-from autonorm.slots import NormWithExtra, Slot, find_slots
+from autonorm.surgery.rebuild import build_replacement, factory_of
+from autonorm.surgery.slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
-
-#: SwitchableNorm candidate -> the native choice computing the same statistics, per layout.
-CANDIDATE_CHOICES: dict[str, dict[str, NormChoice]] = {
-    "channels_first": {
-        "instance": NormChoice("instancenorm"),
-        "layer": NormChoice("groupnorm", {"groups": 1}),  # per sample over (C, positions)
-        "batch": NormChoice("batchnorm"),
-    },
-    "channels_last": {
-        "layer": NormChoice("layernorm"),
-        "rms": NormChoice("rmsnorm"),
-        "batch": NormChoice("batchnorm"),
-    },
-}
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    return module.norm if isinstance(module, NormWithExtra) else module
-
-
-def _factory(module: nn.Module) -> dict[str, Any]:
-    """``device`` and ``dtype`` of the module's tensors (empty when it has none)."""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point():
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return {"device": tensor.device}
-    return {}
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    return (
-        isinstance(module, (_BatchNorm, SwitchableNorm))
-        and getattr(module, "running_mean", None) is not None
-        and getattr(module, "running_var", None) is not None
-    )
-
-
-def _carry(old: nn.Module, new: nn.Module, dropped: list[str], slot_name: str) -> None:
-    """Copy affine weights (and running statistics between batch-statistics layers)."""
-    with torch.no_grad():
-        for attr in ("weight", "bias"):
-            source = getattr(old, attr, None)
-            if not isinstance(source, nn.Parameter):
-                continue
-            target = getattr(new, attr, None)
-            if isinstance(target, nn.Parameter) and target.shape == source.shape:
-                target.copy_(source)
-                target.requires_grad_(source.requires_grad)
-            else:
-                dropped.append(f"{slot_name}.{attr}")
-        if _has_running_stats(old) and _has_running_stats(new):
-            new.running_mean.copy_(old.running_mean)
-            new.running_var.copy_(old.running_var)
-            if old.num_batches_tracked is not None and new.num_batches_tracked is not None:
-                new.num_batches_tracked.copy_(old.num_batches_tracked)
-    if not any(p.requires_grad for p in old.parameters()) and any(True for _ in old.parameters()):
-        for parameter in new.parameters():
-            parameter.requires_grad_(False)  # a frozen slot stays frozen
-
-
-def build_replacement(
-    module: nn.Module,
-    choice: NormChoice,
-    *,
-    layout: str,
-    input_ndim: int | None,
-    extra: Sequence[str] | None,
-    dropped: list[str] | None = None,
-    slot_name: str = "",
-    default_factory: Mapping[str, Any] | None = None,
-    num_features: int | None = None,
-) -> nn.Module:
-    """The layer ``choice`` builds for the slot holding ``module``, weights carried over.
-
-    Args:
-        module: the layer now in the slot.
-        choice: the new choice.
-        layout: the slot's layout.
-        input_ndim: the slot's input rank, when known.
-        extra: names of ``module``'s children that run after the norm (kept after the new norm).
-        dropped: collects the parameters the new layer has no place for.
-        slot_name: for messages.
-        default_factory: ``device``/``dtype`` for a layer built in place of one that has no
-            tensors to take them from (identity, a norm without affine parameters).
-        num_features: the slot's channel count (default: read from ``module``'s attributes;
-            a slot type registered with its own reader passes it).
-    """
-    old = _inner(module)
-    factory = {**(default_factory or {}), **_factory(old)}
-    new = create_norm(
-        choice.name,
-        _num_features(old) if num_features is None else num_features,
-        layout=layout,
-        input_ndim=input_ndim,
-        **factory,
-        **choice.params,
-    )
-    _carry(old, new, dropped if dropped is not None else [], slot_name)
-    new.train(module.training)
-    if extra:
-        new = NormWithExtra(new, [(name, getattr(module, name)) for name in extra])
-        new.train(module.training)
-    return new
-
-
-def _num_features(module: nn.Module) -> int:
-    for attr in ("num_features", "num_channels"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    return int(tuple(module.normalized_shape)[0])
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -189,7 +77,8 @@ def validate_config(
         ConfigError: every problem of the config in one message.
     """
     by_name = {name: slot for slot in slots for name in slot.names}
-    problems, matched = [], {}
+    problems: list[str] = []
+    matched: dict[str, tuple[Slot, NormChoice]] = {}
     unknown = [name for name in config.choices if name not in by_name]
     if unknown:
         known = [s.name for s in slots]
@@ -224,6 +113,48 @@ def validate_config(
     return matched
 
 
+def _build_replacements(
+    model: nn.Module,
+    matched: Mapping[str, tuple[Slot, NormChoice]],
+    dropped: list[str],
+    problems: list[str],
+) -> dict[Slot, nn.Module]:
+    """The new layer of every slot whose norm changes (keep choices are left out); layers that
+    cannot be built go to ``problems``, parameters without a place in the new layer to
+    ``dropped``."""
+    replacements = {}
+    model_factory = factory_of(model)  # for slots whose layer has no tensors of its own
+    for name, (slot, choice) in matched.items():
+        if choice.base == slot.keep_choice().base:
+            continue
+        try:
+            replacements[slot] = build_replacement(
+                model.get_submodule(name),
+                choice,
+                layout=slot.layout,
+                input_ndim=slot.input_ndim,
+                extra=slot.extra,
+                dropped=dropped,
+                slot_name=name,
+                default_factory=model_factory,
+                num_features=slot.num_features,
+            )
+        except (ValueError, TypeError) as err:  # a parameter value the layer refuses
+            problems.append(f"{choice.label}: {err} (slot {name!r})")
+    return replacements
+
+
+def _install(model: nn.Module, replacements: Mapping[Slot, nn.Module]) -> nn.Module:
+    """Put each new layer in every place of its slot; the new root when the root is a slot."""
+    for slot, new in replacements.items():
+        if slot.name == "":
+            model = new
+            continue
+        for name in slot.names:
+            _set_module(model, name, new)
+    return model
+
+
 def apply_config(
     model: nn.Module,
     config: NormConfig | Mapping[str, Any],
@@ -249,7 +180,8 @@ def apply_config(
         config: a :class:`~autonorm.NormConfig` or a ``{slot name: choice}`` mapping.
         partial: allow slots the config does not name (they stay as they are).
         example_input: input for the probe (default: the model's ``example_input_array``).
-        slots: the model's current slots, when already found (skips the probe).
+        slots: all of the model's current slots, when already found (:func:`find_slots` on the
+            model as it is now, without include/exclude): then no probe runs.
         feeders: ``{slot name: layer name or None}``: the layers feeding slots that the probe
             cannot see (see :func:`~autonorm.find_slots`).
 
@@ -274,37 +206,14 @@ def apply_config(
         slots = find_slots(model, example_input, feeders=feeders)
     matched = validate_config(slots, config, partial=partial, model_name=type(model).__name__)
     dropped: list[str] = []
-    replacements = {}
-    problems = []
-    model_factory = _factory(model)  # for slots whose layer has no tensors of its own
-    for name, (slot, choice) in matched.items():
-        if choice.base == slot.keep_choice().base:
-            continue
-        try:
-            replacements[slot] = build_replacement(
-                model.get_submodule(name),
-                choice,
-                layout=slot.layout,
-                input_ndim=slot.input_ndim,
-                extra=slot.extra,
-                dropped=dropped,
-                slot_name=name,
-                default_factory=model_factory,
-                num_features=slot.num_features,
-            )
-        except (ValueError, TypeError) as err:  # a parameter value the layer refuses
-            problems.append(f"{choice.label}: {err} (slot {name!r})")
+    problems: list[str] = []
+    replacements = _build_replacements(model, matched, dropped, problems)
     weights = _plan_weights(model, slots, matched, problems)
     if problems:
         raise ConfigError(
             f"config does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
         )
-    for slot, new in replacements.items():
-        if slot.name == "":
-            model = new
-            continue
-        for name in slot.names:
-            _set_module(model, name, new)
+    model = _install(model, replacements)
     if dropped:
         warnings.warn(
             f"the new layers have no place for {len(dropped)} learned parameter(s) of the old ones "
@@ -367,7 +276,11 @@ def to_switchable(
 
     Args:
         model: the model, rewritten in place.
-        slots: slot names (or :class:`Slot` objects) to convert; default all.
+        slots: the slots to convert; default all. Slot names (or a mix of names and
+            :class:`Slot` objects) are looked up by a fresh :func:`find_slots`. A list of
+            :class:`Slot` objects only is taken as already found on the model as it is now
+            (:func:`find_slots`; ``include``/``exclude`` may have narrowed it): those slots are
+            converted and no probe runs.
         candidates: SwitchableNorm candidates: one tuple for every slot or ``{layout: tuple}``.
             Default: the paper's, less ``instance`` where the probe saw one position per sample
             and channel (an ``(N, C)`` input), whose instance statistics are undefined.
@@ -376,9 +289,18 @@ def to_switchable(
 
     Returns:
         The model.
+
+    Raises:
+        ConfigError: a slot name that is not a norm slot of the model.
     """
-    found = find_slots(model, example_input)
-    wanted = None if slots is None else {s if isinstance(s, str) else s.name for s in slots}
+    given = None if slots is None else list(slots)
+    objects = [s for s in given or () if isinstance(s, Slot)]
+    wanted: set[str] | None = None
+    if given and len(objects) == len(given):  # found already: no probe
+        found = objects
+    else:
+        found = find_slots(model, example_input)
+        wanted = None if given is None else {s if isinstance(s, str) else s.name for s in given}
     choices = {}
     for slot in found:
         if wanted is not None and not wanted & set(slot.names):
@@ -406,78 +328,4 @@ def _single_position(slot: Slot) -> bool:
     return math.prod(slot.input_shape[2:]) <= 1
 
 
-def switchable_layers(model: nn.Module) -> dict[str, SwitchableNorm]:
-    """Slot name -> the SwitchableNorm in that slot."""
-    out = {}
-    for slot in find_slots(model, probe=False):
-        module = _inner(model.get_submodule(slot.name))
-        if isinstance(module, SwitchableNorm):
-            out[slot.name] = module
-    return out
-
-
-def ranked_choices(sn: SwitchableNorm) -> list[tuple[NormChoice, float]]:
-    """The native choices of an SN layer's candidates, by learned weight (mean and variance
-    weights averaged), highest first."""
-    weights = sn.mixing_weights()
-    scores = {c: (weights["mean"][c] + weights["var"][c]) / 2 for c in sn.candidates}
-    order = sorted(sn.candidates, key=lambda c: -scores[c])
-    return [(CANDIDATE_CHOICES[sn.layout][c], scores[c]) for c in order]
-
-
-def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
-    """The discrete config learned by the model's SwitchableNorm layers.
-
-    Each slot takes the candidate with the largest learned weight (mean and variance weights
-    averaged), mapped to its native layer: ``instance`` -> instancenorm, ``layer`` ->
-    groupnorm(groups=1) (channels first) or layernorm (channels last), ``rms`` -> rmsnorm,
-    ``batch`` -> batchnorm. A candidate invalid for the slot's input (instance statistics of an
-    ``(N, C)`` input) is passed over. A slot's weight-side part (``+ws``/``+wn`` on its feeder)
-    is kept. The learned weights are recorded in the metadata.
-
-    Raises:
-        AutoNormError: the model has no SwitchableNorm.
-    """
-    slots = {s.name: s for s in find_slots(model, example_input)}
-    layers = switchable_layers(model)
-    if not layers:
-        raise AutoNormError(
-            f"{type(model).__name__} has no SwitchableNorm: convert it with autonorm.to_switchable "
-            "(or train with AutoNorm(mode='learn')) first"
-        )
-    choices, weights = {}, {}
-    for name, sn in layers.items():
-        slot = slots[name]
-        ranked = ranked_choices(sn)
-        valid = [
-            c
-            for c, _ in ranked
-            if not check_choice(
-                c.name,
-                slot.num_features,
-                layout=slot.layout,
-                input_shape=slot.input_shape,
-                **c.params,
-            )
-        ]
-        # the weight side stays: SN learned its weights with what the feeder carries
-        choices[name] = (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
-        weights[name] = sn.mixing_weights()
-    metadata = {
-        "source": "switchable",
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "weights": weights,
-    }
-    return NormConfig(choices, metadata=metadata)
-
-
-__all__ = [
-    "CANDIDATE_CHOICES",
-    "apply_config",
-    "build_replacement",
-    "derive_config",
-    "ranked_choices",
-    "switchable_layers",
-    "to_switchable",
-    "validate_config",
-]
+__all__ = ["apply_config", "to_switchable", "validate_config"]

@@ -17,7 +17,8 @@ from torch.testing import assert_close
 import autonorm.config
 import autonorm.norms.weight
 import autonorm.search_spaces.space
-import autonorm.slots
+import autonorm.surgery.apply
+import autonorm.surgery.slots
 from autonorm import (
     AutoNormError,
     Budget,
@@ -187,7 +188,13 @@ def test_deprecated_weight_norm_hook_is_read_and_removed():
 
 @pytest.mark.parametrize(
     "module",
-    [autonorm.norms.weight, autonorm.config, autonorm.slots, autonorm.search_spaces.space],
+    [
+        autonorm.norms.weight,
+        autonorm.config,
+        autonorm.surgery.slots,
+        autonorm.surgery.apply,
+        autonorm.search_spaces.space,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples_run(module):

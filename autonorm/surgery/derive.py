@@ -1,0 +1,138 @@
+"""The learned path read back: from trained SwitchableNorm layers to a discrete config.
+
+The one map between SwitchableNorm candidates and norm choices lives here: each candidate's
+native choice (what :func:`derive_config` picks) and the family of registry names whose
+statistics its learned weight speaks for (:func:`family`, what the warm start narrows by), and
+the one score of a candidate (:func:`candidate_scores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from autonorm._errors import AutoNormError
+from autonorm.config import NormChoice, NormConfig
+from autonorm.norms import SwitchableNorm, check_choice
+from autonorm.surgery.rebuild import inner
+from autonorm.surgery.slots import find_slots
+
+
+class Candidate(NamedTuple):
+    """What a SwitchableNorm candidate stands for at one layout."""
+
+    #: the native choice computing the same statistics
+    native: NormChoice
+    #: the registry names whose statistics the candidate's learned weight speaks for
+    family: tuple[str, ...]
+
+
+#: SwitchableNorm candidate -> what it stands for, per layout.
+SN_CANDIDATES: dict[str, dict[str, Candidate]] = {
+    "channels_first": {
+        "instance": Candidate(NormChoice("instancenorm"), ("instancenorm",)),
+        # per sample over (C, positions)
+        "layer": Candidate(
+            NormChoice("groupnorm", {"groups": 1}), ("groupnorm", "layernorm", "rmsnorm")
+        ),
+        "batch": Candidate(NormChoice("batchnorm"), ("batchnorm", "syncbatchnorm")),
+    },
+    "channels_last": {
+        "layer": Candidate(NormChoice("layernorm"), ("layernorm",)),
+        "rms": Candidate(NormChoice("rmsnorm"), ("rmsnorm",)),
+        "batch": Candidate(NormChoice("batchnorm"), ("batchnorm", "syncbatchnorm")),
+    },
+}
+
+#: SwitchableNorm candidate -> the native choice computing the same statistics, per layout.
+CANDIDATE_CHOICES: dict[str, dict[str, NormChoice]] = {
+    layout: {name: candidate.native for name, candidate in table.items()}
+    for layout, table in SN_CANDIDATES.items()
+}
+
+#: A choice's registry name -> the SwitchableNorm candidate computing the closest statistics.
+FAMILIES: dict[str, dict[str, str]] = {
+    layout: {member: name for name, candidate in table.items() for member in candidate.family}
+    for layout, table in SN_CANDIDATES.items()
+}
+
+
+def family(choice: NormChoice, layout: str) -> str | None:
+    """The SN candidate whose learned weight speaks for ``choice`` (None: no such candidate)."""
+    return FAMILIES[layout].get(choice.name)
+
+
+def candidate_scores(weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean of the learned mean- and variance-weights per candidate.
+
+    Args:
+        weights: ``{"mean": {candidate: w}, "var": {candidate: w}}``, as
+            :meth:`SwitchableNorm.mixing_weights` gives them.
+    """
+    return {c: (weights["mean"][c] + weights["var"][c]) / 2 for c in weights["mean"]}
+
+
+def switchable_layers(model: nn.Module) -> dict[str, SwitchableNorm]:
+    """Slot name -> the SwitchableNorm in that slot."""
+    out = {}
+    for slot in find_slots(model, probe=False):
+        module = inner(model.get_submodule(slot.name))
+        if isinstance(module, SwitchableNorm):
+            out[slot.name] = module
+    return out
+
+
+def ranked_choices(sn: SwitchableNorm) -> list[tuple[NormChoice, float]]:
+    """The native choices of an SN layer's candidates, by learned weight (mean and variance
+    weights averaged), highest first."""
+    scores = candidate_scores(sn.mixing_weights())
+    order = sorted(sn.candidates, key=lambda c: -scores[c])
+    return [(CANDIDATE_CHOICES[sn.layout][c], scores[c]) for c in order]
+
+
+def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
+    """The discrete config learned by the model's SwitchableNorm layers.
+
+    Each slot takes the candidate with the largest learned weight (mean and variance weights
+    averaged), mapped to its native layer: ``instance`` -> instancenorm, ``layer`` ->
+    groupnorm(groups=1) (channels first) or layernorm (channels last), ``rms`` -> rmsnorm,
+    ``batch`` -> batchnorm. A candidate invalid for the slot's input (instance statistics of an
+    ``(N, C)`` input) is passed over. A slot's weight-side part (``+ws``/``+wn`` on its feeder)
+    is kept. The learned weights are recorded in the metadata.
+
+    Raises:
+        AutoNormError: the model has no SwitchableNorm.
+    """
+    slots = {s.name: s for s in find_slots(model, example_input)}
+    layers = switchable_layers(model)
+    if not layers:
+        raise AutoNormError(
+            f"{type(model).__name__} has no SwitchableNorm: convert it with autonorm.to_switchable "
+            "(or train with AutoNorm(mode='learn')) first"
+        )
+    choices, weights = {}, {}
+    for name, sn in layers.items():
+        slot = slots[name]
+        ranked = ranked_choices(sn)
+        valid = [
+            c
+            for c, _ in ranked
+            if not check_choice(
+                c.name,
+                slot.num_features,
+                layout=slot.layout,
+                input_shape=slot.input_shape,
+                **c.params,
+            )
+        ]
+        # the weight side stays: SN learned its weights with what the feeder carries
+        choices[name] = (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
+        weights[name] = sn.mixing_weights()
+    metadata = {
+        "source": "switchable",
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "weights": weights,
+    }
+    return NormConfig(choices, metadata=metadata)

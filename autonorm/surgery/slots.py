@@ -1,0 +1,468 @@
+"""Find the norm slots of a model: which modules normalize, their channels, layout and input shape.
+
+A slot is a module that normalizes: torch's norm classes and their subclasses, autonorm's own
+layers, a :class:`NormWithExtra` left by an earlier rewrite, and any class registered with
+:func:`register_slot_type`. With an example input, one probe forward pass (eval mode, no grad,
+forward hooks; :mod:`autonorm.surgery.probe`) records each slot's input shape; the layout is then
+read from the shape, not from the class alone.
+
+A subclass with a forward of its own (``LayerNorm2d`` permuting around ``nn.LayerNorm``, a
+``BatchNormAct2d`` applying its ``act`` child) is checked: its registry kind rebuilt with its
+weights, followed by its child modules, must reproduce its output on the probe's input (on small
+random inputs without a probe). A slot that passes keeps the children on rewrite; one that
+fails can only keep its layer (:attr:`Slot.extra` is None).
+
+The probe also records each slot's *feeder* (:mod:`autonorm.surgery.feeders`): the Conv/Linear
+layer whose output tensor is the slot's input, on which a weight-side choice (``+ws``, ``+wn``)
+acts. Where the probe cannot see it, declare it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from autonorm.config import NormChoice
+from autonorm.norms import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    DyT,
+    IdentityNorm,
+    SwitchableNorm,
+    check_choice,
+    get_spec,
+)
+from autonorm.norms.layers import check_layout
+from autonorm.norms.weight import is_feeder, weight_norm_of
+from autonorm.surgery.feeders import FEEDERS_ATTR, declared_feeders, feeder_of, tagged_feeders
+from autonorm.surgery.probe import (
+    Probe,
+    layouts_from_shape,
+    run_alone,
+    run_probe,
+    synthetic_inputs,
+)
+from autonorm.surgery.rebuild import NormWithExtra, keep_choice_of, reproduces
+
+
+@dataclass(frozen=True)
+class SlotType:
+    """How to read a registered norm class: its registry kind, layout and channel count."""
+
+    cls: type[nn.Module]
+    kind: str
+    layout: str
+    num_features: Callable[[nn.Module], int | None]
+    extra: tuple[str, ...] | None = None
+
+
+_USER_TYPES: dict[type[nn.Module], SlotType] = {}
+
+
+def _features_normalized_shape(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    return shape[0] if len(shape) == 1 else None
+
+
+def register_slot_type(
+    cls: type[nn.Module],
+    *,
+    kind: str,
+    layout: str = CHANNELS_FIRST,
+    num_features: str | Callable[[nn.Module], int] = "num_features",
+    extra: Sequence[str] | None = (),
+) -> None:
+    """Declare a norm class of your own as a slot type.
+
+    Args:
+        cls: the class (its subclasses are slots too).
+        kind: the registry name closest to what it computes (``batchnorm``, ``layernorm``, ...):
+            the slot's "keep" choice and the kind reported for it.
+        layout: its default layout, when the probe cannot tell.
+        num_features: attribute name or function giving the channel count.
+        extra: names of child modules that run after the normalization (kept on rewrite); the
+            rest of the class's forward is taken to be the normalization itself. None: let
+            autonorm check, as for an unregistered subclass, that ``kind`` followed by the
+            class's child modules reproduces its output, and refuse to rewrite it otherwise.
+            A subclass that overrides ``forward`` again is always checked.
+
+    Example::
+
+        >>> class MyNorm(nn.LayerNorm):
+        ...     pass
+        >>> register_slot_type(MyNorm, kind="layernorm", layout="channels_last",
+        ...                    num_features=lambda m: m.normalized_shape[0])
+    """
+    get_spec(kind)
+    check_layout(layout)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"`cls` must be an nn.Module subclass, got {cls!r}")
+    reader = num_features if callable(num_features) else (lambda m, a=num_features: getattr(m, a))
+    _USER_TYPES[cls] = SlotType(cls, kind, layout, reader, None if extra is None else tuple(extra))
+
+
+def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
+    """``(kind, default layout, num_features)`` of a module autonorm knows, else None."""
+    layout = getattr(module, "layout", None)
+    if isinstance(module, SwitchableNorm):
+        return "switchable", module.layout, module.num_features
+    if isinstance(module, DyT):
+        return "dyt", module.layout, module.num_features
+    if isinstance(module, IdentityNorm):
+        return "identity", module.layout, module.num_features
+    if isinstance(module, nn.SyncBatchNorm):
+        return "syncbatchnorm", layout or CHANNELS_FIRST, module.num_features
+    if isinstance(module, _BatchNorm):
+        return "batchnorm", layout or CHANNELS_FIRST, module.num_features
+    if isinstance(module, _InstanceNorm):
+        return "instancenorm", layout or CHANNELS_FIRST, module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm", layout or CHANNELS_FIRST, module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm", layout or CHANNELS_LAST, _features_normalized_shape(module)
+    if isinstance(module, nn.RMSNorm):
+        return "rmsnorm", layout or CHANNELS_LAST, _features_normalized_shape(module)
+    return None
+
+
+def _slot_type(module: nn.Module) -> tuple[str, str, int | None, tuple[str, ...] | None] | None:
+    if isinstance(module, NormWithExtra):
+        inner = _slot_type(module.norm)
+        return None if inner is None else (*inner[:3], module.extra_names)
+    for cls in type(module).__mro__:
+        if cls in _USER_TYPES:
+            entry = _USER_TYPES[cls]
+            # the declaration covers the registered class's forward, not a subclass's override
+            extra = entry.extra if type(module).forward is cls.forward else None
+            return entry.kind, entry.layout, entry.num_features(module), extra
+    found = _builtin_type(module)
+    return None if found is None else (*found, None)
+
+
+def _native_forward(module: nn.Module) -> bool:
+    """Whether the module's forward is that of a torch or autonorm class (nothing extra)."""
+    forward = type(module).forward
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return (
+                cls.__module__.startswith(("torch.", "autonorm."))
+                and vars(cls)["forward"] is forward
+            )
+    return True
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One norm slot of a model.
+
+    Attributes:
+        name: dotted module path, as ``named_modules()`` gives it (the first one for a module
+            registered at several places).
+        kind: registry name of the layer in the slot (``batchnorm``, ``layernorm``, ...).
+        num_features: channel count C.
+        layout: ``"channels_first"`` (``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).
+        input_shape: input shape seen by the probe, or None.
+        module_class: qualified class name of the layer in the slot.
+        aliases: other names of the same module (a shared module is one slot).
+        extra: child modules run after the norm (a fused subclass), kept on rewrite; None
+            when the slot's forward does more than autonorm can reproduce.
+        reached: whether the probe reached the slot (None without a probe).
+        feeder: dotted name of the Conv/Linear layer whose output is the slot's input (the
+            layer a weight-side choice ``+ws``/``+wn`` acts on), or None: the input comes from
+            elsewhere (an add, an activation), from several places, or is unknown.
+    """
+
+    name: str
+    kind: str
+    num_features: int
+    layout: str
+    input_shape: tuple[int, ...] | None = None
+    module_class: str = ""
+    aliases: tuple[str, ...] = ()
+    extra: tuple[str, ...] | None = ()
+    reached: bool | None = None
+    feeder: str | None = None
+    keep: NormChoice | None = field(default=None, compare=False, repr=False)
+    refusal: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of the slot's module."""
+        return (self.name, *self.aliases)
+
+    def keep_choice(self) -> NormChoice:
+        """The choice that keeps the slot's layer as it is (with the weight-side part its
+        feeder carries, if any)."""
+        return self.keep if self.keep is not None else NormChoice(self.kind)
+
+    def check(self, choice: NormChoice | str | Mapping[str, Any]) -> list[str]:
+        """Everything that keeps ``choice`` from working on this slot (empty: valid).
+
+        The norm layer is checked with :func:`autonorm.norms.check_choice` unless the choice
+        keeps the slot's layer; a weight-side part needs a feeder.
+
+        Example::
+
+            >>> slot = Slot("bn", "batchnorm", 8, "channels_first", (2, 8, 4, 4))
+            >>> slot.check("groupnorm(groups=3)+ws")  # doctest: +NORMALIZE_WHITESPACE
+            ['`groups` must divide num_features, got groups=3, num_features=8',
+             "ws needs the Conv/Linear layer that feeds the slot, and its input does not come
+              straight from one (declare it: find_slots(..., feeders={'bn': '<layer name>'}))"]
+        """
+        choice = NormChoice.parse(choice)
+        keep = self.keep_choice()
+        problems = []
+        if choice.base != keep.base:
+            problems += check_choice(
+                choice.name,
+                self.num_features,
+                layout=self.layout,
+                input_shape=self.input_shape,
+                **choice.params,
+            )
+        if choice.weight != keep.weight and choice.weight is not None and self.feeder is None:
+            problems.append(
+                f"{choice.weight} needs the Conv/Linear layer that feeds the slot, and its input "
+                "does not come straight from one (declare it: "
+                f"find_slots(..., feeders={{{self.name!r}: '<layer name>'}}))"
+            )
+        return problems
+
+    @property
+    def input_ndim(self) -> int | None:
+        return None if self.input_shape is None else len(self.input_shape)
+
+
+def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_custom(
+    module: nn.Module,
+    keep: NormChoice,
+    layouts: list[str],
+    num_features: int,
+    io: tuple[torch.Tensor, torch.Tensor] | None,
+    extra: tuple[str, ...],
+) -> str | None:
+    """The first of ``layouts`` under which the keep choice then ``extra`` reproduces a custom
+    forward: on the probe's input when there is one, else on synthetic inputs. None: none does."""
+    for layout in layouts:
+        if io is not None:
+            pairs = [io]
+        else:
+            inputs = synthetic_inputs(module, num_features, layout)
+            pairs = [(x, y) for x in inputs if (y := run_alone(module, x)) is not None]
+        if any(reproduces(module, num_features, keep, layout, x, y, extra) for x, y in pairs):
+            return layout
+    return None
+
+
+@dataclass
+class _Found:
+    """A norm module of the model, before the probe: its names and what its class says."""
+
+    module: nn.Module
+    names: list[str]
+    kind: str
+    default_layout: str
+    num_features: int
+    extra: tuple[str, ...] | None
+
+
+def _norm_modules(model: nn.Module) -> dict[int, _Found]:
+    """The model's norm modules by id, in ``named_modules()`` order (a shared module once)."""
+    found: dict[int, _Found] = {}
+    inside: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        parts = name.split(".")
+        if name and (
+            "" in inside or any(".".join(parts[:i]) in inside for i in range(1, len(parts)))
+        ):
+            continue  # children of a slot (a fused norm's activation) are not slots
+        key = id(module)
+        if key in found:
+            found[key].names.append(name)
+            inside.add(name)
+            continue
+        info = _slot_type(module)
+        if info is None:
+            continue
+        kind, layout, num_features, extra = info
+        if num_features is None:
+            warnings.warn(
+                f"{name or type(module).__name__}: {type(module).__name__} normalizes over several "
+                "dimensions (normalized_shape has more than one entry); it is not treated as a slot",
+                stacklevel=3,  # find_slots' caller
+            )
+            continue
+        found[key] = _Found(module, [name], kind, layout, num_features, extra)
+        inside.add(name)
+    return found
+
+
+def _selected(
+    names: list[str],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+) -> bool:
+    return (include is None or any(_matches(n, include) for n in names)) and not any(
+        _matches(n, exclude) for n in names
+    )
+
+
+def _rewritable(
+    found: _Found,
+    keep: NormChoice,
+    layouts: list[str],
+    io: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[str | None, str | None]:
+    """For a slot whose class has a forward of its own: ``(layout, None)`` with the layout under
+    which its keep choice then its children reproduce it, else ``(None, why it cannot be
+    rewritten)``."""
+    module, kind = found.module, found.kind
+    children = tuple(n for n, _ in module.named_children())
+    checked = _check_custom(module, keep, layouts, found.num_features, io, children)
+    if checked is not None:
+        return checked, None
+    tried = "the probe's input" if io is not None else "synthetic inputs"
+    return None, (
+        f"its forward ({type(module).__qualname__}) does more than {kind} followed "
+        f"by its child modules {list(children)} (checked on {tried}), and autonorm "
+        "cannot reproduce it; keep it, or declare what runs after the norm with "
+        "autonorm.register_slot_type(..., extra=[...])"
+    )
+
+
+def _make_slot(
+    model: nn.Module,
+    key: int,
+    found: _Found,
+    probed: Probe | None,
+    custom: bool,
+    declared: dict[str, str | None],
+    tagged: dict[str, str],
+) -> Slot:
+    """The :class:`Slot` of one norm module, from its class, the probe and its feeder."""
+    module, names = found.module, found.names
+    shape = probed.shapes.get(key) if probed is not None else None
+    layouts = layouts_from_shape(shape, found.num_features, found.default_layout)
+    layout = layouts[0]
+    keep = keep_choice_of(module, found.kind)
+    feeder = feeder_of(model, names, int(found.num_features), key, probed, declared, tagged)
+    if feeder is not None:
+        keep = keep.with_weight(weight_norm_of(model.get_submodule(feeder)))
+    extra, refusal = found.extra, None
+    if extra is None:
+        if custom:
+            io = probed.io.get(key) if probed is not None else None
+            checked, refusal = _rewritable(found, keep, layouts, io)
+            if checked is not None:
+                layout, extra = checked, tuple(n for n, _ in module.named_children())
+        else:
+            extra = ()
+    return Slot(
+        name=names[0],
+        kind=found.kind,
+        num_features=int(found.num_features),
+        layout=layout,
+        input_shape=shape,
+        module_class=f"{type(module).__module__}.{type(module).__qualname__}",
+        aliases=tuple(names[1:]),
+        extra=extra if refusal is None else None,
+        reached=None if probed is None else shape is not None,
+        feeder=feeder,
+        keep=keep,
+        refusal=refusal,
+    )
+
+
+def find_slots(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    probe: bool = True,
+    feeders: Mapping[str, str | None] | None = None,
+) -> list[Slot]:
+    """The norm slots of ``model``, in ``named_modules()`` order.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule included).
+        example_input: input for one probe forward pass (a tensor, a tuple of positional
+            arguments or a dict of keyword arguments). Default: the model's
+            ``example_input_array`` when it has one. Without an input, layouts come from the
+            classes (for a subclass with its own forward, from a check on random inputs) and
+            ``input_shape`` is None.
+        include: glob patterns on slot names; only matching slots are returned.
+        exclude: glob patterns on slot names; matching slots are left out.
+        probe: run the probe forward pass when an input is available (False: classes only).
+        feeders: ``{slot name: layer name or None}`` declaring the Conv/Linear layer that feeds
+            a slot where the probe cannot see it (None: the slot has no feeder). Default: the
+            model's ``autonorm_feeders`` attribute, when it has one. Otherwise a slot's feeder
+            is found by the probe; without one, from a weight-side normalization autonorm
+            applied before, or from an ``nn.Sequential`` running a Conv/Linear right before it.
+
+    Returns:
+        One :class:`Slot` per norm module (a module shared at several places is one slot).
+
+    Raises:
+        AutoNormError: a declared feeder that is not a Conv/Linear layer of the model with the
+            slot's channel count, or that names no slot.
+        ProbeError: the probe forward pass failed.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> [(s.name, s.kind, s.layout) for s in find_slots(model, torch.zeros(2, 3, 8, 8))]
+        [('1', 'batchnorm', 'channels_first')]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if example_input is None:
+        example_input = getattr(model, "example_input_array", None)
+    if not probe:
+        example_input = None
+    found = _norm_modules(model)
+    if feeders is None:
+        feeders = getattr(model, FEEDERS_ATTR, None)
+    channels = {name: f.num_features for f in found.values() for name in f.names}
+    declared = declared_feeders(model, feeders, channels)
+    found = {k: f for k, f in found.items() if _selected(f.names, include, exclude)}
+    custom = {k for k, f in found.items() if f.extra is None and not _native_forward(f.module)}
+    feeder_modules = {
+        id(m): (m, name) for name, m in model.named_modules() if name and is_feeder(m)
+    }
+    probed = None
+    if example_input is not None and found:
+        modules = {k: f.module for k, f in found.items()}
+        probed = run_probe(model, modules, example_input, custom, feeders=feeder_modules)
+    tagged = tagged_feeders(feeder_modules)
+    slots = [
+        _make_slot(model, key, f, probed, key in custom, declared, tagged)
+        for key, f in found.items()
+    ]
+    unreached = [s.name for s in slots if s.reached is False]
+    if unreached:
+        warnings.warn(
+            f"the probe forward pass did not reach {len(unreached)} norm slot(s): {unreached[:10]}"
+            f"{' ...' if len(unreached) > 10 else ''}; their layouts come from their classes",
+            stacklevel=2,
+        )
+    return slots
