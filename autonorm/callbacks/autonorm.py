@@ -119,9 +119,18 @@ def _selected(slot: Slot, include: Any, exclude: Any) -> bool:
     )
 
 
-def current_structure(model: nn.Module) -> NormConfig:
-    """The choice that rebuilds each slot's layer as it is now (what a checkpoint needs)."""
-    slots = find_slots(model)
+def current_structure(
+    model: nn.Module, feeders: Mapping[str, str | None] | None = None
+) -> NormConfig:
+    """The choice that rebuilds each slot's layer as it is now (what a checkpoint needs).
+
+    Args:
+        model: the model.
+        feeders: ``{slot name: feeder name or None}`` as a probe found them: a rewrite of the
+            norm layers leaves them as they are, so the model is not probed again. Without
+            them the model is probed.
+    """
+    slots = find_slots(model, probe=feeders is None, feeders=feeders)
     return NormConfig({s.name: s.keep_choice() for s in slots}, metadata={"source": "structure"})
 
 
@@ -178,6 +187,7 @@ class _AutoNormLogic(_CallbackType):
         self.mixing_history: list[dict[str, Any]] = []
         self.recorder = TrainingStepRecorder() if record_metrics else None
         self._applied = False
+        self._feeders: dict[str, str | None] | None = None  # the slots' feeders, from the probe
         self._original_configure_optimizers: Any = None
 
     # -- setup: the rewrite --------------------------------------------------------------------
@@ -196,7 +206,8 @@ class _AutoNormLogic(_CallbackType):
             raise AutoNormError(self._no_slot_message(pl_module))
         self._rewrite(trainer, pl_module, found, example)
         self._applied = True
-        self.structure = current_structure(pl_module)
+        self._feeders = {s.name: s.feeder for s in found}
+        self.structure = current_structure(pl_module, self._feeders)
         if self.mode == "learn" and (
             self.mixing_lr_scale is not None or self.mixing_weight_decay is not None
         ):
@@ -417,7 +428,7 @@ class _AutoNormLogic(_CallbackType):
                 modules=new_bns,
             )
             log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
-        self.structure = current_structure(pl_module)
+        self.structure = current_structure(pl_module, self._feeders)
 
     def resolved_config_path(self, trainer: Any) -> Path:
         """Where the derived/applied config is written."""
@@ -431,7 +442,9 @@ class _AutoNormLogic(_CallbackType):
     @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # the structure recorded after the rewrite (and after finalize): no probe per checkpoint
-        structure = self.structure if self.structure is not None else current_structure(pl_module)
+        structure = self.structure
+        if structure is None:
+            structure = current_structure(pl_module, self._feeders)
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(structure, self.config, self.mode)
 
     @override
