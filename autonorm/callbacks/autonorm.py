@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 MODES = ("learn", "search", "fixed")
 #: Callbacks known to copy the model in their own ``setup``: re-run after the rewrite.
 _COPYING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
-OOM_REASON = "out of memory during training"
 
 
 def _is_copying_callback(callback: object) -> bool:
@@ -165,8 +164,8 @@ class _AutoNormLogic(_CallbackType):
         )
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a metric name, got {monitor!r}")
+        resolved_space = resolve_space(space)
         self.trial = trial
-        space = resolve_space(space)
         self.monitor = monitor
         self.include = include
         self.exclude = exclude
@@ -180,7 +179,8 @@ class _AutoNormLogic(_CallbackType):
         self.example_input = example_input
         self.log_mixing_weights = log_mixing_weights
         self.budget = _check_budget(budget, record_metrics)
-        self.space: SearchSpace = space.for_budget(self.budget)  # syncbatchnorm: several devices
+        # syncbatchnorm only where the budget has several devices
+        self.space: SearchSpace = resolved_space.for_budget(self.budget)
         self.config = _as_config(config)
         self.slots: list[Slot] = []
         self.structure: NormConfig | None = None
@@ -328,7 +328,7 @@ class _AutoNormLogic(_CallbackType):
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.trial is not None and is_oom_error(exception):
-            self.mark_infeasible(OOM_REASON)
+            self.mark_infeasible(trial_glue.OOM_REASON)
 
     def measurements(self) -> dict[str, Any]:
         """The step recorder's summary so far (empty without ``record_metrics``)."""
@@ -510,4 +510,4 @@ class AutoNorm(_AutoNormLogic, *CALLBACK_BASES):  # type: ignore[misc]
     """
 
 
-__all__ = ["MODES", "AutoNorm", "TrialOutcome"]
+__all__ = ["MODES", "AutoNorm"]

@@ -25,6 +25,9 @@ from autonorm.slots import Slot
 if TYPE_CHECKING:
     import optuna
 
+#: Why a trial that ran out of memory is infeasible (the runner's ``TrialPruned`` says the same).
+OOM_REASON = "out of memory during training"
+
 
 @dataclass(frozen=True)
 class TrialOutcome:
