@@ -12,7 +12,8 @@ from typing import Any
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 
-def _import(name: str) -> Any:
+def import_optional(name: str) -> Any:
+    """The module ``name``, or None when it is not installed."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -21,7 +22,7 @@ def _import(name: str) -> Any:
 
 def installed_namespaces() -> list[Any]:
     """The Lightning packages that import here."""
-    return [mod for mod in (_import(name) for name in NAMESPACES) if mod is not None]
+    return [mod for mod in (import_optional(name) for name in NAMESPACES) if mod is not None]
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -34,17 +35,3 @@ def _callback_bases() -> tuple[type, ...]:
 
 
 CALLBACK_BASES = _callback_bases()
-
-
-def lightning_module_classes() -> tuple[type, ...]:
-    return tuple(mod.LightningModule for mod in installed_namespaces())
-
-
-def checkpoint_safe_globals() -> list[Any]:
-    """Classes Lightning puts into checkpoints that ``torch.load(weights_only=True)`` must allow."""
-    out = []
-    for name in NAMESPACES:
-        parsing = _import(f"{name}.utilities.parsing")
-        if parsing is not None and hasattr(parsing, "AttributeDict"):
-            out.append(parsing.AttributeDict)
-    return out

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import optuna
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from pytorch_lightning.callbacks import StochasticWeightAveraging
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 import autonorm
-from autonorm import AutoNormError, NormChoice, NormConfig
+from autonorm import AutoNormError, NormConfig
 from autonorm.callbacks import AutoNorm
 from autonorm.norms import SwitchableNorm
 from tests.lightning_models import NoNormNet, TinyConvNet, TinyDataModule, tiny_trainer
@@ -100,78 +99,6 @@ def test_finalize_swaps_in_native_layers_and_recalibrates_batchnorm(tmp_path):
     assert callback.config["bn1"].name == "batchnorm"
 
 
-def test_mixing_lr_scale_puts_logits_in_their_own_group_and_resumes(tmp_path):
-    class WithScheduler(TinyConvNet):
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=1e-3)
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
-
-    model = WithScheduler()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    callback = AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0)
-    trainer = tiny_trainer(tmp_path, [callback, ckpt], max_epochs=2, enable_checkpointing=True)
-    trainer.fit(model, datamodule=TinyDataModule())
-    groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2
-    mixing = {
-        id(p)
-        for sn in model.modules()
-        if isinstance(sn, SwitchableNorm)
-        for p in (sn.mean_weight, sn.var_weight)
-    }
-    assert {id(p) for p in groups[1]["params"]} == mixing
-    assert groups[1]["weight_decay"] == 0.0
-    # StepLR halved both groups twice: the mixing group keeps its 0.1 ratio
-    assert groups[0]["lr"] == pytest.approx(0.025) and groups[1]["lr"] == pytest.approx(0.0025)
-
-    resumed = WithScheduler()
-    trainer2 = tiny_trainer(
-        tmp_path,
-        [AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0)],
-        max_epochs=3,
-    )
-    trainer2.fit(
-        resumed, datamodule=TinyDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
-    )
-    assert trainer2.current_epoch == 3
-    assert trainer2.optimizers[0].param_groups[1]["lr"] == pytest.approx(0.00125)
-
-
-def test_checkpoint_round_trip_and_resume(tmp_path):
-    model = TinyConvNet()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = tiny_trainer(
-        tmp_path, [AutoNorm(mode="learn"), ckpt], max_epochs=2, enable_checkpointing=True
-    )
-    trainer.fit(model, datamodule=TinyDataModule())
-    path = tmp_path / "ckpt" / "last.ckpt"
-
-    loaded = autonorm.load_from_checkpoint(TinyConvNet, path)
-    x = torch.randn(5, 2, 16)
-    model.eval()
-    loaded.eval()
-    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    assert isinstance(loaded.bn1, SwitchableNorm)
-
-    with pytest.raises(RuntimeError, match="state_dict"):
-        TinyConvNet.load_from_checkpoint(path)
-
-    resumed = TinyConvNet()
-    trainer2 = tiny_trainer(tmp_path, [AutoNorm(mode="learn")], max_epochs=3)
-    trainer2.fit(resumed, datamodule=TinyDataModule(), ckpt_path=str(path))
-    assert trainer2.global_step > trainer.global_step
-    assert isinstance(resumed.bn1, SwitchableNorm)
-
-
-def test_load_from_checkpoint_refuses_a_plain_checkpoint(tmp_path):
-    model = TinyConvNet()
-    trainer = tiny_trainer(tmp_path, [], max_epochs=1)
-    trainer.fit(model, datamodule=TinyDataModule())
-    trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    with pytest.raises(AutoNormError, match="load_from_checkpoint"):
-        autonorm.load_from_checkpoint(TinyConvNet, tmp_path / "plain.ckpt")
-
-
 @pytest.mark.parametrize("autonorm_first", [True, False])
 def test_swa_sees_the_rewritten_model_in_either_order(tmp_path, autonorm_first):
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
@@ -195,78 +122,6 @@ def test_unknown_callback_holding_a_model_copy_before_autonorm_is_refused(tmp_pa
         tiny_trainer(tmp_path, [CopyingCallback(), AutoNorm(mode="learn")], max_epochs=1).fit(
             model, datamodule=TinyDataModule()
         )
-
-
-class _AlwaysPrune(optuna.pruners.BasePruner):
-    def prune(self, study, trial):
-        return True
-
-
-def test_search_mode_with_a_real_study(tmp_path):
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", sampler=optuna.samplers.RandomSampler(seed=0)
-    )
-
-    def objective(trial):
-        model = TinyConvNet()
-        callback = AutoNorm(trial=trial, space="cnn", monitor="val_loss")
-        trainer = tiny_trainer(tmp_path, [callback], max_epochs=2)
-        trainer.fit(model, datamodule=TinyDataModule())
-        applied = {slot.name: slot.keep_choice() for slot in autonorm.find_slots(model)}
-        assert applied == {name: NormChoice.parse(label) for name, label in trial.params.items()}
-        return callback.monitored_value(trainer)
-
-    study.optimize(objective, n_trials=2)
-    trial = study.trials[0]
-    assert set(trial.params) == set(SLOTS)
-    assert set(trial.intermediate_values) == {0, 1}
-    assert trial.user_attrs["config"].keys() == set(SLOTS)
-    assert trial.user_attrs["n_params"] > 0 and trial.user_attrs["peak_memory"] > 0
-    assert trial.user_attrs["step_time"] > 0
-    assert "batchnorm" in study.trials[0].distributions["bn1"].choices
-
-
-def test_search_mode_prunes(tmp_path):
-    study = optuna.create_study(pruner=_AlwaysPrune())
-
-    def objective(trial):
-        trainer = tiny_trainer(tmp_path, [AutoNorm(trial=trial)], max_epochs=3)
-        trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
-        return 0.0
-
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
-    assert trial.state == optuna.trial.TrialState.PRUNED
-    assert "epoch 0" in trial.user_attrs["prune_reason"]
-
-
-def test_search_mode_over_memory_budget_is_infeasible(tmp_path):
-    study = optuna.create_study()
-
-    def objective(trial):
-        cb = AutoNorm(trial=trial, budget=autonorm.Budget(max_memory="1KiB"))
-        tiny_trainer(tmp_path, [cb], max_epochs=2).fit(TinyConvNet(), datamodule=TinyDataModule())
-        return 0.0
-
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
-    assert trial.state == optuna.trial.TrialState.PRUNED
-    assert trial.user_attrs["feasible"] is False
-    assert "peak memory" in trial.user_attrs["infeasible_reason"]
-    assert trial.user_attrs["peak_memory"] > 1024
-    assert "epochs" not in trial.user_attrs  # ended at once, before any validation
-
-
-def test_monitor_never_logged_names_the_logged_metrics(tmp_path):
-    study = optuna.create_study()
-
-    def objective(trial):
-        cb = AutoNorm(trial=trial, monitor="val_accuracy")
-        tiny_trainer(tmp_path, [cb], max_epochs=1).fit(TinyConvNet(), datamodule=TinyDataModule())
-        return 0.0
-
-    with pytest.raises(AutoNormError, match=r"'val_accuracy' was never logged.*val_acc"):
-        study.optimize(objective, n_trials=1)
 
 
 def test_model_without_norm_slots_is_refused(tmp_path):

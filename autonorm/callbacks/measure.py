@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autonorm._trial_keys import MEMORY_METHOD, N_PARAMS, PEAK_MEMORY, STEP_TIME
+
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
@@ -141,12 +143,12 @@ class TrainingStepRecorder:
     def summary(self) -> dict[str, Any]:
         """Plain values: ``peak_memory`` (bytes), ``step_time`` (median s), ``n_params``,
         ``memory_method`` ("cuda" or "cpu-estimate"), ``activation_bytes``."""
-        out: dict[str, Any] = {"n_params": self.n_params, "memory_method": self.method}
+        out: dict[str, Any] = {N_PARAMS: self.n_params, MEMORY_METHOD: self.method}
         if self._steps:
-            out["peak_memory"] = self.peak_memory
+            out[PEAK_MEMORY] = self.peak_memory
             out["activation_bytes"] = self.activation_bytes
         # skip the first (warm-up) step when there are others
         times = self.step_times[1:] or self.step_times
         if times:
-            out["step_time"] = statistics.median(times)
+            out[STEP_TIME] = statistics.median(times)
         return out

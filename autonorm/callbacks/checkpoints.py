@@ -1,0 +1,121 @@
+"""What the AutoNorm callback puts into Lightning checkpoints, and reading it back.
+
+A checkpoint of a rewritten model holds its layer structure (the choice that rebuilds each
+slot's layer as it is) under :data:`CHECKPOINT_KEY`, so that a fresh model of the original class
+can be rewritten to fit the saved weights: when resuming a fit, and in
+:func:`load_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from autonorm._errors import AutoNormError
+from autonorm.callbacks._lightning import NAMESPACES, import_optional
+from autonorm.config import NormConfig
+from autonorm.surgery import apply_config
+
+#: The checkpoint entry written by the callback: ``{"structure", "config", "mode"}``.
+CHECKPOINT_KEY = "autonorm"
+
+
+def checkpoint_safe_globals() -> list[Any]:
+    """Classes Lightning puts into checkpoints that ``torch.load(weights_only=True)`` must allow."""
+    out = []
+    for name in NAMESPACES:
+        parsing = import_optional(f"{name}.utilities.parsing")
+        if parsing is not None and hasattr(parsing, "AttributeDict"):
+            out.append(parsing.AttributeDict)
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def checkpoint_entry(
+    structure: NormConfig | None, config: NormConfig | None, mode: str
+) -> dict[str, Any]:
+    """The plain-valued entry the callback stores under :data:`CHECKPOINT_KEY`."""
+    return {
+        "structure": None if structure is None else structure.to_dict(),
+        "config": None if config is None else config.to_dict(),
+        "mode": mode,
+    }
+
+
+def read_entry(checkpoint: dict[str, Any]) -> tuple[NormConfig, NormConfig | None] | None:
+    """``(structure, config)`` of a loaded checkpoint, or None when AutoNorm did not write it."""
+    info = checkpoint.get(CHECKPOINT_KEY)
+    if not info or not info.get("structure"):
+        return None
+    config = NormConfig.from_dict(info["config"]) if info.get("config") else None
+    return NormConfig.from_dict(info["structure"]), config
+
+
+def structure_from_checkpoint(
+    ckpt_path: str | os.PathLike[str] | None,
+) -> tuple[NormConfig, NormConfig | None] | None:
+    """``(structure, config)`` saved in the checkpoint a fit resumes from, or None (no such
+    file, or not written by AutoNorm)."""
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return None
+    return read_entry(load_checkpoint(ckpt_path))
+
+
+def load_from_checkpoint(
+    model_class: type[nn.Module],
+    checkpoint_path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    map_location: Any = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Rebuild a model trained with :class:`~autonorm.callbacks.AutoNorm` from its checkpoint.
+
+    ``ModelClass.load_from_checkpoint`` builds the original architecture, so it fails on the
+    rewritten layers' weights; this function builds the model, applies the checkpoint's layer
+    structure and loads the weights strictly.
+
+    Args:
+        model_class: the LightningModule (or nn.Module) class.
+        checkpoint_path: the ``.ckpt`` file.
+        strict: strict ``load_state_dict`` (default).
+        map_location: device for the weights (default CPU).
+        **kwargs: init arguments overriding the checkpoint's saved hyperparameters.
+
+    Returns:
+        The model, with the weights loaded and the config it was trained with (if any) as
+        ``model.autonorm_config``.
+
+    Raises:
+        AutoNormError: the checkpoint was not written with the AutoNorm callback.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    entry = read_entry(checkpoint)
+    if entry is None:
+        raise AutoNormError(
+            f"{os.fspath(checkpoint_path)!r} holds no AutoNorm structure: it was not saved by a "
+            f"Trainer with the AutoNorm callback; use {model_class.__name__}.load_from_checkpoint"
+        )
+    structure, config = entry
+    hparams = {
+        k: v
+        for k, v in dict(checkpoint.get("hyper_parameters") or {}).items()
+        if not k.startswith("_")
+    }
+    model = model_class(**{**hparams, **kwargs})
+    apply_config(model, structure, partial=True)
+    state = checkpoint["state_dict"]
+    if map_location is not None:
+        state = {k: v.to(map_location) for k, v in state.items()}
+    model.load_state_dict(state, strict=strict)
+    if config is not None:
+        model.autonorm_config = config  # type: ignore[assignment]
+    return model
