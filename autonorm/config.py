@@ -25,7 +25,7 @@ from autonorm.norms.registry import COMMON_PARAMS
 from autonorm.norms.weight import check_weight
 
 if TYPE_CHECKING:
-    from autonorm.slots import Slot
+    from autonorm.surgery import Slot
 
 SCHEMA_VERSION = 1
 _SUFFIXES = (".yaml", ".yml", ".json")

@@ -70,7 +70,7 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     from autonorm.budget import Budget
     from autonorm.recommend import recommend
-    from autonorm.slots import find_slots
+    from autonorm.surgery import find_slots
 
     sys.path.insert(0, os.getcwd())
     cls = import_class(args.model, "model")

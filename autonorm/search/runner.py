@@ -45,7 +45,7 @@ from autonorm.search.training import (
 )
 from autonorm.search.warm_start import narrow_space, warm_start_params
 from autonorm.search_spaces import SearchSpace
-from autonorm.slots import Slot, find_slots
+from autonorm.surgery import Slot, find_slots
 
 log = logging.getLogger(__name__)
 

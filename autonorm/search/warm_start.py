@@ -22,38 +22,9 @@ from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.recommend import recommend
 from autonorm.search_spaces import SearchSpace
-from autonorm.slots import Slot
+from autonorm.surgery import Slot, candidate_scores, family
 
 log = logging.getLogger(__name__)
-
-#: A choice's registry name -> the SwitchableNorm candidate computing the closest statistics.
-FAMILIES: dict[str, dict[str, str]] = {
-    "channels_first": {
-        "batchnorm": "batch",
-        "syncbatchnorm": "batch",
-        "instancenorm": "instance",
-        "groupnorm": "layer",
-        "layernorm": "layer",
-        "rmsnorm": "layer",
-    },
-    "channels_last": {
-        "batchnorm": "batch",
-        "syncbatchnorm": "batch",
-        "layernorm": "layer",
-        "rmsnorm": "rms",
-    },
-}
-
-
-def family(choice: NormChoice, layout: str) -> str | None:
-    """The SN candidate whose learned weight speaks for ``choice`` (None: no such candidate)."""
-    return FAMILIES[layout].get(choice.name)
-
-
-def candidate_scores(weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of the learned mean- and variance-weights per candidate."""
-    return {c: (weights["mean"][c] + weights["var"][c]) / 2 for c in weights["mean"]}
-
 
 def narrow_space(
     space: SearchSpace,
@@ -138,14 +109,14 @@ def _baseline_params(
     """
     by_name = {s.name: s for s in slots}
 
-    def pick(labels: list[str], slot: Slot, family: dict[str, str]) -> str | None:
-        if family.get("keep"):
+    def pick(labels: list[str], slot: Slot, uniform: dict[str, str]) -> str | None:
+        if uniform.get("keep"):
             label = slot.keep_choice().label
             return label if label in labels else None
-        wanted = family[slot.layout]
+        wanted = uniform[slot.layout]
         return next((label for label in labels if _plain_choice(label, wanted)), None)
 
-    families = [
+    uniform_configs = [
         ("own norms", {"keep": "1"}),
         (
             "uniform:groupnorm/layernorm",
@@ -155,10 +126,10 @@ def _baseline_params(
         ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
     ]
     out: list[tuple[str, dict[str, str]]] = []
-    for label, family in families:
+    for label, uniform in uniform_configs:
         chosen: dict[str, str] = {}
         for param, (labels, names) in params.items():
-            picks = {pick(labels, by_name[n], family) for n in names}
+            picks = {pick(labels, by_name[n], uniform) for n in names}
             if None in picks or len(picks) != 1:
                 break
             chosen[param] = picks.pop()  # type: ignore[assignment]
