@@ -6,7 +6,7 @@ from autonorm.callbacks.autonorm import AutoNorm
 from autonorm.callbacks.checkpoints import load_from_checkpoint
 from autonorm.callbacks.optimizers import split_mixing_group
 from autonorm.callbacks.trial import TrialOutcome
-from autonorm.recalibrate import recalibrate_batchnorm
+from autonorm.surgery.recalibrate import recalibrate_batchnorm
 
 __all__ = [
     "AutoNorm",

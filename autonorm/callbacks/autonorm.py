@@ -5,7 +5,7 @@ before ``configure_optimizers``, the move to the device and the DDP wrap) and de
 rewrite to :mod:`autonorm.surgery` (which works without Lightning), the Optuna trial to
 :mod:`autonorm.callbacks.trial`, checkpoints to :mod:`autonorm.callbacks.checkpoints`, the mixing
 weights' param group to :mod:`autonorm.callbacks.optimizers`, BatchNorm recalibration to
-:mod:`autonorm.recalibrate`.
+:mod:`autonorm.surgery.recalibrate`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,17 @@ from autonorm.callbacks.measure import TrainingStepRecorder
 from autonorm.callbacks.optimizers import wrap_configure_optimizers
 from autonorm.callbacks.trial import TrialOutcome
 from autonorm.config import NormConfig
-from autonorm.recalibrate import default_calibration_forward, recalibrate_batchnorm
 from autonorm.search_spaces import SearchSpace, resolve_space
-from autonorm.slots import Slot, _matches, find_slots
-from autonorm.surgery import apply_config, derive_config, switchable_layers, to_switchable
+from autonorm.surgery import (
+    Slot,
+    apply_config,
+    derive_config,
+    find_slots,
+    select_slots,
+    switchable_layers,
+    to_switchable,
+)
+from autonorm.surgery.recalibrate import default_calibration_forward, recalibrate_batchnorm
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackType
@@ -109,13 +116,6 @@ def _as_config(config: NormConfig | str | os.PathLike[str] | None) -> NormConfig
     if loaded is not None and not isinstance(loaded, NormConfig):
         raise ValueError(f"`config` must be a NormConfig or a path, got {type(config).__name__}")
     return loaded
-
-
-def _selected(slot: Slot, include: Any, exclude: Any) -> bool:
-    """Whether ``include``/``exclude`` select the slot, as :func:`find_slots` filters."""
-    return (include is None or any(_matches(n, include) for n in slot.names)) and not any(
-        _matches(n, exclude) for n in slot.names
-    )
 
 
 def current_structure(
@@ -201,7 +201,7 @@ class _AutoNormLogic(_CallbackType):
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
         found = find_slots(pl_module, example)  # every slot, probed once
-        self.slots = [s for s in found if _selected(s, self.include, self.exclude)]
+        self.slots = select_slots(found, self.include, self.exclude)
         if not self.slots:
             raise AutoNormError(self._no_slot_message(pl_module))
         self._rewrite(trainer, pl_module, found, example)

@@ -20,7 +20,7 @@ from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search_spaces import SearchSpace
-from autonorm.slots import Slot
+from autonorm.surgery import Slot
 
 if TYPE_CHECKING:
     import optuna

@@ -26,6 +26,7 @@ from autonorm.surgery import Slot, candidate_scores, family
 
 log = logging.getLogger(__name__)
 
+
 def narrow_space(
     space: SearchSpace,
     slots: Sequence[Slot],

@@ -22,7 +22,8 @@ from autonorm.surgery.derive import (
 from autonorm.surgery.feeders import FEEDERS_ATTR
 from autonorm.surgery.probe import call_with_example
 from autonorm.surgery.rebuild import NormWithExtra, build_replacement, keep_choice_of
-from autonorm.surgery.slots import Slot, SlotType, find_slots, register_slot_type
+from autonorm.surgery.recalibrate import default_calibration_forward, recalibrate_batchnorm
+from autonorm.surgery.slots import Slot, SlotType, find_slots, register_slot_type, select_slots
 
 __all__ = [
     "CANDIDATE_CHOICES",
@@ -36,12 +37,15 @@ __all__ = [
     "build_replacement",
     "call_with_example",
     "candidate_scores",
+    "default_calibration_forward",
     "derive_config",
     "family",
     "find_slots",
     "keep_choice_of",
     "ranked_choices",
+    "recalibrate_batchnorm",
     "register_slot_type",
+    "select_slots",
     "switchable_layers",
     "to_switchable",
     "validate_config",

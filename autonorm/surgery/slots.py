@@ -317,13 +317,24 @@ def _norm_modules(model: nn.Module) -> dict[int, _Found]:
 
 
 def _selected(
-    names: list[str],
+    names: Sequence[str],
     include: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
 ) -> bool:
     return (include is None or any(_matches(n, include) for n in names)) and not any(
         _matches(n, exclude) for n in names
     )
+
+
+def select_slots(
+    slots: Sequence[Slot],
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> list[Slot]:
+    """The slots that the glob patterns ``include`` / ``exclude`` select (as :func:`find_slots`
+    selects them): a slot is selected when one of its names matches ``include`` (or
+    ``include`` is None) and none matches ``exclude``."""
+    return [s for s in slots if _selected(s.names, include, exclude)]
 
 
 def _rewritable(
