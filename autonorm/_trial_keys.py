@@ -29,6 +29,8 @@ N_PARAMS = "n_params"
 PEAK_MEMORY = "peak_memory"
 STEP_TIME = "step_time"
 MEMORY_METHOD = "memory_method"
+#: bytes of activations saved for backward in a training step (part of the CPU estimate).
+ACTIVATION_BYTES = "activation_bytes"
 #: the worker running the trial and its last heartbeat.
 WORKER = "worker"
 HEARTBEAT = "heartbeat"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autonorm._trial_keys import MEMORY_METHOD, N_PARAMS, PEAK_MEMORY, STEP_TIME
+from autonorm._trial_keys import ACTIVATION_BYTES, MEMORY_METHOD, N_PARAMS, PEAK_MEMORY, STEP_TIME
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -146,7 +146,7 @@ class TrainingStepRecorder:
         out: dict[str, Any] = {N_PARAMS: self.n_params, MEMORY_METHOD: self.method}
         if self._steps:
             out[PEAK_MEMORY] = self.peak_memory
-            out["activation_bytes"] = self.activation_bytes
+            out[ACTIVATION_BYTES] = self.activation_bytes
         # skip the first (warm-up) step when there are others
         times = self.step_times[1:] or self.step_times
         if times:

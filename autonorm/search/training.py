@@ -17,6 +17,7 @@ from torch import nn
 from autonorm._errors import AutoNormError
 from autonorm.budget import Budget, free_memory, is_oom_error
 from autonorm.callbacks import AutoNorm
+from autonorm.callbacks.trial import OOM_REASON
 from autonorm.config import NormConfig
 from autonorm.search.settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
 from autonorm.search_spaces import SearchSpace
@@ -170,8 +171,9 @@ def run_trial(
     except Exception as err:
         if not is_oom_error(err):
             raise
-        free_memory()  # the callback has marked the trial infeasible (its on_exception hook)
-        raise optuna.TrialPruned("out of memory during training") from None
+        free_memory()
+        callback.mark_infeasible(OOM_REASON)  # also when it struck before fit reached the callback
+        raise optuna.TrialPruned(OOM_REASON) from None
     outcome = callback.outcome(trainer)
     values = [outcome.value]
     for name in objectives[1:]:
