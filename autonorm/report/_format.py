@@ -1,0 +1,42 @@
+"""Values as the page, the figures and the dashboard note show them."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import yaml
+
+from autonorm.budget import format_bytes
+from autonorm.config import NormChoice
+
+
+def esc(value: Any) -> str:
+    """``str(value)`` escaped for HTML (quotes too)."""
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """A cell value: "-" for None, floats with 6 significant digits."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def choice_label(value: Any) -> str:
+    """The label of a stored choice (``groupnorm(groups=4)``), spelled as :class:`NormChoice`
+    spells it; a value that is no valid choice (a study autonorm did not write) as it is."""
+    try:
+        return NormChoice.parse(value).label
+    except (ValueError, yaml.YAMLError):  # YAMLError: a malformed parameter in a label
+        return str(value)
+
+
+def budget_limit(key: str, value: Any) -> str:
+    """A budget limit for people: memory in bytes as KiB/MiB/GiB, anything else as it is."""
+    if "memory" not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return format_bytes(value)

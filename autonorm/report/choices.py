@@ -1,0 +1,193 @@
+"""The report's figures about the choices: how much each searched parameter matters, and which
+choice won in each slot."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from autonorm.report._format import choice_label, esc
+from autonorm.report.figures import COLORS
+from autonorm.report.summary import FINISHED, trial_config
+from autonorm.report.winners import feasible_complete, maximizes
+
+# -- importance --------------------------------------------------------------------------------
+
+
+def importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, float]:
+    """Parameter importances for the first objective, over the feasible COMPLETE trials only
+    (copied into an in-memory study, so that trials over the budget do not count).
+
+    Raises:
+        ValueError: fewer than 2 feasible complete trials, or no parameter they share.
+    """
+    feasible = feasible_complete(trials)
+    if len(feasible) < 2:
+        raise ValueError(
+            f"needs at least 2 feasible complete trials, the study has {len(feasible)}"
+        )
+    common = set(feasible[0].params)
+    for t in feasible[1:]:
+        common &= set(t.params)
+    if not common:
+        raise ValueError("the feasible trials share no parameter")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        scratch = optuna.create_study(direction=study.directions[0])
+        for t in feasible:
+            scratch.add_trial(
+                optuna.trial.create_trial(
+                    params={k: t.params[k] for k in common},
+                    distributions={k: t.distributions[k] for k in common},
+                    value=t.values[0],
+                )
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental and few-trial warnings: report only
+            return optuna.importance.get_param_importances(scratch)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def importance_figure(importances: dict[str, float], name: str) -> Any:
+    """Horizontal bars, the most important parameter on top."""
+    import plotly.graph_objects as go
+
+    ordered = sorted(importances.items(), key=lambda kv: kv[1])
+    fig = go.Figure(
+        go.Bar(
+            x=[v for _, v in ordered],
+            y=[k for k, _ in ordered],
+            orientation="h",
+            marker={"color": COLORS["complete"]},
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis={"title": {"text": f"importance for {name} (sums to 1)"}},
+        yaxis={"automargin": True},
+    )
+    return fig
+
+
+# -- which choice won, per slot ----------------------------------------------------------------
+
+
+def slot_order(info: dict[str, Any], trials: Sequence[FrozenTrial]) -> list[str]:
+    """The slots in the order the study's settings list them, then those only trials name."""
+    slots: list[str] = []
+    for slot in info.get("slots") or []:
+        if isinstance(slot, dict) and slot.get("name") is not None:
+            slots.append(str(slot["name"]))
+    for t in trials:
+        for name in trial_config(t):
+            if name not in slots:
+                slots.append(name)
+    return slots
+
+
+@dataclass
+class _ChoiceStats:
+    """Per (slot, choice label): how often finished trials tried it and the best value (with
+    its trial) among the feasible complete ones."""
+
+    maximize: bool
+    choices: set[str] = field(default_factory=set)
+    tried: Counter[tuple[str, str]] = field(default_factory=Counter)
+    best: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, study: optuna.Study, trials: Sequence[FrozenTrial]) -> _ChoiceStats:
+        stats = cls(maximizes(study))
+        feasible = {t.number for t in feasible_complete(trials)}
+        for t in trials:
+            if t.state not in FINISHED:
+                continue
+            for slot, value in trial_config(t).items():
+                key = (slot, choice_label(value))
+                stats.choices.add(key[1])
+                stats.tried[key] += 1
+                if t.number in feasible:
+                    stats.offer(key, t.values[0], t.number)
+        return stats
+
+    def offer(self, key: tuple[str, str], value: float, trial: int) -> None:
+        old = self.best.get(key)
+        if old is None or (value > old[0] if self.maximize else value < old[0]):
+            self.best[key] = (value, trial)
+
+
+def _choice_cell(
+    stats: _ChoiceStats, slot: str, choice: str, winner: float | None
+) -> tuple[float | None, str, str]:
+    """(value, cell text, hover text) of one heatmap cell."""
+    n = stats.tried.get((slot, choice), 0)
+    cell = stats.best.get((slot, choice))
+    if cell is None:
+        status = "not tried" if n == 0 else f"tried {n}x, no feasible result"
+        return None, "" if n == 0 else "x", f"{esc(slot)}<br>{esc(choice)}<br>{status}"
+    star = " ★" if cell[0] == winner else ""
+    hover = (
+        f"{esc(slot)}<br>{esc(choice)}<br>best {cell[0]:.6g} (trial {cell[1]})"
+        f"<br>tried in {n} finished trials"
+    )
+    return cell[0], f"{cell[0]:.4g}{star}", hover
+
+
+def choice_map(
+    study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str]
+) -> tuple[list[str], list[list[float | None]], list[list[str]], list[list[str]]]:
+    """(choices, best value, cell text, hover text) per slot and choice: the best first-objective
+    value among the feasible COMPLETE trials that gave the slot that choice."""
+    stats = _ChoiceStats.collect(study, trials)
+    columns = sorted(stats.choices)
+    z: list[list[float | None]] = []
+    text: list[list[str]] = []
+    hover: list[list[str]] = []
+    for slot in slots:
+        values = [stats.best[(slot, c)][0] for c in columns if (slot, c) in stats.best]
+        winner = (max(values) if stats.maximize else min(values)) if values else None
+        cells = [_choice_cell(stats, slot, choice, winner) for choice in columns]
+        z.append([c[0] for c in cells])
+        text.append([c[1] for c in cells])
+        hover.append([c[2] for c in cells])
+    return columns, z, text, hover
+
+
+def choice_map_figure(
+    study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str], name: str
+) -> Any | None:
+    """A slot x choice heatmap of :func:`choice_map` (None without slots or choices)."""
+    import plotly.graph_objects as go
+
+    columns, z, text, hover = choice_map(study, trials, slots)
+    if not columns or not slots:
+        return None
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=columns,
+            y=slots,
+            text=text,
+            texttemplate="%{text}",
+            hovertext=hover,
+            hoverinfo="text",
+            colorscale="Viridis",
+            reversescale=not maximizes(study),  # brighter is better in both directions
+            colorbar={"title": {"text": f"best {name}"}},
+            xgap=2,
+            ygap=2,
+        )
+    )
+    fig.update_layout(
+        yaxis={"autorange": "reversed", "automargin": True, "type": "category"},
+        xaxis={"automargin": True, "type": "category", "side": "top"},
+    )
+    return fig
