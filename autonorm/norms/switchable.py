@@ -324,6 +324,28 @@ class SwitchableNorm(nn.Module):
             self._pending_batch_stats = None
         return out.reshape(x.shape)
 
+    def _token_terms(
+        self,
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        mean_w: torch.Tensor,
+        var_w: torch.Tensor,
+        zeros_row: torch.Tensor,
+        zeros_col: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixed mean and variance of tokens as per-token (row) terms, from the layer and
+        rms candidates, and per-channel (column) terms, from the batch candidate."""
+        mean_row = var_row = zeros_row
+        mean_col = var_col = zeros_col
+        for i, name in enumerate(self.candidates):
+            mean, var = stats[name]
+            if name == "batch":
+                mean_col = mean_col + mean_w[i] * mean
+                var_col = var_col + var_w[i] * var
+            else:
+                mean_row = mean_row + mean_w[i] * mean
+                var_row = var_row + var_w[i] * var
+        return mean_row, var_row, mean_col, var_col
+
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.num_features)
         rows = flat.shape[0]
@@ -377,19 +399,10 @@ class SwitchableNorm(nn.Module):
                 stats["batch"] = (batch_mean, batch_var)
             mean_w = self._mix(mean_logits, mask)
             var_w = self._mix(var_logits, mask)
-            mean_row = var_row = zeros_row  # per-token terms of the mixed mean and variance
-            mean_col = var_col = zeros_col  # per-channel terms: the batch candidate
-            for i, name in enumerate(self.candidates):
-                mean, var = stats[name]
-                if name == "batch":
-                    mean_col = mean_col + mean_w[i] * mean
-                    var_col = var_col + var_w[i] * var
-                else:
-                    mean_row = mean_row + mean_w[i] * mean
-                    var_row = var_row + var_w[i] * var
+            terms = self._token_terms(stats, mean_w, var_w, zeros_row, zeros_col)
             scale = torch.ones_like(zeros_col) if weight is None else weight
             shift = zeros_col if bias is None else bias
-            return mean_row, var_row, mean_col, var_col, scale, shift
+            return *terms, scale, shift
 
         self._pending_batch_stats = None
         out = TokenNorm.apply(
