@@ -171,9 +171,9 @@ class SearchSpace:
                 try:
                     parsed.append(NormChoice.parse(value))
                 except ValueError as err:
-                    problems.append(f"rule {pattern!r}: {err}")
+                    problems.append(f"choices for {pattern!r}: {err}")
             if not parsed:
-                problems.append(f"rule {pattern!r} has no choices")
+                problems.append(f"choices for {pattern!r}: none given")
             patterns.append(PatternChoices(str(pattern), tuple(parsed)))
         if problems:
             raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
