@@ -8,7 +8,7 @@ from autonorm._errors import AutoNormError, ConfigError
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import NORM_NAMES, SwitchableNorm, create_norm
-from autonorm.recommend import format_reasons, recommend
+from autonorm.recommendation import format_reasons, recommend
 from autonorm.surgery import (
     Slot,
     apply_config,

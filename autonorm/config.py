@@ -63,7 +63,9 @@ def _frozen(value: Any) -> Any:
 
 def _split_top_level(text: str) -> list[str]:
     """Split ``a=1, b=[x, y]`` at the commas outside brackets."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char in "[(":
             depth += 1

@@ -1,4 +1,4 @@
-"""autonorm.recommend: rule-based configs for realistic models under a few budgets."""
+"""autonorm.recommend (module autonorm.recommendation): rule-based configs for realistic models under a few budgets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from autonorm import Budget, NormConfig, apply_config, find_slots
-from autonorm.norms import weight_norm_of
-from autonorm.recommend import format_reasons, recommend, recommended_groups
+from autonorm.norms import default_groups, weight_norm_of
+from autonorm.recommendation import TASKS, format_reasons, recommend
 from tests.models import MODELS
 
 
@@ -168,6 +168,14 @@ def test_bad_arguments():
 
 
 def test_recommended_groups_and_docstrings():
-    assert [recommended_groups(c) for c in (3, 4, 8, 12, 64, 96, 512)] == [1, 1, 2, 3, 16, 24, 32]
-    result = doctest.testmod(importlib.import_module("autonorm.recommend"), verbose=False)
+    assert [default_groups(c) for c in (3, 4, 8, 12, 64, 96, 512)] == [1, 1, 2, 3, 16, 24, 32]
+    result = doctest.testmod(importlib.import_module("autonorm.recommendation"), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_function_does_not_shadow_its_module():
+    import autonorm
+    import autonorm.recommendation
+
+    assert autonorm.recommend is recommend
+    assert autonorm.recommendation.TASKS == TASKS

@@ -27,6 +27,8 @@ from autonorm.cli.search import run_search
 
 
 def _plain_parser() -> argparse.ArgumentParser:
+    from autonorm.recommendation import TASKS
+
     parser = argparse.ArgumentParser(
         prog="autonorm", description="Choose the normalization layer of every norm slot."
     )
@@ -51,7 +53,7 @@ def _plain_parser() -> argparse.ArgumentParser:
     rec.add_argument("--devices", type=int, default=1)
     rec.add_argument(
         "--task",
-        choices=("classification", "detection", "segmentation", "generation", "style"),
+        choices=TASKS,
         default=None,
     )
     rec.add_argument("-o", "--output", default=None, help="write the config (.yaml/.json)")

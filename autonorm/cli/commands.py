@@ -69,7 +69,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from autonorm.budget import Budget
-    from autonorm.recommend import recommend
+    from autonorm.recommendation import recommend
     from autonorm.surgery import find_slots
 
     sys.path.insert(0, os.getcwd())

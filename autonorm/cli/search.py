@@ -139,7 +139,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     budget = as_budget(budget_opts or None)
     space = resolve_space(options.space)
     if options.choices:
-        space = dataclasses.replace(space, rules={"*": list(options.choices)})
+        space = dataclasses.replace(space, choices={"*": list(options.choices)})
     if options.weight_norms:
         space = dataclasses.replace(space, weight_norms=True)
     trainer_kwargs = _trainer_defaults(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from autonorm.norms.groups import default_groups, group_counts
 from autonorm.norms.layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
@@ -21,7 +22,6 @@ from autonorm.norms.registry import (
     NormSpec,
     check_choice,
     create_norm,
-    default_groups,
     get_spec,
 )
 from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SwitchableNorm
@@ -59,6 +59,7 @@ __all__ = [
     "create_norm",
     "default_groups",
     "get_spec",
+    "group_counts",
     "set_weight_norm",
     "weight_norm_of",
 ]

@@ -40,6 +40,26 @@ def _check_features(module: nn.Module, x: torch.Tensor, dim: int) -> None:
         )
 
 
+def add_affine(module: nn.Module, num_features: int, affine: bool, factory: dict[str, Any]) -> None:
+    """Give ``module`` per-channel ``weight`` and ``bias`` parameters (set by
+    :func:`reset_affine`), or register both as None when not ``affine``, as torch's norms do."""
+    if affine:
+        module.weight = nn.Parameter(torch.empty(num_features, **factory))
+        module.bias = nn.Parameter(torch.empty(num_features, **factory))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """``weight`` to 1 and ``bias`` to 0, where :func:`add_affine` created them."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
 class BatchNormNd(_BatchNorm):
     """``nn.BatchNorm{1,2,3}d`` for an input of any rank ``(N, C, *)``.
 
@@ -146,40 +166,15 @@ class InstanceNormChannelsLast(InstanceNormNd):
         return super().forward(input.movedim(-1, 1)).movedim(1, -1)
 
 
-class LayerNormChannelsFirst(nn.LayerNorm):
-    """LayerNorm over C at each position of a ``(N, C, *)`` input (ConvNeXt's LayerNorm2d).
-
-    Normalizing over ``(C, H, W)`` per sample is ``groupnorm`` with ``groups=1`` instead.
-    """
-
-    layout = CHANNELS_FIRST
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype
-        )
-
-    @property
-    def num_features(self) -> int:
-        return self.normalized_shape[0]
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() < 2:
-            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
-        return super().forward(input.movedim(1, -1)).movedim(-1, 1)
-
-
-class RMSNormChannelsFirst(nn.RMSNorm):
-    """RMSNorm over C at each position of a ``(N, C, *)`` input."""
+class _OverChannelsAtEachPosition(nn.Module):
+    """A norm over the last dim (``nn.LayerNorm``, ``nn.RMSNorm``) applied over C at each
+    position of a ``(N, C, *)`` input. Mixed in before the native class, whose parameters,
+    buffers and ``state_dict`` keys it keeps."""
 
     layout = CHANNELS_FIRST
+    #: ``eps`` when none is given: the native class's default.
+    default_eps: float | None = None
+    normalized_shape: tuple[int, ...]
 
     def __init__(
         self,
@@ -190,7 +185,11 @@ class RMSNormChannelsFirst(nn.RMSNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype
+            num_features,
+            eps=self.default_eps if eps is None else eps,
+            elementwise_affine=affine,
+            device=device,
+            dtype=dtype,
         )
 
     @property
@@ -200,7 +199,22 @@ class RMSNormChannelsFirst(nn.RMSNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
-        return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+        out: torch.Tensor = super().forward(input.movedim(1, -1))
+        return out.movedim(-1, 1)
+
+
+class LayerNormChannelsFirst(_OverChannelsAtEachPosition, nn.LayerNorm):
+    """LayerNorm over C at each position of a ``(N, C, *)`` input (ConvNeXt's LayerNorm2d).
+
+    Normalizing over ``(C, H, W)`` per sample is ``groupnorm`` with ``groups=1`` instead.
+    """
+
+    default_eps = 1e-5
+
+
+class RMSNormChannelsFirst(_OverChannelsAtEachPosition, nn.RMSNorm):
+    """RMSNorm over C at each position of a ``(N, C, *)`` input (``eps=None``: the dtype's
+    machine epsilon, as ``nn.RMSNorm``)."""
 
 
 class DyT(nn.Module):
@@ -224,6 +238,9 @@ class DyT(nn.Module):
         torch.Size([2, 3, 8])
     """
 
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         num_features: int,
@@ -245,25 +262,18 @@ class DyT(nn.Module):
         self.eps = eps
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty(1, **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, num_features, affine, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         channel_dim = 1 if self.layout == CHANNELS_FIRST else -1
         _check_features(self, input, channel_dim)
         out = torch.tanh(self.alpha * input)
-        if self.affine:
+        if self.weight is not None and self.bias is not None:
             shape = [1] * input.dim()
             shape[channel_dim] = self.num_features
             out = torch.addcmul(self.bias.view(shape), out, self.weight.view(shape))

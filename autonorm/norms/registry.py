@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from autonorm.norms.groups import default_groups
 from autonorm.norms.layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
@@ -38,12 +39,6 @@ _BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5
 _INSTANCENORM_BY_NDIM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
 #: Keyword arguments every registry layer takes.
 COMMON_PARAMS = ("eps", "affine", "device", "dtype")
-_COMMON = COMMON_PARAMS
-
-
-def default_groups(num_features: int, max_groups: int = 32) -> int:
-    """The largest group count <= ``max_groups`` dividing ``num_features`` (32 as in Wu & He)."""
-    return max(g for g in range(1, min(max_groups, num_features) + 1) if num_features % g == 0)
 
 
 def _batchnorm(
@@ -74,7 +69,8 @@ def _syncbatchnorm(
 def _groupnorm(
     num_features: int, *, layout: str, input_ndim: int | None, groups: int | None = None, **kw: Any
 ) -> nn.Module:
-    groups = default_groups(num_features) if groups is None else groups
+    if groups is None:
+        groups = default_groups(num_features, input_ndim=input_ndim)
     if layout == CHANNELS_LAST:
         return GroupNormChannelsLast(num_features, groups, **kw)
     return nn.GroupNorm(groups, num_features, **kw)
@@ -247,7 +243,7 @@ def check_choice(
     problems = check_weight(weight)
     if layout not in spec.layouts:
         problems.append(f"{name} does not support layout {layout!r}")
-    allowed = set(spec.params) | set(_COMMON)
+    allowed = set(spec.params) | set(COMMON_PARAMS)
     unknown = sorted(set(params) - allowed)
     if unknown:
         problems.append(f"{name} takes parameters {sorted(allowed)}, got unknown {unknown}")
@@ -311,7 +307,9 @@ def create_norm(
         input_ndim: rank of the input, when known: picks the native ``nn.BatchNorm{1,2,3}d`` /
             ``nn.InstanceNorm{1,2,3}d``; without it a rank-agnostic subclass is built.
         **kwargs: ``eps``, ``affine``, ``device``, ``dtype`` and the choice's own parameters
-            (``groups`` for groupnorm, ``candidates`` for switchable, ``alpha_init`` for dyt).
+            (``groups`` for groupnorm, by default :func:`~autonorm.norms.groups.default_groups`
+            of the channels and ``input_ndim``; ``candidates`` for switchable, the statistics it
+            mixes; ``alpha_init`` for dyt).
 
     Returns:
         The layer.
@@ -346,8 +344,3 @@ def create_norm(
     if problems:
         raise ValueError("; ".join(problems))
     return get_spec(name).build(num_features, layout=layout, input_ndim=input_ndim, **kwargs)
-
-
-def registry_items() -> Mapping[str, NormSpec]:
-    """Read-only view of the registry (name -> spec)."""
-    return dict(_REGISTRY)

@@ -24,7 +24,7 @@ _NATIVE_SYNC_DEVICES = ("cuda", "hpu", "xpu")
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the processes of a group; the backward sums the gradients too (every rank's
-    loss depends on the global sum)."""
+    loss depends on the global sum, as in ``nn.SyncBatchNorm``)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
@@ -38,6 +38,13 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any | None = None) -> torch.Tensor:
+    """``tensor`` summed over the processes of ``group`` (None: every process), differentiably:
+    the gradient is summed over the processes too. Used by SyncBatchNorm and SwitchableNorm."""
+    out: torch.Tensor = _AllReduceSum.apply(tensor, group)
+    return out
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
@@ -124,7 +131,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         xc = x3.to(compute)
         local = torch.cat([xc.sum((0, 2)), xc.new_tensor([float(n * x3.shape[-1])])])
-        sums = _AllReduceSum.apply(local, group)
+        sums = all_reduce_sum(local, group)
         count = float(sums[-1].item())
         if count <= 1:
             raise ValueError(
@@ -133,7 +140,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             )
         mean = sums[:-1] / count
         centered = xc - mean[None, :, None]
-        var = _AllReduceSum.apply(centered.square().sum((0, 2)), group) / count
+        var = all_reduce_sum(centered.square().sum((0, 2)), group) / count
         out = centered * torch.rsqrt(var + self.eps)[None, :, None]
         if self.weight is not None:
             out = out * self.weight.to(compute)[None, :, None]

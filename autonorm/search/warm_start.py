@@ -20,7 +20,7 @@ from typing import Any
 
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
-from autonorm.recommend import recommend
+from autonorm.recommendation import recommend
 from autonorm.search_spaces import SearchSpace
 from autonorm.surgery import Slot, candidate_scores, family
 
@@ -44,22 +44,22 @@ def narrow_space(
         keep_ratio: a choice stays when its candidate's score is at least this fraction of the
             best candidate's.
     """
-    rules: dict[str, list[Any]] = {}
+    narrowed: dict[str, list[Any]] = {}
     for slot in slots:
-        choices = space.choices_for(slot)
+        offered = space.choices_for(slot)
         if slot.name not in learned:
             continue
         scores = candidate_scores(learned[slot.name])
         best = max(scores.values())
         kept = [
             c
-            for c in choices
+            for c in offered
             if c == slot.keep_choice()
             or family(c, slot.layout) not in scores
             or scores[family(c, slot.layout)] >= keep_ratio * best  # type: ignore[index]
         ]
-        rules[_literal(slot.name)] = [c.to_value() for c in kept]
-    return dataclasses.replace(space, rules=rules, identity=False, keep=False)
+        narrowed[_literal(slot.name)] = [c.to_value() for c in kept]
+    return dataclasses.replace(space, choices=narrowed, identity=False, keep=False)
 
 
 def _literal(name: str) -> str:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from autonorm.search_spaces.space import PRESETS, TIE_MODES, SearchSpace, SpaceRule, resolve_space
+from autonorm.search_spaces.space import (
+    PRESETS,
+    TIE_MODES,
+    PatternChoices,
+    SearchSpace,
+    resolve_space,
+)
 
-__all__ = ["PRESETS", "TIE_MODES", "SearchSpace", "SpaceRule", "resolve_space"]
+__all__ = ["PRESETS", "TIE_MODES", "PatternChoices", "SearchSpace", "resolve_space"]

@@ -1,7 +1,8 @@
 """Search spaces: which norm choices each slot may take.
 
-A :class:`SearchSpace` starts from a preset (a function of the slot) and applies user rules
-(glob patterns on slot names, first match wins) that replace a slot's choices. Choices invalid for
+A :class:`SearchSpace` starts from a preset (a function of the slot) and applies the user's
+``choices`` (``{glob pattern on slot names: [choice, ...]}``, first matching pattern wins), which
+replace a slot's preset choices. Choices invalid for
 a slot (groups not dividing C, instancenorm without positions, a weight-side part without a
 feeder, ...) are removed per slot with :meth:`autonorm.Slot.check`, so that every choice Optuna
 proposes can be applied.
@@ -24,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autonorm._errors import ConfigError
-from autonorm.norms import CHANNELS_FIRST
+from autonorm.norms import CHANNELS_FIRST, default_groups, group_counts
 
 if TYPE_CHECKING:
     from autonorm.budget import Budget
     from autonorm.config import NormChoice
-    from autonorm.slots import Slot
+    from autonorm.surgery import Slot
 
 TIE_MODES = ("none", "stage", "all")
 TIE_PREFIX = "tie:"
@@ -38,20 +39,27 @@ TIE_PREFIX = "tie:"
 WS_PARTNERS = ("groupnorm", "batchnorm", "syncbatchnorm")
 
 
-def _group_counts(slot: Slot, wanted: Sequence[int] = (32, 16, 8, 4, 2)) -> list[int]:
-    """A few GroupNorm group counts for a slot: from ``wanted``, dividing C, with at least 4
-    channels per group (8 on an ``(N, C)`` input, where a group has no positions to average
-    over and tiny groups make the output a sign pattern with exploding gradients)."""
-    no_positions = slot.input_shape is not None and len(slot.input_shape) <= 2
-    min_size = 8 if no_positions else 4
-    counts = [
-        g for g in wanted if slot.num_features % g == 0 and slot.num_features // g >= min_size
-    ]
-    return counts[:3] or [1]
+#: How many GroupNorm group counts a preset offers a slot.
+GROUP_COUNTS_OFFERED = 3
+
+
+def _input_ndim(slot: Slot) -> int | None:
+    return None if slot.input_shape is None else len(slot.input_shape)
+
+
+def _offered_groups(slot: Slot) -> list[int]:
+    """A few group counts for a slot from :func:`~autonorm.norms.group_counts`: its default
+    first, then each valid count at most half the one before, so that the offered group sizes
+    are a factor of 2 or more apart (64 channels: 16, 8, 4)."""
+    offered: list[int] = []
+    for groups in group_counts(slot.num_features, input_ndim=_input_ndim(slot)):
+        if not offered or 2 * groups <= offered[-1]:
+            offered.append(groups)
+    return offered[:GROUP_COUNTS_OFFERED]
 
 
 def _groupnorms(slot: Slot) -> list[dict[str, Any]]:
-    return [{"name": "groupnorm", "groups": g} for g in _group_counts(slot)]
+    return [{"name": "groupnorm", "groups": g} for g in _offered_groups(slot)]
 
 
 def _auto(slot: Slot) -> list[Any]:
@@ -82,12 +90,15 @@ def _transformer(slot: Slot) -> list[Any]:
 def _minimal(slot: Slot) -> list[Any]:
     return [
         slot.keep_choice(),
-        {"name": "groupnorm", "groups": _group_counts(slot)[0]},
+        {
+            "name": "groupnorm",
+            "groups": default_groups(slot.num_features, input_ndim=_input_ndim(slot)),
+        },
         "layernorm",
     ]
 
 
-#: Preset name -> function of a slot giving its candidate choices (before validity filtering).
+#: Preset name -> function of a slot giving its choices (before validity filtering).
 PRESETS: dict[str, Callable[[Slot], list[Any]]] = {
     "auto": _auto,
     "cnn": _cnn,
@@ -97,8 +108,9 @@ PRESETS: dict[str, Callable[[Slot], list[Any]]] = {
 
 
 @dataclass(frozen=True)
-class SpaceRule:
-    """Choices for the slots whose name matches ``pattern`` (fnmatch glob)."""
+class PatternChoices:
+    """One entry of a space's ``choices``: the choices of the slots whose name matches
+    ``pattern`` (fnmatch glob)."""
 
     pattern: str
     choices: tuple[NormChoice, ...]
@@ -110,8 +122,8 @@ class SearchSpace:
 
     Args:
         preset: name of a preset in :data:`PRESETS` giving every slot's default choices.
-        rules: ``{glob pattern: [choice, ...]}`` replacing the preset's choices for matching
-            slots (first matching pattern wins). A choice is a registry name, a
+        choices: ``{glob pattern: [choice, ...]}`` replacing the preset's choices for matching
+            slots (first matching pattern wins; the ``choices`` key of a space file). A choice is a registry name, a
             ``{"name": ..., **params}`` dict or a :class:`~autonorm.config.NormChoice`.
         identity: also offer ``identity`` (no normalization) to every slot.
         keep: also offer every slot its own original layer (the "own norms" baseline).
@@ -124,19 +136,19 @@ class SearchSpace:
 
     Example::
 
-        >>> space = SearchSpace("cnn", rules={"head.*": ["layernorm"]}, tie="none")
+        >>> space = SearchSpace("cnn", choices={"head.*": ["layernorm"]}, tie="none")
         >>> space.preset
         'cnn'
     """
 
     preset: str = "auto"
-    rules: Mapping[str, Sequence[Any]] | None = None
+    choices: Mapping[str, Sequence[Any]] | None = None
     identity: bool = False
     tie: str = "none"
     keep: bool = True
     weight_norms: bool = False
     devices: int = 1
-    _rules: tuple[SpaceRule, ...] = field(init=False, repr=False)
+    _patterns: tuple[PatternChoices, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         from autonorm.config import NormChoice
@@ -150,22 +162,22 @@ class SearchSpace:
             problems.append(f"`weight_norms` must be true or false, got {self.weight_norms!r}")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             problems.append(f"`devices` must be a positive int, got {self.devices!r}")
-        rules = []
-        for pattern, choices in (self.rules or {}).items():
-            if isinstance(choices, (str, Mapping)) or not isinstance(choices, Iterable):
-                choices = [choices]
+        patterns = []
+        for pattern, values in (self.choices or {}).items():
+            if isinstance(values, (str, Mapping)) or not isinstance(values, Iterable):
+                values = [values]
             parsed = []
-            for choice in choices:
+            for value in values:
                 try:
-                    parsed.append(NormChoice.parse(choice))
+                    parsed.append(NormChoice.parse(value))
                 except ValueError as err:
-                    problems.append(f"rule {pattern!r}: {err}")
+                    problems.append(f"choices for {pattern!r}: {err}")
             if not parsed:
-                problems.append(f"rule {pattern!r} has no choices")
-            rules.append(SpaceRule(str(pattern), tuple(parsed)))
+                problems.append(f"choices for {pattern!r}: none given")
+            patterns.append(PatternChoices(str(pattern), tuple(parsed)))
         if problems:
             raise ConfigError("invalid search space:\n  " + "\n  ".join(problems))
-        self._rules = tuple(rules)
+        self._patterns = tuple(patterns)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -195,7 +207,7 @@ class SearchSpace:
         try:
             return cls(
                 preset=data.get("preset", "auto"),
-                rules=choices,
+                choices=choices,
                 identity=identity,
                 tie=data.get("tie", "none"),
                 keep=bool(data.get("keep", True)),
@@ -223,7 +235,7 @@ class SearchSpace:
         """Plain-value description (for metadata and study attributes)."""
         return {
             "preset": self.preset,
-            "choices": {r.pattern: [c.to_value() for c in r.choices] for r in self._rules},
+            "choices": {p.pattern: [c.to_value() for c in p.choices] for p in self._patterns},
             "identity": self.identity,
             "tie": self.tie,
             "keep": self.keep,
@@ -246,13 +258,13 @@ class SearchSpace:
 
     # -- per-slot choices ----------------------------------------------------------------------
 
-    def candidates(self, slot: Slot) -> list[NormChoice]:
+    def unchecked_choices(self, slot: Slot) -> list[NormChoice]:
         """The slot's choices before validity filtering."""
         from autonorm.config import NormChoice
 
-        for rule in self._rules:
-            if fnmatch.fnmatchcase(slot.name, rule.pattern):
-                raw: list[Any] = list(rule.choices)
+        for entry in self._patterns:
+            if fnmatch.fnmatchcase(slot.name, entry.pattern):
+                raw: list[Any] = list(entry.choices)
                 break
         else:
             raw = PRESETS[self.preset](slot)
@@ -279,8 +291,9 @@ class SearchSpace:
         Raises:
             ConfigError: no choice of the space is valid for the slot (with the reasons).
         """
-        valid, rejected = [], []
-        for choice in self.candidates(slot):
+        valid: list[tuple[NormChoice, list[str]]] = []
+        rejected: list[tuple[NormChoice, list[str]]] = []
+        for choice in self.unchecked_choices(slot):
             problems = slot.check(choice)
             (rejected if problems else valid).append((choice, problems))
         if not valid:

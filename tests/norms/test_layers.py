@@ -21,6 +21,7 @@ from autonorm.norms import (
     RMSNormChannelsFirst,
     SwitchableNorm,
     create_norm,
+    groups,
     layers,
     registry,
     switchable,
@@ -304,7 +305,7 @@ def test_identity_passes_input_through_and_keeps_the_slot():
     assert list(layer.parameters()) == [] and copy.deepcopy(layer).num_features == C
 
 
-@pytest.mark.parametrize("module", [layers, registry, switchable], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [groups, layers, registry, switchable], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -564,7 +564,7 @@ def test_presets_unchanged_by_default_and_weight_norms_add_pairs():
 def test_rules_with_pairs_are_filtered_per_slot():
     model, x = build("convnext")
     rules = {"*": ["layernorm", "layernorm+ws", "identity+wn"]}
-    space = SearchSpace("auto", rules=rules, keep=False)
+    space = SearchSpace("auto", choices=rules, keep=False)
     choices = space.resolve(find_slots(model, x))
     assert [c.label for c in choices["stem.1"]] == ["layernorm", "layernorm+ws", "identity+wn"]
     assert [c.label for c in choices["head_norm"]] == ["layernorm"]

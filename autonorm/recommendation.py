@@ -1,4 +1,4 @@
-"""``autonorm.recommend``: a norm config from established practice, without training.
+""":func:`autonorm.recommend`: a norm config from established practice, without training.
 
 Each slot gets the choice the literature and the common model zoos settle on for its kind of
 input and the run's batch size, and a sentence saying why (kept in the config's metadata under
@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autonorm._errors import AutoNormError
-from autonorm.budget import Budget
+from autonorm.budget import Budget, as_budget
 from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import CHANNELS_LAST
-from autonorm.slots import Slot
+from autonorm.norms import CHANNELS_LAST, default_groups
+from autonorm.surgery import Slot
 
 #: Tasks :func:`recommend` knows. Classification, detection and segmentation follow the
 #: default rules (the batch size decides); generation and style change the conv slots.
@@ -34,23 +34,6 @@ TASKS = ("classification", "detection", "segmentation", "generation", "style")
 SMALL_BATCH = 8
 #: A per-device batch of at least this many samples is large enough for batch statistics.
 LARGE_BATCH = 16
-
-
-def recommended_groups(num_channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
-    """GroupNorm's group count: the most groups, at most ``max_groups`` (32 as in Wu & He),
-    that divide ``num_channels`` with at least ``min_group_size`` channels each (1 if none).
-
-    Example::
-
-        >>> recommended_groups(256), recommended_groups(64), recommended_groups(8), recommended_groups(3)
-        (32, 16, 2, 1)
-    """
-    fits = [
-        g
-        for g in range(1, min(max_groups, num_channels) + 1)
-        if num_channels % g == 0 and num_channels // g >= min_group_size
-    ]
-    return max(fits, default=1)
 
 
 def _kind_of_input(slot: Slot) -> str:
@@ -75,8 +58,14 @@ def _batch_text(budget: Budget) -> str:
     return text if budget.devices == 1 else f"{text} on {budget.devices} devices"
 
 
+def _groups(slot: Slot) -> int:
+    """GroupNorm's group count for a slot: the registry's default for its channels and input."""
+    ndim = None if slot.input_shape is None else len(slot.input_shape)
+    return default_groups(slot.num_features, input_ndim=ndim)
+
+
 def _groupnorm(slot: Slot, why: str) -> tuple[NormChoice, str]:
-    groups = recommended_groups(slot.num_features)
+    groups = _groups(slot)
     choice = NormChoice("groupnorm", {"groups": groups})
     gn = f"GroupNorm({groups}) is per sample (Wu & He 2018)"
     if slot.feeder is None:
@@ -96,7 +85,7 @@ def _conv_rule(slot: Slot, budget: Budget | None, task: str | None) -> tuple[Nor
             "(Ulyanov et al. 2016; Huang & Belongie 2017)"
         )
     if task == "generation":
-        groups = recommended_groups(slot.num_features)
+        groups = _groups(slot)
         return NormChoice("groupnorm", {"groups": groups}), (
             f"generation task: GroupNorm({groups}) as in diffusion UNets (Ho et al. 2020): per "
             "sample, no batch coupling between generated samples, no train/eval gap"
@@ -185,7 +174,7 @@ def recommend(
         the budget and ``reasons: {slot name: text}``.
 
     Raises:
-        ValueError: unknown task, or a budget that is not a Budget or dict.
+        ValueError: unknown task, or a budget that is not a Budget or its dict.
         AutoNormError: no slots.
 
     Example::
@@ -202,12 +191,7 @@ def recommend(
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS} or None, got {task!r}")
-    if isinstance(budget, Mapping):
-        budget = Budget(**budget)
-    if budget is not None and not isinstance(budget, Budget):
-        raise ValueError(
-            f"`budget` must be an autonorm.Budget or a dict, got {type(budget).__name__}"
-        )
+    budget = as_budget(budget)
     choices: dict[str, NormChoice] = {}
     reasons: dict[str, str] = {}
     for slot in slots:
