@@ -1,5 +1,5 @@
 """Several processes on one study: worker identity, trial heartbeats, stale-trial recovery,
-trial claims, interrupts, and the local worker pool behind ``autonorm search --search.n_workers``.
+trial claims and interrupts.
 
 Workers cooperate through Optuna's storage only (Optuna's own distribution model): every
 ``autonorm search`` process given the same storage and study name joins the study.
@@ -19,8 +19,8 @@ Workers cooperate through Optuna's storage only (Optuna's own distribution model
 * SIGINT / SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``) once; ``search`` marks
   the current trial, writes the bundle and re-raises; the CLI exits with ``128 + signal``.
 
-The pool (:func:`run_worker_pool`) starts local worker processes with the environment variable
-``AUTONORM_WORKER=<index>/<count>``; a worker that sees it leaves the bundle to the parent.
+The local pool (:mod:`autonorm.search.pool`) starts worker processes with the environment
+variable ``AUTONORM_WORKER=<index>/<count>``; a worker that sees it leaves the bundle to the parent.
 """
 
 from __future__ import annotations
