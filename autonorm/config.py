@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -24,14 +24,19 @@ from autonorm.norms import get_spec
 from autonorm.norms.registry import COMMON_PARAMS
 from autonorm.norms.weight import check_weight
 
-if TYPE_CHECKING:
-    from autonorm.surgery import Slot
-
 SCHEMA_VERSION = 1
 _SUFFIXES = (".yaml", ".yml", ".json")
 _LABEL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 #: ``<choice>+<weight part>``: the last ``+`` followed by a bare name (``1e+20`` is no match).
 _WEIGHT_SUFFIX = re.compile(r"^(.*)\+\s*([A-Za-z_]\w*)\s*$", re.DOTALL)
+
+
+class _Named(Protocol):
+    """A slot as configs see it (:class:`~autonorm.Slot` or anything else with a name); configs
+    sit below surgery and do not import it."""
+
+    @property
+    def name(self) -> str: ...
 
 
 def _checked_suffix(path: str | os.PathLike[str]) -> Path:
@@ -273,7 +278,7 @@ class NormConfig:
         self.metadata: dict[str, Any] = plain(dict(metadata or {}))
 
     @classmethod
-    def uniform(cls, slots: Iterable[Slot | str], name: str, **params: Any) -> NormConfig:
+    def uniform(cls, slots: Iterable[_Named | str], name: str, **params: Any) -> NormConfig:
         """The same choice for every slot.
 
         Example::
