@@ -240,3 +240,35 @@ def test_retrain_best_trains_a_config_outside_a_search(tmp_path):
     )
     model = autonorm.load_from_checkpoint(TinyConvNet, path)
     assert {s.name: s.keep_choice() for s in autonorm.find_slots(model)} == config.choices
+
+
+def test_the_search_package_imports_and_stays_callable():
+    import inspect
+    import subprocess
+    import sys
+
+    import autonorm.search as package
+
+    assert callable(autonorm.search) and callable(package)
+    assert "n_trials" in inspect.signature(autonorm.search).parameters
+    # importing the package first (a fresh interpreter) leaves `autonorm.search(...)` callable
+    code = (
+        "import autonorm.search, autonorm, inspect; "
+        "print(callable(autonorm.search), 'budget' in inspect.signature(autonorm.search).parameters)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_a_model_factory_names_the_study_after_the_model_class(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = autonorm.search(
+        lambda: TinyConvNet(),
+        TinyDataModule(),
+        n_trials=1,
+        trainer_kwargs={"max_epochs": 1},
+        space="minimal",
+        warm_start=False,
+    )
+    assert result.study.study_name == "autonorm-TinyConvNet"
+    assert result.out_dir == tmp_path / "autonorm-runs" / "autonorm-TinyConvNet"
