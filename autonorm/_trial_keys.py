@@ -38,6 +38,14 @@ HEARTBEAT = "heartbeat"
 FAIL_REASON = "fail_reason"
 #: the number of the trial whose parameters this retry runs again.
 RETRY_OF = "retry_of"
+#: the stage of the staged search that planned the trial (``screen``, ``promote``, ...).
+STAGE = "stage"
+#: a screening trial stops after this many epochs (a low-fidelity rung, recorded as PRUNED).
+RUNG_EPOCHS = "rung_epochs"
+#: the refinement round of a ``refine`` or ``promote`` trial (0: the baseline screen).
+ROUND = "round"
+#: the finished trial whose result this trial reused instead of training the same config again.
+REUSED_FROM = "reused_from"
 
 #: the Optuna constraint name of the budget (> 0: infeasible).
 BUDGET_CONSTRAINT = "budget"

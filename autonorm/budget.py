@@ -72,6 +72,14 @@ def _positive_int(name: str, value: Any) -> int | None:
     return value
 
 
+def _positive_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"`trainings` must be a positive number, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Budget:
     """What every trial must fit in.
@@ -84,6 +92,9 @@ class Budget:
             that batch-dependent norms are judged where they will be used.
         max_params: the most parameters the rewritten model may have.
         devices: how many devices the final training uses (SyncBatchNorm-aware choices).
+        trainings: the compute a search may spend, in full trainings (a training is one run of
+            the trials' ``max_epochs``): every epoch trained counts, pruned and screening
+            epochs, a learn pass and re-evaluations included. Fractions are fine (``2.5``).
 
     Example::
 
@@ -95,6 +106,7 @@ class Budget:
     batch_size: int | None = None
     max_params: int | None = None
     devices: int = 1
+    trainings: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +115,7 @@ class Budget:
             ("batch_size", lambda v: _positive_int("batch_size", v)),
             ("max_params", lambda v: _positive_int("max_params", v)),
             ("devices", lambda v: _positive_int("devices", v)),
+            ("trainings", _positive_number),
         ):
             try:
                 object.__setattr__(self, name, check(getattr(self, name)))

@@ -130,12 +130,26 @@ def monitored_value(trainer: Any, monitor: str) -> float:
     return float(metrics[monitor])
 
 
+#: Stages of the staged search whose trials the pruner never stops: they were chosen to run the
+#: full schedule (a promoted candidate, a re-evaluation with another seed).
+UNPRUNED_STAGES = ("promote", "confirm")
+
+
 def _epoch_verdict(trial: optuna.Trial, value: float, epoch: int, monitor: str) -> str | None:
-    """Report ``value`` for ``epoch``; why the trial stops here, or None."""
+    """Report ``value`` for ``epoch``; why the trial stops here, or None.
+
+    A screening trial (``rung_epochs`` user attribute) stops at its rung: a low-fidelity
+    evaluation, recorded as PRUNED with its value as the last intermediate value.
+    """
     if not math.isfinite(value):
         return f"{monitor} is {value} at epoch {epoch}"
     if len(trial.study.directions) == 1:  # Optuna cannot prune multi-objective studies
         trial.report(value, step=epoch)
+        rung = trial.user_attrs.get(keys.RUNG_EPOCHS)
+        if rung is not None and epoch + 1 >= rung:
+            return f"screened: stopped at its rung of {rung} epoch(s)"
+        if trial.user_attrs.get(keys.STAGE) in UNPRUNED_STAGES:
+            return None
         if trial.should_prune():
             pruner = type(getattr(trial.study, "pruner", None)).__name__
             return f"pruned by {pruner} at epoch {epoch}"

@@ -18,7 +18,7 @@ from autonorm.cli.user_code import import_class
 
 #: ``--search.<name>`` options: (name, type, default, help).
 _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
-    ("n_trials", int, 20, "total finished trials"),
+    ("n_trials", int | None, None, "total finished trials (default: the compute budget decides)"),
     ("timeout", float | None, None, "seconds"),
     ("space", str, "auto", "preset name or YAML file"),
     (
@@ -30,6 +30,12 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
     ("budget.max_memory", str | None, None, "e.g. 8GiB"),
     ("budget.batch_size", int | None, None, None),
     ("budget.max_params", int | None, None, None),
+    (
+        "budget.trainings",
+        float | None,
+        None,
+        "compute of the search in trainings of max_epochs (default: the uniform grid's)",
+    ),
     (
         "budget.devices",
         int | None,
@@ -49,8 +55,9 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
         "warm_start",
         bool | Literal["learn"],
         True,
-        "true: own norms, recommended and uniform configs first; learn: also one "
-        "learned-SwitchableNorm run that narrows each slot's choices",
+        "true: staged search (screen own norms and every uniform family, promote the best, "
+        "refine groups of slots, re-evaluate the leaders); learn: first one learned Sparse "
+        "SwitchableNorm run that joins the screen and narrows each slot's choices",
     ),
     ("objectives", list[str] | None, None, "e.g. [metric,peak_memory]"),
     ("retrain", bool, False, None),
@@ -131,7 +138,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
             return int(err.code or 0)
         raise UsageError(_parse_error_summary(str(err))) from None
     options = cfg.search
-    if options.n_trials < 1:
+    if options.n_trials is not None and options.n_trials < 1:
         raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
     if options.n_workers < 1:
         raise UsageError(f"--search.n_workers must be a positive int, got {options.n_workers}")

@@ -37,14 +37,23 @@ from __future__ import annotations
 from autonorm.report.dashboard import ARTIFACT_DIR, NOTE_HEADING, attach_dashboard_artifacts
 from autonorm.report.html import write_report
 from autonorm.report.summary import SUMMARY_FILE, trial_category, write_summary
-from autonorm.report.winners import best_feasible_trial, pareto_trials
+from autonorm.report.winners import (
+    ConfigRuns,
+    best_feasible_trial,
+    choice_certainty,
+    config_runs,
+    pareto_trials,
+)
 
 __all__ = [
     "ARTIFACT_DIR",
     "NOTE_HEADING",
     "SUMMARY_FILE",
+    "ConfigRuns",
     "attach_dashboard_artifacts",
     "best_feasible_trial",
+    "choice_certainty",
+    "config_runs",
     "pareto_trials",
     "trial_category",
     "write_report",

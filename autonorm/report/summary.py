@@ -23,9 +23,17 @@ from autonorm._trial_keys import (
     EPOCHS,
     INFEASIBLE_REASON,
     PRUNE_REASON,
+    REUSED_FROM,
     STUDY_INFO,
 )
-from autonorm.report.winners import best_feasible_trial, is_feasible, pareto_trials
+from autonorm.report.winners import (
+    ConfigRuns,
+    choice_certainty,
+    config_runs,
+    is_feasible,
+    maximizes,
+    pareto_trials,
+)
 
 #: File name of the summary inside a bundle folder.
 SUMMARY_FILE = "summary.json"
@@ -181,6 +189,39 @@ def _pareto(study: optuna.Study) -> list[dict[str, Any]] | None:
     ]
 
 
+#: Candidates listed in the summary (best mean first).
+CANDIDATES_LISTED = 10
+
+
+def _candidates(runs: Sequence[ConfigRuns]) -> list[dict[str, Any]]:
+    """The best configs by mean: their label, runs, mean ± std."""
+    return [
+        {
+            "label": r.label or f"trial {r.trials[0].number}",
+            "trials": [t.number for t in r.trials],
+            "values": [number(v) for v in r.values],
+            "mean": number(r.mean),
+            "std": number(r.std),
+            "config": trial_config(r.trials[0]),
+        }
+        for r in runs[:CANDIDATES_LISTED]
+    ]
+
+
+def _compute(trials: Sequence[FrozenTrial], info: dict[str, Any]) -> dict[str, Any]:
+    """Compute spent, in epochs and in trainings of ``max_epochs``."""
+    spent = int(info.get("learn_epochs") or 0) + sum(_epochs_run(t) for t in trials)
+    max_epochs = info.get("max_epochs")
+    budget = info.get("budget_epochs")
+    return {
+        "epochs": spent,
+        "trainings": spent / max_epochs if max_epochs else None,
+        "budget_epochs": budget,
+        "budget_trainings": budget / max_epochs if budget and max_epochs else None,
+        "reused_trials": sum(REUSED_FROM in t.user_attrs for t in trials),
+    }
+
+
 def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str, Any]:
     """The summary of ``study`` (the content of ``summary.json``; keys in :func:`write_summary`).
 
@@ -193,7 +234,8 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
     """
     trials = study.get_trials(deepcopy=False)
     info = study_info(study)
-    best = None if len(study.directions) > 1 else best_feasible_trial(study)
+    runs = [] if len(study.directions) > 1 else config_runs(study)
+    best = runs[0] if runs else None
     summary = {
         "study_name": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
@@ -202,9 +244,14 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
         "objectives": objective_names(study, info),
         "model_class": info.get("model_class"),
         "slots": info.get("slots"),
-        "best_value": number(best.values[0]) if best is not None else None,
-        "best_trial": best.number if best is not None else None,
-        "best_config": trial_config(best) if best is not None else None,
+        "best_value": number(best.mean) if best is not None else None,
+        "best_std": number(best.std) if best is not None else None,
+        "best_runs": len(best.trials) if best is not None else None,
+        "best_trial": best.trials[0].number if best is not None else None,
+        "best_config": trial_config(best.trials[0]) if best is not None else None,
+        "candidates": _candidates(runs),
+        "certainty": choice_certainty(runs, maximizes(study)) if runs else None,
+        "compute": _compute(trials, info),
         "pareto": _pareto(study),
         "trials": _counts(trials),
         "infeasible_reasons": _reasons(trials),
@@ -225,8 +272,12 @@ def write_summary(
 
     Keys: ``study_name``, ``directions``, ``monitor``, ``mode``, ``objectives``,
     ``model_class``, ``slots`` (from the study's ``autonorm`` attribute, None when missing);
-    ``best_value``, ``best_trial``, ``best_config`` (single objective; None without a feasible
-    trial); ``pareto`` (multi-objective: ``[{trial, values, config}]``, else None); ``trials``
+    ``best_value`` (the mean of the best config's runs), ``best_std``, ``best_runs``,
+    ``best_trial`` (its first run), ``best_config`` (single objective; None without a feasible
+    trial); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
+    config}]``); ``certainty`` (best against the runner-up: ``{runner_up, gap, noise,
+    p_better}``, see :func:`~autonorm.report.winners.choice_certainty`); ``compute``
+    (``epochs``, ``trainings``, ``budget_epochs``, ``budget_trainings``, ``reused_trials``); ``pareto`` (multi-objective: ``[{trial, values, config}]``, else None); ``trials``
     (counts: ``total``, ``complete``, ``pruned``, ``infeasible``, ``failed``, ``running``,
     ``waiting``; a trial over the budget counts as infeasible, not as pruned);
     ``infeasible_reasons`` (reason -> count); ``baselines`` (``[{label, trial, state, value,

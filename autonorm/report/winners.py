@@ -1,19 +1,24 @@
-"""Picking the winners of a study: the trials that met the budget, the best one, the Pareto front.
+"""Picking the winners of a study: the trials that met the budget, the best config, the Pareto
+front.
 
 A trial is over the budget when its ``feasible`` user attribute is False; such a trial never
-wins, whatever its value.
+wins, whatever its value. A config trained more than once (re-evaluated with other seeds) is
+judged by the mean of its runs: the best of many single noisy runs is biased upward.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autonorm._trial_keys import FEASIBLE
+from autonorm._trial_keys import BASELINE, FEASIBLE, REUSED_FROM
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
@@ -41,11 +46,88 @@ def maximizes(study: optuna.Study, objective: int = 0) -> bool:
     return study.directions[objective] == optuna.study.StudyDirection.MAXIMIZE
 
 
+def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A hashable key of a trial's parameters: trials with equal keys trained the same config."""
+    return tuple(sorted((k, str(v)) for k, v in params.items()))
+
+
+@dataclass(frozen=True)
+class ConfigRuns:
+    """The full-schedule runs of one config: its COMPLETE feasible trials (a reused result is
+    not a run), earliest first."""
+
+    trials: tuple[FrozenTrial, ...]
+
+    @property
+    def values(self) -> list[float]:
+        return [float(t.values[0]) for t in self.trials]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (None with one run)."""
+        return statistics.stdev(self.values) if len(self.trials) > 1 else None
+
+    @property
+    def label(self) -> str | None:
+        return next(
+            (str(t.user_attrs[BASELINE]) for t in self.trials if BASELINE in t.user_attrs), None
+        )
+
+
+def config_runs(study: optuna.Study) -> list[ConfigRuns]:
+    """Every config's runs in a single-objective study, best mean first (ties: earliest)."""
+    return rank_runs(study.get_trials(deepcopy=False), maximize=maximizes(study))
+
+
+def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRuns]:
+    """:func:`config_runs` of ``trials``."""
+    groups: dict[Any, list[FrozenTrial]] = {}
+    for trial in feasible_complete(trials):
+        if REUSED_FROM not in trial.user_attrs:
+            groups.setdefault(params_key(trial.params), []).append(trial)
+    sign = -1.0 if maximize else 1.0
+    runs = [ConfigRuns(tuple(sorted(ts, key=lambda t: t.number))) for ts in groups.values()]
+    return sorted(runs, key=lambda r: (sign * r.mean, r.trials[0].number))
+
+
+def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> dict[str, Any] | None:
+    """How sure the choice of ``runs[0]`` over the runner-up is.
+
+    ``gap``: the difference of their means (in the better direction); ``noise``: the standard
+    error of that difference, from the runs' spread (a config run once borrows the pooled
+    spread of the configs run more often; None when no config ran twice); ``p_better``: the
+    probability that the chosen config is better, under a normal model (None without noise).
+    """
+    if len(runs) < 2:
+        return None
+    best, second = runs[0], runs[1]
+    gap = (best.mean - second.mean) * (1.0 if maximize else -1.0)
+    repeated = [r for r in runs if r.std is not None]
+    pooled = (
+        math.sqrt(statistics.fmean([r.std**2 for r in repeated]))  # type: ignore[operator]
+        if repeated
+        else None
+    )
+    if pooled is None:
+        return {"runner_up": second.label, "gap": gap, "noise": None, "p_better": None}
+    spreads = [
+        (r.std if r.std is not None else pooled) ** 2 / len(r.trials) for r in (best, second)
+    ]
+    noise = math.sqrt(sum(spreads))
+    p_better = 0.5 * (1.0 + math.erf(gap / (noise * math.sqrt(2.0)))) if noise > 0 else 1.0
+    return {"runner_up": second.label, "gap": gap, "noise": noise, "p_better": p_better}
+
+
 def best_feasible_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial of a single-objective study that met the budget.
+    """The first trial of the best config of a single-objective study that met the budget.
 
     A trial counts when its ``feasible`` user attribute is not False and its value is finite;
-    "best" follows the study's direction. Ties go to the earliest trial.
+    a config run several times counts by its mean (:func:`config_runs`); "best" follows the
+    study's direction. Ties go to the earliest trial.
 
     Args:
         study: a single-objective study.
@@ -72,12 +154,8 @@ def best_feasible_trial(study: optuna.Study) -> FrozenTrial | None:
             f"best_feasible_trial needs a single-objective study, study {study.study_name!r} has "
             f"{len(study.directions)} objectives; use pareto_trials()"
         )
-    candidates = feasible_complete(study.get_trials(deepcopy=False))
-    if not candidates:
-        return None
-    sign = -1.0 if maximizes(study) else 1.0
-    best = min(candidates, key=lambda t: (sign * t.values[0], t.number))
-    return copy.deepcopy(best)  # the caller may keep or change it
+    runs = config_runs(study)
+    return copy.deepcopy(runs[0].trials[0]) if runs else None  # the caller may keep or change it
 
 
 def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[float]) -> bool:

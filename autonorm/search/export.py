@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import platform
@@ -22,7 +23,7 @@ from autonorm._trial_keys import CONFIG, STUDY_INFO
 from autonorm.config import NormConfig
 from autonorm.report import (
     attach_dashboard_artifacts,
-    best_feasible_trial,
+    config_runs,
     pareto_trials,
     write_report,
     write_summary,
@@ -44,7 +45,8 @@ class SearchResult:
 
     Attributes:
         best_config: the best feasible config, or None when no trial met the budget.
-        best_value: its metric value (None without a best config).
+        best_value: its metric value, the mean of its runs when re-evaluated (None without a
+            best config).
         best_trial: its Optuna trial.
         study: the ``optuna.Study``.
         out_dir: the export bundle's folder.
@@ -99,10 +101,18 @@ def _best_of(
         "versions": _versions(),
     }
     if len(study.directions) == 1:
-        best = best_feasible_trial(study)
-        if best is None:
+        runs = config_runs(study)
+        if not runs:
             return None, None, None
-        meta = {**base_meta, "source": "search", "trial": best.number, "value": best.value}
+        best = copy.deepcopy(runs[0].trials[0])
+        meta = {
+            **base_meta,
+            "source": "search",
+            "trial": best.number,
+            "value": runs[0].mean,
+            "runs": len(runs[0].trials),
+            "std": runs[0].std,
+        }
         return best, _trial_config(best, meta), None
     pareto = []
     for trial in pareto_trials(study):
@@ -114,7 +124,7 @@ def _best_of(
 def worker_result(study: optuna.Study, out_dir: Path) -> SearchResult:
     """The result of a worker that leaves the bundle to another process."""
     best, best_config, pareto = _best_of(study)
-    value = best.value if best is not None else None
+    value = best_config.metadata["value"] if best_config is not None else None
     return SearchResult(best_config, value, best, study, Path(out_dir), pareto, {})
 
 
@@ -160,7 +170,7 @@ def _export(
     retrain: Callable[[NormConfig], Path] | None,
 ) -> SearchResult:
     best, best_config, pareto = _best_of(study)
-    best_value = best.value if best is not None else None
+    best_value = best_config.metadata["value"] if best_config is not None else None
     written: list[Path] = []
     if best_config is not None:
         written.append(best_config.save(out_dir / BEST_CONFIG_FILE))

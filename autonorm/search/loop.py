@@ -1,5 +1,5 @@
-"""The loop every worker runs: claim a trial under the shared lock, run it, until the study holds
-its ``n_trials`` finished trials; and settling the trial an interrupt left behind."""
+"""The loop every worker runs: claim a trial under the shared lock, run it, until the plan says
+the study is done; and settling the trial an interrupt left behind."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autonorm.search import workers
+from autonorm.search.plan import DONE, WAIT, Plan
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +22,19 @@ def optimize(
     objective: Callable[[optuna.Trial], Any],
     claim: Any,
     *,
-    n_trials: int,
+    plan: Plan,
     timeout: float | None,
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]],
     grace: float,
     trial_done: Callable[[], None],
 ) -> int:
-    """Run trials until the study holds ``n_trials`` finished ones; return how many ran here.
+    """Run trials until the plan says the study is done; return how many ran here.
 
-    Under the claim lock a worker recovers lost trials, then starts a trial only while the
-    finished plus running trials are fewer than ``n_trials``; otherwise it waits for the
-    running ones (they finish, or are lost and retried). So the study ends with exactly
-    ``n_trials`` finished trials and all workers stop together.
+    Under the claim lock a worker recovers lost trials, then asks the plan: run a trial (the
+    plan enqueues its next one, or the sampler proposes), wait for other workers' running
+    trials (they finish, or are lost and retried), or stop. The caps (``n_trials`` finished
+    trials, the compute budget) count every worker's trials, so all workers stop together.
     """
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     started = time.time()
     ran = 0
     waiting = False
@@ -42,15 +42,13 @@ def optimize(
         claim.acquire()
         try:
             workers.recover_stale_trials(study, grace)
-            trials = study.get_trials(deepcopy=False, states=states)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            finished = len(trials) - running
-            if finished >= n_trials:
+            step = plan.next(study)
+            if step == DONE:
                 break
-            if finished + running >= n_trials:
+            if step == WAIT:
                 claim.release()
                 if not waiting:
-                    log.info("waiting for %d running trials of other workers", running)
+                    log.info("waiting for the running trials of other workers")
                     waiting = True
                 time.sleep(min(1.0, grace / 4))
                 continue

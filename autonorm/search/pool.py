@@ -194,7 +194,7 @@ def run_pool(
     worker_command: Sequence[str],
     *,
     n_workers: int,
-    n_trials: int,
+    n_trials: int | None,
     study_name: str,
     out: Path,
     storage: str | None,

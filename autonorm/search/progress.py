@@ -13,8 +13,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from autonorm._trial_keys import CONFIG, FAIL_REASON, PRUNE_REASON
-from autonorm.report import best_feasible_trial, trial_category
+from autonorm._trial_keys import CONFIG, FAIL_REASON, PRUNE_REASON, STUDY_INFO
+from autonorm.report import config_runs, trial_category
+from autonorm.search.plan import trained_epochs
 
 
 def _duration(seconds: float) -> str:
@@ -30,9 +31,10 @@ class SearchProgress:
     """
 
     def __init__(
-        self, n_trials: int, console: Console | None = None, *, already_done: int = 0
+        self, n_trials: int | None, console: Console | None = None, *, already_done: int = 0
     ) -> None:
         self.n_trials = n_trials
+        self.compute = ""
         self.console = console or Console(stderr=True)
         self.started = time.time()
         self.already_done = already_done
@@ -84,10 +86,21 @@ class SearchProgress:
         self._live.update(self.render())
 
     def _update_best(self, study: optuna.Study) -> None:
+        info = study.user_attrs.get(STUDY_INFO) or {}
+        if info.get("budget_epochs"):
+            trials = study.get_trials(deepcopy=False)
+            spent = info.get("learn_epochs", 0) + sum(
+                trained_epochs(t) for t in trials if t.state.is_finished()
+            )
+            self.compute = f"{spent} of {info['budget_epochs']:g} epochs"
         if len(study.directions) == 1:
-            best = best_feasible_trial(study)
-            if best is not None:
-                self.best = f"{best.value:.4g} (trial {best.number})"
+            runs = config_runs(study)
+            if runs:
+                best = runs[0].trials[0]
+                spread = (
+                    f" ± {runs[0].std:.2g} ({len(runs[0].trials)} runs," if runs[0].std else " ("
+                )
+                self.best = f"{runs[0].mean:.4g}{spread} trial {best.number})"
                 config = best.user_attrs.get(CONFIG) or best.params
                 kinds: dict[str, int] = {}
                 for value in config.values():
@@ -98,16 +111,20 @@ class SearchProgress:
     def render(self) -> Group:
         elapsed = time.time() - self.started
         table = Table(show_header=False, box=None, pad_edge=False)
+        total = self.n_trials
         if self.polled:
             done = sum(self.counts[k] for k in ("complete", "pruned", "infeasible"))
-            left = self.n_trials - done
-            table.add_row("finished", f"{done} of {self.n_trials}")
+            left = total - done if total is not None else 0
+            table.add_row("finished", f"{done}" + (f" of {total}" if total is not None else ""))
         else:
             done = sum(self.counts.values())
-            left = self.n_trials - self.already_done - done
+            left = total - self.already_done - done if total is not None else 0
+            number = self.already_done + done + 1
             table.add_row(
-                "trial", f"{min(self.already_done + done + 1, self.n_trials)} of {self.n_trials}"
+                "trial", f"{min(number, total)} of {total}" if total is not None else f"{number}"
             )
+        if self.compute:
+            table.add_row("compute", self.compute)
         eta = _duration(elapsed / done * left) if done and left > 0 else "-"
         table.add_row("states", ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         table.add_row("best", self.best)

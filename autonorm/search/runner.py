@@ -24,7 +24,14 @@ from autonorm.budget import Budget
 from autonorm.config import NormConfig
 from autonorm.search import loop, workers
 from autonorm.search.export import SearchResult, export_bundle, worker_result
-from autonorm.search.settings import METRIC, SearchSettings, default_study_name, writable_out_dir
+from autonorm.search.plan import Candidate, Plan, reuse_finished
+from autonorm.search.settings import (
+    DEFAULT_N_TRIALS,
+    METRIC,
+    SearchSettings,
+    default_study_name,
+    writable_out_dir,
+)
 from autonorm.search.storage import (
     check_study_compatible,
     is_sqlite,
@@ -43,8 +50,8 @@ from autonorm.search.training import (
     retrain,
     run_trial,
 )
-from autonorm.search.warm_start import narrow_space, warm_start_params
-from autonorm.search_spaces import SearchSpace
+from autonorm.search.warm_start import grid_size, narrow_space, params_for, warm_start_params
+from autonorm.search_spaces import SearchSpace, slot_groups
 from autonorm.surgery import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,7 @@ def search(
     *,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
-    n_trials: int = 20,
+    n_trials: int | None = None,
     timeout: float | None = None,
     space: Any = "auto",
     budget: Budget | dict[str, Any] | None = None,
@@ -91,11 +98,16 @@ def search(
         train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
         n_trials: the total number of finished (complete or pruned) trials the study should
             hold, however many workers share it; a resumed study runs only the missing ones
-            (pass a larger number to add trials).
+            (pass a larger number to add trials). None: the compute budget bounds the search
+            (``budget.trainings``, by default as many trainings as the warm start's own-norms
+            and uniform baselines, the grid a user would run by hand; 20 trials without a
+            warm start).
         timeout: stop starting new trials after this many seconds.
         space: search space (preset name, YAML path, dict, :class:`SearchSpace`).
         budget: a :class:`~autonorm.Budget` (or its dict): peak memory per training step,
-            per-device batch size the trials train with, parameter count.
+            per-device batch size the trials train with, parameter count, and the compute the
+            search may spend (``trainings``: every epoch counts, screening, pruned and
+            re-evaluation epochs and the learn pass included).
         monitor: the logged metric to optimize; ``mode``: ``"min"`` or ``"max"``.
         trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
             checkpoints).
@@ -108,12 +120,15 @@ def search(
         sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
         pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
         seed: seed of the sampler and of each trial's training (``seed + trial.number``).
-        warm_start: ``True``: the first trials are the model's own norms, the config
-            :func:`autonorm.recommend` gives for the budget, and well-known uniform configs, so
-            the search never ends worse than the user's starting point. ``"learn"``: first one
-            learned-SwitchableNorm run (``max_epochs`` epochs, Sparse SN settings); its derived
-            config is enqueued too and each slot's choices are narrowed to those the learned mix
-            weighed at least half as much as its favourite. ``False``: no warm start.
+        warm_start: ``True``: the staged search (:mod:`autonorm.search.plan`): the model's
+            own norms, every uniform family and the recommended config are screened at a
+            third of the epochs, the best two train the full schedule, refinement changes one
+            group of slots at a time, and the leaders are re-evaluated with other seeds before
+            the final choice (the best mean). ``"learn"``: first one learned Sparse
+            SwitchableNorm run (``max_epochs`` epochs, counted in the budget); its derived
+            config joins the screen, guides the refinement and narrows each slot's choices
+            to those the learned mix weighed at least half as much as its favourite.
+            ``False``: every trial comes from the sampler.
         objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
         model_kwargs: init arguments of a model class.
         example_input: input for the slot probe (default: ``example_input_array``).
@@ -197,8 +212,12 @@ class _SearchRun:
         space: SearchSpace,
         out: Path,
         storage: optuna.storages.BaseStorage,
+        plan: Plan,
+        params: dict[str, tuple[list[str], list[str]]],
     ) -> None:
         self.settings = settings
+        self.plan = plan
+        self.params = params
         self.training = training
         self.study = study
         self.space = space
@@ -242,17 +261,27 @@ class _SearchRun:
             else make_pruner(settings.pruner, settings.max_epochs),
             existing=existing,
         )
-        study.set_user_attr(STUDY_INFO, _study_info(settings, space, slots, model_class, learned))
+        plan = _plan(settings, slots, params, learned)
+        study.set_user_attr(
+            STUDY_INFO, _study_info(settings, space, slots, model_class, learned, plan)
+        )
         if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace_period):
             warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
-        if settings.warm_start and created:  # only the worker that created the study
-            for label, chosen in warm_start_params(slots, params, settings.budget, learned):
-                study.enqueue_trial(chosen, user_attrs={BASELINE: label})
-        return cls(settings, training, study, space, out, storage)
+        if created:  # only the worker that created the study plans its first trials
+            if plan.baselines:
+                for step in plan.screen():
+                    study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+            elif settings.warm_start:  # several objectives: the baselines, then the sampler
+                for label, chosen in warm_start_params(slots, params, settings.budget, learned):
+                    study.enqueue_trial(chosen, user_attrs={BASELINE: label})
+        return cls(settings, training, study, space, out, storage, plan, params)
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self.claim.release()  # the trial is asked: other workers may claim theirs
         self.current = trial
+        reused = reuse_finished(self.study, trial, self.params)
+        if reused is not None:
+            return reused
         settings = self.settings
         with workers.TrialHeartbeat(self.study, trial, settings.heartbeat_interval):
             try:
@@ -285,7 +314,7 @@ class _SearchRun:
                     self.study,
                     self.objective,
                     self.claim,
-                    n_trials=settings.n_trials,
+                    plan=self.plan,
                     timeout=settings.timeout,
                     callbacks=list(settings.callbacks),
                     grace=settings.grace_period,
@@ -299,11 +328,7 @@ class _SearchRun:
             self._bundle_after(interrupt)
             raise interrupt from None
         if not ran and settings.timeout is None:
-            log.info(
-                "study %r already holds its %d finished trials",
-                self.study.study_name,
-                settings.n_trials,
-            )
+            log.info("study %r has already run what it was asked to", self.study.study_name)
         return self.bundle()
 
     def bundle(self, interrupted: bool = False) -> SearchResult:
@@ -372,6 +397,7 @@ def _study_info(
     slots: Sequence[Slot],
     model_class: str,
     learned: NormConfig | None,
+    plan: Plan,
 ) -> dict[str, Any]:
     """The settings a study records (``study.user_attrs["autonorm"]``)."""
     budget: Budget | None = settings.budget
@@ -389,5 +415,41 @@ def _study_info(
         "max_epochs": settings.max_epochs,
         "warm_start": settings.warm_start,
         "learned_config": None if learned is None else learned.to_dict(),
-        "learn_epochs": settings.max_epochs if learned is not None else 0,
+        "learn_epochs": plan.learn_epochs,
+        "staged": bool(plan.baselines),
+        "rung_epochs": plan.rung,
+        "budget_epochs": plan.budget_epochs,
     }
+
+
+def _plan(
+    settings: SearchSettings,
+    slots: Sequence[Slot],
+    params: dict[str, tuple[list[str], list[str]]],
+    learned: NormConfig | None,
+) -> Plan:
+    """The plan of the study's trials: staged with a warm start on one objective; its caps
+    (``n_trials``, the budget's trainings, by default the size of the grid of baselines)."""
+    baselines = warm_start_params(slots, params, settings.budget, learned)
+    staged = bool(settings.warm_start) and not settings.multi_objective
+    trainings, n_trials = settings.budget_trainings, settings.n_trials
+    if trainings is None and n_trials is None:
+        if staged:
+            trainings = float(grid_size(slots, params))
+        else:
+            n_trials = DEFAULT_N_TRIALS
+    names = {p: set(slot_names) for p, (_, slot_names) in params.items()}
+    groups = {
+        group: [p for p, slot_names in names.items() if slot_names & set(members)]
+        for group, members in slot_groups([s.name for s in slots]).items()
+    }
+    return Plan(
+        max_epochs=settings.max_epochs,
+        budget_epochs=None if trainings is None else trainings * settings.max_epochs,
+        n_trials=n_trials,
+        learn_epochs=settings.max_epochs if learned is not None else 0,
+        maximize=settings.mode == "max",
+        baselines=[Candidate(label, chosen) for label, chosen in baselines] if staged else [],
+        groups=groups,
+        learned=None if learned is None else params_for(learned, slots, params),
+    )

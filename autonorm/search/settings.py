@@ -17,6 +17,8 @@ EXTRA_OBJECTIVES = {"peak_memory": "peak_memory", "latency": "step_time", "param
 METRIC = "metric"
 #: Training epochs of a trial when ``trainer_kwargs`` does not say.
 DEFAULT_MAX_EPOCHS = 3
+#: Trials of a search bounded by neither ``n_trials`` nor a compute budget (no warm start).
+DEFAULT_N_TRIALS = 20
 WARM_STARTS = (True, False, "learn")
 #: Folder of the bundles whose ``out_dir`` is not given, under the working directory.
 RUNS_FOLDER = "autonorm-runs"
@@ -67,7 +69,7 @@ class SearchSettings:
     resolved (budget coerced, space resolved for the budget, grace period and epochs filled in).
     """
 
-    n_trials: int = 20
+    n_trials: int | None = None
     timeout: float | None = None
     space: SearchSpace = field(default_factory=lambda: resolve_space("auto"))
     budget: Budget | None = None
@@ -100,8 +102,10 @@ class SearchSettings:
             ValueError: the first argument that does not hold, naming it and the value given.
         """
         n_trials = kwargs["n_trials"]
-        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-            raise ValueError(f"`n_trials` must be a positive int, got {n_trials!r}")
+        if n_trials is not None and (
+            isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1
+        ):
+            raise ValueError(f"`n_trials` must be a positive int or None, got {n_trials!r}")
         timeout = kwargs["timeout"]
         if timeout is not None and not timeout > 0:
             raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}")
@@ -134,6 +138,11 @@ class SearchSettings:
                 "callbacks": list(kwargs["callbacks"]),
             }
         )
+
+    @property
+    def budget_trainings(self) -> float | None:
+        """The compute budget in trainings, when the budget gives one."""
+        return None if self.budget is None else self.budget.trainings
 
     @property
     def max_epochs(self) -> int:

@@ -101,43 +101,51 @@ def params_for(
     return chosen
 
 
+#: The uniform families a user would try by hand, in the order the warm start lists them.
+UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
+
+
 def _baseline_params(
     slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]
 ) -> list[tuple[str, dict[str, str]]]:
-    """Warm-start trials: the model's own norms, then well-known uniform configs.
+    """Warm-start trials: the model's own norms, then each uniform family.
 
-    A baseline is enqueued only where every parameter offers the needed choice.
+    A uniform family takes every parameter that offers its plain choice (GroupNorm's first
+    offered group count: the slot's default); a slot where the family is not valid keeps its own
+    layer when the space offers that. A family that fits no slot, or a config equal to an
+    earlier one, is left out.
     """
     by_name = {s.name: s for s in slots}
 
-    def pick(labels: list[str], slot: Slot, uniform: dict[str, str]) -> str | None:
-        if uniform.get("keep"):
-            label = slot.keep_choice().label
-            return label if label in labels else None
-        wanted = uniform[slot.layout]
-        return next((label for label in labels if _plain_choice(label, wanted)), None)
+    def own(labels: list[str], names: list[str]) -> str | None:
+        picks = {by_name[n].keep_choice().label for n in names}
+        label = picks.pop() if len(picks) == 1 else None
+        return label if label in labels else None
 
-    uniform_configs = [
-        ("own norms", {"keep": "1"}),
-        (
-            "uniform:groupnorm/layernorm",
-            {"channels_first": "groupnorm", "channels_last": "layernorm"},
-        ),
-        ("uniform:batchnorm", {"channels_first": "batchnorm", "channels_last": "batchnorm"}),
-        ("uniform:layernorm/rmsnorm", {"channels_first": "layernorm", "channels_last": "rmsnorm"}),
-    ]
     out: list[tuple[str, dict[str, str]]] = []
-    for label, uniform in uniform_configs:
+    own_params = {p: own(labels, names) for p, (labels, names) in params.items()}
+    if None not in own_params.values():
+        out.append(("own norms", own_params))  # type: ignore[arg-type]
+    for name in UNIFORM_FAMILIES:
         chosen: dict[str, str] = {}
-        for param, (labels, names) in params.items():
-            picks = {pick(labels, by_name[n], uniform) for n in names}
-            if None in picks or len(picks) != 1:
+        fits = False
+        for param, (labels, _) in params.items():
+            label = next((lb for lb in labels if _plain_choice(lb, name)), None)
+            fits = fits or label is not None
+            label = label or own_params[param]
+            if label is None:
                 break
-            chosen[param] = picks.pop()  # type: ignore[assignment]
+            chosen[param] = label
         else:
-            if chosen not in [c for _, c in out]:
-                out.append((label, chosen))
+            if fits and chosen not in [c for _, c in out]:
+                out.append((f"uniform:{name}", chosen))
     return out
+
+
+def grid_size(slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]) -> int:
+    """How many trainings the grid a user would run by hand costs: the model's own norms and
+    each uniform family the space offers (the default compute budget of a staged search)."""
+    return len(_baseline_params(slots, params))
 
 
 def _plain_choice(label: str, name: str) -> bool:
@@ -153,10 +161,10 @@ def warm_start_params(
     learned: NormConfig | None,
 ) -> list[tuple[str, dict[str, str]]]:
     """The warm-start trials in order: own norms, the learned config, the recommended config,
-    then the uniform baselines (each once, and only where the space offers it)."""
+    then the uniform families (each config once, and only where the space offers it)."""
     baselines = _baseline_params(slots, params)
     out = baselines[:1]
-    for label, config in (("learned (SN)", learned), ("recommend", recommend(slots, budget))):
+    for label, config in (("learned", learned), ("recommend", recommend(slots, budget))):
         chosen = None if config is None else params_for(config, slots, params)
         if chosen is not None:
             out.append((label, chosen))

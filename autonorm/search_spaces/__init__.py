@@ -9,5 +9,6 @@ from autonorm.search_spaces.space import (
     SearchSpace,
     resolve_space,
 )
+from autonorm.search_spaces.structure import slot_groups
 
-__all__ = ["PRESETS", "TIE_MODES", "PatternChoices", "SearchSpace", "resolve_space"]
+__all__ = ["PRESETS", "TIE_MODES", "PatternChoices", "SearchSpace", "resolve_space", "slot_groups"]
