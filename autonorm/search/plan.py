@@ -183,7 +183,7 @@ class Plan:
                 for c in evidence.ranked_screen(SCREEN, 0)[:PROMOTED]
                 if not evidence.full_runs(c.params)
             ]
-            fresh = fresh[: max(0, int(left // self.max_epochs))]
+            fresh = fresh[: _affordable(left, self.max_epochs)]
             if fresh:
                 return [Planned(PROMOTE, c) for c in fresh]
         last_round = max((int(t.user_attrs.get(keys.ROUND, 0)) for t in planned), default=0)
@@ -196,7 +196,7 @@ class Plan:
         confirm = self._confirmation(evidence)
         reserve = self.max_epochs if confirm is not None else 0
         moves = self._moves(evidence, trials)
-        affordable = int((left - self.max_epochs - reserve) // self.rung)
+        affordable = _affordable(left - self.max_epochs - reserve, self.rung)
         if moves and affordable >= 1:
             return [
                 Planned(REFINE, move, rung=self.rung, round=last_round + 1)
@@ -223,22 +223,23 @@ class Plan:
             return []
         tried = {params_key(t.params) for t in trials}
         others = [c for c in evidence.ranked_screen(SCREEN, 0) if c.params != incumbent.params]
-        # the learned config's groups first (per-slot evidence), then group by group the
-        # best other baselines (change a few slots to what the runner-up does there)
-        pairs = (
-            []
-            if self.learned is None
-            else [(g, Candidate("learned", self.learned)) for g in self.groups]
-        )
-        pairs += [(group, donor) for group in self.groups for donor in others[:DONORS]]
+        # the learned config first (per-slot evidence), then the best other baselines: each
+        # changes one group of slots at a time to what it does there
+        donors = [] if self.learned is None else [Candidate("learned", self.learned)]
+        donors += others[:DONORS]
         moves: list[Candidate] = []
-        for group, donor in pairs:
+        for donor, group in ((d, g) for d in donors for g in self.groups):
             params = dict(incumbent.params)
             params.update({n: donor.params[n] for n in self.groups[group] if n in donor.params})
             if params_key(params) not in tried:
                 tried.add(params_key(params))
                 moves.append(Candidate(f"refine: {group} <- {donor.label}", params))
         return moves
+
+
+def _affordable(left: float, cost: int) -> int:
+    """How many runs of ``cost`` epochs fit in ``left`` (no cap: as many as wanted)."""
+    return 1 << 30 if math.isinf(left) else max(0, int(left // cost))
 
 
 class Evidence:

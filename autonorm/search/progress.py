@@ -96,11 +96,9 @@ class SearchProgress:
         if len(study.directions) == 1:
             runs = config_runs(study)
             if runs:
-                best = runs[0].trials[0]
-                spread = (
-                    f" ± {runs[0].std:.2g} ({len(runs[0].trials)} runs," if runs[0].std else " ("
-                )
-                self.best = f"{runs[0].mean:.4g}{spread} trial {best.number})"
+                best, std = runs[0].trials[0], runs[0].std
+                spread = "" if std is None else f" ± {std:.2g} over {len(runs[0].trials)} runs"
+                self.best = f"{runs[0].mean:.4g}{spread} (trial {best.number})"
                 config = best.user_attrs.get(CONFIG) or best.params
                 kinds: dict[str, int] = {}
                 for value in config.values():
