@@ -1,27 +1,33 @@
 """Is the search worth its compute? autonorm against what a user would do anyway.
 
-For each task (a model, its data and a per-device batch size) the methods below each get a
-compute budget counted in training epochs, then the config each one found is retrained from
-scratch with fresh seeds and judged on validation accuracy (a search's own best value is
-optimistic: it is the maximum of noisy runs).
+For each task (a model, its data, a per-device batch size, a metric) each method below finds a
+config, counting its compute in trainings (one training = the task's epochs; screening, pruned
+and learn epochs included); then every found config, and every uniform family, is retrained
+from scratch with fresh seeds and judged by the mean of the metric (a search's own best value is
+optimistic: the maximum of noisy runs).
 
 Methods:
-  own      the model's own norms (no search; compute 0)
-  recommend  autonorm.recommend: rules of practice for the per-device batch (compute 0)
-  uniform  one run per uniform norm (batchnorm, groupnorm, layernorm, instancenorm, rmsnorm;
-           a norm invalid for a slot falls back to layernorm there), the best one kept
-  random   random per-slot configs, no pruning, at the uniform grid's epoch budget
-  learned  one learned-SwitchableNorm run (AutoNorm learn mode) and its derived config
-  autonorm autonorm.search with its defaults (TPE, median pruning, warm start), stopped once it
-           has used the uniform grid's epoch budget
-  autonorm+learn  the same with warm_start="learn" (its learned-SN run counts in the budget)
+  own            the model's own norms (no search)
+  uniform:<f>    each uniform family f (retrained: the best of them is the bar to clear)
+  grid           one run per uniform family and the own norms, the best run kept (what a user
+                 does by hand; its compute is the grid's size)
+  random         random per-slot configs (no pruning) at the grid's compute
+  learned-sn     one learned SwitchableNorm training (softmax mixing), its derived config
+  learned-ssn    one learned Sparse SwitchableNorm training (SparsestMax), its derived config
+  autonorm       autonorm.search with its defaults (staged plan, default budget = the grid's)
+  autonorm+learn the same with warm_start="learn" at the grid's compute
 
-Run (about 15 minutes on 2 CPU cores)::
+Acceptance (printed per task): autonorm at no more than the grid's compute retrains to at least
+the best uniform family and the own norms (within 0.5 point or one seed std, whichever is
+larger); averaged over the tasks it beats random; learned-ssn is within 2 points of the best
+uniform family on the small-batch CNN tasks.
 
-    python benchmarks/bench_search.py
-    python benchmarks/bench_search.py --tasks cnn-b4 --seeds 3 --epochs 4
+Run (each task in its own process; about 10 minutes a task on one core)::
 
-Writes ``benchmarks/results/search.md``, ``search.json`` and ``search.png``.
+    python benchmarks/bench_search.py --tasks cnn2d-b2 unet3d-b2
+    python benchmarks/bench_search.py --report      # the table of every task run so far
+
+Writes ``benchmarks/results/search/<task>.json`` and ``benchmarks/results/search.md``.
 """
 
 from __future__ import annotations
@@ -34,70 +40,70 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytorch_lightning as pl
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autonorm  # noqa: E402
 from autonorm.callbacks import AutoNorm  # noqa: E402
 from autonorm.norms import check_choice, default_groups  # noqa: E402
+from benchmarks.search_tasks import TASKS as NEW_TASKS  # noqa: E402
+from benchmarks.search_tasks import Task  # noqa: E402
 from examples.digits_cnn.model import DigitsCNN, DigitsDataModule  # noqa: E402
 from examples.mnist1d_cnn.data import MNIST1DDataModule  # noqa: E402
 from examples.mnist1d_cnn.model import MNIST1DCNN  # noqa: E402
 from examples.mnist1d_transformer.model import MNIST1DTransformer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-UNIFORM = ("batchnorm", "groupnorm", "layernorm", "instancenorm", "rmsnorm")
-METRIC = "val_acc"
+CONV = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
+TOKENS = ("layernorm", "rmsnorm", "dyt", "batchnorm")
+#: Tasks whose per-device batch is small enough for batch statistics to hurt (the SSN goal).
+SMALL_BATCH_CNN = ("cnn2d-b2", "unet3d-b2", "digits-b4", "cnn1d-b4")
 
-
-@dataclass
-class Task:
-    name: str
-    model: Callable[[], pl.LightningModule]
-    data: Callable[[int], pl.LightningDataModule]
-    batch_size: int
-
-
-TASKS = {
-    "cnn-b4": Task(
+TASKS: dict[str, Task] = {
+    **NEW_TASKS,
+    "cnn1d-b4": Task(
         "MNIST-1D 1-D CNN, batch 4",
         MNIST1DCNN,
         lambda b: MNIST1DDataModule(batch_size=b, train_fraction=0.5),
         4,
-    ),
-    "cnn-b64": Task(
-        "MNIST-1D 1-D CNN, batch 64",
-        MNIST1DCNN,
-        lambda b: MNIST1DDataModule(batch_size=b, train_fraction=0.5),
-        64,
+        epochs=4,
+        families=CONV,
     ),
     "transformer": Task(
         "MNIST-1D transformer, batch 32",
         MNIST1DTransformer,
         lambda b: MNIST1DDataModule(batch_size=b, train_fraction=0.5),
         32,
+        epochs=4,
+        families=TOKENS,
     ),
-    "digits": Task(
-        "digits 2-D CNN, batch 4", DigitsCNN, lambda b: DigitsDataModule(batch_size=b), 4
+    "digits-b4": Task(
+        "digits 2-D CNN, batch 4",
+        DigitsCNN,
+        lambda b: DigitsDataModule(batch_size=b),
+        4,
+        epochs=4,
+        families=CONV,
     ),
 }
 
 
 @dataclass
-class Outcome:
+class Found:
+    """What a method found and what it cost."""
+
     method: str
     config: autonorm.NormConfig | None
-    epochs: int
+    trainings: float
     seconds: float
-    history: list[tuple[int, float]] = field(default_factory=list)  # (epochs so far, best so far)
-    retrained: list[float] = field(default_factory=list)
+    retrained: list[float] | None = None
 
 
 def trainer(epochs: int, callbacks: list[Any]) -> pl.Trainer:
@@ -116,205 +122,211 @@ def trainer(epochs: int, callbacks: list[Any]) -> pl.Trainer:
 
 
 def train(task: Task, config: autonorm.NormConfig | None, epochs: int, seed: int) -> float:
-    """Train from scratch with ``config`` (None: the model's own norms); final val accuracy."""
+    """Train from scratch with ``config`` (None: the model's own norms); the final metric."""
     pl.seed_everything(seed, verbose=False)
     callbacks = [] if config is None else [AutoNorm(config=config, record_metrics=False)]
     run = trainer(epochs, callbacks)
     run.fit(task.model(), datamodule=task.data(task.batch_size))
-    return float(run.callback_metrics[METRIC])
+    return float(run.callback_metrics[task.metric])
 
 
 def uniform_config(slots: list[autonorm.Slot], name: str) -> autonorm.NormConfig:
-    choices = {}
+    """``name`` on every slot where it is valid (GroupNorm at its default group count); the
+    slot's own layer elsewhere."""
+    choices: dict[str, Any] = {}
     for slot in slots:
         params = {"groups": default_groups(slot.num_features, 8)} if name == "groupnorm" else {}
         valid = not check_choice(
             name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **params
         )
-        choices[slot.name] = {"name": name, **params} if valid else "layernorm"
+        choices[slot.name] = {"name": name, **params} if valid else slot.keep_choice().to_value()
     return autonorm.NormConfig(choices, metadata={"source": f"uniform:{name}"})
 
 
-def run_uniform(task: Task, epochs: int) -> Outcome:
-    slots = autonorm.find_slots(task.model())
-    start, best, history, used = time.time(), None, [], 0
-    for name in UNIFORM:
-        config = uniform_config(slots, name)
-        value = train(task, config, epochs, seed=0)
-        used += epochs
-        if best is None or value > best[1]:
+def better(task: Task, a: float, b: float) -> bool:
+    return a > b if task.mode == "max" else a < b
+
+
+def run_grid(task: Task, slots: list[autonorm.Slot]) -> Found:
+    """One run per uniform family and the own norms (seed 0), the best kept."""
+    start, best = time.time(), None
+    options = [("own", None)] + [(f, uniform_config(slots, f)) for f in task.families]
+    for _, config in options:
+        value = train(task, config, task.epochs, seed=0)
+        if best is None or better(task, value, best[1]):
             best = (config, value)
-        history.append((used, best[1]))
-    return Outcome("uniform", best[0], used, time.time() - start, history)
+    assert best is not None
+    return Found("grid", best[0], float(len(options)), time.time() - start)
 
 
-def run_search(task: Task, epochs: int, budget_epochs: int, **options: Any) -> Outcome:
-    """autonorm.search stopped once its trials have trained ``budget_epochs`` epochs."""
-    history: list[tuple[int, float]] = []
-
-    def spent(study: optuna.Study) -> int:
-        learn = (study.user_attrs.get("autonorm") or {}).get("learn_epochs", 0)
-        return learn + sum(
-            t.user_attrs.get("epochs", 0) for t in study.trials if t.state.is_finished()
-        )
-
-    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if complete:
-            history.append((spent(study), max(complete)))
-        if spent(study) + epochs > budget_epochs:
-            study.stop()
-
+def run_search(task: Task, method: str, **options: Any) -> Found:
     start = time.time()
     with tempfile.TemporaryDirectory() as out:
         result = autonorm.search(
             task.model,
             task.data(task.batch_size),
-            n_trials=100,
-            monitor=METRIC,
-            mode="max",
-            budget=autonorm.Budget(batch_size=task.batch_size),
-            trainer_kwargs={"max_epochs": epochs},
+            monitor=task.metric,
+            mode=task.mode,
+            trainer_kwargs={"max_epochs": task.epochs},
             out_dir=out,
-            callbacks=[stop_at_budget],
             **options,
         )
-        used = spent(result.study)
-    method = "random" if options.get("sampler") == "random" else "autonorm"
-    if options.get("warm_start") == "learn":
-        method = "autonorm+learn"
-    return Outcome(method, result.best_config, used, time.time() - start, history)
+    compute = result.summary["compute"]
+    return Found(method, result.best_config, compute["trainings"], time.time() - start)
 
 
-def run_learned(task: Task, epochs: int) -> Outcome:
+def run_learned(task: Task, method: str, **options: Any) -> Found:
     pl.seed_everything(0, verbose=False)
     start = time.time()
-    callback = AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0)
+    callback = AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0, **options)
     with tempfile.TemporaryDirectory() as out:
         callback.config_path = Path(out) / "learned.yaml"
-        trainer(epochs, [callback]).fit(task.model(), datamodule=task.data(task.batch_size))
-    return Outcome("learned", callback.config, epochs, time.time() - start)
+        trainer(task.epochs, [callback]).fit(task.model(), datamodule=task.data(task.batch_size))
+    return Found(method, callback.config, 1.0, time.time() - start)
 
 
-def run_recommend(task: Task) -> Outcome:
-    start = time.time()
-    model = task.model()
-    config = autonorm.recommend(
-        autonorm.find_slots(model), autonorm.Budget(batch_size=task.batch_size)
+def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:
+    grid = run_grid(task, slots)
+    budget = {"batch_size": task.batch_size}
+    found = [Found("own", None, 0.0, 0.0)]
+    found += [Found(f"uniform:{f}", uniform_config(slots, f), 0.0, 0.0) for f in task.families]
+    found.append(grid)
+    found.append(
+        run_search(
+            task,
+            "random",
+            budget={**budget, "trainings": grid.trainings},
+            sampler="random",
+            pruner="none",
+            warm_start=False,
+            seed=1,
+        )
     )
-    return Outcome("recommend", config, 0, time.time() - start)
+    found.append(run_learned(task, "learned-sn"))
+    found.append(run_learned(task, "learned-ssn", mixing="sparsestmax"))
+    found.append(run_search(task, "autonorm", budget=budget, seed=0))
+    found.append(
+        run_search(
+            task,
+            "autonorm+learn",
+            budget={**budget, "trainings": grid.trainings},
+            warm_start="learn",
+            seed=0,
+        )
+    )
+    return found
 
 
-def bench_task(key: str, epochs: int, seeds: int) -> dict[str, Any]:
+def summary_of(config: autonorm.NormConfig | None) -> str:
+    if config is None:
+        return "own norms"
+    kinds: dict[str, int] = {}
+    for choice in config.choices.values():
+        kinds[choice.label] = kinds.get(choice.label, 0) + 1
+    return ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items()))
+
+
+def bench_task(key: str, seeds: int) -> dict[str, Any]:
     task = TASKS[key]
-    print(f"\n== {task.name}: {epochs} epochs a run, {seeds} retrain seeds", flush=True)
-    outcomes = [Outcome("own", None, 0, 0.0), run_recommend(task)]
-    outcomes.append(run_uniform(task, epochs))
-    grid = outcomes[-1].epochs
-    outcomes.append(
-        run_search(task, epochs, grid, sampler="random", pruner="none", warm_start=False, seed=1)
-    )
-    outcomes.append(run_learned(task, epochs))
-    outcomes.append(run_search(task, epochs, grid, seed=0))
-    outcomes.append(run_search(task, epochs, grid, seed=0, warm_start="learn"))
+    slots = autonorm.find_slots(task.model())
+    print(f"\n== {key}: {task.name}, {len(slots)} slots, {task.epochs} epochs", flush=True)
     rows = []
-    for outcome in outcomes:
-        outcome.retrained = [train(task, outcome.config, epochs, 1000 + s) for s in range(seeds)]
-        mean = statistics.mean(outcome.retrained)
-        std = statistics.stdev(outcome.retrained) if seeds > 1 else 0.0
-        summary = "own norms"
-        if outcome.config is not None:
-            kinds: dict[str, int] = {}
-            for choice in outcome.config.choices.values():
-                kinds[choice.label] = kinds.get(choice.label, 0) + 1
-            summary = ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items()))
+    for found in find_all(task, slots):
+        values = [train(task, found.config, task.epochs, 1000 + s) for s in range(seeds)]
+        row = {
+            "method": found.method,
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if seeds > 1 else 0.0,
+            "retrained": values,
+            "trainings": found.trainings,
+            "seconds": found.seconds,
+            "config": summary_of(found.config),
+        }
+        rows.append(row)
         print(
-            f"  {outcome.method:9s} retrained acc {100 * mean:5.1f} ± {100 * std:4.1f}   "
-            f"search epochs {outcome.epochs:3d}   {outcome.seconds:6.1f} s   {summary}",
+            f"  {row['method']:15s} {100 * row['mean']:5.1f} ± {100 * row['std']:4.1f}   "
+            f"compute {row['trainings']:4.1f} trainings   {row['seconds']:6.1f} s   "
+            f"{row['config']}",
             flush=True,
         )
-        rows.append(
-            {
-                "method": outcome.method,
-                "mean": mean,
-                "std": std,
-                "retrained": outcome.retrained,
-                "epochs": outcome.epochs,
-                "seconds": outcome.seconds,
-                "config": None if outcome.config is None else outcome.config.to_dict()["slots"],
-                "history": outcome.history,
-            }
-        )
-    return {"task": key, "name": task.name, "epochs_per_run": epochs, "rows": rows}
+    result = {"task": key, "name": task.name, "slots": len(slots), "epochs": task.epochs}
+    result.update(rows=rows, mode=task.mode, seeds=seeds)
+    return result
 
 
-def write_results(results: list[dict[str, Any]]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "search.json").write_text(json.dumps(results, indent=2))
+def verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """The acceptance checks of one task."""
+    rows = {r["method"]: r for r in result["rows"]}
+    sign = 1.0 if result["mode"] == "max" else -1.0
+    uniforms = [r for m, r in rows.items() if m.startswith("uniform:")]
+    best_uniform = max(uniforms, key=lambda r: sign * r["mean"])
+    auto = rows["autonorm"]
+
+    def at_least(bar: dict[str, Any]) -> bool:
+        tolerance = max(0.005, bar["std"])
+        return sign * (auto["mean"] - bar["mean"]) >= -tolerance
+
+    out = {
+        "best_uniform": best_uniform["method"],
+        "autonorm_vs_best_uniform": sign * (auto["mean"] - best_uniform["mean"]),
+        "autonorm_ok": at_least(best_uniform)
+        and at_least(rows["own"])
+        and auto["trainings"] <= rows["grid"]["trainings"] + 1e-9,
+        "autonorm_minus_random": sign * (auto["mean"] - rows["random"]["mean"]),
+        "ssn_gap": sign * (rows["learned-ssn"]["mean"] - best_uniform["mean"]),
+    }
+    if result["task"] in SMALL_BATCH_CNN:
+        out["ssn_ok"] = out["ssn_gap"] >= -0.02
+    return out
+
+
+def report(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| task | method | retrained val acc (%) | search epochs | search time (s) |",
+        "| task | method | retrained (%) | compute (trainings) | config |",
         "|---|---|---|---|---|",
     ]
-    for task in results:
-        for row in task["rows"]:
+    checks = []
+    for result in results:
+        for row in result["rows"]:
             lines.append(
-                f"| {task['name']} | {row['method']} | {100 * row['mean']:.1f} ± "
-                f"{100 * row['std']:.1f} | {row['epochs']} | {row['seconds']:.0f} |"
+                f"| {result['task']} | {row['method']} | {100 * row['mean']:.1f} ± "
+                f"{100 * row['std']:.1f} | {row['trainings']:.1f} | {row['config']} |"
             )
-    (RESULTS / "search.md").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot (pip install autonorm[examples])")
-        return
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, task in zip(axes[0], results, strict=True):
-        for index, row in enumerate(task["rows"]):
-            color = f"C{index}"  # one colour per method: its search curve and retrained point
-            if row["history"]:
-                xs, ys = zip(*row["history"], strict=True)
-                ys = [100 * y for y in ys]
-                ax.step(xs, ys, where="post", color=color, alpha=0.4, linestyle="--")
-            ax.errorbar(
-                row["epochs"],
-                100 * row["mean"],
-                yerr=100 * row["std"],
-                fmt="o",
-                color=color,
-                label=row["method"],
-            )
-        ax.set_title(task["name"])
-        ax.set_xlabel("training epochs spent searching")
-        ax.set_ylabel("val accuracy (%)")
-    axes[0][-1].legend(fontsize=7, title="retrained (dots), search best (dashed)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "search.png", dpi=100)
-    print(f"wrote {RESULTS / 'search.md'}, search.json, search.png")
+        v = verdicts(result)
+        ssn = f", SSN within 2 points: {v['ssn_ok']}" if "ssn_ok" in v else ""
+        checks.append(
+            f"- {result['task']}: autonorm {100 * v['autonorm_vs_best_uniform']:+.1f} points "
+            f"against the best uniform ({v['best_uniform']}), "
+            f"{100 * v['autonorm_minus_random']:+.1f} against random; goal held: "
+            f"{v['autonorm_ok']}; SSN {100 * v['ssn_gap']:+.1f} points{ssn}"
+        )
+    if results:
+        gain = statistics.mean(verdicts(r)["autonorm_minus_random"] for r in results)
+        checks.append(f"- autonorm minus random, mean over tasks: {100 * gain:+.1f} points")
+    return "\n".join(lines) + "\n\nAcceptance:\n" + "\n".join(checks) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per training run")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=[])
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds per config")
-    parser.add_argument(
-        "--replot", action="store_true", help="redraw the table and plot from search.json"
-    )
+    parser.add_argument("--report", action="store_true", help="print the table of saved runs")
     args = parser.parse_args(argv)
-    if args.replot:
-        write_results(json.loads((RESULTS / "search.json").read_text()))
-        return 0
-    if args.epochs < 1 or args.seeds < 1:
-        parser.error("--epochs and --seeds must be >= 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    folder = RESULTS / "search"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    results = [bench_task(key, args.epochs, args.seeds) for key in args.tasks]
-    write_results(results)
+    for key in args.tasks:
+        result = bench_task(key, args.seeds)
+        (folder / f"{key}.json").write_text(json.dumps(result, indent=2))
+    saved = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    text = report(saved)
+    (RESULTS / "search.md").write_text(text)
+    print("\n" + text)
     return 0
 
 

@@ -120,7 +120,10 @@ class Plan:
 
     def screen(self) -> list[Planned]:
         """The screening trials to enqueue when the study is created: as many baselines as
-        leave room for one promotion within the budget."""
+        leave room for one promotion within the budget. When ``n_trials`` is too small for a
+        screen and its promotions, the first baselines train the full schedule instead."""
+        if self.n_trials is not None and self.n_trials < len(self.baselines) + PROMOTED:
+            return [Planned(PROMOTE, c) for c in self.baselines[: self.n_trials]]
         planned = [Planned(SCREEN, c, rung=self.rung) for c in self.baselines]
         if self.budget_epochs is not None:
             room = int((self.budget_epochs - self.learn_epochs - self.max_epochs) // self.rung)
