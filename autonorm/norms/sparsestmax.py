@@ -60,10 +60,11 @@ def _target(radius: float | torch.Tensor, k: int, device: torch.device) -> torch
 
 
 def _select(
-    z: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor, *, sphere: bool = False
+    z: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor, sphere: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The support of the projection of float64 logits ``z`` over the ``allowed`` candidates
-    (``sphere``: of the curve's point on the sphere, even where sparsemax lies outside it).
+    (where ``sphere``, bool ``(..., 1)``: of the curve's point on the sphere, even where
+    sparsemax lies outside it).
 
     Returns:
         ``support`` (bool, like ``z``), ``on_sphere`` (bool ``(..., 1)``: the sphere's point,
@@ -100,8 +101,9 @@ def _select(
 
 def _weights(
     logits: torch.Tensor, support: torch.Tensor, on_sphere: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """The projection as a closed form of the logits on a known support (differentiable)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection as a closed form of the logits on a known support (differentiable), and
+    sparsemax's form on that support."""
     m = support.sum(-1, keepdim=True).to(logits.dtype)
     mean = torch.where(support, logits, 0.0).sum(-1, keepdim=True) / m
     d = torch.where(support, logits - mean, 0.0)
@@ -112,7 +114,8 @@ def _weights(
     # sqrt(spread2) apart: a zero spread2 has no slope, but sqrt(0 / norm2) has a nan one
     scale = torch.where(moved, spread2.sqrt() * torch.where(moved, norm2, 1.0).rsqrt(), 0.0)
     sphere = 1 / m + d * scale
-    return torch.where(support, torch.where(on_sphere, sphere, sparse), 0.0).clamp_min(0)
+    weights = torch.where(support, torch.where(on_sphere, sphere, sparse), 0.0).clamp_min(0)
+    return weights, torch.where(support, sparse, 0.0)
 
 
 def sparsestmax(
@@ -154,18 +157,22 @@ def sparsestmax(
     with torch.no_grad():
         target = _target(radius, k, logits.device)
         z = logits.detach().to(torch.float64)
-        support, on_sphere, tied = _select(z, allowed, target)
-        # the tie-break: the limit of the logits minus an infinitesimal multiple of the index,
-        # i.e. the sphere's point of -index over the tied candidates (no ties there)
+        # the tie-break, solved alongside: the limit of the logits minus a vanishing multiple
+        # of the index, i.e. the sphere's point of -index over the top logits (no ties there)
         index = -torch.arange(k, dtype=torch.float64, device=z.device).expand_as(z)
-        tie_support, tie_on_sphere, _ = _select(index, support, target, sphere=True)
-        tie_weights = _weights(index, tie_support, tie_on_sphere, target)
+        top = allowed & (z == torch.where(allowed, z, -math.inf).amax(-1, keepdim=True))
+        sphere = torch.tensor([[False], [True]], device=z.device)
+        supports, on_spheres, ties = _select(
+            torch.stack([z, index], -2), torch.stack([allowed, top], -2), target, sphere
+        )
+        support, tie_support = supports.unbind(-2)
+        on_sphere, tie_on_sphere = on_spheres.unbind(-2)
+        tied = ties[..., 0, :]  # where the top logits tie, the support is all of them
+        tie_weights, _ = _weights(index, tie_support, tie_on_sphere, target)
     # in float64: near ties, d = z - mean(z) loses most of its digits in float32
-    z = logits.to(torch.float64)
-    weights = _weights(z, support, on_sphere, target)
+    weights, slope = _weights(logits.to(torch.float64), support, on_sphere, target)
     # a tie is a jump of the projection: it takes sparsemax's slope over the tied candidates,
     # so that tied logits (equal at init) can still move apart
-    slope = _weights(z, support, torch.zeros_like(on_sphere), target)
     tie_weights = tie_weights + (slope - slope.detach())
     return torch.where(tied, tie_weights, weights).to(logits.dtype)
 
