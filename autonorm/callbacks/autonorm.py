@@ -26,6 +26,7 @@ from autonorm._errors import AutoNormError
 from autonorm.budget import Budget, as_budget, format_bytes, is_oom_error
 from autonorm.callbacks import trial as trial_glue
 from autonorm.callbacks._lightning import CALLBACK_BASES
+from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
 from autonorm.callbacks.checkpoints import (
     CHECKPOINT_KEY,
     checkpoint_entry,
@@ -35,6 +36,7 @@ from autonorm.callbacks.measure import TrainingStepRecorder
 from autonorm.callbacks.optimizers import wrap_configure_optimizers
 from autonorm.callbacks.trial import TrialOutcome
 from autonorm.config import NormConfig
+from autonorm.norms import SWITCHABLE_MIXINGS
 from autonorm.search_spaces import SearchSpace, resolve_space
 from autonorm.surgery import (
     Slot,
@@ -89,19 +91,22 @@ def _check_mode(mode: str | None, trial: Any, config: Any) -> str:
 
 def _check_learn_options(
     mode: str,
+    mixing: str,
     mixing_lr_scale: float | None,
     mixing_weight_decay: float | None,
     finalize: bool,
     finalize_batches: int,
 ) -> None:
+    if mixing not in SWITCHABLE_MIXINGS:
+        raise ValueError(f"`mixing` must be one of {SWITCHABLE_MIXINGS}, got {mixing!r}")
     if mixing_lr_scale is not None and not (mixing_lr_scale > 0 and math.isfinite(mixing_lr_scale)):
         raise ValueError(f"`mixing_lr_scale` must be a positive number, got {mixing_lr_scale!r}")
     if mixing_weight_decay is not None and mixing_weight_decay < 0:
         raise ValueError(f"`mixing_weight_decay` must be >= 0, got {mixing_weight_decay!r}")
     if finalize_batches < 0:
         raise ValueError(f"`finalize_batches` must be >= 0, got {finalize_batches}")
-    if mode != "learn" and (finalize or mixing_lr_scale is not None):
-        raise ValueError("`finalize` and `mixing_lr_scale` apply to mode='learn' only")
+    if mode != "learn" and (finalize or mixing_lr_scale is not None or mixing != "softmax"):
+        raise ValueError("`finalize`, `mixing` and `mixing_lr_scale` apply to mode='learn' only")
 
 
 def _check_budget(budget: Any, record_metrics: bool) -> Budget | None:
@@ -147,6 +152,7 @@ class _AutoNormLogic(_CallbackType):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         candidates: Sequence[str] | dict[str, Sequence[str]] | None = None,
+        mixing: str = "softmax",
         mixing_lr_scale: float | None = None,
         mixing_weight_decay: float | None = None,
         finalize: bool = False,
@@ -160,7 +166,7 @@ class _AutoNormLogic(_CallbackType):
     ) -> None:
         self.mode = _check_mode(mode, trial, config)
         _check_learn_options(
-            self.mode, mixing_lr_scale, mixing_weight_decay, finalize, finalize_batches
+            self.mode, mixing, mixing_lr_scale, mixing_weight_decay, finalize, finalize_batches
         )
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a metric name, got {monitor!r}")
@@ -170,6 +176,7 @@ class _AutoNormLogic(_CallbackType):
         self.include = include
         self.exclude = exclude
         self.candidates = candidates
+        self.mixing = mixing
         self.mixing_lr_scale = mixing_lr_scale
         self.mixing_weight_decay = mixing_weight_decay
         self.finalize = finalize
@@ -189,6 +196,7 @@ class _AutoNormLogic(_CallbackType):
         self._applied = False
         self._feeders: dict[str, str | None] | None = None  # the slots' feeders, from the probe
         self._original_configure_optimizers: Any = None
+        self._radius_schedule: RadiusSchedule | None = None
 
     # -- setup: the rewrite --------------------------------------------------------------------
 
@@ -251,8 +259,14 @@ class _AutoNormLogic(_CallbackType):
             apply_config(pl_module, structure, partial=True, example_input=example, slots=found)
             return
         if self.mode == "learn":
+            # softmax SN is built as before (no `mixing` in its choices)
+            extra = {"mixing": self.mixing} if self.mixing != "softmax" else {}
             to_switchable(
-                pl_module, slots=self.slots, candidates=self.candidates, example_input=example
+                pl_module,
+                slots=self.slots,
+                candidates=self.candidates,
+                example_input=example,
+                **extra,
             )
             return
         if self.mode == "search":
@@ -292,9 +306,24 @@ class _AutoNormLogic(_CallbackType):
     # -- search mode: measure, report, prune ---------------------------------------------------
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        layers = sparse_layers(pl_module) if self.mode == "learn" else []
+        if not layers:
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise AutoNormError(
+                "mixing='sparsestmax' grows the radius over a known training length: give the "
+                f"Trainer max_epochs or max_steps (estimated stepping batches: {total})"
+            )
+        self._radius_schedule = RadiusSchedule(layers, int(total))
+
+    @override
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._radius_schedule is not None:
+            self._radius_schedule.update(trainer.global_step)
         if self.recorder is not None:
             self.recorder.batch_start(pl_module)
 
@@ -383,6 +412,7 @@ class _AutoNormLogic(_CallbackType):
             if not switchable_layers(pl_module):
                 return  # already finalized (a second fit)
             self.config = derive_config(pl_module)
+            self.config.metadata["mixing"] = self.mixing
             if self.finalize:
                 self._finalize(trainer, pl_module)
         if self.trial is not None and trial_glue.is_global_zero(trainer):
@@ -486,6 +516,10 @@ class AutoNorm(_AutoNormLogic, *CALLBACK_BASES):  # type: ignore[misc]
         monitor: metric reported to the trial after every validation (search mode).
         include, exclude: glob patterns on slot names selecting the slots to rewrite.
         candidates: SwitchableNorm candidates (learn mode), a tuple or ``{layout: tuple}``.
+        mixing: learn mode: ``"softmax"`` (SN) or ``"sparsestmax"`` (Sparse SN: the radius grows
+            in steps from sparsemax at the start to one normalizer per layer at 80% of
+            ``trainer.estimated_stepping_batches``, so the derived config is what the model
+            trained with).
         mixing_lr_scale: learn mode: train the mixing logits at ``lr * mixing_lr_scale`` in a
             param group of their own (Sparse SN uses 0.1).
         mixing_weight_decay: learn mode: weight decay of the mixing logits (e.g. 0.0).

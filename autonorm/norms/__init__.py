@@ -24,7 +24,8 @@ from autonorm.norms.registry import (
     create_norm,
     get_spec,
 )
-from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SwitchableNorm
+from autonorm.norms.sparsestmax import sparsestmax, vertex_radius
+from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SWITCHABLE_MIXINGS, SwitchableNorm
 from autonorm.norms.sync import SyncBatchNorm
 from autonorm.norms.weight import (
     WEIGHT_NAMES,
@@ -40,6 +41,7 @@ __all__ = [
     "LAYOUTS",
     "NORM_NAMES",
     "SWITCHABLE_CANDIDATES",
+    "SWITCHABLE_MIXINGS",
     "WEIGHT_NAMES",
     "WEIGHT_NORMS",
     "BatchNormChannelsLast",
@@ -61,5 +63,7 @@ __all__ = [
     "get_spec",
     "group_counts",
     "set_weight_norm",
+    "sparsestmax",
+    "vertex_radius",
     "weight_norm_of",
 ]

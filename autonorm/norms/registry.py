@@ -180,7 +180,7 @@ _REGISTRY: dict[str, NormSpec] = {
         NormSpec(
             "switchable",
             _switchable,
-            ("candidates", "momentum"),
+            ("candidates", "momentum", "mixing"),
             reference="Luo et al., Switchable Normalization, ICLR 2019",
         ),
         NormSpec(

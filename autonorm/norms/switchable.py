@@ -9,6 +9,14 @@ channels-last layers (tokens) mix per-token and per-channel terms. The kernels a
 autograd functions that keep one input-sized tensor for the backward live in
 :mod:`autonorm.norms._switchable_ops`.
 
+With ``mixing="sparsestmax"`` (Sparse SN, Shao et al., CVPR 2019) the weights are
+:func:`~autonorm.norms.sparsestmax.sparsestmax` of the logits at the layer's ``radius``: sparse,
+and one-hot once the radius reaches :attr:`SwitchableNorm.vertex_radius` (a schedule grows it
+during training, e.g. ``AutoNorm(mode="learn", mixing="sparsestmax")``). Unlike the paper, one
+set of weights, from the average of the mean and variance logits, mixes both: a one-hot layer is
+then one native normalizer, not a mean from one and a variance from another, so the config
+derived from it is the layer the model trained with.
+
 Variances are biased, so one-hot mixing weights reproduce ``nn.InstanceNorm2d(affine=True)``,
 ``nn.GroupNorm(1, C)`` and ``nn.BatchNorm2d`` in training mode. Running statistics follow torch's
 BatchNorm convention (unbiased variance, ``momentum=None`` for a cumulative average).
@@ -16,6 +24,7 @@ BatchNorm convention (unbiased variance, ``momentum=None`` for a cumulative aver
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -38,6 +47,7 @@ from autonorm.norms.layers import (
     check_layout,
     reset_affine,
 )
+from autonorm.norms.sparsestmax import sparsestmax, vertex_radius
 from autonorm.norms.sync import all_reduce_sum
 
 #: Candidate statistics a SwitchableNorm may mix, per layout; all of them are the defaults
@@ -47,7 +57,19 @@ SWITCHABLE_CANDIDATES: dict[str, tuple[str, ...]] = {
     CHANNELS_LAST: ("layer", "rms", "batch"),
 }
 
+#: How the mixing logits become weights: the paper's softmax, or Sparse SN's sparsestmax.
+SWITCHABLE_MIXINGS = ("softmax", "sparsestmax")
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_mixing(mixing: str, radius: float) -> None:
+    if mixing not in SWITCHABLE_MIXINGS:
+        raise ValueError(f"`mixing` must be one of {SWITCHABLE_MIXINGS}, got {mixing!r}")
+    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
+        raise ValueError(f"`radius` must be a finite number >= 0, got {radius!r}")
+    if radius and mixing != "sparsestmax":
+        raise ValueError(f"`radius` applies to mixing='sparsestmax', got mixing={mixing!r}")
 
 
 def _distributed_world() -> int:
@@ -83,11 +105,18 @@ class SwitchableNorm(nn.Module):
         eps: added to the mixed variance.
         momentum: running-statistics momentum of the batch branch (``None``: cumulative).
         affine: learn per-channel ``weight`` and ``bias``.
+        mixing: ``"softmax"`` (SN) or ``"sparsestmax"`` (Sparse SN): how the logits become
+            weights.
+        radius: sparsestmax only: the initial :attr:`radius` (0: sparsemax).
 
     Attributes:
         mean_weight, var_weight: learnable logits, one per candidate in ``candidates`` order;
-            their softmax weighs the candidates' means and variances.
+            their softmax (or sparsestmax) weighs the candidates' means and variances.
         running_mean, running_var: the batch branch's running statistics (eval mode).
+        radius: sparsestmax only: a scalar buffer (saved in the state dict), the least distance
+            of the weights from the uniform mix; at :attr:`vertex_radius` they are one-hot.
+            The mean and the variance then share one set of weights, the sparsestmax of
+            ``(mean_weight + var_weight) / 2``.
 
     In training the batch statistics are synchronized across processes when
     ``torch.distributed`` is initialized with more than one process. Statistics are computed in
@@ -107,6 +136,7 @@ class SwitchableNorm(nn.Module):
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
+    radius: torch.Tensor | None
     #: The batch statistics of the step in flight, set by the forward's statistics function.
     _pending_batch_stats: tuple[torch.Tensor, torch.Tensor] | None
 
@@ -119,6 +149,8 @@ class SwitchableNorm(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        mixing: str = "softmax",
+        radius: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -136,12 +168,14 @@ class SwitchableNorm(nn.Module):
             )
         if eps <= 0:
             raise ValueError(f"`eps` must be > 0, got {eps}")
+        _check_mixing(mixing, radius)
         self.num_features = num_features
         self.layout = layout
         self.candidates: tuple[str, ...] = candidates
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
+        self.mixing = mixing
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.mean_weight = nn.Parameter(torch.empty(len(candidates), **factory))
         self.var_weight = nn.Parameter(torch.empty(len(candidates), **factory))
@@ -156,7 +190,15 @@ class SwitchableNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        # only Sparse SN has one: a softmax SN's state dict stays as it was
+        initial = torch.tensor(float(radius), **factory) if mixing == "sparsestmax" else None
+        self.register_buffer("radius", initial)
         self.reset_parameters()
+
+    @property
+    def vertex_radius(self) -> float:
+        """The radius at which sparsestmax weights are one-hot: ``sqrt((K - 1) / K)``."""
+        return vertex_radius(len(self.candidates))
 
     def _running_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch branch's buffers: running mean, running variance, batches tracked."""
@@ -178,16 +220,23 @@ class SwitchableNorm(nn.Module):
         reset_affine(self)
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"{self.num_features}, layout={self.layout!r}, candidates={self.candidates}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
         )
+        if self.radius is not None:
+            text += f", mixing={self.mixing!r}, radius={float(self.radius):.4g}"
+        return text
 
     def mixing_weights(self) -> dict[str, dict[str, float]]:
-        """The current softmax weights per candidate: ``{"mean": {...}, "var": {...}}``."""
+        """The current weights per candidate (softmax or sparsestmax, as the layer mixes):
+        ``{"mean": {...}, "var": {...}}``."""
         with torch.no_grad():
-            mean = self._mix(self.mean_weight, None).tolist()
-            var = self._mix(self.var_weight, None).tolist()
+            if self.radius is None:
+                mean = self._mix(self.mean_weight, None).tolist()
+                var = self._mix(self.var_weight, None).tolist()
+            else:
+                mean = var = self._sparse_weights(None).tolist()
         return {
             "mean": dict(zip(self.candidates, mean, strict=True)),
             "var": dict(zip(self.candidates, var, strict=True)),
@@ -218,9 +267,29 @@ class SwitchableNorm(nn.Module):
     def _mix(self, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if logits.dtype in _HALF_DTYPES:
             logits = logits.float()
+        if self.radius is not None:
+            allowed = None if mask is None else mask.to(logits.device) == 0
+            return sparsestmax(logits, self.radius, allowed)
         if mask is not None:
             logits = logits + mask.to(logits.device, logits.dtype)
         return torch.softmax(logits, 0)
+
+    def _sparse_weights(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Sparse SN's one set of weights for the mean and the variance (both logits train)."""
+        return self._mix((self.mean_weight + self.var_weight) / 2, mask)
+
+    def _mixing_inputs(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the statistics functions get for the mean and variance mixing: the logits
+        (softmax is applied inside them), or the sparsestmax weights, projected once a forward
+        rather than again in the custom backward."""
+        if self.radius is None:
+            return self.mean_weight, self.var_weight
+        weights = self._sparse_weights(mask)
+        return weights, weights
+
+    def _mixed(self, given: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The weights from what :meth:`_mixing_inputs` gave."""
+        return self._mix(given, mask) if self.radius is None else given
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         if count < 2:
@@ -249,10 +318,9 @@ class SwitchableNorm(nn.Module):
                 out = self._forward_channels_last(x)
         return out.to(input.dtype)
 
-    def _params(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    def _params(self, dtype: torch.dtype, mask: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [
-            self.mean_weight,
-            self.var_weight,
+            *self._mixing_inputs(mask),
             None if self.weight is None else self.weight.to(dtype),
             None if self.bias is None else self.bias.to(dtype),
         ]
@@ -301,8 +369,8 @@ class SwitchableNorm(nn.Module):
                     batch_mean = running_mean.to(mean.dtype).unsqueeze(0)
                     batch_var = running_var.to(mean.dtype).unsqueeze(0)
                 stats["batch"] = (batch_mean, batch_var)
-            mean_w = self._mix(mean_logits, mask)
-            var_w = self._mix(var_logits, mask)
+            mean_w = self._mixed(mean_logits, mask)
+            var_w = self._mixed(var_logits, mask)
             mixed_mean = sum(mean_w[i] * stats[k][0] for i, k in enumerate(self.candidates))
             mixed_var = cast(
                 torch.Tensor, sum(var_w[i] * stats[k][1] for i, k in enumerate(self.candidates))
@@ -318,7 +386,7 @@ class SwitchableNorm(nn.Module):
             return a.to(dtype), b.to(dtype)
 
         self._pending_batch_stats = None
-        out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *self._params(x.dtype))
+        out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *self._params(x.dtype, mask))
         if self._pending_batch_stats is not None:
             self._update_running(*self._pending_batch_stats, batch_count)
             self._pending_batch_stats = None
@@ -397,8 +465,8 @@ class SwitchableNorm(nn.Module):
                     batch_mean = running_mean.to(col_mean.dtype)
                     batch_var = running_var.to(col_mean.dtype)
                 stats["batch"] = (batch_mean, batch_var)
-            mean_w = self._mix(mean_logits, mask)
-            var_w = self._mix(var_logits, mask)
+            mean_w = self._mixed(mean_logits, mask)
+            var_w = self._mixed(var_logits, mask)
             terms = self._token_terms(stats, mean_w, var_w, zeros_row, zeros_col)
             scale = torch.ones_like(zeros_col) if weight is None else weight
             shift = zeros_col if bias is None else bias
@@ -413,7 +481,7 @@ class SwitchableNorm(nn.Module):
             col_var,
             terms_from_stats,
             self.eps,
-            *self._params(x.dtype),
+            *self._params(x.dtype, mask),
         )
         if self._pending_batch_stats is not None:
             self._update_running(*self._pending_batch_stats, batch_count)
