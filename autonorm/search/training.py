@@ -185,10 +185,12 @@ def run_trial(
 
 
 def learn_pass(training: Training, out_dir: Path, seed: int | None) -> NormConfig:
-    """One learned-SwitchableNorm run (Sparse SN's settings for the mixing weights): the
-    derived config, with the learned weights in its metadata."""
+    """One learned Sparse SwitchableNorm run (SparsestMax mixing: every slot ends on exactly
+    one normalizer, so the derived config is what was trained, no argmax gap): the derived
+    config, with the learned weights in its metadata."""
     callback = AutoNorm(
         mode="learn",
+        mixing="sparsestmax",
         mixing_lr_scale=0.1,
         mixing_weight_decay=0.0,
         config_path=out_dir / "learned_config.yaml",

@@ -197,6 +197,8 @@ def keep_choice_of(module: nn.Module, kind: str) -> NormChoice:
     if kind == "switchable":
         if norm.candidates != SWITCHABLE_CANDIDATES[norm.layout]:
             params["candidates"] = list(norm.candidates)
+        if getattr(norm, "mixing", "softmax") != "softmax":  # Sparse SN rebuilds as Sparse SN
+            params["mixing"] = norm.mixing
         if norm.momentum != 0.1:
             params["momentum"] = norm.momentum
     if kind == "dyt" and norm.alpha_init != 0.5:
