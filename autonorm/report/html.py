@@ -95,9 +95,22 @@ def _study_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     if summary.get("slots"):
         rows.append(("slots", len(summary["slots"])))
     if summary["pareto"] is None:
-        best = summary["best_value"]
-        text = f"{best:.6g} (trial {summary['best_trial']})" if best is not None else "-"
+        best, std = summary["best_value"], summary.get("best_std")
+        text = "-"
+        if best is not None:
+            spread = f" ± {std:.3g} over {summary['best_runs']} runs" if std is not None else ""
+            text = f"{best:.6g}{spread} (trial {summary['best_trial']})"
         rows.append(("best value", text))
+        certainty = summary.get("certainty")
+        if certainty:
+            sure = certainty["p_better"]
+            rows.append(
+                (
+                    "choice",
+                    f"{certainty['gap']:.3g} better than {certainty['runner_up'] or 'the runner-up'}"
+                    + (f"; P(better) ≈ {sure:.2f}" if sure is not None else "; no repeated runs"),
+                )
+            )
     else:
         rows.append(("Pareto front", f"{len(summary['pareto'])} trials"))
     return rows
@@ -121,6 +134,14 @@ def _run_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         if epochs["max_epochs"] is not None:
             text += f" (max_epochs={epochs['max_epochs']})"
         rows.append(("epochs", text))
+    compute = summary.get("compute") or {}
+    if compute.get("trainings") is not None:
+        text = f"{compute['trainings']:.2f} trainings ({compute['epochs']} epochs)"
+        if compute.get("budget_trainings"):
+            text += f" of a budget of {compute['budget_trainings']:.2f}"
+        if compute.get("reused_trials"):
+            text += f"; {compute['reused_trials']} repeated proposals reused"
+        rows.append(("compute", text))
     rows.append(("trial time", f"{summary['trial_seconds'] or 0:.1f} s (sum over trials)"))
     return rows
 
@@ -130,6 +151,25 @@ def _summary_section(summary: dict[str, Any]) -> str:
     if summary["infeasible_reasons"]:
         parts.append("<h3>Why trials were rejected</h3>")
         parts.append(_table(("reason", "trials"), summary["infeasible_reasons"].items()))
+    if summary.get("candidates"):
+        parts.append(
+            "<h3>Best configs by mean (runs with other seeds re-evaluate the leaders)</h3>"
+        )
+        parts.append(
+            _table(
+                ("config", "trials", "mean", "std", "runs"),
+                (
+                    (
+                        c["label"],
+                        ", ".join(map(str, c["trials"])),
+                        c["mean"],
+                        c["std"],
+                        len(c["trials"]),
+                    )
+                    for c in summary["candidates"]
+                ),
+            )
+        )
     if summary["baselines"]:
         parts.append("<h3>Baselines (warm start)</h3>")
         parts.append(

@@ -278,3 +278,34 @@ def test_a_model_factory_names_the_study_after_the_model_class(tmp_path, monkeyp
     )
     assert result.study.study_name == "autonorm-TinyConvNet"
     assert result.out_dir == tmp_path / "autonorm-runs" / "autonorm-TinyConvNet"
+
+
+def test_the_default_search_is_staged_within_the_grid_compute(tmp_path):
+    """No n_trials: the staged plan screens the baselines at a rung, promotes, re-evaluates,
+    and spends no more than the grid of own norms and uniform families would."""
+    result = _search(tmp_path, n_trials=None, trainer_kwargs={**FAST, "max_epochs": 3})
+    trials = result.study.trials
+    stages = [t.user_attrs.get("stage") for t in trials]
+    screened = [t for t in trials if t.user_attrs.get("stage") == "screen"]
+    assert screened and all(t.user_attrs["epochs"] == 1 for t in screened)
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in screened)
+    assert stages.count("promote") >= 2
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    grid = len(screened)  # minimal space: own norms and each uniform family, none repeated
+    assert summary["compute"]["budget_trainings"] == grid
+    assert summary["compute"]["trainings"] <= grid
+    assert summary["candidates"][0]["mean"] == pytest.approx(result.best_value)
+    assert "Best configs by mean" in (result.out_dir / "report.html").read_text()
+
+
+def test_budget_trainings_bounds_the_compute_of_a_sampler_search(tmp_path):
+    result = _search(
+        tmp_path,
+        n_trials=None,
+        warm_start=False,
+        pruner="none",
+        budget=Budget(trainings=2.5),
+        trainer_kwargs={**FAST, "max_epochs": 2},
+    )
+    epochs = sum(t.user_attrs.get("epochs", 0) for t in result.study.trials)
+    assert epochs <= 5 and len(result.study.trials) == 2  # a third full training does not fit
