@@ -40,6 +40,20 @@ def _check_features(module: nn.Module, x: torch.Tensor, dim: int) -> None:
         )
 
 
+def laid_out_like(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``out`` of a channels-first layer in the memory format BatchNorm gives for ``input``:
+    channels-last memory where ``input`` is in it, else contiguous. A layer computing on a
+    permuted view would otherwise hand back a strided tensor that a following ``.view``
+    refuses."""
+    if out.is_contiguous():
+        return out
+    for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if input.dim() == ndim and not input.is_contiguous():
+            if input.is_contiguous(memory_format=memory_format):
+                return out.contiguous(memory_format=memory_format)
+    return out.contiguous()
+
+
 def add_affine(module: nn.Module, num_features: int, affine: bool, factory: dict[str, Any]) -> None:
     """Give ``module`` per-channel ``weight`` and ``bias`` parameters (set by
     :func:`reset_affine`), or register both as None when not ``affine``, as torch's norms do."""
@@ -117,7 +131,8 @@ class GroupNormChannelsLast(nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, ..., C), got {tuple(input.shape)}")
-        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+        # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
 
 class InstanceNormNd(_InstanceNorm):
@@ -163,7 +178,8 @@ class InstanceNormChannelsLast(InstanceNormNd):
                 "instance normalization needs positions: expected (N, L, ..., C), "
                 f"got {tuple(input.shape)}"
             )
-        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+        # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
 
 class _OverChannelsAtEachPosition(nn.Module):
@@ -200,7 +216,7 @@ class _OverChannelsAtEachPosition(nn.Module):
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
         out: torch.Tensor = super().forward(input.movedim(1, -1))
-        return out.movedim(-1, 1)
+        return laid_out_like(out.movedim(-1, 1), input)
 
 
 class LayerNormChannelsFirst(_OverChannelsAtEachPosition, nn.LayerNorm):
