@@ -21,7 +21,7 @@ from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SWITCHABLE_CANDIDATES
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
-from autonorm.surgery.rebuild import build_replacement, factory_of
+from autonorm.surgery.rebuild import build_replacement, factory_of, settled_choice
 from autonorm.surgery.slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,13 @@ def validate_config(
 ) -> dict[str, tuple[Slot, NormChoice]]:
     """Match a config to slots and check every choice.
 
+    Each choice is settled first (:func:`~autonorm.surgery.rebuild.settled_choice`): what it
+    does not set itself it takes from the slot's layer, so that a rewrite within a family keeps
+    the layer's eps, momentum, affine, tracking and group count, and one across families keeps
+    a non-default eps.
+
     Returns:
-        ``{slot name: (slot, choice)}`` for the slots the config names.
+        ``{slot name: (slot, settled choice)}`` for the slots the config names.
 
     Raises:
         ConfigError: every problem of the config in one message.
@@ -90,6 +95,7 @@ def validate_config(
         slot = by_name.get(name)
         if slot is None:
             continue
+        choice = settled_choice(choice, slot.keep_choice())
         if slot.name in matched and matched[slot.name][1] != choice:
             problems.append(
                 f"slot {slot.name!r} is given twice (also as {name!r}) with different choices"
@@ -138,6 +144,7 @@ def _build_replacements(
                 slot_name=name,
                 default_factory=model_factory,
                 num_features=slot.num_features,
+                weight_offset=slot.weight_offset,
             )
         except (ValueError, TypeError) as err:  # a parameter value the layer refuses
             problems.append(f"{choice.label}: {err} (slot {name!r})")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from autonorm.norms import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
     DyT,
+    FrozenBatchNorm,
     IdentityNorm,
     SwitchableNorm,
     check_choice,
@@ -42,6 +43,7 @@ from autonorm.norms import (
 )
 from autonorm.norms.layers import check_layout
 from autonorm.norms.weight import is_feeder, weight_norm_of
+from autonorm.surgery.detect import norm_like, read_library_norm
 from autonorm.surgery.feeders import FEEDERS_ATTR, declared_feeders, feeder_of, tagged_feeders
 from autonorm.surgery.probe import (
     Probe,
@@ -55,13 +57,28 @@ from autonorm.surgery.rebuild import NormWithExtra, keep_choice_of, reproduces
 
 @dataclass(frozen=True)
 class SlotType:
-    """How to read a registered norm class: its registry kind, layout and channel count."""
+    """How to read a registered norm class: its registry kind, layout, channel count, eps and
+    weight offset."""
 
     cls: type[nn.Module]
     kind: str
     layout: str
     num_features: Callable[[nn.Module], int | None]
     extra: tuple[str, ...] | None = None
+    eps: Callable[[nn.Module], float | None] = lambda m: getattr(m, "eps", None)
+    weight_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class _TypeInfo:
+    """What a module's class (or, for a library norm, its forward) says of it as a slot."""
+
+    kind: str
+    layout: str
+    num_features: int | None
+    extra: tuple[str, ...] | None
+    eps: float | None = None  # None: read ``.eps``
+    weight_offset: float = 0.0
 
 
 _USER_TYPES: dict[type[nn.Module], SlotType] = {}
@@ -82,6 +99,8 @@ def register_slot_type(
     layout: str = CHANNELS_FIRST,
     num_features: str | Callable[[nn.Module], int] = "num_features",
     extra: Sequence[str] | None = (),
+    eps: str | Callable[[nn.Module], float] = "eps",
+    weight_offset: float = 0.0,
 ) -> None:
     """Declare a norm class of your own as a slot type.
 
@@ -96,6 +115,9 @@ def register_slot_type(
             autonorm check, as for an unregistered subclass, that ``kind`` followed by the
             class's child modules reproduces its output, and refuse to rewrite it otherwise.
             A subclass that overrides ``forward`` again is always checked.
+        eps: attribute name (``"variance_epsilon"``) or function giving the eps it uses.
+        weight_offset: what its forward adds to its weight (1 for ``x * (1 + w)``, as Gemma's
+            RMSNorm): a rewrite carries ``weight + weight_offset`` over.
 
     Example::
 
@@ -108,8 +130,19 @@ def register_slot_type(
     check_layout(layout)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ValueError(f"`cls` must be an nn.Module subclass, got {cls!r}")
+    if not isinstance(weight_offset, (int, float)) or isinstance(weight_offset, bool):
+        raise ValueError(f"`weight_offset` must be a number, got {weight_offset!r}")
     reader = num_features if callable(num_features) else (lambda m, a=num_features: getattr(m, a))
-    _USER_TYPES[cls] = SlotType(cls, kind, layout, reader, None if extra is None else tuple(extra))
+    eps_reader = eps if callable(eps) else (lambda m, a=eps: getattr(m, a, None))
+    _USER_TYPES[cls] = SlotType(
+        cls,
+        kind,
+        layout,
+        reader,
+        None if extra is None else tuple(extra),
+        eps_reader,
+        float(weight_offset),
+    )
 
 
 def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
@@ -121,6 +154,8 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
         return "dyt", module.layout, module.num_features
     if isinstance(module, IdentityNorm):
         return "identity", module.layout, module.num_features
+    if isinstance(module, FrozenBatchNorm):
+        return "frozenbatchnorm", module.layout, module.num_features
     if isinstance(module, nn.SyncBatchNorm):
         return "syncbatchnorm", layout or CHANNELS_FIRST, module.num_features
     if isinstance(module, _BatchNorm):
@@ -136,18 +171,43 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
     return None
 
 
-def _slot_type(module: nn.Module) -> tuple[str, str, int | None, tuple[str, ...] | None] | None:
+def _slot_type(module: nn.Module) -> _TypeInfo | None:
+    """What the module's class says of it as a slot: registered, autonorm's or torch's."""
     if isinstance(module, NormWithExtra):
         inner = _slot_type(module.norm)
-        return None if inner is None else (*inner[:3], module.extra_names)
+        return None if inner is None else replace(inner, extra=module.extra_names)
     for cls in type(module).__mro__:
         if cls in _USER_TYPES:
             entry = _USER_TYPES[cls]
             # the declaration covers the registered class's forward, not a subclass's override
             extra = entry.extra if type(module).forward is cls.forward else None
-            return entry.kind, entry.layout, entry.num_features(module), extra
+            eps = entry.eps(module)
+            return _TypeInfo(
+                entry.kind,
+                entry.layout,
+                entry.num_features(module),
+                extra,
+                None if eps is None else float(eps),
+                entry.weight_offset,
+            )
     found = _builtin_type(module)
-    return None if found is None else (*found, None)
+    return None if found is None else _TypeInfo(*found, None)
+
+
+def _library_type(module: nn.Module) -> _TypeInfo | None:
+    """A library norm read from its forward (:mod:`autonorm.surgery.detect`): nothing of
+    it runs after the norm."""
+    reading = read_library_norm(module)
+    if reading is None:
+        return None
+    return _TypeInfo(
+        reading.kind,
+        reading.layout,
+        reading.num_features,
+        (),
+        reading.eps,
+        reading.weight_offset,
+    )
 
 
 def _native_forward(module: nn.Module) -> bool:
@@ -181,6 +241,8 @@ class Slot:
         feeder: dotted name of the Conv/Linear layer whose output is the slot's input (the
             layer a weight-side choice ``+ws``/``+wn`` acts on), or None: the input comes from
             elsewhere (an add, an activation), from several places, or is unknown.
+        weight_offset: what the slot's layer adds to its weight (1 for Gemma's
+            ``x * (1 + w)``); a rewrite carries ``weight + weight_offset`` over.
     """
 
     name: str
@@ -193,6 +255,7 @@ class Slot:
     extra: tuple[str, ...] | None = ()
     reached: bool | None = None
     feeder: str | None = None
+    weight_offset: float = 0.0
     keep: NormChoice | None = field(default=None, compare=False, repr=False)
     refusal: str | None = field(default=None, compare=False, repr=False)
 
@@ -259,6 +322,7 @@ def _check_custom(
     num_features: int,
     io: tuple[torch.Tensor, torch.Tensor] | None,
     extra: tuple[str, ...],
+    weight_offset: float = 0.0,
 ) -> str | None:
     """The first of ``layouts`` under which the keep choice then ``extra`` reproduces a custom
     forward: on the probe's input when there is one, else on synthetic inputs. None: none does."""
@@ -268,7 +332,10 @@ def _check_custom(
         else:
             inputs = synthetic_inputs(module, num_features, layout)
             pairs = [(x, y) for x in inputs if (y := run_alone(module, x)) is not None]
-        if any(reproduces(module, num_features, keep, layout, x, y, extra) for x, y in pairs):
+        if any(
+            reproduces(module, num_features, keep, layout, x, y, extra, weight_offset)
+            for x, y in pairs
+        ):
             return layout
     return None
 
@@ -283,11 +350,27 @@ class _Found:
     default_layout: str
     num_features: int
     extra: tuple[str, ...] | None
+    eps: float | None = None
+    weight_offset: float = 0.0
+
+
+def _warn_near_misses(near: list[tuple[str, nn.Module]]) -> None:
+    if not near:
+        return
+    shown = ", ".join(f"{name} ({type(m).__qualname__})" for name, m in near[:10])
+    warnings.warn(
+        f"{len(near)} module(s) look like norms but compute no RMSNorm/LayerNorm/frozen "
+        f"BatchNorm with their own eps, so they are not slots: {shown}"
+        f"{' ...' if len(near) > 10 else ''}; declare them with autonorm.register_slot_type "
+        "if they are norms",
+        stacklevel=4,  # find_slots' caller
+    )
 
 
 def _norm_modules(model: nn.Module) -> dict[int, _Found]:
     """The model's norm modules by id, in ``named_modules()`` order (a shared module once)."""
     found: dict[int, _Found] = {}
+    near: list[tuple[str, nn.Module]] = []  # norm-like modules that reproduce nothing
     inside: set[str] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         parts = name.split(".")
@@ -302,17 +385,30 @@ def _norm_modules(model: nn.Module) -> dict[int, _Found]:
             continue
         info = _slot_type(module)
         if info is None:
+            info = _library_type(module)
+        if info is None:
+            if norm_like(module):
+                near.append((name, module))
             continue
-        kind, layout, num_features, extra = info
-        if num_features is None:
+        if info.num_features is None:
             warnings.warn(
                 f"{name or type(module).__name__}: {type(module).__name__} normalizes over several "
                 "dimensions (normalized_shape has more than one entry); it is not treated as a slot",
                 stacklevel=3,  # find_slots' caller
             )
             continue
-        found[key] = _Found(module, [name], kind, layout, num_features, extra)
+        found[key] = _Found(
+            module,
+            [name],
+            info.kind,
+            info.layout,
+            info.num_features,
+            info.extra,
+            info.eps,
+            info.weight_offset,
+        )
         inside.add(name)
+    _warn_near_misses(near)
     return found
 
 
@@ -348,7 +444,9 @@ def _rewritable(
     rewritten)``."""
     module, kind = found.module, found.kind
     children = tuple(n for n, _ in module.named_children())
-    checked = _check_custom(module, keep, layouts, found.num_features, io, children)
+    checked = _check_custom(
+        module, keep, layouts, found.num_features, io, children, found.weight_offset
+    )
     if checked is not None:
         return checked, None
     tried = "the probe's input" if io is not None else "synthetic inputs"
@@ -374,7 +472,7 @@ def _make_slot(
     shape = probed.shapes.get(key) if probed is not None else None
     layouts = layouts_from_shape(shape, found.num_features, found.default_layout)
     layout = layouts[0]
-    keep = keep_choice_of(module, found.kind)
+    keep = keep_choice_of(module, found.kind, eps=found.eps)
     feeder = feeder_of(model, names, int(found.num_features), key, probed, declared, tagged)
     if feeder is not None:
         keep = keep.with_weight(weight_norm_of(model.get_submodule(feeder)))
@@ -398,6 +496,7 @@ def _make_slot(
         extra=extra if refusal is None else None,
         reached=None if probed is None else shape is not None,
         feeder=feeder,
+        weight_offset=found.weight_offset,
         keep=keep,
         refusal=refusal,
     )

@@ -69,6 +69,7 @@ def test_registry_names_are_the_documented_choices():
     assert NORM_NAMES == (
         "batchnorm",
         "syncbatchnorm",
+        "frozenbatchnorm",
         "groupnorm",
         "instancenorm",
         "layernorm",
@@ -319,7 +320,11 @@ def test_output_is_laid_out_as_the_native_layer_of_its_layout(name, layout, shap
     layer = _build(name, layout, ndim).train()
     x = _input(shape)
     assert layer(x).is_contiguous()
-    if layout == CHANNELS_FIRST and len(shape) == 4 and type(layer).__module__.startswith("autonorm"):
+    if (
+        layout == CHANNELS_FIRST
+        and len(shape) == 4
+        and type(layer).__module__.startswith("autonorm")
+    ):
         x = x.contiguous(memory_format=torch.channels_last)
         native = nn.BatchNorm2d(C)(x)
         out = layer(x)
