@@ -43,6 +43,8 @@ class Reading:
         eps: the eps it uses.
         eps_attr: the attribute holding that eps (None: a common default it hardcodes).
         weight_offset: added to its weight to get the registry layer's weight.
+        ambiguous: it reproduces under the other layout too (on inputs of another rank):
+            only a probe can tell which one the model uses.
     """
 
     kind: str
@@ -51,6 +53,7 @@ class Reading:
     eps: float
     eps_attr: str | None
     weight_offset: float = 0.0
+    ambiguous: bool = False
 
 
 def _foreign(module: nn.Module) -> bool:
@@ -154,14 +157,57 @@ def read_library_norm(module: nn.Module) -> Reading | None:
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
     num_features = int(weight.numel())
     saved = _perturbed(module)
+    layouts = (CHANNELS_LAST, CHANNELS_FIRST) if form == "affine" else (CHANNELS_FIRST,)
     try:
-        for layout in (CHANNELS_LAST, CHANNELS_FIRST) if form == "affine" else (CHANNELS_FIRST,):
-            found = _matches(module, form, num_features, layout)
-            if found is not None:
-                kind, eps, attr, offset = found
-                return Reading(kind, layout, num_features, eps, attr, offset)
+        found = [
+            (layout, m) for layout in layouts if (m := _matches(module, form, num_features, layout))
+        ]
     finally:
         with torch.no_grad():
             for tensor, value in saved:
                 tensor.copy_(value)
-    return None
+    if not found:
+        return None
+    layout, (kind, eps, attr, offset) = found[0]
+    return Reading(kind, layout, num_features, eps, attr, offset, ambiguous=len(found) > 1)
+
+
+def custom_layouts(
+    module: nn.Module,
+    keep: NormChoice,
+    layouts: list[str],
+    num_features: int,
+    io: tuple[torch.Tensor, torch.Tensor] | None,
+    extra: tuple[str, ...],
+    weight_offset: float = 0.0,
+) -> list[str]:
+    """The ``layouts`` under which the keep choice then ``extra`` reproduces a custom forward:
+    on the probe's input when there is one (the first that does), else on synthetic inputs
+    (every one that does: a forward that branches on the input's rank may do both)."""
+    out = []
+    for layout in layouts:
+        if io is not None:
+            pairs = [io]
+        else:
+            inputs = synthetic_inputs(module, num_features, layout)
+            pairs = [(x, y) for x in inputs if (y := run_alone(module, x)) is not None]
+        if any(
+            reproduces(module, num_features, keep, layout, x, y, extra, weight_offset)
+            for x, y in pairs
+        ):
+            out.append(layout)
+            if io is not None:
+                break
+    return out
+
+
+def refusal(module: nn.Module, kind: str, probed: bool) -> str:
+    """Why a slot whose forward autonorm cannot reproduce cannot be rewritten."""
+    children = [n for n, _ in module.named_children()]
+    tried = "the probe's input" if probed else "synthetic inputs"
+    return (
+        f"its forward ({type(module).__qualname__}) does more than {kind} followed "
+        f"by its child modules {children} (checked on {tried}), and autonorm "
+        "cannot reproduce it; keep it, or declare what runs after the norm with "
+        "autonorm.register_slot_type(..., extra=[...])"
+    )
