@@ -234,6 +234,81 @@ class NormChoice:
         return self.label
 
 
+#: Metadata key of the per-slot findings of a probe (:class:`SlotRecord` values).
+PROBE_KEY = "probe"
+_LAYOUTS = ("channels_first", "channels_last")
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What a probe found of one slot, carried by a config so that a model rebuilt without an
+    example input is read the same way (:meth:`NormConfig.with_probe`).
+
+    Attributes:
+        layout: ``"channels_first"`` or ``"channels_last"``.
+        num_features: the slot's channel count (a record of another channel count is ignored).
+        input_shape: the input shape the probe saw, or None.
+        feeder: the Conv/Linear layer feeding the slot, or None.
+        original: the choice that rebuilds the slot's layer as it was first found.
+    """
+
+    layout: str
+    num_features: int
+    input_shape: tuple[int, ...] | None = None
+    feeder: str | None = None
+    original: NormChoice | None = None
+
+    def to_value(self) -> dict[str, Any]:
+        """Plain values (YAML/JSON-safe)."""
+        return {
+            "layout": self.layout,
+            "num_features": self.num_features,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "feeder": self.feeder,
+            "original": None if self.original is None else self.original.to_value(),
+        }
+
+    @classmethod
+    def from_value(cls, value: Any) -> SlotRecord:
+        """Read :meth:`to_value`'s form.
+
+        Raises:
+            ValueError: a malformed record (what must hold and what was given).
+        """
+        if not isinstance(value, Mapping):
+            raise ValueError(f"a slot record must be a mapping, got {value!r}")
+        layout, features = value.get("layout"), value.get("num_features")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"`layout` must be one of {_LAYOUTS}, got {layout!r}")
+        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
+            raise ValueError(f"`num_features` must be a positive int, got {features!r}")
+        shape = value.get("input_shape")
+        if shape is not None and not (
+            isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape)
+        ):
+            raise ValueError(f"`input_shape` must be a list of ints or null, got {shape!r}")
+        feeder = value.get("feeder")
+        if feeder is not None and not isinstance(feeder, str):
+            raise ValueError(f"`feeder` must be a layer name or null, got {feeder!r}")
+        original = value.get("original")
+        return cls(
+            layout,
+            features,
+            None if shape is None else tuple(shape),
+            feeder,
+            None if original is None else NormChoice.parse(original),
+        )
+
+
+class _Recorded(Protocol):
+    """A slot that can say what was found of it (:class:`~autonorm.Slot`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def record(self) -> SlotRecord: ...
+
+
 class NormConfig:
     """Slot name -> :class:`NormChoice`, plus metadata (schema version, model class, source).
 
@@ -279,7 +354,8 @@ class NormConfig:
 
     @classmethod
     def uniform(cls, slots: Iterable[_Named | str], name: str, **params: Any) -> NormConfig:
-        """The same choice for every slot.
+        """The same choice for every slot (what was found of :class:`~autonorm.Slot` objects
+        is recorded, :meth:`with_probe`).
 
         Example::
 
@@ -287,8 +363,53 @@ class NormConfig:
             'groupnorm(groups=4)'
         """
         choice = NormChoice(name, params)
+        slots = list(slots)
         names = [s if isinstance(s, str) else s.name for s in slots]
-        return cls(dict.fromkeys(names, choice), metadata={"source": f"uniform:{choice.label}"})
+        config = cls(dict.fromkeys(names, choice), metadata={"source": f"uniform:{choice.label}"})
+        return config.with_probe(s for s in slots if hasattr(s, "record"))  # type: ignore[misc]
+
+    # -- what the probe found -------------------------------------------------------------------
+
+    def with_probe(self, slots: Iterable[_Recorded]) -> NormConfig:
+        """Record what was found of ``slots`` (layout, input shape, feeder, original layer) in
+        the metadata, in place, so that :func:`~autonorm.apply_config` and
+        :func:`~autonorm.to_switchable` read a fresh model without an example input the same
+        way. Returns the config.
+
+        Example::
+
+            >>> import torch
+            >>> from autonorm import find_slots
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8))
+            >>> slots = find_slots(model, torch.zeros(2, 3, 4, 4))
+            >>> NormConfig({"1": "groupnorm"}).with_probe(slots).probe["1"].input_shape
+            (2, 8, 4, 4)
+        """
+        records = {s.name: s.record().to_value() for s in slots}
+        if not records:
+            return self
+        self.metadata[PROBE_KEY] = plain({**self.metadata.get(PROBE_KEY, {}), **records})
+        return self
+
+    @property
+    def probe(self) -> dict[str, SlotRecord]:
+        """``{slot name: SlotRecord}`` from the metadata (empty when none was recorded).
+
+        Raises:
+            ConfigError: malformed records (all of them named in one message).
+        """
+        raw = self.metadata.get(PROBE_KEY) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"metadata `{PROBE_KEY}` must map slot names to records, got {raw!r}")
+        records, problems = {}, []
+        for name, value in raw.items():
+            try:
+                records[str(name)] = SlotRecord.from_value(value)
+            except ValueError as err:
+                problems.append(f"slot {name!r}: {err}")
+        if problems:
+            raise ConfigError(f"invalid `{PROBE_KEY}` records:\n  " + "\n  ".join(problems))
+        return records
 
     # -- mapping protocol --------------------------------------------------------------------
 

@@ -40,6 +40,20 @@ def _check_features(module: nn.Module, x: torch.Tensor, dim: int) -> None:
         )
 
 
+def laid_out_like(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``out`` of a channels-first layer in the memory format BatchNorm gives for ``input``:
+    channels-last memory where ``input`` is in it, else contiguous. A layer computing on a
+    permuted view would otherwise hand back a strided tensor that a following ``.view``
+    refuses."""
+    if out.is_contiguous():
+        return out
+    for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        in_format = input.dim() == ndim and input.is_contiguous(memory_format=memory_format)
+        if in_format and not input.is_contiguous():
+            return out.contiguous(memory_format=memory_format)
+    return out.contiguous()
+
+
 def add_affine(module: nn.Module, num_features: int, affine: bool, factory: dict[str, Any]) -> None:
     """Give ``module`` per-channel ``weight`` and ``bias`` parameters (set by
     :func:`reset_affine`), or register both as None when not ``affine``, as torch's norms do."""
@@ -117,7 +131,8 @@ class GroupNormChannelsLast(nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, ..., C), got {tuple(input.shape)}")
-        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+        # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
 
 class InstanceNormNd(_InstanceNorm):
@@ -163,7 +178,8 @@ class InstanceNormChannelsLast(InstanceNormNd):
                 "instance normalization needs positions: expected (N, L, ..., C), "
                 f"got {tuple(input.shape)}"
             )
-        return super().forward(input.movedim(-1, 1)).movedim(1, -1)
+        # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
+        return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
 
 class _OverChannelsAtEachPosition(nn.Module):
@@ -200,7 +216,7 @@ class _OverChannelsAtEachPosition(nn.Module):
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
         out: torch.Tensor = super().forward(input.movedim(1, -1))
-        return out.movedim(-1, 1)
+        return laid_out_like(out.movedim(-1, 1), input)
 
 
 class LayerNormChannelsFirst(_OverChannelsAtEachPosition, nn.LayerNorm):
@@ -215,6 +231,83 @@ class LayerNormChannelsFirst(_OverChannelsAtEachPosition, nn.LayerNorm):
 class RMSNormChannelsFirst(_OverChannelsAtEachPosition, nn.RMSNorm):
     """RMSNorm over C at each position of a ``(N, C, *)`` input (``eps=None``: the dtype's
     machine epsilon, as ``nn.RMSNorm``)."""
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch normalization with fixed statistics and affine, for fine-tuning a pretrained model.
+
+    torchvision's ``FrozenBatchNorm2d`` (the detection backbones) for any rank and both layouts:
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers (its ``state_dict``
+    keys), so training changes nothing and every sample is normalized alone, in train mode too.
+
+    Args:
+        num_features: number of channels C.
+        layout: ``"channels_first"`` for ``(N, C, *)`` or ``"channels_last"`` for ``(..., C)``.
+        eps: added to the variance.
+        affine: apply the frozen ``weight`` and ``bias``.
+
+    Example::
+
+        >>> layer = FrozenBatchNorm(8)
+        >>> layer(torch.ones(2, 8, 3, 3)).shape, len(list(layer.parameters()))
+        (torch.Size([2, 8, 3, 3]), 0)
+    """
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        layout: str = CHANNELS_FIRST,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.layout = check_layout(layout)
+        self.eps = eps
+        self.affine = affine
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        for name in ("weight", "bias") if affine else ():
+            self.register_buffer(name, torch.empty(num_features, **factory))
+        if not affine:
+            self.register_buffer("weight", None)
+            self.register_buffer("bias", None)
+        self.register_buffer("running_mean", torch.empty(num_features, **factory))
+        self.register_buffer("running_var", torch.empty(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_affine(self)
+        nn.init.zeros_(self.running_mean)
+        nn.init.ones_(self.running_var)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm's state loads too
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        channel_dim = 1 if self.layout == CHANNELS_FIRST else -1
+        _check_features(self, input, channel_dim)
+        # torchvision's arithmetic, so that a rebuilt FrozenBatchNorm2d computes the same
+        scale = (self.running_var + self.eps).rsqrt()
+        if self.weight is not None:
+            scale = self.weight * scale
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = self.bias + shift
+        shape = [1] * input.dim()
+        shape[channel_dim] = self.num_features
+        return input * scale.view(shape) + shift.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, layout={self.layout!r}, eps={self.eps}, affine={self.affine}"
 
 
 class DyT(nn.Module):

@@ -23,6 +23,7 @@ from autonorm.norms.layers import (
     BatchNormChannelsLast,
     BatchNormNd,
     DyT,
+    FrozenBatchNorm,
     GroupNormChannelsLast,
     IdentityNorm,
     InstanceNormChannelsLast,
@@ -64,6 +65,12 @@ def _syncbatchnorm(
     **kw: Any,
 ) -> nn.Module:
     return SyncBatchNorm(num_features, momentum=momentum, layout=layout, **kw)
+
+
+def _frozenbatchnorm(
+    num_features: int, *, layout: str, input_ndim: int | None, **kw: Any
+) -> nn.Module:
+    return FrozenBatchNorm(num_features, layout=layout, **kw)
 
 
 def _groupnorm(
@@ -157,6 +164,12 @@ _REGISTRY: dict[str, NormSpec] = {
             ("momentum", "track_running_stats"),
             reference="Zhang et al., Context Encoding for Semantic Segmentation, CVPR 2018 "
             "(cross-GPU batch norm); Peng et al., MegDet, CVPR 2018",
+        ),
+        NormSpec(
+            "frozenbatchnorm",
+            _frozenbatchnorm,
+            reference="torchvision FrozenBatchNorm2d: batch norm with fixed statistics and "
+            "affine, for fine-tuning",
         ),
         NormSpec(
             "groupnorm",
@@ -299,8 +312,8 @@ def create_norm(
     """Build a normalization layer.
 
     Args:
-        name: a registry name (``batchnorm``, ``syncbatchnorm``, ``groupnorm``,
-            ``instancenorm``, ``layernorm``, ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
+        name: a registry name (``batchnorm``, ``syncbatchnorm``, ``frozenbatchnorm``,
+            ``groupnorm``, ``instancenorm``, ``layernorm``, ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
             called as ``factory(num_features, **kwargs)`` (with ``layout`` if it accepts one).
         num_features: number of channels C.
         layout: ``"channels_first"`` (input ``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).

@@ -21,7 +21,7 @@ from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SWITCHABLE_CANDIDATES
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
-from autonorm.surgery.rebuild import build_replacement, factory_of
+from autonorm.surgery.rebuild import build_replacement, factory_of, settled_choice
 from autonorm.surgery.slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,25 @@ def _toggle(module: nn.Module, attr: str, off: Any, enabled: bool) -> None:
         setattr(module, attr, vars(module).pop(saved_attr))
 
 
+def _settings_of(slot: Slot) -> NormChoice:
+    """The choice whose settings a new choice keeps: the slot's layer, or the layer a config
+    recorded before a SwitchableNorm (which keeps no group count) took the slot."""
+    keep = slot.keep_choice()
+    return slot.original if keep.name == "switchable" and slot.original is not None else keep
+
+
 def validate_config(
     slots: Sequence[Slot], config: NormConfig, *, partial: bool = False, model_name: str = "model"
 ) -> dict[str, tuple[Slot, NormChoice]]:
     """Match a config to slots and check every choice.
 
+    Each choice is settled first (:func:`~autonorm.surgery.rebuild.settled_choice`): what it
+    does not set itself it takes from the slot's layer, so that a rewrite within a family keeps
+    the layer's eps, momentum, affine, tracking and group count, and one across families keeps
+    a non-default eps.
+
     Returns:
-        ``{slot name: (slot, choice)}`` for the slots the config names.
+        ``{slot name: (slot, settled choice)}`` for the slots the config names.
 
     Raises:
         ConfigError: every problem of the config in one message.
@@ -90,6 +102,7 @@ def validate_config(
         slot = by_name.get(name)
         if slot is None:
             continue
+        choice = settled_choice(choice, _settings_of(slot))
         if slot.name in matched and matched[slot.name][1] != choice:
             problems.append(
                 f"slot {slot.name!r} is given twice (also as {name!r}) with different choices"
@@ -102,6 +115,8 @@ def validate_config(
             problems.append(f"{problem} (slot {slot.name!r})")
         if slot.refusal is not None and choice.base != slot.keep_choice().base:
             problems.append(f"slot {slot.name!r} cannot be rewritten: {slot.refusal}")
+        elif slot.unsettled is not None and choice.base != slot.keep_choice().base:
+            problems.append(f"slot {slot.name!r} cannot be rewritten: {slot.unsettled}")
     if not partial:
         missing = [s.name for s in slots if s.name not in matched]
         if missing:
@@ -138,6 +153,7 @@ def _build_replacements(
                 slot_name=name,
                 default_factory=model_factory,
                 num_features=slot.num_features,
+                weight_offset=slot.weight_offset,
             )
         except (ValueError, TypeError) as err:  # a parameter value the layer refuses
             problems.append(f"{choice.label}: {err} (slot {name!r})")
@@ -180,6 +196,8 @@ def apply_config(
         config: a :class:`~autonorm.NormConfig` or a ``{slot name: choice}`` mapping.
         partial: allow slots the config does not name (they stay as they are).
         example_input: input for the probe (default: the model's ``example_input_array``).
+            Without one, the config's probe records (:meth:`NormConfig.with_probe`) settle
+            the slots' layouts, input shapes and feeders.
         slots: all of the model's current slots, when already found (:func:`find_slots` on the
             model as it is now, without include/exclude): then no probe runs.
         feeders: ``{slot name: layer name or None}``: the layers feeding slots that the probe
@@ -203,7 +221,7 @@ def apply_config(
     if not isinstance(config, NormConfig):
         config = NormConfig(config)
     if slots is None:
-        slots = find_slots(model, example_input, feeders=feeders)
+        slots = find_slots(model, example_input, feeders=feeders, records=config.probe)
     matched = validate_config(slots, config, partial=partial, model_name=type(model).__name__)
     dropped: list[str] = []
     problems: list[str] = []
@@ -270,6 +288,7 @@ def to_switchable(
     *,
     candidates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     example_input: Any = None,
+    config: NormConfig | None = None,
     **sn_kwargs: Any,
 ) -> nn.Module:
     """Turn every (or the given) slot into a :class:`~autonorm.norms.SwitchableNorm`.
@@ -285,6 +304,8 @@ def to_switchable(
             Default: the paper's, less ``instance`` where the probe saw one position per sample
             and channel (an ``(N, C)`` input), whose instance statistics are undefined.
         example_input: input for the probe (default: the model's ``example_input_array``).
+        config: a config whose probe records (:meth:`NormConfig.with_probe`) settle the
+            slots where no probe runs (no example input).
         **sn_kwargs: other SwitchableNorm arguments (``eps``, ``momentum``).
 
     Returns:
@@ -299,7 +320,8 @@ def to_switchable(
     if given and len(objects) == len(given):  # found already: no probe
         found = objects
     else:
-        found = find_slots(model, example_input)
+        records = None if config is None else config.probe
+        found = find_slots(model, example_input, records=records)
         wanted = None if given is None else {s if isinstance(s, str) else s.name for s in given}
     choices = {}
     for slot in found:

@@ -135,4 +135,4 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights": weights,
     }
-    return NormConfig(choices, metadata=metadata)
+    return NormConfig(choices, metadata=metadata).with_probe(slots[name] for name in choices)

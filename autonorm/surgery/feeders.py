@@ -136,3 +136,14 @@ def feeder_of(
         return None
     module = model.get_submodule(candidate)
     return candidate if output_channels(module) == num_features else None
+
+
+def recorded_feeder(model: nn.Module, name: str | None, num_features: int) -> str | None:
+    """A feeder a config recorded, where the model still has it with the slot's channels."""
+    if name is None:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if is_feeder(module) and output_channels(module) == num_features else None

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from autonorm.config import NormChoice
-from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm, create_norm
+from autonorm.norms import SWITCHABLE_CANDIDATES, create_norm, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +67,36 @@ def factory_of(module: nn.Module) -> dict[str, Any]:
 
 
 def _has_running_stats(module: nn.Module) -> bool:
+    """Whether the module keeps batch statistics (a BatchNorm, SwitchableNorm or frozen batch
+    norm, torchvision's included; instance norms' running averages are another statistic)."""
     return (
-        isinstance(module, (_BatchNorm, SwitchableNorm))
-        and getattr(module, "running_mean", None) is not None
-        and getattr(module, "running_var", None) is not None
+        not isinstance(module, _InstanceNorm)
+        and isinstance(getattr(module, "running_mean", None), torch.Tensor)
+        and isinstance(getattr(module, "running_var", None), torch.Tensor)
     )
 
 
-def _carry(old: nn.Module, new: nn.Module, dropped: list[str], slot_name: str) -> None:
-    """Copy affine weights (and running statistics between batch-statistics layers)."""
+def _carry(
+    old: nn.Module, new: nn.Module, dropped: list[str], slot_name: str, weight_offset: float = 0.0
+) -> None:
+    """Copy affine weights (``weight_offset`` added to the weight: Gemma's ``1 + w``) and
+    running statistics between batch-statistics layers. Affine values kept as buffers (a
+    frozen batch norm) become trainable parameters of a layer that has them as parameters."""
     with torch.no_grad():
         for attr in ("weight", "bias"):
             source = getattr(old, attr, None)
-            if not isinstance(source, nn.Parameter):
+            if not isinstance(source, torch.Tensor):
                 continue
             target = getattr(new, attr, None)
-            if isinstance(target, nn.Parameter) and target.shape == source.shape:
-                target.copy_(source)
-                target.requires_grad_(source.requires_grad)
+            if isinstance(target, torch.Tensor) and target.shape == source.shape:
+                target.copy_(source + weight_offset if attr == "weight" else source)
+                if isinstance(source, nn.Parameter) and isinstance(target, nn.Parameter):
+                    target.requires_grad_(source.requires_grad)
             else:
                 dropped.append(f"{slot_name}.{attr}")
         if _has_running_stats(old) and _has_running_stats(new):
             for name in ("running_mean", "running_var", "num_batches_tracked"):
-                source, target = getattr(old, name), getattr(new, name)
+                source, target = getattr(old, name, None), getattr(new, name, None)
                 if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor):
                     target.copy_(source)
     if not any(p.requires_grad for p in old.parameters()) and any(True for _ in old.parameters()):
@@ -117,6 +124,7 @@ def build_replacement(
     slot_name: str = "",
     default_factory: Mapping[str, Any] | None = None,
     num_features: int | None = None,
+    weight_offset: float = 0.0,
 ) -> nn.Module:
     """The layer ``choice`` builds for the slot holding ``module``, weights carried over.
 
@@ -132,6 +140,8 @@ def build_replacement(
             tensors to take them from (identity, a norm without affine parameters).
         num_features: the slot's channel count (default: read from ``module``'s attributes;
             a slot type registered with its own reader passes it).
+        weight_offset: added to ``module``'s weight to get the new layer's (1 for a norm
+            computing ``x * (1 + w)``, as Gemma's).
     """
     old = inner(module)
     factory = {**(default_factory or {}), **factory_of(old)}
@@ -143,7 +153,7 @@ def build_replacement(
         **factory,
         **choice.params,
     )
-    _carry(old, new, dropped if dropped is not None else [], slot_name)
+    _carry(old, new, dropped if dropped is not None else [], slot_name, weight_offset)
     new.train(module.training)
     if extra:
         new = NormWithExtra(new, [(name, getattr(module, name)) for name in extra])
@@ -159,12 +169,19 @@ def reproduces(
     x: torch.Tensor,
     y: torch.Tensor,
     extra: tuple[str, ...],
+    weight_offset: float = 0.0,
 ) -> bool:
-    """Whether the keep choice (rebuilt with the module's weights) then ``extra`` maps ``x`` to
-    ``y``, the module's own output."""
+    """Whether the keep choice (rebuilt with the module's weights, ``weight_offset`` added to
+    its weight) then ``extra`` maps ``x`` to ``y``, the module's own output."""
     try:
         rebuilt = build_replacement(
-            module, keep, layout=layout, input_ndim=x.dim(), extra=None, num_features=num_features
+            module,
+            keep,
+            layout=layout,
+            input_ndim=x.dim(),
+            extra=None,
+            num_features=num_features,
+            weight_offset=weight_offset,
         )
         rebuilt.eval()
         with torch.no_grad():
@@ -180,18 +197,31 @@ def reproduces(
 
 
 def _affine(norm: nn.Module, kind: str) -> bool:
-    if kind in ("batchnorm", "syncbatchnorm", "groupnorm", "instancenorm", "switchable", "dyt"):
-        return bool(getattr(norm, "affine", True))
     if kind in ("layernorm", "rmsnorm"):
         return bool(getattr(norm, "elementwise_affine", True))
-    return True
+    return bool(getattr(norm, "affine", True))
 
 
-def keep_choice_of(module: nn.Module, kind: str) -> NormChoice:
-    """The registry choice that rebuilds ``module`` as it is (non-default settings included)."""
+#: eps of a registry layer built without one (nn.RMSNorm's None: the dtype's machine epsilon).
+_DEFAULT_EPS: dict[str, float | None] = {"rmsnorm": None}
+#: Kinds whose settings (momentum, affine, tracking) mean the same: a rewrite among them keeps
+#: them. SwitchableNorm keeps batch statistics with a momentum, so it carries them through the
+#: learned path (BatchNorm -> SwitchableNorm -> BatchNorm).
+_BATCH_FAMILY = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm", "switchable"})
+
+
+def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) -> NormChoice:
+    """The registry choice that rebuilds ``module`` as it is (non-default settings included).
+
+    Args:
+        module: the layer.
+        kind: its registry kind.
+        eps: its eps, where it keeps it under another name than ``eps`` (default: ``.eps``).
+    """
     norm: Any = inner(module)  # read duck-typed: the attributes of each kind's layers
     params: dict[str, Any] = {}
-    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "eps", None)
     if kind == "groupnorm":
         params["groups"] = norm.num_groups
     if kind == "switchable":
@@ -211,6 +241,33 @@ def keep_choice_of(module: nn.Module, kind: str) -> NormChoice:
             params["track_running_stats"] = norm.track_running_stats
     if not _affine(norm, kind):
         params["affine"] = False
-    if kind != "identity" and kind != "dyt" and eps is not None and eps != 1e-5:
+    if kind not in ("identity", "dyt") and eps is not None and eps != _DEFAULT_EPS.get(kind, 1e-5):
         params["eps"] = float(eps)
     return NormChoice(kind, params)
+
+
+def settled_choice(choice: NormChoice, current: NormChoice) -> NormChoice:
+    """``choice`` with the settings of the slot's layer it does not set itself.
+
+    A rewrite within a family (the same kind; batch norms among themselves) keeps the layer's
+    eps, momentum, affine, tracking and group count; across families a non-default eps stays.
+    The choice's own parameters win.
+
+    Args:
+        choice: the new choice.
+        current: the keep choice of the layer in the slot (:func:`keep_choice_of`).
+
+    Example::
+
+        >>> settled_choice(NormChoice("groupnorm"), NormChoice("groupnorm", {"groups": 8})).label
+        'groupnorm(groups=8)'
+        >>> current = NormChoice("batchnorm", {"eps": 0.001, "momentum": 0.01})
+        >>> settled_choice(NormChoice("layernorm"), current).label
+        'layernorm(eps=0.001)'
+    """
+    same = choice.name == current.name or {choice.name, current.name} <= _BATCH_FAMILY
+    accepted = set(get_spec(choice.name).params) | {"eps", "affine"}
+    carried = {k: v for k, v in current.params.items() if k in accepted and (same or k == "eps")}
+    if not carried.keys() - choice.params.keys():
+        return choice
+    return NormChoice(choice.name, {**carried, **choice.params}, choice.weight)

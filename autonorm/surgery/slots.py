@@ -22,19 +22,19 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from autonorm.config import NormChoice
+from autonorm.config import NormChoice, SlotRecord
 from autonorm.norms import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
     DyT,
+    FrozenBatchNorm,
     IdentityNorm,
     SwitchableNorm,
     check_choice,
@@ -42,26 +42,47 @@ from autonorm.norms import (
 )
 from autonorm.norms.layers import check_layout
 from autonorm.norms.weight import is_feeder, weight_norm_of
-from autonorm.surgery.feeders import FEEDERS_ATTR, declared_feeders, feeder_of, tagged_feeders
+from autonorm.surgery.detect import custom_layouts, norm_like, read_library_norm, refusal
+from autonorm.surgery.feeders import (
+    FEEDERS_ATTR,
+    declared_feeders,
+    feeder_of,
+    recorded_feeder,
+    tagged_feeders,
+)
 from autonorm.surgery.probe import (
     Probe,
     layouts_from_shape,
-    run_alone,
     run_probe,
-    synthetic_inputs,
 )
-from autonorm.surgery.rebuild import NormWithExtra, keep_choice_of, reproduces
+from autonorm.surgery.rebuild import NormWithExtra, keep_choice_of
 
 
 @dataclass(frozen=True)
 class SlotType:
-    """How to read a registered norm class: its registry kind, layout and channel count."""
+    """How to read a registered norm class: its registry kind, layout, channel count, eps and
+    weight offset."""
 
     cls: type[nn.Module]
     kind: str
     layout: str
     num_features: Callable[[nn.Module], int | None]
     extra: tuple[str, ...] | None = None
+    eps: Callable[[nn.Module], float | None] = lambda m: getattr(m, "eps", None)
+    weight_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class _TypeInfo:
+    """What a module's class (or, for a library norm, its forward) says of it as a slot."""
+
+    kind: str
+    layout: str
+    num_features: int | None
+    extra: tuple[str, ...] | None
+    eps: float | None = None  # None: read ``.eps``
+    weight_offset: float = 0.0
+    ambiguous: bool = False  # a library norm reproduced under both layouts
 
 
 _USER_TYPES: dict[type[nn.Module], SlotType] = {}
@@ -82,6 +103,8 @@ def register_slot_type(
     layout: str = CHANNELS_FIRST,
     num_features: str | Callable[[nn.Module], int] = "num_features",
     extra: Sequence[str] | None = (),
+    eps: str | Callable[[nn.Module], float] = "eps",
+    weight_offset: float = 0.0,
 ) -> None:
     """Declare a norm class of your own as a slot type.
 
@@ -96,6 +119,9 @@ def register_slot_type(
             autonorm check, as for an unregistered subclass, that ``kind`` followed by the
             class's child modules reproduces its output, and refuse to rewrite it otherwise.
             A subclass that overrides ``forward`` again is always checked.
+        eps: attribute name (``"variance_epsilon"``) or function giving the eps it uses.
+        weight_offset: what its forward adds to its weight (1 for ``x * (1 + w)``, as Gemma's
+            RMSNorm): a rewrite carries ``weight + weight_offset`` over.
 
     Example::
 
@@ -108,8 +134,19 @@ def register_slot_type(
     check_layout(layout)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ValueError(f"`cls` must be an nn.Module subclass, got {cls!r}")
+    if not isinstance(weight_offset, (int, float)) or isinstance(weight_offset, bool):
+        raise ValueError(f"`weight_offset` must be a number, got {weight_offset!r}")
     reader = num_features if callable(num_features) else (lambda m, a=num_features: getattr(m, a))
-    _USER_TYPES[cls] = SlotType(cls, kind, layout, reader, None if extra is None else tuple(extra))
+    eps_reader = eps if callable(eps) else (lambda m, a=eps: getattr(m, a, None))
+    _USER_TYPES[cls] = SlotType(
+        cls,
+        kind,
+        layout,
+        reader,
+        None if extra is None else tuple(extra),
+        eps_reader,
+        float(weight_offset),
+    )
 
 
 def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
@@ -121,6 +158,8 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
         return "dyt", module.layout, module.num_features
     if isinstance(module, IdentityNorm):
         return "identity", module.layout, module.num_features
+    if isinstance(module, FrozenBatchNorm):
+        return "frozenbatchnorm", module.layout, module.num_features
     if isinstance(module, nn.SyncBatchNorm):
         return "syncbatchnorm", layout or CHANNELS_FIRST, module.num_features
     if isinstance(module, _BatchNorm):
@@ -136,18 +175,44 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
     return None
 
 
-def _slot_type(module: nn.Module) -> tuple[str, str, int | None, tuple[str, ...] | None] | None:
+def _slot_type(module: nn.Module) -> _TypeInfo | None:
+    """What the module's class says of it as a slot: registered, autonorm's or torch's."""
     if isinstance(module, NormWithExtra):
         inner = _slot_type(module.norm)
-        return None if inner is None else (*inner[:3], module.extra_names)
+        return None if inner is None else replace(inner, extra=module.extra_names)
     for cls in type(module).__mro__:
         if cls in _USER_TYPES:
             entry = _USER_TYPES[cls]
             # the declaration covers the registered class's forward, not a subclass's override
             extra = entry.extra if type(module).forward is cls.forward else None
-            return entry.kind, entry.layout, entry.num_features(module), extra
+            eps = entry.eps(module)
+            return _TypeInfo(
+                entry.kind,
+                entry.layout,
+                entry.num_features(module),
+                extra,
+                None if eps is None else float(eps),
+                entry.weight_offset,
+            )
     found = _builtin_type(module)
-    return None if found is None else (*found, None)
+    return None if found is None else _TypeInfo(*found, None)
+
+
+def _library_type(module: nn.Module) -> _TypeInfo | None:
+    """A library norm read from its forward (:mod:`autonorm.surgery.detect`): nothing of
+    it runs after the norm."""
+    reading = read_library_norm(module)
+    if reading is None:
+        return None
+    return _TypeInfo(
+        reading.kind,
+        reading.layout,
+        reading.num_features,
+        (),
+        reading.eps,
+        reading.weight_offset,
+        reading.ambiguous,
+    )
 
 
 def _native_forward(module: nn.Module) -> bool:
@@ -181,6 +246,10 @@ class Slot:
         feeder: dotted name of the Conv/Linear layer whose output is the slot's input (the
             layer a weight-side choice ``+ws``/``+wn`` acts on), or None: the input comes from
             elsewhere (an add, an activation), from several places, or is unknown.
+        weight_offset: what the slot's layer adds to its weight (1 for Gemma's
+            ``x * (1 + w)``); a rewrite carries ``weight + weight_offset`` over.
+        original: the slot's layer before an earlier rewrite, as a config recorded it.
+        unsettled: why the slot's layout is unknown (None: settled); a rewrite is refused.
     """
 
     name: str
@@ -193,8 +262,11 @@ class Slot:
     extra: tuple[str, ...] | None = ()
     reached: bool | None = None
     feeder: str | None = None
+    weight_offset: float = 0.0
     keep: NormChoice | None = field(default=None, compare=False, repr=False)
     refusal: str | None = field(default=None, compare=False, repr=False)
+    original: NormChoice | None = field(default=None, compare=False, repr=False)
+    unsettled: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -243,6 +315,16 @@ class Slot:
     def input_ndim(self) -> int | None:
         return None if self.input_shape is None else len(self.input_shape)
 
+    def record(self) -> SlotRecord:
+        """What was found of the slot, for a config to carry (:meth:`NormConfig.with_probe`)."""
+        return SlotRecord(
+            layout=self.layout,
+            num_features=self.num_features,
+            input_shape=self.input_shape,
+            feeder=self.feeder,
+            original=self.original if self.original is not None else self.keep_choice().base,
+        )
+
 
 def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
     if patterns is None:
@@ -250,27 +332,6 @@ def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
     if isinstance(patterns, str):
         patterns = [patterns]
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _check_custom(
-    module: nn.Module,
-    keep: NormChoice,
-    layouts: list[str],
-    num_features: int,
-    io: tuple[torch.Tensor, torch.Tensor] | None,
-    extra: tuple[str, ...],
-) -> str | None:
-    """The first of ``layouts`` under which the keep choice then ``extra`` reproduces a custom
-    forward: on the probe's input when there is one, else on synthetic inputs. None: none does."""
-    for layout in layouts:
-        if io is not None:
-            pairs = [io]
-        else:
-            inputs = synthetic_inputs(module, num_features, layout)
-            pairs = [(x, y) for x in inputs if (y := run_alone(module, x)) is not None]
-        if any(reproduces(module, num_features, keep, layout, x, y, extra) for x, y in pairs):
-            return layout
-    return None
 
 
 @dataclass
@@ -283,11 +344,28 @@ class _Found:
     default_layout: str
     num_features: int
     extra: tuple[str, ...] | None
+    eps: float | None = None
+    weight_offset: float = 0.0
+    ambiguous: bool = False
+
+
+def _warn_near_misses(near: list[tuple[str, nn.Module]]) -> None:
+    if not near:
+        return
+    shown = ", ".join(f"{name} ({type(m).__qualname__})" for name, m in near[:10])
+    warnings.warn(
+        f"{len(near)} module(s) look like norms but compute no RMSNorm/LayerNorm/frozen "
+        f"BatchNorm with their own eps, so they are not slots: {shown}"
+        f"{' ...' if len(near) > 10 else ''}; declare them with autonorm.register_slot_type "
+        "if they are norms",
+        stacklevel=4,  # find_slots' caller
+    )
 
 
 def _norm_modules(model: nn.Module) -> dict[int, _Found]:
     """The model's norm modules by id, in ``named_modules()`` order (a shared module once)."""
     found: dict[int, _Found] = {}
+    near: list[tuple[str, nn.Module]] = []  # norm-like modules that reproduce nothing
     inside: set[str] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         parts = name.split(".")
@@ -302,17 +380,31 @@ def _norm_modules(model: nn.Module) -> dict[int, _Found]:
             continue
         info = _slot_type(module)
         if info is None:
+            info = _library_type(module)
+        if info is None:
+            if norm_like(module):
+                near.append((name, module))
             continue
-        kind, layout, num_features, extra = info
-        if num_features is None:
+        if info.num_features is None:
             warnings.warn(
                 f"{name or type(module).__name__}: {type(module).__name__} normalizes over several "
                 "dimensions (normalized_shape has more than one entry); it is not treated as a slot",
                 stacklevel=3,  # find_slots' caller
             )
             continue
-        found[key] = _Found(module, [name], kind, layout, num_features, extra)
+        found[key] = _Found(
+            module,
+            [name],
+            info.kind,
+            info.layout,
+            info.num_features,
+            info.extra,
+            info.eps,
+            info.weight_offset,
+            info.ambiguous,
+        )
         inside.add(name)
+    _warn_near_misses(near)
     return found
 
 
@@ -337,26 +429,21 @@ def select_slots(
     return [s for s in slots if _selected(s.names, include, exclude)]
 
 
-def _rewritable(
-    found: _Found,
-    keep: NormChoice,
-    layouts: list[str],
-    io: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[str | None, str | None]:
-    """For a slot whose class has a forward of its own: ``(layout, None)`` with the layout under
-    which its keep choice then its children reproduce it, else ``(None, why it cannot be
-    rewritten)``."""
-    module, kind = found.module, found.kind
-    children = tuple(n for n, _ in module.named_children())
-    checked = _check_custom(module, keep, layouts, found.num_features, io, children)
-    if checked is not None:
-        return checked, None
-    tried = "the probe's input" if io is not None else "synthetic inputs"
-    return None, (
-        f"its forward ({type(module).__qualname__}) does more than {kind} followed "
-        f"by its child modules {list(children)} (checked on {tried}), and autonorm "
-        "cannot reproduce it; keep it, or declare what runs after the norm with "
-        "autonorm.register_slot_type(..., extra=[...])"
+def _record_of(found: _Found, records: Mapping[str, SlotRecord] | None) -> SlotRecord | None:
+    """The config's record of a slot, when it names the slot and has its channel count."""
+    for name in found.names:
+        record = (records or {}).get(name)
+        if record is not None and record.num_features == found.num_features:
+            return record
+    return None
+
+
+def _unsettled(module: nn.Module, kind: str) -> str:
+    return (
+        f"its layout is not settled: {type(module).__qualname__} computes {kind} over "
+        "channels-first and channels-last inputs alike (by their rank) and no probe saw its "
+        "input; give an example input (example_input= or the model's example_input_array) "
+        "or a config recording a probe's findings (NormConfig.with_probe)"
     )
 
 
@@ -366,27 +453,40 @@ def _make_slot(
     found: _Found,
     probed: Probe | None,
     custom: bool,
-    declared: dict[str, str | None],
-    tagged: dict[str, str],
+    feeders: tuple[dict[str, str | None], dict[str, str]],
+    record: SlotRecord | None,
 ) -> Slot:
-    """The :class:`Slot` of one norm module, from its class, the probe and its feeder."""
+    """The :class:`Slot` of one norm module, from its class, the probe (else the config's
+    record of it) and its feeder."""
     module, names = found.module, found.names
     shape = probed.shapes.get(key) if probed is not None else None
-    layouts = layouts_from_shape(shape, found.num_features, found.default_layout)
+    # a class's own layout settles it, unless its forward reproduces under both
+    settled = shape is not None or not (found.ambiguous or custom)
+    if shape is None and record is not None:
+        layouts, shape, settled = [record.layout], record.input_shape, True
+    else:
+        layouts = layouts_from_shape(shape, found.num_features, found.default_layout)
     layout = layouts[0]
-    keep = keep_choice_of(module, found.kind)
+    keep = keep_choice_of(module, found.kind, eps=found.eps)
+    declared, tagged = feeders
     feeder = feeder_of(model, names, int(found.num_features), key, probed, declared, tagged)
+    if record is not None and probed is None and not any(n in declared for n in names):
+        feeder = recorded_feeder(model, record.feeder, int(found.num_features))
     if feeder is not None:
         keep = keep.with_weight(weight_norm_of(model.get_submodule(feeder)))
-    extra, refusal = found.extra, None
-    if extra is None:
-        if custom:
-            io = probed.io.get(key) if probed is not None else None
-            checked, refusal = _rewritable(found, keep, layouts, io)
-            if checked is not None:
-                layout, extra = checked, tuple(n for n, _ in module.named_children())
+    extra, why = found.extra, None
+    if extra is None and custom:
+        io = probed.io.get(key) if probed is not None else None
+        children = tuple(n for n, _ in module.named_children())
+        fits = custom_layouts(
+            module, keep, layouts, found.num_features, io, children, found.weight_offset
+        )
+        if fits:
+            layout, extra, settled = fits[0], children, settled or len(fits) == 1
         else:
-            extra = ()
+            why = refusal(module, found.kind, io is not None)
+    elif extra is None:
+        extra = ()
     return Slot(
         name=names[0],
         kind=found.kind,
@@ -395,11 +495,14 @@ def _make_slot(
         input_shape=shape,
         module_class=f"{type(module).__module__}.{type(module).__qualname__}",
         aliases=tuple(names[1:]),
-        extra=extra if refusal is None else None,
-        reached=None if probed is None else shape is not None,
+        extra=extra if why is None else None,
+        reached=None if probed is None else key in probed.shapes,
         feeder=feeder,
+        weight_offset=found.weight_offset,
         keep=keep,
-        refusal=refusal,
+        refusal=why,
+        original=None if record is None else record.original,
+        unsettled=None if settled or why is not None else _unsettled(module, found.kind),
     )
 
 
@@ -411,6 +514,7 @@ def find_slots(
     exclude: str | Sequence[str] | None = None,
     probe: bool = True,
     feeders: Mapping[str, str | None] | None = None,
+    records: Mapping[str, SlotRecord] | None = None,
 ) -> list[Slot]:
     """The norm slots of ``model``, in ``named_modules()`` order.
 
@@ -429,6 +533,10 @@ def find_slots(
             model's ``autonorm_feeders`` attribute, when it has one. Otherwise a slot's feeder
             is found by the probe; without one, from a weight-side normalization autonorm
             applied before, or from an ``nn.Sequential`` running a Conv/Linear right before it.
+        records: ``{slot name: SlotRecord}``, what an earlier probe found (a config's
+            :attr:`NormConfig.probe`): where no probe reaches a slot, its layout, input shape,
+            feeder and original layer come from its record. A slot whose layout neither
+            settles is :attr:`Slot.unsettled`, and a rewrite of it is refused.
 
     Returns:
         One :class:`Slot` per norm module (a module shared at several places is one slot).
@@ -440,6 +548,7 @@ def find_slots(
 
     Example::
 
+        >>> import torch
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         >>> [(s.name, s.kind, s.layout) for s in find_slots(model, torch.zeros(2, 3, 8, 8))]
         [('1', 'batchnorm', 'channels_first')]
@@ -466,7 +575,7 @@ def find_slots(
         probed = run_probe(model, modules, example_input, custom, feeders=feeder_modules)
     tagged = tagged_feeders(feeder_modules)
     slots = [
-        _make_slot(model, key, f, probed, key in custom, declared, tagged)
+        _make_slot(model, key, f, probed, key in custom, (declared, tagged), _record_of(f, records))
         for key, f in found.items()
     ]
     unreached = [s.name for s in slots if s.reached is False]

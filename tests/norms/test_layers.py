@@ -69,6 +69,7 @@ def test_registry_names_are_the_documented_choices():
     assert NORM_NAMES == (
         "batchnorm",
         "syncbatchnorm",
+        "frozenbatchnorm",
         "groupnorm",
         "instancenorm",
         "layernorm",
@@ -309,3 +310,24 @@ def test_identity_passes_input_through_and_keeps_the_slot():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(("name", "layout", "shape", "ndim"), _contract_params())
+def test_output_is_laid_out_as_the_native_layer_of_its_layout(name, layout, shape, ndim):
+    """Channels-last layers return a contiguous tensor as nn.LayerNorm does (GPT-2 views its
+    norms' outputs); autonorm's channels-first ones keep the memory format BatchNorm keeps
+    (torch's own layers, which the registry returns where they exist, do what they do)."""
+    layer = _build(name, layout, ndim).train()
+    x = _input(shape)
+    assert layer(x).is_contiguous()
+    if (
+        layout == CHANNELS_FIRST
+        and len(shape) == 4
+        and type(layer).__module__.startswith("autonorm")
+    ):
+        x = x.contiguous(memory_format=torch.channels_last)
+        native = nn.BatchNorm2d(C)(x)
+        out = layer(x)
+        assert out.is_contiguous(memory_format=torch.channels_last) == native.is_contiguous(
+            memory_format=torch.channels_last
+        )

@@ -1,0 +1,263 @@
+"""Real users' models, built offline from tiny configs: Hugging Face transformers, a
+torchvision-style detection resnet with FrozenBatchNorm2d, MONAI.
+
+Every model is read with and without an example input: the slots found are the norm modules a
+person counts (every module whose class names a norm), the keep config rebuilt layer by layer
+computes what the model computed, and uniform layernorm / rmsnorm / groupnorm and
+``to_switchable`` run forward and backward. torchvision and timm do not install on this torch:
+the resnet is torchvision's BasicBlock layout with a FrozenBatchNorm2d look-alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from autonorm import NormConfig, apply_config, find_slots, to_switchable
+from autonorm.surgery import build_replacement
+from tests.surgery.test_frozen_and_settings import FrozenBatchNorm2d
+
+IDS = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+VOLUME = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+TEXT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+DECODER = dict(TEXT, num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16)
+
+
+def _transformers() -> Any:
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def bert() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    config = t.BertConfig(intermediate_size=32, max_position_embeddings=16, **TEXT)
+    return t.BertModel(config), {"input_ids": IDS}
+
+
+def gpt2() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    return t.GPT2Model(t.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2)), {
+        "input_ids": IDS
+    }
+
+
+def llama() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    return t.LlamaModel(t.LlamaConfig(**DECODER)), {"input_ids": IDS}
+
+
+def qwen2() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    return t.Qwen2Model(t.Qwen2Config(**DECODER)), {"input_ids": IDS}
+
+
+def gemma() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    return t.GemmaModel(t.GemmaConfig(head_dim=8, **DECODER)), {"input_ids": IDS}
+
+
+def t5() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    config = t.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    return t.T5EncoderModel(config), {"input_ids": IDS}
+
+
+def vit() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    config = t.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+    )
+    return t.ViTModel(config), {"pixel_values": IMAGES}
+
+
+def convnext() -> tuple[nn.Module, Any]:
+    t = _transformers()
+    config = t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    return t.ConvNextModel(config), {"pixel_values": IMAGES}
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, norm layer given (detection passes FrozenBatchNorm2d)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+        identity = x if self.downsample is None else self.downsample(x)
+        return (out + identity).relu()
+
+
+class DetectionResNet(nn.Module):
+    """A torchvision resnet backbone as detection builds it (norm_layer=FrozenBatchNorm2d)."""
+
+    def __init__(self, norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+        self.bn1 = norm_layer(8)
+        self.layer1 = BasicBlock(8, 8, 1, norm_layer)
+        self.layer2 = BasicBlock(8, 16, 2, norm_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(self.bn1(self.conv1(x)).relu()))
+
+
+def detection_resnet() -> tuple[nn.Module, Any]:
+    model = DetectionResNet()
+    generator = torch.Generator().manual_seed(3)
+    for buffer in model.buffers():  # pretrained-like statistics and affine
+        buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    return model, IMAGES
+
+
+def monai_unet() -> tuple[nn.Module, Any]:
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        channels=(4, 8, 16),
+        strides=(2, 2),
+        num_res_units=1,
+    )
+    return model, VOLUME
+
+
+def monai_segresnet() -> tuple[nn.Module, Any]:
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.SegResNet(
+        spatial_dims=2,
+        init_filters=8,
+        in_channels=1,
+        out_channels=2,
+        blocks_down=(1, 2),
+        blocks_up=(1,),
+    )
+    return model, VOLUME
+
+
+ZOO = {
+    f.__name__: f
+    for f in (
+        bert,
+        gpt2,
+        llama,
+        qwen2,
+        gemma,
+        t5,
+        vit,
+        convnext,
+        detection_resnet,
+        monai_unet,
+        monai_segresnet,
+    )
+}
+
+
+def build(name: str) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model, example = ZOO[name]()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # trained-like affine weights: a rebuild that drops them shows
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.dim() == 1:
+                weight.copy_(torch.rand(weight.shape, generator=generator) + 0.5)
+    return model, example
+
+
+def call(model: nn.Module, example: Any) -> torch.Tensor:
+    out = model(**example) if isinstance(example, dict) else model(example)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def counted_norms(model: nn.Module) -> int:
+    """What a person counts: every module whose class names a norm (a shared one once)."""
+    return len({id(m) for m in model.modules() if "norm" in type(m).__name__.lower()})
+
+
+def finite_step(model: nn.Module, example: Any) -> None:
+    model.train()
+    out = call(model, example)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def rebuilt(model: nn.Module, slots: list) -> nn.Module:
+    """The model with every slot's layer rebuilt from its keep choice (weights carried)."""
+    model = copy.deepcopy(model)
+    for slot in slots:
+        layer = build_replacement(
+            model.get_submodule(slot.name),
+            slot.keep_choice().base,
+            layout=slot.layout,
+            input_ndim=slot.input_ndim,
+            extra=slot.extra,
+            num_features=slot.num_features,
+            weight_offset=slot.weight_offset,
+        )
+        parent, _, attr = slot.name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+    return model
+
+
+@pytest.mark.parametrize("probe", [True, False], ids=["example", "no-example"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo(name: str, probe: bool) -> None:
+    model, example = build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no near miss, no unreached slot
+        slots = find_slots(model, example if probe else None)
+    assert len(slots) == counted_norms(model) > 0
+    assert all(s.unsettled is None and s.refusal is None for s in slots)
+    if not probe:  # the classes alone read the model as the probe does (feeders aside)
+        probed = find_slots(model, example)
+        assert [(s.name, s.kind, s.layout, s.num_features) for s in slots] == [
+            (s.name, s.kind, s.layout, s.num_features) for s in probed
+        ]
+    model.eval()
+    with torch.no_grad():
+        expected = call(model, example)
+        assert_close(call(rebuilt(model, slots), example), expected, rtol=1e-5, atol=1e-5)
+        keep = copy.deepcopy(model)
+        apply_config(keep, {s.name: s.keep_choice() for s in slots})
+        assert_close(call(keep, example), expected, rtol=1e-5, atol=1e-5)
+    for norm in ("layernorm", "rmsnorm", "groupnorm"):
+        valid = [s for s in slots if not s.check(norm)]
+        config = NormConfig.uniform(valid, norm)
+        fresh, _ = build(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rmsnorm has no place for biases
+            # no example input on the fresh model: the config's records (or classes) read it
+            fresh = apply_config(fresh, config, partial=True)
+        finite_step(fresh, example)
+    fresh, _ = build(name)
+    fresh = to_switchable(fresh, config=NormConfig.uniform(slots, "switchable"))
+    finite_step(fresh, example)
