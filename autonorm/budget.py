@@ -72,6 +72,12 @@ def _positive_int(name: str, value: Any) -> int | None:
     return value
 
 
+def _devices(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`devices` must be a positive int, got {value!r}")
+    return value
+
+
 def _positive_number(value: Any) -> float | None:
     if value is None:
         return None
@@ -114,7 +120,7 @@ class Budget:
             ("max_memory", lambda v: None if v is None else parse_bytes(v)),
             ("batch_size", lambda v: _positive_int("batch_size", v)),
             ("max_params", lambda v: _positive_int("max_params", v)),
-            ("devices", lambda v: _positive_int("devices", v)),
+            ("devices", _devices),
             ("trainings", _positive_number),
         ):
             try:

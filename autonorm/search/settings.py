@@ -124,6 +124,10 @@ class SearchSettings:
             raise ValueError(
                 f"`warm_start` must be True, False or 'learn', got {kwargs['warm_start']!r}"
             )
+        for name in ("storage", "out_dir", "study_name"):
+            value = kwargs[name]
+            if isinstance(value, (str, os.PathLike)) and not str(os.fspath(value)).strip():
+                raise ValueError(f"`{name}` must not be empty (leave it out for the default)")
         budget = as_budget(kwargs["budget"])
         trainer_kwargs = dict(kwargs["trainer_kwargs"] or {})
         trainer_kwargs.setdefault("max_epochs", DEFAULT_MAX_EPOCHS)

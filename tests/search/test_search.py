@@ -309,3 +309,14 @@ def test_budget_trainings_bounds_the_compute_of_a_sampler_search(tmp_path):
     )
     epochs = sum(t.user_attrs.get("epochs", 0) for t in result.study.trials)
     assert epochs <= 5 and len(result.study.trials) == 2  # a third full training does not fit
+
+
+@pytest.mark.parametrize("name", ["storage", "out_dir", "study_name"])
+def test_an_empty_storage_out_dir_or_study_name_is_refused(tmp_path, name):
+    with pytest.raises(ValueError, match=f"`{name}` must not be empty"):
+        _search(tmp_path, **{name: ""})
+
+
+def test_budget_devices_none_is_refused():
+    with pytest.raises(ValueError, match="devices"):
+        Budget(devices=None)
