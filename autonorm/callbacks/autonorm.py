@@ -260,7 +260,7 @@ class _AutoNormLogic(_CallbackType):
             return
         if self.mode == "learn":
             # softmax SN is built as before (no `mixing` in its choices)
-            extra = {"mixing": self.mixing} if self.mixing != "softmax" else {}
+            extra: dict[str, Any] = {"mixing": self.mixing} if self.mixing != "softmax" else {}
             to_switchable(
                 pl_module,
                 slots=self.slots,
