@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -189,7 +190,7 @@ class _Trained(pl.LightningModule):
         self.log("val_loss", loss)
         self.log("val_acc", score)
 
-    def configure_optimizers(self) -> dict[str, object]:
+    def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, total // 20)
@@ -328,6 +329,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary positions (no biases, as in Llama)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, dim: int, heads: int, max_len: int) -> None:
         super().__init__()
@@ -495,7 +499,7 @@ def measure(keys: list[str], seeds: int) -> dict[str, dict[str, list[float]]]:
             config = None if family == "own" else uniform_config(slots, family)
             values, start = [], time.perf_counter()
             for seed in range(seeds):
-                values.append(train(task, config, task.epochs, seed))
+                values.append(train(task, config, task.epochs, seed))  # type: ignore[arg-type]
             seconds = (time.perf_counter() - start) / seeds
             results[key][family] = values
             spread = statistics.stdev(values) if seeds > 1 else 0.0
