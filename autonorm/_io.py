@@ -35,7 +35,16 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     return path
 
 
+#: ``scheme://user:password@`` (the user may be empty); the password runs to the token's last ``@``
+#: so that a password with a raw ``@`` is masked whole.
+_URL_PASSWORD = re.compile(r"""(://[^:/@\s'"]*:)[^\s'"]*@""")
+#: ``password=...`` as a URL query parameter (``?password=``, ``&password=``) or a libpq keyword.
+_KEY_PASSWORD = re.compile(r"""(?i)(\b(?:password|passwd|pwd)=)[^&;\s'"#]*""")
+
+
 def mask_password(text: str) -> str:
-    """Every URL password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
-    ``postgresql://u:***@h/db`` (storage URLs are never printed or written in clear)."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
+    """Every password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
+    ``postgresql://u:***@h/db``, ``postgresql://:secret@h/db`` -> ``postgresql://:***@h/db``,
+    ``...?sslmode=require&Password=secret`` -> ``...&Password=***`` (storage URLs are never
+    printed or written in clear)."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))

@@ -21,6 +21,7 @@ Workers cooperate through Optuna's storage only (Optuna's own distribution model
 
 The local pool (:mod:`autonorm.search.pool`) starts worker processes with the environment
 variable ``AUTONORM_WORKER=<index>/<count>``; a worker that sees it leaves the bundle to the parent.
+The pool passes the storage in ``AUTONORM_STORAGE``, never on the workers' command lines.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 
 #: Environment variable naming a pool worker: ``"<index>/<count>"``.
 WORKER_ENV = "AUTONORM_WORKER"
+#: Environment variable holding the storage when ``--search.storage`` is not given: how a pool
+#: hands its workers the storage without putting it (and its password) on their command line,
+#: which any user of the host can read (``ps``, ``/proc/<pid>/cmdline``); the environment of a
+#: process is readable by its owner only.
+STORAGE_ENV = "AUTONORM_STORAGE"
 #: User attributes a retried trial keeps from the trial it repeats.
 _KEPT_ON_RETRY = (BASELINE,)
 
@@ -71,6 +77,13 @@ def pool_position() -> tuple[int, int] | None:
     if index.isdigit() and count.isdigit():
         return int(index), int(count)
     return None
+
+
+def given_storage(option: str | None) -> str | None:
+    """The storage of this process: the ``--search.storage`` option, else ``AUTONORM_STORAGE``."""
+    if option is not None:
+        return option
+    return os.environ.get(STORAGE_ENV) or None
 
 
 # -- interrupts ------------------------------------------------------------------------------
