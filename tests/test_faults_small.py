@@ -13,12 +13,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
+import autonorm
 from autonorm import AutoNormError
 from autonorm._io import mask_password
+from autonorm.callbacks import AutoNorm
 from autonorm.search.export import STORAGE_FILE, write_storage_file
 from autonorm.search.pool import _without_storage
 from autonorm.search.storage import make_storage
+from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
 REPO = Path(__file__).resolve().parents[1]
@@ -156,3 +160,38 @@ def test_pool_workers_get_the_storage_off_their_command_line(workdir, tmp_path):
     assert SECRET not in (out / STORAGE_FILE).read_text()
     for path in [tmp_path / "pool.log", *(out / "workers").iterdir()]:
         assert SECRET not in path.read_text(), path
+
+
+# -- 9. NaN mixing weights -----------------------------------------------------------------------
+
+
+def test_derive_config_refuses_nan_mixing_weights_and_names_the_slots():
+    model = autonorm.to_switchable(TinyConvNet())
+    with torch.no_grad():
+        model.bn2.mean_weight[0] = float("nan")
+        model.head_norm.var_weight.fill_(float("inf"))
+    with pytest.raises(AutoNormError, match=r"not finite.*'bn2', 'head_norm'") as err:
+        autonorm.derive_config(model)
+    assert "'bn1'" not in str(err.value)
+
+
+def test_a_diverged_learn_run_fails_with_the_slots_named(tmp_path):
+    callback = AutoNorm(mode="learn", config_path=tmp_path / "learned.yaml")
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=1)
+    with pytest.raises(AutoNormError, match=r"learn run diverged.*'bn1'"):
+        trainer.fit(TinyConvNet(fail_with="nan"), datamodule=TinyDataModule())
+    assert not (tmp_path / "learned.yaml").exists()
+
+
+def test_warm_start_learn_on_a_diverging_model_fails_with_that_error(tmp_path):
+    with pytest.raises(AutoNormError, match="learn run diverged"):
+        autonorm.search(
+            lambda: TinyConvNet(fail_with="nan"),
+            TinyDataModule(),
+            n_trials=1,
+            space="minimal",
+            trainer_kwargs={"max_epochs": 1},
+            out_dir=tmp_path / "out",
+            warm_start="learn",
+            seed=0,
+        )
