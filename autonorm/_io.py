@@ -1,11 +1,18 @@
-"""File writing shared by configs, reports and bundles, and the masking of what they show."""
+"""File reading and writing shared by configs, spaces, reports and bundles (atomic writes,
+strict YAML), and the masking of what they show."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autonorm._errors import ConfigError
 
 
 def _umask() -> int:
@@ -48,3 +55,79 @@ def mask_password(text: str) -> str:
     ``...?sslmode=require&Password=secret`` -> ``...&Password=***`` (storage URLs are never
     printed or written in clear)."""
     return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loading that refuses aliases and duplicated mapping keys.
+
+    An alias expands where it is used: a few hundred bytes of nested aliases make a value of
+    millions of items (the "billion laughs"), so autonorm's files may not use them. A duplicated
+    key would silently keep its last value.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicated = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: SafeLoader refuses it below
+                    continue
+                if duplicated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicated key {key!r}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` read with safe YAML loading, refusing aliases and duplicated keys.
+
+    Raises:
+        ConfigError: ``"<source> is not valid YAML: <problem> (line L, column C)"``, one line.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+
+
+def load_json(text: str, source: str) -> Any:
+    """``text`` read as JSON, refusing duplicated keys.
+
+    Raises:
+        ConfigError: ``"<source> is not valid JSON: <problem>"``.
+    """
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"duplicated key {duplicated[0]!r}")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{source} is not valid JSON: {err}") from None

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 import autonorm
-from autonorm import AutoNormError
+from autonorm import AutoNormError, ConfigError, NormChoice, NormConfig
 from autonorm._io import mask_password
 from autonorm.callbacks import AutoNorm
 from autonorm.search.export import STORAGE_FILE, write_storage_file
 from autonorm.search.pool import _without_storage
 from autonorm.search.storage import make_storage
+from autonorm.search_spaces import resolve_space
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))
@@ -195,3 +196,132 @@ def test_warm_start_learn_on_a_diverging_model_fails_with_that_error(tmp_path):
             warm_start="learn",
             seed=0,
         )
+
+
+# -- 10. choice parameters and duplicated keys ----------------------------------------------------
+
+BAD_PARAMS = {
+    "batchnorm(eps=inf)": "`eps` must be a finite number > 0",
+    "layernorm(eps=nan)": "`eps` must be a finite number > 0",
+    "batchnorm(eps=0)": "`eps` must be a finite number > 0",
+    "batchnorm(eps=true)": "`eps` must be a finite number > 0",
+    "batchnorm(momentum=-0.1)": r"`momentum` must be a number in \[0, 1\] or None",
+    "batchnorm(momentum=1.5)": r"`momentum` must be a number in \[0, 1\]",
+    "instancenorm(momentum=fast)": r"`momentum` must be a number in \[0, 1\]",
+    "batchnorm(track_running_stats=0)": "`track_running_stats` must be true or false",
+    "groupnorm(groups=0)": "`groups` must be a positive int",
+    "groupnorm(groups=2.0)": "`groups` must be a positive int",
+    "dyt(alpha_init=inf)": "`alpha_init` must be a finite number",
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_PARAMS))
+def test_bad_choice_parameters_are_refused_everywhere(label, tmp_path):
+    choice_error = BAD_PARAMS[label]
+    with pytest.raises(ValueError, match=choice_error):
+        NormChoice.parse(label)
+    name, _, args = label.partition("(")
+    key, _, raw = args.rstrip(")").partition("=")
+    with pytest.raises(ValueError, match=choice_error):
+        autonorm.create_norm(name, 8, **{key: _value(raw)})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"slots:\n  bn1:\n    name: {name}\n    {key}: {raw}\n")
+    with pytest.raises(ConfigError, match=rf"(?s)cfg.yaml.*slot 'bn1'.*{choice_error}"):
+        NormConfig.load(path)
+
+
+def _value(raw: str):
+    return {"inf": float("inf"), "nan": float("nan"), "true": True, "fast": "fast"}.get(
+        raw, float(raw) if "." in raw else int(raw) if raw.lstrip("-").isdigit() else raw
+    )
+
+
+def test_a_quoted_false_is_not_taken_as_true(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text('slots:\n  bn1:\n    name: layernorm\n    affine: "false"\n')
+    with pytest.raises(ConfigError, match="`affine` must be true or false, got affine='false'"):
+        NormConfig.load(path)
+    path.write_text("slots:\n  bn1:\n    name: layernorm\n    affine: false\n")
+    assert NormConfig.load(path)["bn1"].params == {"affine": False}
+    with pytest.raises(ValueError, match="`affine` must be true or false"):
+        autonorm.create_norm("layernorm", 8, affine="false")
+
+
+def test_valid_parameters_still_load():
+    choice = NormChoice.parse("batchnorm(eps=1e-05, momentum=None, track_running_stats=false)")
+    assert choice.params == {"eps": 1e-05, "momentum": None, "track_running_stats": False}
+    assert NormChoice.parse("batchnorm(momentum=0)").params == {"momentum": 0}
+    layer = autonorm.create_norm("batchnorm", 8, momentum=1.0, eps=1e-3)
+    assert (layer.momentum, layer.eps) == (1.0, 1e-3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "slots:\n  bn1: layernorm\n  bn2: batchnorm\n  bn1: groupnorm\n",
+        "slots:\n  bn1:\n    name: groupnorm\n    groups: 2\n    groups: 4\n",
+        "slots:\n  bn1: layernorm\nmetadata: {}\nslots:\n  bn1: batchnorm\n",
+    ],
+)
+def test_a_duplicated_yaml_key_is_an_error(text, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"cfg.yaml' is not valid YAML: duplicated key '\w+'"):
+        NormConfig.load(path)
+
+
+def test_a_duplicated_json_key_is_an_error(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"slots": {"bn1": "layernorm", "bn1": "batchnorm"}}')
+    with pytest.raises(ConfigError, match="cfg.json' is not valid JSON: duplicated key 'bn1'"):
+        NormConfig.load(path)
+
+
+def test_a_duplicated_key_in_a_search_space_file_is_an_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("choices:\n  '*': [batchnorm]\n  '*': [layernorm]\n")
+    with pytest.raises(ConfigError, match=r"space.yaml' is not valid YAML: duplicated key '\*'"):
+        resolve_space(str(path))
+
+
+# -- 11. YAML aliases ----------------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 8) -> str:
+    """A ~430-byte YAML whose aliases expand to 9**levels strings (PyYAML took 32 s and 1.3 GB
+    on it in NormConfig.load)."""
+    lines = ["a: &a [" + ",".join(['"layernorm"'] * 9) + "]"]
+    for prev, cur in zip("abcdefgh"[: levels - 1], "bcdefghi"[: levels - 1], strict=True):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "schema_version: 1\nmetadata:\n  " + "\n  ".join(lines) + "\nslots:\n  bn1: layernorm\n"
+
+
+def test_a_config_with_aliases_is_refused_at_once(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    assert len(path.read_bytes()) < 500
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml' is not valid YAML: aliases \(\*a\)"):
+        NormConfig.load(path)
+    assert time.perf_counter() - started < 0.5
+    path.write_text("slots:\n  bn1: &x layernorm\n  bn2: *x\n")  # even a harmless one
+    with pytest.raises(ConfigError, match="aliases"):
+        NormConfig.load(path)
+
+
+def test_a_search_space_with_aliases_is_refused(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("choices:\n  'a.*': &c [batchnorm, layernorm]\n  'b.*': *c\n")
+    with pytest.raises(ConfigError, match=r"space.yaml' is not valid YAML: aliases \(\*c\)"):
+        resolve_space(str(path))
+
+
+def test_show_on_an_alias_bomb_ends_at_once_with_one_line(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    started = time.perf_counter()
+    result = cli(["show", str(path)], tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "aliases (*a) are not allowed" in lines[0], lines
+    assert time.perf_counter() - started < 30  # the interpreter's start; the load is instant

@@ -65,16 +65,16 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_recommend(args: argparse.Namespace) -> int:
     import torch
-    import yaml
     from rich.table import Table
 
+    from autonorm._io import load_yaml
     from autonorm.budget import Budget
     from autonorm.recommendation import recommend
     from autonorm.surgery import find_slots
 
     sys.path.insert(0, os.getcwd())
     cls = import_class(args.model, "model")
-    kwargs = yaml.safe_load(args.model_args) if args.model_args else {}
+    kwargs = load_yaml(args.model_args, "--model-args") if args.model_args else {}
     if not isinstance(kwargs, dict):
         raise UsageError(
             f"--model-args must be a YAML mapping, e.g. '{{width: 32}}', got {args.model_args!r}"
