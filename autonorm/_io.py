@@ -3,6 +3,7 @@ strict YAML), and the masking of what they show."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,6 +41,24 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def safe_folder_name(name: str) -> str:
+    """``name`` as one folder name that stays inside its parent: characters other than letters,
+    digits, ``.``, ``_`` and ``-`` become ``_``, leading dots go (no ``..``, no hidden folder),
+    and a changed name gets a short hash of the original, so that two names never share a
+    folder.
+
+    Example::
+
+        >>> safe_folder_name("autonorm-Net"), safe_folder_name("../evil")
+        ('autonorm-Net', '_evil-2d6afc71')
+    """
+    safe = re.sub(r"[^\w.-]", "_", name).lstrip(".")[:100]
+    if safe == name and name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe or 'study'}-{digest}"
 
 
 #: ``scheme://user:password@`` (the user may be empty); the password runs to the token's last ``@``

@@ -17,7 +17,7 @@ import torch
 
 import autonorm
 from autonorm import AutoNormError, ConfigError, NormChoice, NormConfig
-from autonorm._io import mask_password
+from autonorm._io import mask_password, safe_folder_name
 from autonorm.callbacks import AutoNorm
 from autonorm.search.export import STORAGE_FILE, write_storage_file
 from autonorm.search.pool import _without_storage
@@ -325,3 +325,52 @@ def test_show_on_an_alias_bomb_ends_at_once_with_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "aliases (*a) are not allowed" in lines[0], lines
     assert time.perf_counter() - started < 30  # the interpreter's start; the load is instant
+
+
+# -- 12. study names as folders ------------------------------------------------------------------
+
+
+def test_report_keeps_hostile_study_names_inside_the_default_folder(tmp_path):
+    db = tmp_path / "shared" / "studies.db"
+    db.parent.mkdir()
+    storage = f"sqlite:///{db}"
+    autonorm.search(
+        TinyConvNet,
+        TinyDataModule(),
+        n_trials=1,
+        space="minimal",
+        trainer_kwargs={"max_epochs": 1},
+        storage=storage,
+        study_name="../evil",
+        out_dir=tmp_path / "first",
+        warm_start=False,
+        seed=0,
+    )
+    outside = tmp_path / "outside"
+    optuna.copy_study(
+        from_study_name="../evil",
+        from_storage=storage,
+        to_storage=storage,
+        to_study_name=str(outside),
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("../evil", str(outside)):
+        result = cli(["report", storage, "--study-name", name], work)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert not (work / "evil").exists() and not outside.exists()
+    folders = sorted(p.name for p in (work / "autonorm-runs").iterdir())
+    assert len(folders) == 2 and all("/" not in f and not f.startswith(".") for f in folders)
+    for folder in folders:
+        assert (work / "autonorm-runs" / folder / "report.html").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["autonorm-runs"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../evil", "/tmp/x", "..", ".", "", "a/../../b", "a\\b", "x" * 300]
+)
+def test_safe_folder_name_stays_one_folder_inside(name, tmp_path):
+    folder = safe_folder_name(name)
+    assert (tmp_path / folder).resolve().parent == tmp_path.resolve()
+    assert folder and not folder.startswith(".") and len(folder) < 120
+    assert safe_folder_name(name.replace("/", "_")) != folder or "/" not in name

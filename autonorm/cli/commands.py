@@ -47,12 +47,15 @@ def _load_study(storage: Any, name: str | None) -> Any:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from autonorm._io import safe_folder_name
     from autonorm.search import export_bundle
     from autonorm.search.settings import default_out_dir
 
     storage, name, folder = _storage_of(args.target)
     study = _load_study(storage, args.study_name or name)
-    out = Path(args.out_dir) if args.out_dir else folder or default_out_dir(study.study_name)
+    # the study name comes from a database others may write: one safe folder under the default
+    out = args.out_dir and Path(args.out_dir)
+    out = out or folder or default_out_dir(safe_folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
     result = export_bundle(
         study,
