@@ -6,6 +6,7 @@ checkpoints, and the recalibration of fused slots. Real processes for the CLI ca
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ import autonorm
 from autonorm import AutoNormError, ConfigError, NormChoice, NormConfig
 from autonorm._io import mask_password, safe_folder_name
 from autonorm.callbacks import AutoNorm
+from autonorm.cli.commands import is_loopback
+from autonorm.norms.weight import weight_norm_of
+from autonorm.search import workers
 from autonorm.search.export import STORAGE_FILE, write_storage_file
 from autonorm.search.pool import _without_storage
 from autonorm.search.storage import make_storage
@@ -374,3 +378,193 @@ def test_safe_folder_name_stays_one_folder_inside(name, tmp_path):
     assert (tmp_path / folder).resolve().parent == tmp_path.resolve()
     assert folder and not folder.startswith(".") and len(folder) < 120
     assert safe_folder_name(name.replace("/", "_")) != folder or "/" not in name
+
+
+# -- 14. model class, dashboard host, sys.exit, ws/wn checkpoints, fused finalize ----------------
+
+
+def test_a_config_for_another_model_class_is_refused_unless_told(tmp_path):
+    config = NormConfig(
+        {"bn1": "groupnorm", "bn2": "groupnorm", "head_norm": "layernorm"},
+        metadata={"model_class": "tests.models.FusedNormNet"},
+    )
+    with pytest.raises(
+        ConfigError, match=r"made for tests.models.FusedNormNet, not for .*TinyConv"
+    ):
+        autonorm.apply_config(TinyConvNet(), config)
+    model = autonorm.apply_config(TinyConvNet(), config, check_model=False)
+    assert isinstance(model.bn1, torch.nn.GroupNorm)
+    own = NormConfig(config.choices, metadata={"model_class": "tests.lightning_models.TinyConvNet"})
+    assert isinstance(
+        autonorm.apply_config(NoExampleNet(), own).bn1, torch.nn.GroupNorm
+    )  # subclass
+    script = NormConfig(config.choices, metadata={"model_class": "__main__.TinyConvNet"})
+    assert isinstance(autonorm.apply_config(TinyConvNet(), script).bn1, torch.nn.GroupNorm)
+    path = config.save(tmp_path / "other.yaml")
+    trainer = tiny_trainer(tmp_path, [AutoNorm(config=path)], max_epochs=1)
+    with pytest.raises(ConfigError, match="check_model=False"):
+        trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
+    model = TinyConvNet()
+    tiny_trainer(tmp_path, [AutoNorm(config=path, check_model=False)], max_epochs=1).fit(
+        model, datamodule=TinyDataModule()
+    )
+    assert isinstance(model.bn2, torch.nn.GroupNorm)
+
+
+def _dashboard_output(target: str, host: str, tmp_path: Path) -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / f"dashboard-{host}.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [AUTONORM, "dashboard", target, "--host", host, "--port", str(port)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.time() + 60
+        while "optuna-dashboard on" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return log.read_text()
+
+
+def test_dashboard_warns_on_a_host_others_can_reach(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(storage=storage, study_name="s")
+    printed = _dashboard_output(storage, "0.0.0.0", tmp_path)
+    assert "warning: the dashboard has no authentication" in printed, printed
+    assert "no authentication" not in _dashboard_output(storage, "127.0.0.1", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
+     ("localhost", True), ("0.0.0.0", False), ("::", False), ("192.168.1.5", False),
+     ("myhost.example", False)],
+)  # fmt: skip
+def test_loopback_hosts(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+class ExitingNet(TinyConvNet):
+    def training_step(self, batch, batch_idx):
+        if self.hparams.fail_with == "exit":
+            sys.exit(1)
+        if self.hparams.fail_with == "ctrl-c":
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+def test_sys_exit_in_user_code_is_no_interrupt_but_lightnings_ctrl_c_is(tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
+    caught = {}
+    for kind in ("exit", "ctrl-c"):
+        trainer = tiny_trainer(tmp_path, [], max_epochs=1)
+        try:
+            with pytest.raises(SystemExit) as err:
+                trainer.fit(ExitingNet(fail_with=kind), datamodule=TinyDataModule())
+        finally:
+            signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after a Ctrl-C
+        caught[kind] = workers.as_interrupt(err.value)
+    assert caught["exit"] is None
+    assert caught["ctrl-c"] is not None and caught["ctrl-c"].signum == signal.SIGINT
+
+
+EXIT_MODULE = """
+import sys
+from usermodels import Data, Net
+
+
+class ExitNet(Net):
+    def training_step(self, batch, batch_idx):
+        sys.exit(1)
+"""
+
+
+def test_a_trial_calling_sys_exit_fails_with_its_reason_and_is_not_retried(workdir, tmp_path):
+    (workdir / "exitmodels.py").write_text(EXIT_MODULE)
+    out = tmp_path / "out"
+    args = [
+        "search", "--model", "exitmodels.ExitNet", "--data", "exitmodels.Data",
+        "--trainer.max_epochs", "1", "--search.space", "minimal", "--search.n_trials", "2",
+        "--search.warm_start", "false", "--search.out_dir", str(out),
+    ]  # fmt: skip
+    result = cli(args, workdir)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "sys.exit(1)" in result.stderr and "interrupted" not in result.stderr
+    study = optuna.load_study(
+        study_name="autonorm-ExitNet", storage=f"sqlite:///{out / 'study.db'}"
+    )
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "called sys.exit(1)" in trial.user_attrs["fail_reason"]
+    assert "retry_of" not in trial.user_attrs
+
+
+class NoExampleNet(TinyConvNet):
+    """A model without ``example_input_array``: no probe finds the layers feeding its slots."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.example_input_array = None
+
+
+def test_load_from_checkpoint_restores_ws_wn_without_example_input(tmp_path):
+    config = NormConfig({"bn1": "groupnorm+ws", "bn2": "batchnorm+wn", "head_norm": "layernorm"})
+    callback = AutoNorm(config=config, example_input=torch.zeros(4, 2, 16))
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=1)
+    trained = NoExampleNet()
+    trainer.fit(trained, datamodule=TinyDataModule())
+    trainer.save_checkpoint(tmp_path / "ws.ckpt")
+    loaded = autonorm.load_from_checkpoint(NoExampleNet, tmp_path / "ws.ckpt")
+    assert weight_norm_of(loaded.conv1) == "ws"
+    assert weight_norm_of(loaded.conv2) == "wn"
+    x = torch.randn(5, 2, 16)
+    torch.testing.assert_close(loaded.eval()(x), trained.eval()(x))
+
+
+class BatchNormAct1d(torch.nn.BatchNorm1d):
+    """A fused norm+activation layer (timm style): batch norm, then its ``act`` child."""
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class FusedActNet(TinyConvNet):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bn1 = BatchNormAct1d(self.hparams.width)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))  # the fused layer applies the ReLU itself
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(self.head_norm(x.mean(-1)))
+
+
+def test_finalize_recalibrates_fused_norm_activation_slots(tmp_path):
+    callback = AutoNorm(mode="learn", finalize=True, candidates=("batch",), include="bn1")
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=1)
+    model = FusedActNet()
+    trainer.fit(model, datamodule=TinyDataModule())
+    assert callback.config["bn1"].name == "batchnorm"
+    bn = model.bn1.norm  # the new BatchNorm inside the fused slot, its ReLU kept after it
+    assert type(bn) is torch.nn.BatchNorm1d and isinstance(model.bn1.act, torch.nn.ReLU)
+    data = TinyDataModule()
+    data.setup()
+    with torch.no_grad():  # the 6 training batches, all used (finalize_batches=20)
+        inputs = model.conv1(data.train_set.tensors[0])
+    assert int(bn.num_batches_tracked) == 6
+    torch.testing.assert_close(bn.running_mean, inputs.mean((0, 2)), atol=1e-5, rtol=1e-4)

@@ -127,6 +127,18 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to any interface
+        return False
+
+
 def run_dashboard(args: argparse.Namespace) -> int:
     try:
         import optuna_dashboard
@@ -142,7 +154,14 @@ def run_dashboard(args: argparse.Namespace) -> int:
     store = None
     if folder is not None and (folder / "artifacts").is_dir():
         store = FileSystemArtifactStore(str(folder / "artifacts"))
-    console().print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    out = console()
+    if not is_loopback(args.host):
+        out.print(
+            f"[yellow]warning:[/] the dashboard has no authentication: anyone who can reach "
+            f"{args.host}:{args.port} can read, change and delete its studies; serve on "
+            "127.0.0.1 and reach it through an SSH tunnel (ssh -L) instead"
+        )
+    out.print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
     optuna_dashboard.run_server(
         make_storage(storage, Path.cwd()), host=args.host, port=args.port, artifact_store=store
     )

@@ -149,8 +149,10 @@ def handle_interrupts() -> Iterator[None]:
 def as_interrupt(err: BaseException) -> Interrupted | None:
     """The :class:`Interrupted` that ``err`` stands for, or None.
 
-    Lightning turns a KeyboardInterrupt inside ``Trainer.fit`` into ``sys.exit(1)`` and a SIGTERM
-    it noticed into ``SIGTERMException`` (a SystemExit): both mean the worker was interrupted.
+    Only signals interrupt: a SIGINT/SIGTERM caught by :func:`handle_interrupts`, a
+    KeyboardInterrupt, Lightning's ``SIGTERMException`` (a SystemExit), and the ``sys.exit(1)``
+    Lightning raises while handling a KeyboardInterrupt inside ``Trainer.fit``. A ``sys.exit``
+    of the user's own code is no interrupt (:class:`TrialExit`).
     """
     if isinstance(err, Interrupted):
         return err
@@ -159,9 +161,23 @@ def as_interrupt(err: BaseException) -> Interrupted | None:
         return Interrupted(pending)
     if type(err).__name__ == "SIGTERMException":
         return Interrupted(signal.SIGTERM)
-    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == 1):
+    if isinstance(err, KeyboardInterrupt):
         return Interrupted(signal.SIGINT)
+    if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+        return as_interrupt(err.__context__)
     return None
+
+
+class TrialExit(RuntimeError):
+    """The trial's own code called ``sys.exit``: that trial failed (it is not run again), and
+    the search stops as on any other error of the user's code."""
+
+    def __init__(self, code: object) -> None:
+        self.code = code
+        super().__init__(
+            f"the trial's code called sys.exit({code!r}): the trial failed (not an interrupt; "
+            "it is not run again)"
+        )
 
 
 # -- heartbeats and stale trials -------------------------------------------------------------
