@@ -1,11 +1,19 @@
-"""File writing shared by configs, reports and bundles, and the masking of what they show."""
+"""File reading and writing shared by configs, spaces, reports and bundles (atomic writes,
+strict YAML), and the masking of what they show."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autonorm._errors import ConfigError
 
 
 def _umask() -> int:
@@ -35,7 +43,110 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     return path
 
 
+def safe_folder_name(name: str) -> str:
+    """``name`` as one folder name that stays inside its parent: characters other than letters,
+    digits, ``.``, ``_`` and ``-`` become ``_``, leading dots go (no ``..``, no hidden folder),
+    and a changed name gets a short hash of the original, so that two names never share a
+    folder.
+
+    Example::
+
+        >>> safe_folder_name("autonorm-Net"), safe_folder_name("../evil")
+        ('autonorm-Net', '_evil-2d6afc71')
+    """
+    safe = re.sub(r"[^\w.-]", "_", name).lstrip(".")[:100]
+    if safe == name and name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe or 'study'}-{digest}"
+
+
+#: ``scheme://user:password@`` (the user may be empty); the password runs to the token's last ``@``
+#: so that a password with a raw ``@`` is masked whole.
+_URL_PASSWORD = re.compile(r"""(://[^:/@\s'"]*:)[^\s'"]*@""")
+#: ``password=...`` as a URL query parameter (``?password=``, ``&password=``) or a libpq keyword.
+_KEY_PASSWORD = re.compile(r"""(?i)(\b(?:password|passwd|pwd)=)[^&;\s'"#]*""")
+
+
 def mask_password(text: str) -> str:
-    """Every URL password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
-    ``postgresql://u:***@h/db`` (storage URLs are never printed or written in clear)."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
+    """Every password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
+    ``postgresql://u:***@h/db``, ``postgresql://:secret@h/db`` -> ``postgresql://:***@h/db``,
+    ``...?sslmode=require&Password=secret`` -> ``...&Password=***`` (storage URLs are never
+    printed or written in clear)."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loading that refuses aliases and duplicated mapping keys.
+
+    An alias expands where it is used: a few hundred bytes of nested aliases make a value of
+    millions of items (the "billion laughs"), so autonorm's files may not use them. A duplicated
+    key would silently keep its last value.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicated = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: SafeLoader refuses it below
+                    continue
+                if duplicated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicated key {key!r}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` read with safe YAML loading, refusing aliases and duplicated keys.
+
+    Raises:
+        ConfigError: ``"<source> is not valid YAML: <problem> (line L, column C)"``, one line.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+
+
+def load_json(text: str, source: str) -> Any:
+    """``text`` read as JSON, refusing duplicated keys.
+
+    Raises:
+        ConfigError: ``"<source> is not valid JSON: <problem>"``.
+    """
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"duplicated key {duplicated[0]!r}")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except ValueError as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{source} is not valid JSON: {err}") from None

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 import yaml
 
 from autonorm._errors import ConfigError
-from autonorm._io import atomic_write
+from autonorm._io import atomic_write, load_json, load_yaml
 from autonorm.norms import get_spec
-from autonorm.norms.registry import COMMON_PARAMS
+from autonorm.norms.registry import COMMON_PARAMS, check_params
 from autonorm.norms.weight import check_weight
 
 SCHEMA_VERSION = 1
@@ -99,8 +99,7 @@ def _format_value(value: Any) -> str:
 def _parse_value(raw: str) -> Any:
     """A label's parameter value: YAML scalars and lists, plus what YAML 1.1 reads as strings
     but Python writes for numbers and None (``1e-06``, ``None``)."""
-    value = yaml.safe_load(raw)
-    return _numbers(value)
+    return _numbers(load_yaml(raw, f"parameter value {raw!r}"))
 
 
 def _numbers(value: Any) -> Any:
@@ -152,9 +151,9 @@ class NormChoice:
             raise ValueError(
                 f"{self.name} takes parameters {sorted(allowed)}, got unknown {unknown}"
             )
-        problems = check_weight(self.weight)
+        problems = check_params(params) + check_weight(self.weight)
         if problems:
-            raise ValueError(problems[0])
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
         object.__setattr__(self, "params", dict(sorted(params.items())))
 
     def __hash__(self) -> int:
@@ -496,7 +495,8 @@ class NormConfig:
 
         Raises:
             ConfigError: a suffix other than ``.yaml``/``.yml``/``.json``, missing or unreadable
-                file, malformed YAML/JSON (or YAML with Python tags), invalid content.
+                file, malformed YAML/JSON (or YAML with Python tags, aliases or a duplicated
+                key), invalid content.
         """
         path = _checked_suffix(path)
         source = f"config file {str(path)!r}"
@@ -504,10 +504,8 @@ class NormConfig:
             text = path.read_text()
         except OSError as err:
             raise ConfigError(f"cannot read {source}: {err.strerror or err}") from None
-        try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ConfigError(
-                f"{source} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {err}"
-            ) from None
+        if path.suffix.lower() == ".json":
+            data = load_json(text, source)
+        else:
+            data = load_yaml(text, source)
         return cls.from_dict(data, source=source)

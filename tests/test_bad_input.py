@@ -140,17 +140,66 @@ API_CASES = {
         RuntimeError,
         "channels",
     ),
+    # issue 15 (more in tests/test_faults_small.py)
+    "password in a query parameter": (
+        lambda b: search_on(b, storage="postgresql+psycopg://u@127.0.0.1:9/db?password=secret"),
+        AutoNormError,
+        r"cannot open storage .*password=\*\*\*",
+    ),
+    "password of an empty user": (
+        lambda b: search_on(b, storage="postgresql://:secret@127.0.0.1:9/db"),
+        AutoNormError,
+        r"cannot open storage 'postgresql://:\*\*\*@",
+    ),
+    "infinite eps": (
+        lambda b: autonorm.apply_config(TinyConvNet(), {"bn1": "batchnorm(eps=inf)"}, partial=True),
+        ConfigError,
+        "`eps` must be a finite number > 0",
+    ),
+    "affine given as a string": (
+        lambda b: NormConfig({"bn1": {"name": "layernorm", "affine": "false"}}),
+        ConfigError,
+        "`affine` must be true or false",
+    ),
+    "negative momentum in a space": (
+        lambda b: search_on(b, space={"choices": ["batchnorm(momentum=-1)"]}),
+        ConfigError,
+        r"`momentum` must be a number in \[0, 1\]",
+    ),
+    "duplicated key in a space file": (
+        lambda b: search_on(b, space=_write(b.parent / "dup-space.yaml", DUPLICATED_SPACE)),
+        ConfigError,
+        "duplicated key",
+    ),
+    "config recorded for another model class": (
+        lambda b: autonorm.apply_config(
+            TinyConvNet(),
+            NormConfig({"bn1": "groupnorm"}, metadata={"model_class": "tests.models.FusedNormNet"}),
+            partial=True,
+        ),
+        ConfigError,
+        "check_model=False",
+    ),
 }
+
+DUPLICATED_SPACE = "choices:\n  '*': [batchnorm]\n  '*': [layernorm]\n"
+ALIASED_CONFIG = "slots:\n  bn1: &n layernorm\n  bn2: *n\n"
+DUPLICATED_CONFIG = "slots:\n  bn1: layernorm\n  bn1: batchnorm\n"
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 @pytest.mark.parametrize("case", list(API_CASES))
 def test_api_bad_input(bundle, case):
     call, error, message = API_CASES[case]
     before = snapshot(bundle)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as err:
         call(bundle)
     assert snapshot(bundle) == before
-    assert "secret" not in "".join(before)
+    assert "secret" not in "".join(before) and "secret" not in str(err.value)
 
 
 def test_a_monitor_never_logged_fails_the_trial_and_keeps_the_earlier_ones(bundle, tmp_path):
@@ -200,6 +249,17 @@ CLI_CASES = {
         ["report", "{bundle}", "--study-name", "other"],
         "no study 'other'",
     ),
+    "show a config with YAML aliases": (["show", "{tmp}/aliased.yaml"], "aliases (*n)"),
+    "show a config with a duplicated key": (["show", "{tmp}/dup.yaml"], "duplicated key 'bn1'"),
+    "recommend with a duplicated --model-args key": (
+        [
+            "recommend",
+            "tests.lightning_models.TinyConvNet",
+            "--model-args",
+            "{{width: 8, width: 4}}",
+        ],
+        "duplicated key 'width'",
+    ),
     "recommend with a bad input shape": (
         ["recommend", "tests.lightning_models.TinyConvNet", "--input-shape", "2", "5", "16"],
         "channels",
@@ -211,6 +271,8 @@ CLI_CASES = {
 def test_cli_bad_input(bundle, tmp_path, case):
     args, message = CLI_CASES[case]
     (tmp_path / "bad.yaml").write_text("slots: [unclosed\n")
+    (tmp_path / "aliased.yaml").write_text(ALIASED_CONFIG)
+    (tmp_path / "dup.yaml").write_text(DUPLICATED_CONFIG)
     args = [a.format(tmp=tmp_path, bundle=bundle) for a in args]
     before = snapshot(bundle)
     result = subprocess.run(

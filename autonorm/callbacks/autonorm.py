@@ -47,7 +47,11 @@ from autonorm.surgery import (
     switchable_layers,
     to_switchable,
 )
-from autonorm.surgery.recalibrate import default_calibration_forward, recalibrate_batchnorm
+from autonorm.surgery.recalibrate import (
+    default_calibration_forward,
+    recalibrate_batchnorm,
+    slot_batchnorms,
+)
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackType
@@ -163,6 +167,7 @@ class _AutoNormLogic(_CallbackType):
         log_mixing_weights: bool = True,
         record_metrics: bool = True,
         budget: Budget | Mapping[str, Any] | None = None,
+        check_model: bool = True,
     ) -> None:
         self.mode = _check_mode(mode, trial, config)
         _check_learn_options(
@@ -189,6 +194,7 @@ class _AutoNormLogic(_CallbackType):
         # syncbatchnorm only where the budget has several devices
         self.space: SearchSpace = resolved_space.for_budget(self.budget)
         self.config = _as_config(config)
+        self.check_model = check_model
         self.slots: list[Slot] = []
         self.structure: NormConfig | None = None
         self.mixing_history: list[dict[str, Any]] = []
@@ -272,7 +278,14 @@ class _AutoNormLogic(_CallbackType):
         if self.mode == "search":
             self.config = trial_glue.suggest_config(self.trial, self.space, self.slots, trainer)
         assert self.config is not None
-        apply_config(pl_module, self.config, partial=partial, example_input=example, slots=found)
+        apply_config(
+            pl_module,
+            self.config,
+            partial=partial,
+            example_input=example,
+            slots=found,
+            check_model=self.check_model,
+        )
 
     def _preceding_copies(self, trainer: Any, pl_module: nn.Module) -> list[Any]:
         """Callbacks listed before this one that may already hold a copy of the old model."""
@@ -436,13 +449,9 @@ class _AutoNormLogic(_CallbackType):
             partial=True,
             example_input=getattr(pl_module, "example_input_array", None),
         )
-        new_bns = [
-            module
-            for name, module in pl_module.named_modules()
-            if name in self.config.choices
-            and self.config.choices[name].name == "batchnorm"
-            and isinstance(module, nn.modules.batchnorm._BatchNorm)
-        ]
+        new_bns = slot_batchnorms(  # fused norm+activation slots included
+            pl_module, [n for n, c in self.config.choices.items() if c.name == "batchnorm"]
+        )
         if new_bns and self.finalize_batches:
             loader = trainer.train_dataloader
             if loader is None:
@@ -475,7 +484,9 @@ class _AutoNormLogic(_CallbackType):
         structure = self.structure
         if structure is None:
             structure = current_structure(pl_module, self._feeders)
-        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(structure, self.config, self.mode)
+        checkpoint[CHECKPOINT_KEY] = checkpoint_entry(
+            structure, self.config, self.mode, self._feeders
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -533,6 +544,8 @@ class AutoNorm(_AutoNormLogic, *CALLBACK_BASES):  # type: ignore[misc]
         record_metrics: record step time and peak memory (and report them to the trial).
         budget: an :class:`~autonorm.Budget` or its dict: a trial over it is pruned as
             infeasible (an error without a trial).
+        check_model: fixed mode: refuse a config recorded for another model class (its
+            metadata ``model_class``); False applies it anyway.
 
     Raises:
         ValueError: invalid arguments (unknown mode, trial and config together, ...).

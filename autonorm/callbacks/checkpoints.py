@@ -9,6 +9,7 @@ can be rewritten to fit the saved weights: when resuming a fit, and in
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,14 +41,28 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def checkpoint_entry(
-    structure: NormConfig | None, config: NormConfig | None, mode: str
+    structure: NormConfig | None,
+    config: NormConfig | None,
+    mode: str,
+    feeders: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
-    """The plain-valued entry the callback stores under :data:`CHECKPOINT_KEY`."""
+    """The plain-valued entry the callback stores under :data:`CHECKPOINT_KEY`.
+
+    ``feeders`` (``{slot: layer feeding it or None}``, as the probe found them) let a model
+    without ``example_input_array`` get its ``+ws``/``+wn`` weights back without a probe.
+    """
     return {
         "structure": None if structure is None else structure.to_dict(),
         "config": None if config is None else config.to_dict(),
         "mode": mode,
+        "feeders": None if feeders is None else {str(k): v for k, v in feeders.items()},
     }
+
+
+def entry_feeders(checkpoint: dict[str, Any]) -> dict[str, str | None] | None:
+    """The slots' feeders recorded in a loaded checkpoint (None: not recorded)."""
+    feeders = (checkpoint.get(CHECKPOINT_KEY) or {}).get("feeders")
+    return dict(feeders) if isinstance(feeders, Mapping) else None
 
 
 def read_entry(checkpoint: dict[str, Any]) -> tuple[NormConfig, NormConfig | None] | None:
@@ -75,6 +90,7 @@ def load_from_checkpoint(
     *,
     strict: bool = True,
     map_location: Any = None,
+    example_input: Any = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Rebuild a model trained with :class:`~autonorm.callbacks.AutoNorm` from its checkpoint.
@@ -88,6 +104,9 @@ def load_from_checkpoint(
         checkpoint_path: the ``.ckpt`` file.
         strict: strict ``load_state_dict`` (default).
         map_location: device for the weights (default CPU).
+        example_input: input for the probe that finds the layers feeding the slots, for a
+            checkpoint that does not record them (saved before they were recorded) of a model
+            without ``example_input_array``; recorded feeders need no probe.
         **kwargs: init arguments overriding the checkpoint's saved hyperparameters.
 
     Returns:
@@ -111,7 +130,9 @@ def load_from_checkpoint(
         if not k.startswith("_")
     }
     model = model_class(**{**hparams, **kwargs})
-    apply_config(model, structure, partial=True)
+    # the feeders the training run's probe found: no probe (nor example input) needed
+    feeders = entry_feeders(checkpoint) if example_input is None else None
+    apply_config(model, structure, partial=True, example_input=example_input, feeders=feeders)
     state = checkpoint["state_dict"]
     if map_location is not None:
         state = {k: v.to(map_location) for k, v in state.items()}

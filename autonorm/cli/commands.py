@@ -47,12 +47,15 @@ def _load_study(storage: Any, name: str | None) -> Any:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from autonorm._io import safe_folder_name
     from autonorm.search import export_bundle
     from autonorm.search.settings import default_out_dir
 
     storage, name, folder = _storage_of(args.target)
     study = _load_study(storage, args.study_name or name)
-    out = Path(args.out_dir) if args.out_dir else folder or default_out_dir(study.study_name)
+    # the study name comes from a database others may write: one safe folder under the default
+    out = args.out_dir and Path(args.out_dir)
+    out = out or folder or default_out_dir(safe_folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
     result = export_bundle(
         study,
@@ -65,16 +68,16 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_recommend(args: argparse.Namespace) -> int:
     import torch
-    import yaml
     from rich.table import Table
 
+    from autonorm._io import load_yaml
     from autonorm.budget import Budget
     from autonorm.recommendation import recommend
     from autonorm.surgery import find_slots
 
     sys.path.insert(0, os.getcwd())
     cls = import_class(args.model, "model")
-    kwargs = yaml.safe_load(args.model_args) if args.model_args else {}
+    kwargs = load_yaml(args.model_args, "--model-args") if args.model_args else {}
     if not isinstance(kwargs, dict):
         raise UsageError(
             f"--model-args must be a YAML mapping, e.g. '{{width: 32}}', got {args.model_args!r}"
@@ -124,6 +127,18 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to any interface
+        return False
+
+
 def run_dashboard(args: argparse.Namespace) -> int:
     try:
         import optuna_dashboard
@@ -139,7 +154,14 @@ def run_dashboard(args: argparse.Namespace) -> int:
     store = None
     if folder is not None and (folder / "artifacts").is_dir():
         store = FileSystemArtifactStore(str(folder / "artifacts"))
-    console().print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    out = console()
+    if not is_loopback(args.host):
+        out.print(
+            f"[yellow]warning:[/] the dashboard has no authentication: anyone who can reach "
+            f"{args.host}:{args.port} can read, change and delete its studies; serve on "
+            "127.0.0.1 and reach it through an SSH tunnel (ssh -L) instead"
+        )
+    out.print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
     optuna_dashboard.run_server(
         make_storage(storage, Path.cwd()), host=args.host, port=args.port, artifact_store=store
     )

@@ -45,7 +45,13 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
     ("weight_norms", bool, False, "also search +ws/+wn pairs on slots fed by a Conv/Linear"),
     ("monitor", str, "val_loss", None),
     ("mode", str, "min", "min or max"),
-    ("storage", str | None, None, "SQLAlchemy URL or journal file"),
+    (
+        "storage",
+        str | None,
+        None,
+        "SQLAlchemy URL or journal file (default: $AUTONORM_STORAGE, which keeps a password off "
+        "the command line)",
+    ),
     ("study_name", str | None, None, None),
     ("out_dir", str | None, None, None),
     ("sampler", str, "tpe", "tpe or random"),
@@ -138,6 +144,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
             return int(err.code or 0)
         raise UsageError(_parse_error_summary(str(err))) from None
     options = cfg.search
+    options.storage = workers.given_storage(options.storage)
     if options.n_trials is not None and options.n_trials < 1:
         raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
     if options.n_workers < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,16 +261,13 @@ def check_choice(
     unknown = sorted(set(params) - allowed)
     if unknown:
         problems.append(f"{name} takes parameters {sorted(allowed)}, got unknown {unknown}")
-    if name == "groupnorm":
-        groups = params.get("groups")
-        if groups is not None and (
-            not isinstance(groups, int) or isinstance(groups, bool) or groups < 1
-        ):
-            problems.append(f"`groups` must be a positive int, got groups={groups!r}")
-        elif groups is not None and num_features % groups:
-            problems.append(
-                f"`groups` must divide num_features, got groups={groups}, num_features={num_features}"
-            )
+    value_problems = check_params(params)
+    problems += value_problems
+    groups = params.get("groups")
+    if name == "groupnorm" and groups is not None and not value_problems and num_features % groups:
+        problems.append(
+            f"`groups` must divide num_features, got groups={groups}, num_features={num_features}"
+        )
     if spec.needs_positions and input_shape is not None:
         positions = _positions(input_shape, layout)
         if positions <= 1:
@@ -277,8 +275,44 @@ def check_choice(
                 f"{name} needs more than one position per sample and channel; the input "
                 f"{tuple(input_shape)} ({layout}) has {positions}"
             )
-    if "eps" in params and not (isinstance(params["eps"], (int, float)) and params["eps"] > 0):
-        problems.append(f"`eps` must be > 0, got eps={params['eps']!r}")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_params(params: dict[str, Any]) -> list[str]:
+    """What is wrong with the values of a choice's parameters, whatever the slot (empty: all
+    valid): ``eps`` a finite number > 0; ``momentum`` a number in [0, 1] or None;
+    ``affine``/``track_running_stats`` true or false (not a string); ``groups`` a positive
+    int or None; ``alpha_init`` a finite number.
+
+    Example::
+
+        >>> check_params({"eps": float("inf"), "affine": "false"})
+        ['`eps` must be a finite number > 0, got eps=inf', "`affine` must be true or false, got affine='false'"]
+    """
+    problems = []
+    for key, value in params.items():
+        if key == "eps" and not (_is_number(value) and math.isfinite(value) and value > 0):
+            problems.append(f"`eps` must be a finite number > 0, got eps={value!r}")
+        elif (
+            key == "momentum" and value is not None and not (_is_number(value) and 0 <= value <= 1)
+        ):
+            problems.append(
+                f"`momentum` must be a number in [0, 1] or None, got momentum={value!r}"
+            )
+        elif key in ("affine", "track_running_stats") and not isinstance(value, bool):
+            problems.append(f"`{key}` must be true or false, got {key}={value!r}")
+        elif (
+            key == "groups"
+            and value is not None
+            and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        ):
+            problems.append(f"`groups` must be a positive int, got groups={value!r}")
+        elif key == "alpha_init" and not (_is_number(value) and math.isfinite(value)):
+            problems.append(f"`alpha_init` must be a finite number, got alpha_init={value!r}")
     return problems
 
 

@@ -81,7 +81,9 @@ def _select(
     filled = torch.where(valid, sorted_z, sorted_z[..., :1])  # finite stand-ins past n
     cumsum = filled.cumsum(-1)
     # sparsemax: the top m0 logits, threshold tau
-    m0 = (valid & (1 + ks * filled > cumsum)).sum(-1, keepdim=True)
+    # at least 1: non-finite logits (a diverged run) give NaN weights, which derive_config
+    # refuses by name, instead of an index error here
+    m0 = (valid & (1 + ks * filled > cumsum)).sum(-1, keepdim=True).clamp_min(1)
     tau = (cumsum.gather(-1, m0 - 1) - 1) / m0
     p0 = torch.where(allowed, (z - tau).clamp_min(0), 0.0)
     on_sphere = ((p0 * p0).sum(-1, keepdim=True) < target) | sphere
@@ -93,7 +95,7 @@ def _select(
     g = torch.where(s1 > 0, s2 / torch.where(s1 > 0, s1 * s1, 1.0), math.inf)
     g = torch.where(ks < n, g, torch.where(ks == n, 1.0 / n, math.inf))
     m1 = torch.minimum(n + 1 - (g <= target).sum(-1, keepdim=True), n)
-    m = torch.where(on_sphere, m1, m0)
+    m = torch.where(on_sphere, m1, m0).clamp_min(1)
     support = torch.zeros_like(allowed).scatter(-1, order, ks <= m)
     tied = on_sphere & (sorted_z[..., :1] == sorted_z.gather(-1, m - 1)) & (target * m > 1)
     return support, on_sphere, tied

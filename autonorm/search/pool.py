@@ -24,7 +24,7 @@ from autonorm.config import NormConfig
 from autonorm.search.export import SearchResult, export_bundle
 from autonorm.search.progress import SearchProgress
 from autonorm.search.storage import make_storage
-from autonorm.search.workers import WORKER_ENV
+from autonorm.search.workers import STORAGE_ENV, WORKER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def _worker_env(index: int, count: int, gpus: Sequence[str]) -> dict[str, str]:
-    env = dict(os.environ)
+def _worker_env(
+    index: int, count: int, gpus: Sequence[str], extra: dict[str, str]
+) -> dict[str, str]:
+    env = {**os.environ, **extra}
     env[WORKER_ENV] = f"{index}/{count}"
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
@@ -75,6 +77,7 @@ def run_worker_pool(
     poll: Callable[[list[PoolWorker]], None] | None = None,
     poll_interval: float = 1.0,
     gpus: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[list[PoolWorker], int | None]:
     """Run ``count`` copies of ``command`` and wait for all of them.
 
@@ -90,6 +93,7 @@ def run_worker_pool(
         poll: called with the workers every ``poll_interval`` seconds while they run.
         poll_interval: seconds.
         gpus: GPU ids to hand out (default :func:`visible_gpus`).
+        env: more environment variables of the workers (values kept off their command line).
 
     Returns:
         The workers (exited) and the signal that interrupted the pool, if any.
@@ -119,7 +123,7 @@ def run_worker_pool(
             handle = path.open("wb")
             process = subprocess.Popen(
                 list(command),
-                env=_worker_env(index, count, gpus),
+                env=_worker_env(index, count, gpus, env or {}),
                 stdin=subprocess.DEVNULL,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -205,8 +209,9 @@ def run_pool(
     study), show their common progress, then export the bundle here.
 
     Args:
-        worker_command: the worker's command line, without the storage / study / out_dir
-            options, which this function adds.
+        worker_command: the worker's command line; this function drops its storage option and
+            adds the study and out_dir ones (the workers find the storage in
+            ``AUTONORM_STORAGE``, off their command lines).
         n_workers, n_trials: the pool's size and the study's total number of trials.
         study_name, out: the shared study and the bundle folder.
         storage: the shared storage (default: a journal file in ``out``).
@@ -216,8 +221,8 @@ def run_pool(
     out.mkdir(parents=True, exist_ok=True)
     storage = pool_storage(storage, out, n_workers, say)
     study_storage = make_storage(storage, out)  # fails here, once, on an unusable storage
-    command = [*worker_command, "--search.n_workers", "1", "--search.out_dir", str(out)]
-    command += ["--search.study_name", study_name, "--search.storage", storage]
+    command = [*_without_storage(worker_command), "--search.n_workers", "1"]
+    command += ["--search.out_dir", str(out), "--search.study_name", study_name]
     log_dir = out / "workers"
     progress = SearchProgress(n_trials)
     found: list[optuna.Study] = []
@@ -235,7 +240,10 @@ def run_pool(
 
     started = time.time()
     with progress:
-        pool, signum = run_worker_pool(command, n_workers, log_dir, poll=poll)
+        # the storage URL (with its password) goes through the environment: `ps` shows command lines
+        pool, signum = run_worker_pool(
+            command, n_workers, log_dir, poll=poll, env={STORAGE_ENV: storage}
+        )
     failed = [w for w in pool if w.returncode != 0]
     try:
         study = optuna.load_study(study_name=study_name, storage=study_storage)
@@ -253,6 +261,20 @@ def run_pool(
         retrain=retrain if not failed and signum is None else None,
     )
     return PoolResult(result, failed, signum)
+
+
+def _without_storage(command: Sequence[str]) -> list[str]:
+    """``command`` less its ``--search.storage URL`` / ``--search.storage=URL``."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--search.storage":
+            skip = True
+        elif not arg.startswith("--search.storage="):
+            out.append(arg)
+    return out
 
 
 def worker_command(argv: Sequence[str], *, debug: bool) -> list[str]:

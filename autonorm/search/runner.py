@@ -296,6 +296,10 @@ class _SearchRun:
                 )
             except (KeyboardInterrupt, SystemExit) as err:
                 interrupt = workers.as_interrupt(err)
+                if interrupt is None and isinstance(err, SystemExit):  # the user's code exited
+                    failure = workers.TrialExit(err.code)
+                    trial.set_user_attr(FAIL_REASON, str(failure))
+                    raise failure from err
                 if interrupt is None:
                     raise
                 trial.set_user_attr(FAIL_REASON, loop.interrupt_reason(interrupt))

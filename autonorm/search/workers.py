@@ -21,6 +21,7 @@ Workers cooperate through Optuna's storage only (Optuna's own distribution model
 
 The local pool (:mod:`autonorm.search.pool`) starts worker processes with the environment
 variable ``AUTONORM_WORKER=<index>/<count>``; a worker that sees it leaves the bundle to the parent.
+The pool passes the storage in ``AUTONORM_STORAGE``, never on the workers' command lines.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 
 #: Environment variable naming a pool worker: ``"<index>/<count>"``.
 WORKER_ENV = "AUTONORM_WORKER"
+#: Environment variable holding the storage when ``--search.storage`` is not given: how a pool
+#: hands its workers the storage without putting it (and its password) on their command line,
+#: which any user of the host can read (``ps``, ``/proc/<pid>/cmdline``); the environment of a
+#: process is readable by its owner only.
+STORAGE_ENV = "AUTONORM_STORAGE"
 #: User attributes a retried trial keeps from the trial it repeats.
 _KEPT_ON_RETRY = (BASELINE,)
 
@@ -71,6 +77,13 @@ def pool_position() -> tuple[int, int] | None:
     if index.isdigit() and count.isdigit():
         return int(index), int(count)
     return None
+
+
+def given_storage(option: str | None) -> str | None:
+    """The storage of this process: the ``--search.storage`` option, else ``AUTONORM_STORAGE``."""
+    if option is not None:
+        return option
+    return os.environ.get(STORAGE_ENV) or None
 
 
 # -- interrupts ------------------------------------------------------------------------------
@@ -136,8 +149,10 @@ def handle_interrupts() -> Iterator[None]:
 def as_interrupt(err: BaseException) -> Interrupted | None:
     """The :class:`Interrupted` that ``err`` stands for, or None.
 
-    Lightning turns a KeyboardInterrupt inside ``Trainer.fit`` into ``sys.exit(1)`` and a SIGTERM
-    it noticed into ``SIGTERMException`` (a SystemExit): both mean the worker was interrupted.
+    Only signals interrupt: a SIGINT/SIGTERM caught by :func:`handle_interrupts`, a
+    KeyboardInterrupt, Lightning's ``SIGTERMException`` (a SystemExit), and the ``sys.exit(1)``
+    Lightning raises while handling a KeyboardInterrupt inside ``Trainer.fit``. A ``sys.exit``
+    of the user's own code is no interrupt (:class:`TrialExit`).
     """
     if isinstance(err, Interrupted):
         return err
@@ -146,9 +161,23 @@ def as_interrupt(err: BaseException) -> Interrupted | None:
         return Interrupted(pending)
     if type(err).__name__ == "SIGTERMException":
         return Interrupted(signal.SIGTERM)
-    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == 1):
+    if isinstance(err, KeyboardInterrupt):
         return Interrupted(signal.SIGINT)
+    if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+        return as_interrupt(err.__context__)
     return None
+
+
+class TrialExit(RuntimeError):
+    """The trial's own code called ``sys.exit``: that trial failed (it is not run again), and
+    the search stops as on any other error of the user's code."""
+
+    def __init__(self, code: object) -> None:
+        self.code = code
+        super().__init__(
+            f"the trial's code called sys.exit({code!r}): the trial failed (not an interrupt; "
+            "it is not run again)"
+        )
 
 
 # -- heartbeats and stale trials -------------------------------------------------------------

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from autonorm._errors import ConfigError
+from autonorm._io import load_yaml
 from autonorm.norms import CHANNELS_FIRST, default_groups, group_counts
 
 if TYPE_CHECKING:
@@ -222,13 +221,12 @@ class SearchSpace:
         """Load a space from a YAML file (safe loading)."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            text = path.read_text()
         except OSError as err:
             raise ConfigError(
                 f"cannot read search space file {str(path)!r}: {err.strerror}"
             ) from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"search space file {str(path)!r} is not valid YAML: {err}") from None
+        data = load_yaml(text, f"search space file {str(path)!r}")  # no aliases, no duplicated key
         return cls.from_dict(data or {}, source=f"search space file {str(path)!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -179,6 +179,7 @@ def apply_config(
     example_input: Any = None,
     slots: Sequence[Slot] | None = None,
     feeders: Mapping[str, str | None] | None = None,
+    check_model: bool = True,
 ) -> nn.Module:
     """Rewrite ``model``'s norm slots as ``config`` says, in place.
 
@@ -202,6 +203,8 @@ def apply_config(
             model as it is now, without include/exclude): then no probe runs.
         feeders: ``{slot name: layer name or None}``: the layers feeding slots that the probe
             cannot see (see :func:`~autonorm.find_slots`).
+        check_model: refuse a config whose metadata records another ``model_class`` than the
+            model's class (or one of its base classes); False applies it anyway.
 
     Returns:
         The model (a new root when the root itself is a slot).
@@ -210,7 +213,7 @@ def apply_config(
         ConfigError: unknown slot names, slots missing from the config, choices invalid for a
             slot or whose layer cannot be built, weight-side parts for slots without a feeder or
             differing between slots that share one (all collected into one message). The model
-            is unchanged then.
+            is unchanged then. A config recorded for another model class (``check_model``).
 
     Example::
 
@@ -220,6 +223,8 @@ def apply_config(
     """
     if not isinstance(config, NormConfig):
         config = NormConfig(config)
+    if check_model:
+        check_model_class(model, config)
     if slots is None:
         slots = find_slots(model, example_input, feeders=feeders, records=config.probe)
     matched = validate_config(slots, config, partial=partial, model_name=type(model).__name__)
@@ -248,6 +253,38 @@ def apply_config(
         len(weights),
     )
     return model
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_model_class(model: nn.Module, config: NormConfig) -> None:
+    """Refuse a config recorded (metadata ``model_class``) for another class than ``model``'s.
+
+    The model's class or any of its base classes matches; a class recorded from a script
+    (``__main__.Net``) matches by its name alone, wherever the class is imported from now.
+
+    Raises:
+        ConfigError: the recorded class is none of them.
+    """
+    recorded = config.metadata.get("model_class")
+    if not isinstance(recorded, str) or not recorded:
+        return
+    if not any(_same_class(recorded, cls) for cls in type(model).__mro__):
+        raise ConfigError(
+            f"the config was made for {recorded}, not for {_class_path(type(model))}; pass "
+            "check_model=False to apply it anyway (AutoNorm(config=..., check_model=False) in "
+            "the callback)"
+        )
+
+
+def _same_class(recorded: str, cls: type) -> bool:
+    if _class_path(cls) == recorded:
+        return True
+    if recorded.startswith("__main__."):
+        return recorded.removeprefix("__main__.") == cls.__qualname__
+    return cls.__module__ == "__main__" and recorded.endswith(f".{cls.__qualname__}")
 
 
 def _plan_weights(
@@ -350,4 +387,4 @@ def _single_position(slot: Slot) -> bool:
     return math.prod(slot.input_shape[2:]) <= 1
 
 
-__all__ = ["apply_config", "to_switchable", "validate_config"]
+__all__ = ["apply_config", "check_model_class", "to_switchable", "validate_config"]

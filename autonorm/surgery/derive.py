@@ -8,6 +8,7 @@ the one score of a candidate (:func:`candidate_scores`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -103,7 +104,8 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     is kept. The learned weights are recorded in the metadata.
 
     Raises:
-        AutoNormError: the model has no SwitchableNorm.
+        AutoNormError: the model has no SwitchableNorm, or some learned weights are not finite
+            (a diverged run: no candidate can be told best).
     """
     slots = {s.name: s for s in find_slots(model, example_input)}
     layers = switchable_layers(model)
@@ -112,7 +114,9 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
             f"{type(model).__name__} has no SwitchableNorm: convert it with autonorm.to_switchable "
             "(or train with AutoNorm(mode='learn')) first"
         )
-    choices, weights = {}, {}
+    weights = {name: sn.mixing_weights() for name, sn in layers.items()}
+    _check_finite(weights)
+    choices = {}
     for name, sn in layers.items():
         slot = slots[name]
         ranked = ranked_choices(sn)
@@ -129,10 +133,25 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
         ]
         # the weight side stays: SN learned its weights with what the feeder carries
         choices[name] = (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
-        weights[name] = sn.mixing_weights()
     metadata = {
         "source": "switchable",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights": weights,
     }
     return NormConfig(choices, metadata=metadata).with_probe(slots[name] for name in choices)
+
+
+def _check_finite(weights: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+    """Refuse NaN/inf mixing weights (a diverged learn run): sorting them would pick a candidate
+    at random, silently."""
+    bad = [
+        name
+        for name, per_kind in weights.items()
+        if not all(math.isfinite(w) for per_cand in per_kind.values() for w in per_cand.values())
+    ]
+    if bad:
+        raise AutoNormError(
+            f"the learned mixing weights of {len(bad)} slot(s) are not finite (the learn run "
+            f"diverged): {', '.join(repr(n) for n in bad)}; lower the learning rate or "
+            "mixing_lr_scale, or search without warm_start='learn'"
+        )

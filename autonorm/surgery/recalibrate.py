@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autonorm.surgery.rebuild import inner
+
 
 def default_calibration_forward(module: nn.Module, batch: Any) -> Any:
     """Feed a training batch to a module: the first element of a tuple/list batch, a dict's
@@ -23,6 +25,20 @@ def default_calibration_forward(module: nn.Module, batch: Any) -> Any:
             if key in batch:
                 return module(batch[key])
     return module(batch)
+
+
+def slot_batchnorms(
+    model: nn.Module, names: Iterable[str]
+) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers in the slots ``names``: the slot's layer, or the norm of a fused
+    slot (a norm+activation subclass rebuilt as a :class:`~autonorm.surgery.rebuild.NormWithExtra`),
+    each once."""
+    found: list[nn.modules.batchnorm._BatchNorm] = []
+    for name in names:
+        module = inner(model.get_submodule(name))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module not in found:
+            found.append(module)
+    return found
 
 
 @torch.no_grad()
@@ -78,4 +94,4 @@ def recalibrate_batchnorm(
     return used
 
 
-__all__ = ["default_calibration_forward", "recalibrate_batchnorm"]
+__all__ = ["default_calibration_forward", "recalibrate_batchnorm", "slot_batchnorms"]
