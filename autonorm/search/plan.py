@@ -200,6 +200,9 @@ class Plan:
         reserve = self.max_epochs if confirm is not None else 0
         moves = self._moves(evidence, trials)
         affordable = _affordable(left - self.max_epochs - reserve, self.rung)
+        if self.n_trials is not None:  # keep the last trials for a promotion and a confirmation
+            started = sum(t.state != TrialState.FAIL for t in trials)
+            affordable = min(affordable, self.n_trials - started - 1 - (confirm is not None))
         if moves and affordable >= 1:
             return [
                 Planned(REFINE, move, rung=self.rung, round=last_round + 1)
