@@ -103,6 +103,8 @@ class Plan:
         baselines: the screen (empty: no staged plan, the sampler proposes every trial).
         groups: ``{group name: parameter names}`` that refinement moves change together.
         learned: the learned config's parameters (the first donor of refinement moves).
+        explore: how many of the baselines, at the end, are random configs (screened only where
+            the budget leaves room after the others and a confirmation).
     """
 
     max_epochs: int
@@ -113,22 +115,29 @@ class Plan:
     baselines: list[Candidate] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)
     learned: dict[str, str] | None = None
+    explore: int = 0
 
     @property
     def rung(self) -> int:
         return rung_epochs(self.max_epochs)
 
     def screen(self) -> list[Planned]:
-        """The screening trials to enqueue when the study is created: as many baselines as
-        leave room for one promotion within the budget. When ``n_trials`` is too small for a
-        screen and its promotions, the first baselines train the full schedule instead."""
-        if self.n_trials is not None and self.n_trials < len(self.baselines) + PROMOTED:
-            return [Planned(PROMOTE, c) for c in self.baselines[: self.n_trials]]
-        planned = [Planned(SCREEN, c, rung=self.rung) for c in self.baselines]
+        """The screening trials to enqueue when the study is created: the first baselines, as
+        many as leave room for the promotions within the budget and ``n_trials``. When that is
+        fewer than two, the first baselines train the full schedule instead."""
+        room = len(self.baselines)
         if self.budget_epochs is not None:
-            room = int((self.budget_epochs - self.learn_epochs - self.max_epochs) // self.rung)
-            planned = planned[: max(1, room)]
-        return planned
+            left = self.budget_epochs - self.learn_epochs - PROMOTED * self.max_epochs
+            # room for a confirmation too, unless that would cut the non-random baselines
+            confirmed = int((left - self.max_epochs) // self.rung)
+            fits = confirmed if confirmed >= room - self.explore else int(left // self.rung)
+            room = min(room, fits)
+        if self.n_trials is not None:
+            room = min(room, self.n_trials - PROMOTED)
+        if room < 2:
+            count = len(self.baselines) if self.n_trials is None else self.n_trials
+            return [Planned(PROMOTE, c) for c in self.baselines[: max(1, count)]]
+        return [Planned(SCREEN, c, rung=self.rung) for c in self.baselines[:room]]
 
     # -- the decision ------------------------------------------------------------------------
 

@@ -50,7 +50,13 @@ from autonorm.search.training import (
     retrain,
     run_trial,
 )
-from autonorm.search.warm_start import grid_size, narrow_space, params_for, warm_start_params
+from autonorm.search.warm_start import (
+    grid_size,
+    narrow_space,
+    params_for,
+    random_params,
+    warm_start_params,
+)
 from autonorm.search_spaces import SearchSpace, slot_groups
 from autonorm.surgery import Slot, find_slots
 
@@ -436,6 +442,10 @@ def _plan(
     (``n_trials``, the budget's trainings, by default the size of the grid of baselines)."""
     baselines = warm_start_params(slots, params, settings.budget, learned)
     staged = bool(settings.warm_start) and not settings.multi_objective
+    explore = []
+    if staged:  # as many random per-slot configs again, screened after the baselines
+        taken = [chosen for _, chosen in baselines]
+        explore = random_params(params, len(baselines), settings.seed, taken)
     trainings, n_trials = settings.budget_trainings, settings.n_trials
     if trainings is None and n_trials is None:
         if staged:
@@ -453,7 +463,10 @@ def _plan(
         n_trials=n_trials,
         learn_epochs=settings.max_epochs if learned is not None else 0,
         maximize=settings.mode == "max",
-        baselines=[Candidate(label, chosen) for label, chosen in baselines] if staged else [],
+        baselines=[Candidate(label, chosen) for label, chosen in baselines + explore]
+        if staged
+        else [],
+        explore=len(explore),
         groups=groups,
         learned=None if learned is None else params_for(learned, slots, params),
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -146,6 +147,29 @@ def grid_size(slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str
     """How many trainings the grid a user would run by hand costs: the model's own norms and
     each uniform family the space offers (the default compute budget of a staged search)."""
     return len(_baseline_params(slots, params))
+
+
+def random_params(
+    params: dict[str, tuple[list[str], list[str]]],
+    count: int,
+    seed: int | None,
+    taken: Sequence[dict[str, str]] = (),
+) -> list[tuple[str, dict[str, str]]]:
+    """``count`` random per-slot configs (each parameter uniform over its choices, seeded),
+    none equal to one in ``taken``: the staged search screens them next to the uniform
+    baselines, as Hyperband screens random configs, because mixed configs can beat every
+    uniform one."""
+    rng = random.Random(0 if seed is None else seed)
+    seen = [dict(t) for t in taken]
+    out: list[tuple[str, dict[str, str]]] = []
+    for _ in range(20 * count):  # small spaces run out of new configs: stop trying
+        if len(out) == count:
+            break
+        chosen = {name: rng.choice(labels) for name, (labels, _) in params.items()}
+        if chosen not in seen:
+            seen.append(chosen)
+            out.append((f"random:{len(out) + 1}", chosen))
+    return out
 
 
 def _plain_choice(label: str, name: str) -> bool:

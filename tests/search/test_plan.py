@@ -100,9 +100,19 @@ def test_n_trials_alone_bounds_the_plan_and_the_sampler_takes_over():
     assert any(keys.STAGE not in t.user_attrs for t in finished)  # the sampler's, after the plan
 
 
-def test_a_small_budget_screens_only_what_leaves_room_for_a_promotion():
-    plan = staged_plan(trainings=5 / 3)  # 5 epochs: 2 screens + 1 promotion of 3 epochs
+def test_the_screen_leaves_room_for_the_promotions_and_random_configs_come_last():
+    plan = staged_plan(trainings=8 / 3)  # 8 epochs: 2 screens + 2 promotions of 3 epochs
     assert [s.candidate.label for s in plan.screen()] == ["uniform:bn", "uniform:gn"]
+    explore = [Candidate("random:1", {"a": "bn", "b": "in", "c": "gn"})]
+    plan = staged_plan(trainings=6)
+    plan.baselines += explore
+    plan.explore = 1
+    labels = [s.candidate.label for s in plan.screen()]
+    assert labels == ["uniform:bn", "uniform:gn", "uniform:in", "random:1"]
+    plan.budget_epochs = 3 + 2 * 3 + 3  # three screens, two promotions and a confirmation
+    assert [s.candidate.label for s in plan.screen()] == labels[:3]
+    plan.budget_epochs = 1 + 2 * 3  # too little for two screens: the baselines train in full
+    assert {s.stage for s in plan.screen()} == {PROMOTE}
 
 
 def test_config_runs_rank_by_mean_and_the_certainty_says_how_sure():

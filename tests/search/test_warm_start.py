@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import autonorm
-from autonorm.search.warm_start import narrow_space, params_for
+from autonorm.search.warm_start import narrow_space, params_for, random_params
 from autonorm.search_spaces import SearchSpace
 from tests.lightning_models import TinyConvNet
 
@@ -38,3 +38,16 @@ def test_params_for_maps_a_derived_config_into_the_space():
     assert chosen["bn1"].startswith("groupnorm(") and chosen["bn1"] in params["bn1"][0]
     assert chosen["bn2"] == "batchnorm" and chosen["head_norm"] == "layernorm"
     assert params_for(autonorm.NormConfig({"bn1": "dyt"}), slots, params) is None
+
+
+def test_random_params_are_seeded_distinct_and_new():
+    params = {"a": (["bn", "gn"], ["a"]), "b": (["bn", "gn", "in"], ["b"])}
+    taken = [{"a": "bn", "b": "bn"}]
+    first = random_params(params, 4, seed=3, taken=taken)
+    assert first == random_params(params, 4, seed=3, taken=taken)
+    configs = [chosen for _, chosen in first]
+    assert len(configs) == 4 and taken[0] not in configs
+    assert len({tuple(sorted(c.items())) for c in configs}) == 4
+    assert [label for label, _ in first] == ["random:1", "random:2", "random:3", "random:4"]
+    # a space with fewer new configs than asked gives what exists
+    assert len(random_params({"a": (["bn", "gn"], ["a"])}, 5, seed=0)) == 2
