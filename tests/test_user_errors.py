@@ -43,3 +43,13 @@ def test_uniform_takes_a_label_and_adds_params_to_it():
     assert torch.isfinite(model(x)).all()
     with pytest.raises(ValueError, match="unknown norm 'groupnrom'; valid names are"):
         autonorm.NormConfig.uniform(slots, "groupnrom+ws")
+
+
+def test_a_model_class_that_is_no_lightning_module_is_named_in_one_line(capsys):
+    args = ["search", "--model", "tests.models.SmallResNet"]
+    assert main([*args, "--data", "tests.lightning_models.TinyDataModule"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "autonorm: error: --model tests.models.SmallResNet is neither a LightningModule (of "
+        "lightning.pytorch or pytorch_lightning) nor a config file"
+    )

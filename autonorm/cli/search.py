@@ -317,6 +317,13 @@ def _parse_error_summary(text: str) -> str:
                 f"cannot import --{key.group(1)} class {found.group(1)!r} ({cause}); give a dotted "
                 "path importable from the working directory or PYTHONPATH"
             )
+        not_a_class = re.match(r"Expected a path but (\S+) either not accessible or invalid", line)
+        if not_a_class and key:  # imported, but no subclass of either namespace's base class
+            base = "LightningDataModule" if key.group(1) == "data" else "LightningModule"
+            return (
+                f"--{key.group(1)} {not_a_class.group(1)} is neither a {base} (of "
+                "lightning.pytorch or pytorch_lightning) nor a config file"
+            )
     if key and len(lines) > 1:
         return f"--{key.group(1)}: {lines[1]}"
     return lines[0] if lines else "invalid arguments"
