@@ -154,15 +154,16 @@ def is_oom_error(error: BaseException) -> bool:
     """Whether ``error`` is an out-of-memory error (CUDA, cuDNN or CPU allocator)."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    from pytorch_lightning.utilities.memory import is_oom_error as lightning_is_oom
+    from autonorm.callbacks._lightning import default_namespace, submodule
 
-    return isinstance(error, RuntimeError) and lightning_is_oom(error)
+    memory = submodule(default_namespace(), "utilities.memory")  # same test in both namespaces
+    return isinstance(error, RuntimeError) and memory.is_oom_error(error)
 
 
 def free_memory() -> None:
     """Release what a failed trial left: Python garbage and the CUDA cache."""
     gc.collect()
     if torch.cuda.is_available():
-        from pytorch_lightning.utilities.memory import garbage_collection_cuda
+        from autonorm.callbacks._lightning import default_namespace, submodule
 
-        garbage_collection_cuda()
+        submodule(default_namespace(), "utilities.memory").garbage_collection_cuda()

@@ -353,15 +353,20 @@ class NormConfig:
 
     @classmethod
     def uniform(cls, slots: Iterable[_Named | str], name: str, **params: Any) -> NormConfig:
-        """The same choice for every slot (what was found of :class:`~autonorm.Slot` objects
+        """The same choice for every slot: ``name`` is a name or a label, ``params`` add to its
+        parameters (what was found of :class:`~autonorm.Slot` objects
         is recorded, :meth:`with_probe`).
 
         Example::
 
             >>> NormConfig.uniform(["a", "b"], "groupnorm", groups=4)["b"].label
             'groupnorm(groups=4)'
+            >>> NormConfig.uniform(["a"], "groupnorm(groups=4)+ws")["a"].label
+            'groupnorm(groups=4)+ws'
         """
-        choice = NormChoice(name, params)
+        choice = NormChoice.parse(name)  # a name or a label ("groupnorm+ws")
+        if params:
+            choice = NormChoice(choice.name, {**choice.params, **params}, choice.weight)
         slots = list(slots)
         names = [s if isinstance(s, str) else s.name for s in slots]
         config = cls(dict.fromkeys(names, choice), metadata={"source": f"uniform:{choice.label}"})

@@ -1,7 +1,13 @@
-"""Tiny LightningModules and data for callback and search tests (synthetic, CPU-fast)."""
+"""Tiny LightningModules and data for callback and search tests (synthetic, CPU-fast).
+
+Each class is built on ``pytorch_lightning``; the ``L``-prefixed twins (``LTinyConvNet``, ...)
+are the same classes on ``lightning.pytorch``, where that namespace is installed:
+:data:`NAMESPACES` parametrizes a test over both.
+"""
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -17,7 +23,7 @@ def synthetic_classification(n: int = 96, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class TinyDataModule(pl.LightningDataModule):
+class _TinyData:
     def __init__(self, batch_size: int = 16, n: int = 96) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -34,7 +40,7 @@ class TinyDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=32)
 
 
-class TinyConvNet(pl.LightningModule):
+class _TinyConvNet:
     """Conv1d -> BatchNorm1d -> ReLU -> Conv1d -> BatchNorm1d -> pool -> LayerNorm -> Linear."""
 
     def __init__(self, width: int = 8, lr: float = 0.05, fail_with: str | None = None) -> None:
@@ -73,7 +79,7 @@ class TinyConvNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-class NoNormNet(pl.LightningModule):
+class _NoNormNet:
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(32, 2)
@@ -89,7 +95,50 @@ class NoNormNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def tiny_trainer(tmp_path, callbacks, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+class TinyDataModule(_TinyData, pl.LightningDataModule):
+    pass
+
+
+class TinyConvNet(_TinyConvNet, pl.LightningModule):
+    pass
+
+
+class NoNormNet(_NoNormNet, pl.LightningModule):
+    pass
+
+
+try:
+    import lightning.pytorch as L
+except ImportError:  # pytorch_lightning alone
+    L = None
+else:
+
+    class LTinyDataModule(_TinyData, L.LightningDataModule):
+        pass
+
+    class LTinyConvNet(_TinyConvNet, L.LightningModule):
+        pass
+
+    class LNoNormNet(_NoNormNet, L.LightningModule):
+        pass
+
+
+#: ``pytest.mark.parametrize("namespace", NAMESPACES)``: each Lightning namespace, skipped where
+#: it is not installed.
+NAMESPACES = [
+    pytest.param(pl, id="pytorch_lightning"),
+    pytest.param(L, id="lightning", marks=pytest.mark.skipif(L is None, reason="no lightning")),
+]
+
+
+def models_of(namespace) -> tuple[type, type]:
+    """``(TinyConvNet, TinyDataModule)`` of ``namespace``."""
+    if namespace is pl:
+        return TinyConvNet, TinyDataModule
+    return LTinyConvNet, LTinyDataModule
+
+
+def tiny_trainer(tmp_path, callbacks, max_epochs: int = 2, namespace=pl, **kwargs):
     defaults = dict(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -102,4 +151,4 @@ def tiny_trainer(tmp_path, callbacks, max_epochs: int = 2, **kwargs) -> pl.Train
         num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    return namespace.Trainer(callbacks=callbacks, **defaults)

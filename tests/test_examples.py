@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import pytorch_lightning as pl
 
@@ -66,3 +67,29 @@ def test_example_scripts_finish(tmp_path, script):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "derived config" in result.stdout or "best val_acc" in result.stdout
+
+
+def test_tiny_llama_example_searches_end_to_end(tmp_path):
+    """`autonorm search` on the shipped tiny Llama (transformers, `lightning` namespace)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    from examples.tiny_llama.model import TinyLlama
+
+    slots = autonorm.find_slots(TinyLlama())
+    assert [(s.kind, s.layout) for s in slots] == [("rmsnorm", "channels_last")] * 5
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "autonorm.cli", "search", "--config",
+         "examples/tiny_llama/search.yaml", "--trainer.max_epochs", "1",
+         "--search.n_trials", "4", "--search.out_dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = autonorm.NormConfig.load(out / "best_config.yaml")
+    assert set(config.choices) == {s.name for s in slots}
+    assert {c.name for c in config.choices.values()} <= {"rmsnorm", "layernorm", "dyt"}
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
+    assert study.metric_names == ["val_acc"]
+    screened = {t.user_attrs.get("baseline") for t in study.trials}
+    assert {"own norms", "uniform:layernorm", "uniform:dyt"} <= screened
+    assert all(t.state.is_finished() for t in study.trials) and len(study.trials) == 4

@@ -1,15 +1,20 @@
 """Both Lightning namespaces: ``pytorch_lightning`` and ``lightning.pytorch``.
 
-The callback subclasses the ``Callback`` of each namespace that is installed, so that a Trainer
-from either accepts it.
+The one place that knows them. The callback subclasses the ``Callback`` of each namespace that
+is installed, so that a Trainer from either accepts it; a search trains with the Trainer of the
+namespace its LightningModule comes from (:func:`namespace_of`). Either package alone, or both,
+will do.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+#: What to install when neither namespace is there.
+INSTALL_HINT = "pip install 'autonorm[lightning]' (or pytorch-lightning)"
 
 
 def import_optional(name: str) -> Any:
@@ -25,12 +30,58 @@ def installed_namespaces() -> list[Any]:
     return [mod for mod in (import_optional(name) for name in NAMESPACES) if mod is not None]
 
 
+def default_namespace() -> Any:
+    """The Lightning package used where no LightningModule says which: ``pytorch_lightning``
+    when installed, else ``lightning.pytorch``.
+
+    Raises:
+        ImportError: neither is installed.
+    """
+    installed = installed_namespaces()
+    if not installed:
+        raise ImportError(f"autonorm needs PyTorch Lightning: {INSTALL_HINT}")
+    return installed[0]
+
+
+def _namespace_name(cls: type) -> str | None:
+    """The namespace whose ``LightningModule`` or ``LightningDataModule`` ``cls`` subclasses."""
+    for klass in cls.__mro__:
+        if klass.__name__ in ("LightningModule", "LightningDataModule"):
+            for name in NAMESPACES:
+                if klass.__module__.startswith(f"{name}."):
+                    return name
+    return None
+
+
+def namespace_of(model: Any) -> Any:
+    """The Lightning package of ``model``'s class (a LightningModule or LightningDataModule,
+    its class, or a ``functools.partial`` of the class); :func:`default_namespace` for anything
+    else (a plain factory, an nn.Module)."""
+    while isinstance(model, functools.partial):
+        model = model.func
+    name = _namespace_name(model if isinstance(model, type) else type(model))
+    return importlib.import_module(name) if name is not None else default_namespace()
+
+
+def submodule(namespace: Any, path: str) -> Any:
+    """``namespace``'s module ``path``, e.g. ``submodule(pl, "utilities.memory")``."""
+    return importlib.import_module(f"{namespace.__name__}.{path}")
+
+
+def lightning_module_bases() -> tuple[type, ...]:
+    """``LightningModule`` of every installed namespace (what a model class may subclass)."""
+    return tuple(mod.LightningModule for mod in installed_namespaces())
+
+
+def datamodule_bases() -> tuple[type, ...]:
+    """``LightningDataModule`` of every installed namespace."""
+    return tuple(mod.LightningDataModule for mod in installed_namespaces())
+
+
 def _callback_bases() -> tuple[type, ...]:
     bases = tuple(mod.Callback for mod in installed_namespaces())
     if not bases:
-        raise ImportError(
-            "autonorm.callbacks needs PyTorch Lightning: pip install pytorch-lightning"
-        )
+        raise ImportError(f"autonorm.callbacks needs PyTorch Lightning: {INSTALL_HINT}")
     return bases
 
 

@@ -47,6 +47,7 @@ from autonorm.surgery import (
     switchable_layers,
     to_switchable,
 )
+from autonorm.surgery.apply import SWITCHABLE_INITS
 from autonorm.surgery.recalibrate import (
     default_calibration_forward,
     recalibrate_batchnorm,
@@ -168,11 +169,17 @@ class _AutoNormLogic(_CallbackType):
         record_metrics: bool = True,
         budget: Budget | Mapping[str, Any] | None = None,
         check_model: bool = True,
+        init: str = "uniform",
     ) -> None:
         self.mode = _check_mode(mode, trial, config)
         _check_learn_options(
             self.mode, mixing, mixing_lr_scale, mixing_weight_decay, finalize, finalize_batches
         )
+        if init not in SWITCHABLE_INITS or (init != "uniform" and self.mode != "learn"):
+            raise ValueError(
+                f"`init` must be one of {SWITCHABLE_INITS} in learn mode, got {init!r}"
+            )
+        self.init = init
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a metric name, got {monitor!r}")
         resolved_space = resolve_space(space)
@@ -272,6 +279,7 @@ class _AutoNormLogic(_CallbackType):
                 slots=self.slots,
                 candidates=self.candidates,
                 example_input=example,
+                init=self.init,
                 **extra,
             )
             return
@@ -546,6 +554,9 @@ class AutoNorm(_AutoNormLogic, *CALLBACK_BASES):  # type: ignore[misc]
             infeasible (an error without a trial).
         check_model: fixed mode: refuse a config recorded for another model class (its
             metadata ``model_class``); False applies it anyway.
+        init: learn mode: ``"uniform"`` mixing weights, or ``"original"`` for a pretrained
+            model: each layer starts on the statistic of the normalizer it replaces
+            (:func:`~autonorm.to_switchable`).
 
     Raises:
         ValueError: invalid arguments (unknown mode, trial and config together, ...).

@@ -4,6 +4,7 @@ one process or a local pool of workers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -23,9 +24,10 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
     ("space", str, "auto", "preset name or YAML file"),
     (
         "choices",
-        list[str] | None,
+        list[str] | str | None,
         None,
-        "restrict every slot to these norm names, e.g. [batchnorm,groupnorm,layernorm]",
+        "restrict every slot to these norms (names or labels), e.g. "
+        "[batchnorm,groupnorm(groups=8),layernorm]",
     ),
     ("budget.max_memory", str | None, None, "e.g. 8GiB"),
     ("budget.batch_size", int | None, None, None),
@@ -86,8 +88,13 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
 
 
 def _search_parser() -> Any:
-    import pytorch_lightning as pl
     from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from autonorm.callbacks._lightning import (
+        datamodule_bases,
+        default_namespace,
+        lightning_module_bases,
+    )
 
     parser = ArgumentParser(
         prog="autonorm search",
@@ -97,10 +104,13 @@ def _search_parser() -> Any:
     parser.add_argument(
         "--config", action=ActionConfigFile, help="YAML file with any of the options"
     )
-    parser.add_subclass_arguments(pl.LightningModule, "model", required=True, instantiate=False)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True, instantiate=False)
+    # a module of either Lightning namespace; the Trainer's arguments are the same in both
+    parser.add_subclass_arguments(
+        lightning_module_bases(), "model", required=True, instantiate=False
+    )
+    parser.add_subclass_arguments(datamodule_bases(), "data", required=True, instantiate=False)
     parser.add_class_arguments(
-        pl.Trainer,
+        default_namespace().Trainer,
         "trainer",
         instantiate=False,
         fail_untyped=False,
@@ -122,7 +132,7 @@ def _factory(spec: Any, what: str) -> Callable[[], Any]:
         if init_args is not None and not isinstance(init_args, dict)
         else dict(init_args or {})
     )
-    return lambda: cls(**kwargs)
+    return functools.partial(cls, **kwargs)  # keeps the class: its Lightning namespace
 
 
 def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
@@ -153,7 +163,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     budget = as_budget(budget_opts or None)
     space = resolve_space(options.space)
     if options.choices:
-        space = dataclasses.replace(space, choices={"*": list(options.choices)})
+        space = dataclasses.replace(space, choices={"*": _choices(options.choices)})
     if options.weight_norms:
         space = dataclasses.replace(space, weight_norms=True)
     trainer_kwargs = _trainer_defaults(
@@ -204,6 +214,20 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
         result = search(model_factory, data_factory, callbacks=[progress], **kwargs)
     print_result(console(), result)
     return 0
+
+
+def _choices(given: str | list[str]) -> list[str]:
+    """``--search.choices``: one name or label, or a list of them; an unknown one is a usage
+    error that names it and the valid names."""
+    from autonorm.config import NormChoice
+
+    choices = [given] if isinstance(given, str) else list(given)
+    for choice in choices:
+        try:
+            NormChoice.parse(choice)
+        except ValueError as err:
+            raise UsageError(f"--search.choices: {err}") from None
+    return choices
 
 
 def _class_name(spec: Any) -> str:
@@ -293,6 +317,13 @@ def _parse_error_summary(text: str) -> str:
                 f"cannot import --{key.group(1)} class {found.group(1)!r} ({cause}); give a dotted "
                 "path importable from the working directory or PYTHONPATH"
             )
+        not_a_class = re.match(r"Expected a path but (\S+) either not accessible or invalid", line)
+        if not_a_class and key:  # imported, but no subclass of either namespace's base class
+            base = "LightningDataModule" if key.group(1) == "data" else "LightningModule"
+            return (
+                f"--{key.group(1)} {not_a_class.group(1)} is neither a {base} (of "
+                "lightning.pytorch or pytorch_lightning) nor a config file"
+            )
     if key and len(lines) > 1:
         return f"--{key.group(1)}: {lines[1]}"
     return lines[0] if lines else "invalid arguments"
@@ -302,9 +333,10 @@ def _trainer_defaults(given: dict[str, Any]) -> dict[str, Any]:
     """Drop the Trainer signature's own defaults so that search() applies its trial defaults."""
     import inspect
 
-    import pytorch_lightning as pl
+    from autonorm.callbacks._lightning import default_namespace
 
+    trainer = default_namespace().Trainer
     defaults = {
-        name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+        name: p.default for name, p in inspect.signature(trainer.__init__).parameters.items()
     }
     return {k: v for k, v in given.items() if k not in defaults or defaults[k] != v}

@@ -219,6 +219,30 @@ class SwitchableNorm(nn.Module):
         nn.init.ones_(self.var_weight)
         reset_affine(self)
 
+    def start_on(self, candidate: str, weight: float = 0.99) -> None:
+        """Set the mixing logits so that ``candidate`` gets ``weight`` of the mix and the
+        others share the rest: a layer that replaced a pretrained normalizer of that kind
+        computes nearly what it did, and its mixing can still learn (the logits are not at a
+        vertex, where sparsestmax has no gradient). Softmax logits are the weights' logs;
+        sparsestmax keeps a point of the simplex as it is.
+
+        Raises:
+            ValueError: ``candidate`` is not one of :attr:`candidates`, or ``weight`` is not in
+                (0, 1).
+        """
+        if candidate not in self.candidates:
+            raise ValueError(f"`candidate` must be one of {self.candidates}, got {candidate!r}")
+        if not 0 < weight < 1:
+            raise ValueError(f"`weight` must be in (0, 1), got {weight!r}")
+        k = len(self.candidates)
+        rest = (1 - weight) / (k - 1) if k > 1 else 0.0
+        target = torch.full((k,), rest, dtype=torch.float64)
+        target[self.candidates.index(candidate)] = weight if k > 1 else 1.0
+        logits = target.log() if self.radius is None else target
+        with torch.no_grad():
+            self.mean_weight.copy_(logits)
+            self.var_weight.copy_(logits)
+
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, layout={self.layout!r}, candidates={self.candidates}, "

@@ -68,15 +68,18 @@ def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> 
 
 
 def _versions() -> dict[str, str]:
-    import pytorch_lightning as pl
-
     from autonorm import __version__
+    from autonorm.callbacks._lightning import installed_namespaces
 
+    lightning = {  # each installed namespace: pytorch_lightning, lightning
+        mod.__name__.split(".")[0]: str(getattr(mod, "__version__", "?"))
+        for mod in installed_namespaces()
+    }
     return {
         "autonorm": __version__,
         "torch": str(torch.__version__),
         "optuna": optuna.__version__,
-        "pytorch_lightning": pl.__version__,
+        **lightning,
         "python": platform.python_version(),
     }
 

@@ -267,6 +267,9 @@ class _SearchRun:
             else make_pruner(settings.pruner, settings.max_epochs),
             existing=existing,
         )
+        with warnings.catch_warnings():  # the dashboard names the values (val_acc, ...)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([settings.monitor, *settings.objectives[1:]])
         plan = _plan(settings, slots, params, learned)
         study.set_user_attr(
             STUDY_INFO, _study_info(settings, space, slots, model_class, learned, plan)

@@ -3,6 +3,7 @@ size, with the Trainer's trial defaults; a trial, the learn pass and the final r
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch import nn
 from autonorm._errors import AutoNormError
 from autonorm.budget import Budget, free_memory, is_oom_error
 from autonorm.callbacks import AutoNorm
+from autonorm.callbacks._lightning import NAMESPACES, namespace_of
 from autonorm.callbacks.trial import OOM_REASON
 from autonorm.config import NormConfig
 from autonorm.search.settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
@@ -31,7 +33,7 @@ def model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.M
             raise ValueError(
                 f"`model` must be a LightningModule class or a factory, got class {model.__name__}"
             )
-        return lambda: model(**model_kwargs)
+        return functools.partial(model, **model_kwargs)  # keeps the class: its namespace
     if isinstance(model, nn.Module):
         raise ValueError(
             "`model` must be a LightningModule class or a zero-argument factory, not an instance: "
@@ -106,11 +108,10 @@ class Training:
     def fit(self, callback: AutoNorm, *, root: Path, seed: int | None) -> Any:
         """Seed, build a fresh model and data, train with ``callback`` first among callbacks;
         return the Trainer."""
-        import pytorch_lightning as pl
-
-        if seed is not None:
-            pl.seed_everything(seed, workers=True, verbose=False)
+        if seed is not None:  # before the model exists: its class's namespace, when known
+            namespace_of(self.make_model).seed_everything(seed, workers=True, verbose=False)
         module = self.make_model()
+        pl = namespace_of(module)  # the Trainer of the module's own Lightning
         dm = self.make_datamodule() if self.make_datamodule is not None else None
         loaders = {"train": self.train_dataloaders, "val": self.val_dataloaders}
         if self.budget is not None and self.budget.batch_size is not None:
@@ -241,7 +242,7 @@ class quiet_lightning:
 
     def __enter__(self) -> None:
         if self.active:
-            for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+            for name in (*NAMESPACES, "lightning_fabric", "lightning"):
                 logger = logging.getLogger(name)
                 self.saved[name] = logger.level
                 logger.setLevel(logging.WARNING)

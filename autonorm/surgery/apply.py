@@ -19,9 +19,9 @@ from torch import nn
 
 from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import SWITCHABLE_CANDIDATES
+from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
-from autonorm.surgery.rebuild import build_replacement, factory_of, settled_choice
+from autonorm.surgery.rebuild import build_replacement, factory_of, inner, settled_choice
 from autonorm.surgery.slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ def to_switchable(
     candidates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     example_input: Any = None,
     config: NormConfig | None = None,
+    init: str = "uniform",
     **sn_kwargs: Any,
 ) -> nn.Module:
     """Turn every (or the given) slot into a :class:`~autonorm.norms.SwitchableNorm`.
@@ -343,6 +344,11 @@ def to_switchable(
         example_input: input for the probe (default: the model's ``example_input_array``).
         config: a config whose probe records (:meth:`NormConfig.with_probe`) settle the
             slots where no probe runs (no example input).
+        init: ``"uniform"`` (equal mixing weights, the paper's start) or ``"original"``
+            (for pretrained models: each layer starts with most of its mix on the statistic of
+            the normalizer it replaces, BN -> batch, LN -> layer, RMS -> rms, IN -> instance,
+            GN -> layer or instance, affine and running statistics carried over, so the model
+            computes nearly what it did; see :meth:`SwitchableNorm.start_on`).
         **sn_kwargs: other SwitchableNorm arguments (``eps``, ``momentum``).
 
     Returns:
@@ -350,7 +356,10 @@ def to_switchable(
 
     Raises:
         ConfigError: a slot name that is not a norm slot of the model.
+        ValueError: an unknown ``init``.
     """
+    if init not in SWITCHABLE_INITS:
+        raise ValueError(f"`init` must be one of {SWITCHABLE_INITS}, got {init!r}")
     given = None if slots is None else list(slots)
     objects = [s for s in given or () if isinstance(s, Slot)]
     wanted: set[str] | None = None
@@ -377,7 +386,52 @@ def to_switchable(
         unknown = wanted - {n for s in found for n in s.names}
         if unknown:
             raise ConfigError(f"{sorted(unknown)} are not norm slots of {type(model).__name__}")
-    return apply_config(model, NormConfig(choices), partial=True, slots=found)
+    model = apply_config(model, NormConfig(choices), partial=True, slots=found)
+    if init == "original":
+        _start_on_original(model, [s for s in found if s.name in choices])
+    return model
+
+
+#: How :func:`to_switchable` starts the mixing weights.
+SWITCHABLE_INITS = ("uniform", "original")
+#: The SwitchableNorm statistic closest to each kind of normalizer, best first.
+_ORIGINAL_STATISTIC = {
+    "batchnorm": ("batch",),
+    "syncbatchnorm": ("batch",),
+    "frozenbatchnorm": ("batch",),
+    "layernorm": ("layer", "rms"),
+    "rmsnorm": ("rms", "layer"),
+    "instancenorm": ("instance",),
+    "groupnorm": ("layer", "instance"),
+}
+
+
+def _original_statistic(slot: Slot, candidates: Sequence[str]) -> str | None:
+    """The candidate that computes what ``slot``'s original layer did (None: none does)."""
+    keep = slot.keep_choice()
+    order = _ORIGINAL_STATISTIC.get(keep.name, ())
+    if keep.name == "groupnorm" and keep.params.get("groups") == slot.num_features:
+        order = ("instance", "layer")  # one channel per group: instance statistics
+    return next((c for c in order if c in candidates), None)
+
+
+def _start_on_original(model: nn.Module, slots: Sequence[Slot]) -> None:
+    """``init="original"``: each new SwitchableNorm starts on its slot's old statistic."""
+    uniform = []
+    for slot in slots:
+        layer = inner(model if slot.name == "" else model.get_submodule(slot.name))
+        assert isinstance(layer, SwitchableNorm)
+        statistic = _original_statistic(slot, layer.candidates)
+        if statistic is None:
+            uniform.append(f"{slot.name} ({slot.keep_choice().label})")
+        else:
+            layer.start_on(statistic)
+    if uniform:
+        warnings.warn(
+            f"init='original': no SwitchableNorm candidate computes what {len(uniform)} slot(s) "
+            f"did, they start uniform: {uniform[:5]}",
+            stacklevel=3,
+        )
 
 
 def _single_position(slot: Slot) -> bool:
@@ -387,4 +441,10 @@ def _single_position(slot: Slot) -> bool:
     return math.prod(slot.input_shape[2:]) <= 1
 
 
-__all__ = ["apply_config", "check_model_class", "to_switchable", "validate_config"]
+__all__ = [
+    "SWITCHABLE_INITS",
+    "apply_config",
+    "check_model_class",
+    "to_switchable",
+    "validate_config",
+]
