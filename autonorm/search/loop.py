@@ -82,6 +82,7 @@ def optimize(
                 raise
             _release_quietly(claim)
             wait_for_storage(study, err, outage_limit)
+            claim.acquire()  # settled under the lock the stale-trial recovery holds
             attempt.settle_after_outage(err)
             trial_done()
         finally:
