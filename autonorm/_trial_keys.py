@@ -31,6 +31,8 @@ STEP_TIME = "step_time"
 MEMORY_METHOD = "memory_method"
 #: bytes of activations saved for backward in a training step (part of the CPU estimate).
 ACTIVATION_BYTES = "activation_bytes"
+#: the per-device batch size the trial really trained at (its first training batch).
+BATCH_SIZE = "batch_size"
 #: the worker running the trial and its last heartbeat.
 WORKER = "worker"
 HEARTBEAT = "heartbeat"

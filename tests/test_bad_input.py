@@ -51,7 +51,7 @@ def search_on(bundle: Path, **kwargs):
     )
     options.update(kwargs)
     model = options.pop("model", TinyConvNet)
-    return autonorm.search(model, TinyDataModule(), **options)
+    return autonorm.search(model, options.pop("data", TinyDataModule()), **options)
 
 
 API_CASES = {
@@ -180,7 +180,41 @@ API_CASES = {
         ConfigError,
         "check_model=False",
     ),
+    "rerun with another monitor": (
+        lambda b: search_on(b, monitor="train_loss"),
+        AutoNormError,
+        "monitor 'val_loss' -> 'train_loss'.*--search.study_name",
+    ),
+    "rerun with another batch size": (
+        lambda b: search_on(b, budget={"batch_size": 8}),
+        AutoNormError,
+        "budget.batch_size None -> 8",
+    ),
+    "rerun with another model class": (
+        lambda b: search_on(b, model=OtherConvNet, study_name="autonorm-TinyConvNet"),
+        AutoNormError,
+        "model_class '.*TinyConvNet' -> '.*OtherConvNet'",
+    ),
+    "loaders ignoring budget.batch_size": (
+        lambda b: search_on(
+            b.parent / "ignoring", data=IgnoringData(), budget={"batch_size": 4}, n_trials=1
+        ),
+        AutoNormError,
+        "budget.batch_size=4 but the first training batch holds 16 samples",
+    ),
 }
+
+
+class OtherConvNet(TinyConvNet):
+    """The same slots as TinyConvNet, another model class."""
+
+
+class IgnoringData(TinyDataModule):
+    """Has the `batch_size` attribute autonorm sets, but its loader trains at 16."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=16, drop_last=True)
+
 
 DUPLICATED_SPACE = "choices:\n  '*': [batchnorm]\n  '*': [layernorm]\n"
 ALIASED_CONFIG = "slots:\n  bn1: &n layernorm\n  bn2: *n\n"
@@ -209,7 +243,7 @@ def test_a_monitor_never_logged_fails_the_trial_and_keeps_the_earlier_ones(bundl
     study = optuna.load_study(study_name="autonorm-TinyConvNet", storage=storage)
     before = [(t.number, t.state, t.params, t.values) for t in study.trials]
     with pytest.raises(AutoNormError, match=r"'val_accuracy' was never logged.*val_acc"):
-        search_on(copy, monitor="val_accuracy")
+        search_on(copy, monitor="val_accuracy", study_name="other")  # another monitor: a new study
     after = optuna.load_study(study_name="autonorm-TinyConvNet", storage=storage).trials
     assert [(t.number, t.state, t.params, t.values) for t in after[: len(before)]] == before
     assert (copy / "best_config.yaml").read_bytes() == (bundle / "best_config.yaml").read_bytes()

@@ -343,6 +343,9 @@ class _AutoNormLogic(_CallbackType):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx == 0 and trainer.current_epoch == 0:  # the size it really trains at
+            expected = self.budget.batch_size if self.budget is not None else None
+            trial_glue.observe_batch_size(self.trial, trainer, batch, expected)
         if self._radius_schedule is not None:
             self._radius_schedule.update(trainer.global_step)
         if self.recorder is not None:

@@ -114,6 +114,54 @@ def stop_infeasible(
     raise optuna.TrialPruned(f"Trial is infeasible: {reason}.")
 
 
+def first_batch_size(batch: Any) -> int | None:
+    """The number of samples of a batch: the leading size of its first tensor, or None."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    items = list(batch.values()) if isinstance(batch, Mapping) else batch
+    if isinstance(items, (list, tuple)):
+        for item in items:
+            size = first_batch_size(item)
+            if size is not None:
+                return size
+    return None
+
+
+def _train_samples(trainer: Any) -> int | None:
+    try:
+        return len(trainer.train_dataloader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def observe_batch_size(
+    trial: optuna.Trial | None, trainer: Any, batch: Any, expected: int | None
+) -> None:
+    """Record the size of the first training batch on the trial; check it against the budget.
+
+    Raises:
+        AutoNormError: the loaders train at another size than ``budget.batch_size`` (they
+            ignore the size autonorm set), naming both sizes.
+    """
+    size = first_batch_size(batch)
+    if size is None:
+        return
+    if trial is not None and is_global_zero(trainer):
+        trial.set_user_attr(keys.BATCH_SIZE, size)
+    if expected is None or size == expected:
+        return
+    samples = _train_samples(trainer)
+    if size < expected and samples is not None and size >= samples:
+        return  # a dataset smaller than one batch
+    raise AutoNormError(
+        f"budget.batch_size={expected} but the first training batch holds {size} samples: the "
+        "dataloaders ignore the batch size autonorm set (a datamodule's loaders must read its "
+        "`batch_size` attribute or `hparams.batch_size`)"
+    )
+
+
 def monitored_value(trainer: Any, monitor: str) -> float:
     """The monitored metric's last value.
 

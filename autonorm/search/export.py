@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import json
 import logging
 import os
 import platform
@@ -28,6 +30,7 @@ from autonorm.report import (
     write_report,
     write_summary,
 )
+from autonorm.report.summary import SUMMARY_FILE
 from autonorm.search.storage import SQLITE_FILE, sqlite_url
 
 log = logging.getLogger(__name__)
@@ -159,9 +162,52 @@ def export_bundle(
     objective), ``storage.txt`` (external storage, its password masked) and the dashboard
     artifacts into ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _export_lock(out_dir):
-        return _export(study, out_dir, storage=storage, elapsed=elapsed, retrain=retrain)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _export_lock(out_dir):
+            _replace_other_bundle(out_dir, study.study_name)
+            return _export(study, out_dir, storage=storage, elapsed=elapsed, retrain=retrain)
+    except OSError as err:
+        if err.errno not in _FULL_OR_READ_ONLY:
+            raise
+        where = err.filename or out_dir
+        raise AutoNormError(
+            f"cannot write the bundle of study {study.study_name!r} in {str(out_dir)!r}: "
+            f"{err.strerror} ({where}); the study keeps its trials: free space or make the "
+            "folder writable and rerun the same command (or `autonorm report`) to write it"
+        ) from None
+
+
+#: Why writing a bundle may fail with the study intact: a full disk, a read-only filesystem,
+#: no permission.
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _bundle_study(out_dir: Path) -> str | None:
+    """The study whose bundle ``out_dir`` holds (its ``summary.json``), or None."""
+    try:
+        name = json.loads((out_dir / SUMMARY_FILE).read_text()).get("study_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _replace_other_bundle(out_dir: Path, study_name: str) -> None:
+    """A bundle folder reused by another study: say so, and remove the files of the old study
+    that this export may not write (a best config, a Pareto front), never leaving study A's
+    config next to study B's report."""
+    other = _bundle_study(out_dir)
+    if other is None or other == study_name:
+        return
+    log.warning(
+        "out_dir %s held the bundle of study %r: replaced by the bundle of study %r (the old "
+        "study keeps its trials in its storage, where `autonorm report` reads them)",
+        out_dir,
+        other,
+        study_name,
+    )
+    for name in (BEST_CONFIG_FILE, PARETO_FILE, STORAGE_FILE):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _export(
@@ -177,6 +223,8 @@ def _export(
     written: list[Path] = []
     if best_config is not None:
         written.append(best_config.save(out_dir / BEST_CONFIG_FILE))
+    else:  # no feasible trial: no config from an earlier export may stay
+        (out_dir / BEST_CONFIG_FILE).unlink(missing_ok=True)
     if pareto is not None:
         front = [
             {"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto
@@ -184,7 +232,12 @@ def _export(
         written.append(atomic_write(out_dir / PARETO_FILE, yaml.safe_dump(front, sort_keys=False)))
     write_storage_file(out_dir, storage, study.study_name)
     if best_config is not None and retrain is not None:
-        written.append(retrain(best_config))
+        try:
+            written.append(retrain(best_config))
+        except BaseException:  # the bundle keeps its report and summary; the error goes on
+            summary = write_summary(study, out_dir, elapsed=elapsed)
+            write_report(study, out_dir / REPORT_FILE, summary=summary)
+            raise
     summary = write_summary(study, out_dir, elapsed=elapsed)
     write_report(study, out_dir / REPORT_FILE, summary=summary)
     try:

@@ -34,6 +34,7 @@ from autonorm.search.settings import (
 )
 from autonorm.search.storage import (
     check_study_compatible,
+    check_study_settings,
     is_sqlite,
     journal_path,
     make_pruner,
@@ -257,6 +258,10 @@ class _SearchRun:
         if existing is not None:
             labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
             check_study_compatible(existing, labels, settings.directions)
+        plan = _plan(settings, slots, params, learned)
+        info = _study_info(settings, space, slots, model_class, learned, plan)
+        if existing is not None:
+            check_study_settings(existing, info)
         study, created = open_study(
             storage,
             study_name,
@@ -270,10 +275,9 @@ class _SearchRun:
         with warnings.catch_warnings():  # the dashboard names the values (val_acc, ...)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([settings.monitor, *settings.objectives[1:]])
-        plan = _plan(settings, slots, params, learned)
-        study.set_user_attr(
-            STUDY_INFO, _study_info(settings, space, slots, model_class, learned, plan)
-        )
+        if not created and existing is None:  # created meanwhile by a worker starting alongside
+            check_study_settings(study, info)
+        study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
         if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace_period):
             warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
         if created:  # only the worker that created the study plans its first trials

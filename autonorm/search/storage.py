@@ -16,6 +16,7 @@ import optuna
 
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm._io import mask_password
+from autonorm._trial_keys import STUDY_INFO
 from autonorm.search.workers import RetryStaleTrial
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,14 @@ SQLITE_FILE = "study.db"
 
 
 def sqlite_url(folder: Path) -> str:
-    """The SQLAlchemy URL of the embedded storage of the bundle folder ``folder``."""
-    return f"sqlite:///{(folder / SQLITE_FILE).resolve()}"
+    """The SQLAlchemy URL of the embedded storage of the bundle folder ``folder``.
+
+    The path is percent-quoted: SQLAlchemy reads ``?`` as the start of the URL's query and
+    decodes ``%XX``, so an out_dir named ``runs?1`` or ``50%`` would open another file.
+    """
+    from urllib.parse import quote
+
+    return f"sqlite:///{quote(str((folder / SQLITE_FILE).resolve()))}"
 
 
 def postgres_driver_url(url: str) -> str:
@@ -206,4 +213,74 @@ def check_study_compatible(
             "cannot change a categorical parameter's choices):\n  "
             + "\n  ".join(changed)
             + "\nUse the same space, or a new study name / out_dir."
+        )
+
+
+#: The settings that define a study (``study.user_attrs["autonorm"]``): a rerun that changes one
+#: of them would mix trials that answer different questions. ``budget.trainings`` is compute the
+#: rerun may add, not a change of the study.
+DEFINING_SETTINGS = (
+    "model_class",
+    "slots",
+    "monitor",
+    "mode",
+    "objectives",
+    "budget",
+    "space",
+    "max_epochs",
+    "warm_start",
+)
+_ADDABLE_BUDGET = ("trainings",)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _difference(key: str, old: Any, new: Any) -> list[str]:
+    if key == "budget":
+        old_b, new_b = dict(old or {}), dict(new or {})
+        return [
+            f"budget.{k} {_shown(old_b.get(k))} -> {_shown(new_b.get(k))}"
+            for k in sorted(set(old_b) | set(new_b))
+            if k not in _ADDABLE_BUDGET and old_b.get(k) != new_b.get(k)
+        ]
+    if old == new:
+        return []
+    if key == "slots":
+        names = [[s.get("name") for s in v or []] for v in (old, new)]
+        if names[0] != names[1]:
+            return [f"slots {len(names[0])} -> {len(names[1])} ({_shown(names[1])})"]
+        return ["slots: same names, other kinds or channels"]
+    if key == "space":
+        return ["space: other choices"]
+    return [f"{key} {_shown(old)} -> {_shown(new)}"]
+
+
+def settings_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"<setting> <old> -> <new>"`` for each defining setting that differs (settings a study
+    recorded before autonorm recorded them are not compared)."""
+    out: list[str] = []
+    for key in DEFINING_SETTINGS:
+        if key in stored:
+            out.extend(_difference(key, stored[key], new.get(key)))
+    return out
+
+
+def check_study_settings(study: optuna.Study, info: dict[str, Any]) -> None:
+    """Refuse to join a study recorded with other defining settings (never overwrite them).
+
+    Raises:
+        AutoNormError: one line naming each difference (old -> new) and how to go on.
+    """
+    stored = study.user_attrs.get(STUDY_INFO)
+    if not isinstance(stored, dict):
+        return
+    changed = settings_differences(stored, info)
+    if changed:
+        raise AutoNormError(
+            f"study {study.study_name!r} was recorded with other settings: {'; '.join(changed)}; "
+            "rerun with its settings to resume it, or start a new study "
+            "(--search.study_name / study_name=..., or a new out_dir)"
         )

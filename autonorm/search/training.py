@@ -59,18 +59,26 @@ def datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
 def _set_batch_size(datamodule: Any, loaders: dict[str, Any], batch_size: int) -> None:
     """Train at the budget's per-device batch size: on the datamodule or the dataloaders."""
     if datamodule is not None:
-        if hasattr(datamodule, "batch_size"):
-            datamodule.batch_size = batch_size
-        elif hasattr(datamodule, "hparams") and "batch_size" in datamodule.hparams:
-            datamodule.hparams.batch_size = batch_size
-        else:
-            raise AutoNormError(
-                f"budget.batch_size={batch_size} needs {type(datamodule).__name__} to have a "
-                "`batch_size` attribute (or hparams entry) that its dataloaders use"
-            )
+        _set_datamodule_batch_size(datamodule, batch_size)
     for key, loader in list(loaders.items()):
         if loader is not None:
             loaders[key] = _rebatch(loader, batch_size, shuffle=key == "train")
+
+
+def _set_datamodule_batch_size(datamodule: Any, batch_size: int) -> None:
+    """Set both the ``batch_size`` attribute and the ``hparams`` entry the datamodule has: its
+    loaders may read either (the callback checks the first batch's size against the budget)."""
+    hparams: Any = getattr(datamodule, "hparams", None)
+    in_hparams = hparams is not None and "batch_size" in hparams
+    if not hasattr(datamodule, "batch_size") and not in_hparams:
+        raise AutoNormError(
+            f"budget.batch_size={batch_size} needs {type(datamodule).__name__} to have a "
+            "`batch_size` attribute (or hparams entry) that its dataloaders use"
+        )
+    if hasattr(datamodule, "batch_size"):
+        datamodule.batch_size = batch_size
+    if in_hparams:
+        hparams["batch_size"] = batch_size
 
 
 def _rebatch(loader: Any, batch_size: int, *, shuffle: bool) -> Any:
@@ -170,11 +178,12 @@ def run_trial(
     except optuna.TrialPruned:
         raise
     except Exception as err:
-        if not is_oom_error(err):
+        reason = infeasible_reason(err)
+        if reason is None:
             raise
         free_memory()
-        callback.mark_infeasible(OOM_REASON)  # also when it struck before fit reached the callback
-        raise optuna.TrialPruned(OOM_REASON) from None
+        callback.mark_infeasible(reason)  # also when it struck before fit reached the callback
+        raise optuna.TrialPruned(reason) from None
     outcome = callback.outcome(trainer)
     values = [outcome.value]
     for name in objectives[1:]:
@@ -183,6 +192,24 @@ def run_trial(
             raise AutoNormError(f"objective {name!r} was not measured in trial {trial.number}")
         values.append(float(outcome.measurements[key]))
     return values[0] if len(values) == 1 else values
+
+
+#: Torch's error for batch statistics over a single value per channel (a batch of one sample
+#: through BatchNorm over (N, C)).
+_SMALL_BATCH_ERROR = "Expected more than 1 value per channel"
+
+
+def infeasible_reason(err: BaseException) -> str | None:
+    """Why a training that failed with ``err`` makes its trial infeasible, or None (an error
+    of the user's code): out of memory, or a batch too small for batch statistics."""
+    if is_oom_error(err):
+        return OOM_REASON
+    if isinstance(err, ValueError) and _SMALL_BATCH_ERROR in str(err):
+        return (
+            "a training batch too small for batch statistics (BatchNorm over (N, C) needs more "
+            f"than 1 sample): {str(err).splitlines()[0]}"
+        )
+    return None
 
 
 def learn_pass(training: Training, out_dir: Path, seed: int | None) -> NormConfig:
@@ -212,21 +239,27 @@ def retrain_best(
     trainer_kwargs: dict[str, Any],
     out_dir: Path,
     seed: int | None,
+    include: Any = None,
+    exclude: Any = None,
 ) -> Path:
     """Train ``config`` once more with a search's trial setup (for a bundle written by another
-    process than the trials, e.g. a worker pool's parent); returns the checkpoint's path."""
+    process than the trials, e.g. a worker pool's parent); returns the checkpoint's path.
+    ``include``/``exclude``: the search's slot selection (its config is then partial)."""
     training = Training(
         make_model=make_model,
         make_datamodule=make_datamodule,
         budget=budget,
         trainer_kwargs={"max_epochs": DEFAULT_MAX_EPOCHS, **trainer_kwargs},
+        include=include,
+        exclude=exclude,
     )
     return retrain(config, training, out_dir, seed)
 
 
 def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | None) -> Path:
     """Train the best config once more for the full schedule; save its checkpoint."""
-    callback = AutoNorm(config=config, example_input=training.example_input, record_metrics=False)
+    # the search's slot selection: a config of included slots is partial, the others keep theirs
+    callback = AutoNorm(config=config, record_metrics=False, **training.slot_selection())
     trainer = training.fit(callback, root=out_dir / "retrain", seed=seed)
     path = out_dir / "best.ckpt"
     trainer.save_checkpoint(path)

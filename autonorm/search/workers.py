@@ -260,7 +260,8 @@ def _params_of(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Enqueue ``trial``'s parameters once more with ``retry_of``; never a retry of a retry.
+    """Enqueue ``trial``'s parameters once more with ``retry_of``; never a retry of a retry,
+    never a second retry of one trial.
 
     Returns:
         Whether a retry was enqueued.
@@ -268,6 +269,8 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
     params = _params_of(trial)
     if RETRY_OF in trial.user_attrs or not params:
         return False
+    if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
+        return False  # another worker (or Optuna's stale-trial callback) retried it already
     attrs = {k: trial.user_attrs[k] for k in _KEPT_ON_RETRY if k in trial.user_attrs}
     study.enqueue_trial(params, user_attrs={**attrs, RETRY_OF: trial.number})
     return True

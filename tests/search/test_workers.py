@@ -62,7 +62,8 @@ def workdir(tmp_path_factory):
 
 def _env() -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
+    # the checkout under test, also when the installed command points at another one
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env
 
 
