@@ -404,7 +404,7 @@ class SwitchableNorm(nn.Module):
         self._pending_batch_stats = None
         params = self._params(x.dtype, mask)
         if traced:  # plain ops that the compiler fuses and differentiates itself
-            a, b = affine_from_stats(mean, var, *params)
+            a, b = affine_from_stats(mean, var, *cast(list[Any], params))
             out = torch.addcmul(b.unsqueeze(-1), x3, a.unsqueeze(-1))
         else:
             out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *params)
@@ -497,7 +497,7 @@ class SwitchableNorm(nn.Module):
         self._pending_batch_stats = None
         params = self._params(x.dtype, mask)
         if traced:  # plain ops that the compiler fuses and differentiates itself
-            terms = terms_from_stats(row_mean, row_var, col_mean, col_var, *params)
+            terms = terms_from_stats(row_mean, row_var, col_mean, col_var, *cast(list[Any], params))
             out = token_norm_reference(flat, terms, self.eps)
         else:
             out = TokenNorm.apply(
