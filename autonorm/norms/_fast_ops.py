@@ -196,3 +196,113 @@ class DyTFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[3]:
             grad_bias = None
         return grad_x, grad_alpha, grad_weight, grad_bias, None
+
+
+def _sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` ``(N, S, C)`` over S: two ``(N, C)`` tensors.
+
+    From torch's batch-norm kernel on each sample's ``(S, C)`` slice (Welford, vectorized over
+    the channels), where ``torch.var_mean`` over dim 1 runs a scalar loop twenty times slower.
+    """
+    stats = [torch.native_batch_norm(row, None, None, None, None, True, 0.0, 0.0) for row in x]
+    invstd = torch.stack([s[2] for s in stats])
+    var = torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps=0: a constant channel has inf
+    return torch.stack([s[1] for s in stats]), var
+
+
+def _sample_sums(
+    grad: torch.Tensor, x: torch.Tensor, center: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel of ``(N, S, C)`` tensors: ``(grad * (x - center)).sum(1)`` and
+    ``grad.sum(1)``, centered in the kernel (no cancellation on a large mean), no temporary."""
+    ones = x.new_ones(x.shape[-1])
+    sums = [
+        torch.ops.aten.native_batch_norm_backward(
+            g, row, ones, None, None, c, ones, True, 0.0, [False, True, True]
+        )
+        for g, row, c in zip(grad, x, center, strict=True)
+    ]
+    return torch.stack([s[1] for s in sums]), torch.stack([s[2] for s in sums])
+
+
+class GroupNormTokens(torch.autograd.Function):
+    """Group norm of tokens ``x`` ``(N, S, C)``: per sample over each group's channels and the
+    S positions (instance norm: ``groups = C``), without moving the channels first. Saves
+    ``x`` and the per-(sample, group) mean and ``rstd``; the backward is group norm's::
+
+        dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat)),  g = dy * weight
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> torch.Tensor:
+        n, _, channels = x.shape
+        mean, var = _sample_moments(x)  # law of total variance from the per-channel moments
+        mean = mean.view(n, groups, -1)
+        group_mean = mean.mean(-1, keepdim=True)
+        group_var = (var.view(n, groups, -1) + (mean - group_mean).square()).mean(-1, True)
+        rstd = (group_var + eps).rsqrt_()
+        # contiguous: reshape may keep the expansion's zero stride, which the kernels misread
+        center = group_mean.expand_as(mean).reshape(n, channels).contiguous()
+        a = rstd.expand_as(mean).reshape(n, channels)
+        if weight is not None:
+            a = a * weight
+        b = -center * a
+        if bias is not None:
+            b = b + bias
+        ctx.groups = groups
+        ctx.save_for_backward(x, center, rstd, weight)
+        return torch.addcmul(b.unsqueeze(1), x, a.unsqueeze(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, center, rstd, weight = ctx.saved_tensors
+        n, positions, channels = x.shape
+        grad = grad.contiguous()
+        centered_sum, grad_sum = _sample_sums(grad, x, center)
+        rstd_c = rstd.expand(n, ctx.groups, channels // ctx.groups).reshape(n, channels)
+        grad_weight = (centered_sum * rstd_c).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_sum.sum(0) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = torch.ones_like(rstd_c) if weight is None else weight.expand(n, channels)
+            count = positions * (channels // ctx.groups)
+
+            def group_mean(v: torch.Tensor) -> torch.Tensor:
+                per_group = v.view(n, ctx.groups, -1).sum(-1, keepdim=True) / count
+                return per_group.expand(n, ctx.groups, channels // ctx.groups).reshape(n, channels)
+
+            mean_g = group_mean(w * grad_sum)
+            mean_gx = group_mean(w * centered_sum) * rstd_c  # mean of g * xhat
+            x_coef = -rstd_c * rstd_c * mean_gx  # of (x - center)
+            # centered first: x * x_coef - center * x_coef cancels on a large mean
+            grad_x = torch.sub(x, center.unsqueeze(1)).mul_(x_coef.unsqueeze(1))
+            grad_x.addcmul_(grad, (rstd_c * w).unsqueeze(1)).sub_((rstd_c * mean_g).unsqueeze(1))
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def group_norm_tokens(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """:class:`GroupNormTokens` of ``x`` ``(N, *, C)``, or plain ops under ``torch.compile``."""
+    n, channels = x.shape[0], x.shape[-1]
+    x3 = x.reshape(n, -1, channels)
+    if torch.compiler.is_compiling():
+        h = x3.view(n, -1, groups, channels // groups)
+        var, mean = torch.var_mean(h, (1, 3), correction=0, keepdim=True)
+        out = ((h - mean) * torch.rsqrt(var + eps)).view(x3.shape)
+        if weight is not None:
+            out = out * weight
+        return (out if bias is None else out + bias).view(x.shape)
+    return GroupNormTokens.apply(x3.contiguous(), weight, bias, groups, eps).view(x.shape)

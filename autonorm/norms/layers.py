@@ -20,7 +20,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from autonorm.norms._fast_ops import DyTFunction, fused_dtype, norm_over_channels
+from autonorm.norms._fast_ops import (
+    DyTFunction,
+    fused_dtype,
+    group_norm_tokens,
+    norm_over_channels,
+)
 
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
@@ -133,6 +138,9 @@ class GroupNormChannelsLast(nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, ..., C), got {tuple(input.shape)}")
+        if input.dim() > 2 and fused_dtype(input):  # no copies to and from channels first
+            _check_features(self, input, -1)
+            return group_norm_tokens(input, self.num_groups, self.weight, self.bias, self.eps)
         # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
         return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
@@ -180,6 +188,9 @@ class InstanceNormChannelsLast(InstanceNormNd):
                 "instance normalization needs positions: expected (N, L, ..., C), "
                 f"got {tuple(input.shape)}"
             )
+        if fused_dtype(input) and not self.track_running_stats:  # no running stats to update
+            _check_features(self, input, -1)
+            return group_norm_tokens(input, self.num_features, self.weight, self.bias, self.eps)
         # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
         return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
