@@ -179,7 +179,7 @@ def _normalize_tokens(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - mean_row - mean_col) * rstd`` and ``rstd = rsqrt(var_row + var_col + eps)``."""
-    rstd = torch.rsqrt((var_row + eps) + var_col)
+    rstd = ((var_row + eps) + var_col).rsqrt_()  # in place: one input-sized allocation
     return (x - mean_row).sub_(mean_col).mul_(rstd), rstd
 
 
