@@ -214,3 +214,52 @@ def test_cli_export_folds_a_trained_checkpoint(user_project, capsys):
 def test_cli_export_refuses_a_wrong_output_suffix(user_project, capsys):
     assert main(["export", "usermodels.Net", "-o", "net.onnx"]) == 2
     assert "-o/--output must be a .pt2 file" in capsys.readouterr().err
+
+
+def test_inference_cost_of_a_config_and_its_folded_total():
+    from autonorm.report.cost import cost_table_html, inference_cost
+
+    slots = [
+        {"name": "bn1", "num_features": 8, "layout": "channels_first", "input_shape": [4, 8, 6, 6], "feeder": "conv1"},
+        {"name": "bn2", "num_features": 8, "layout": "channels_first", "input_shape": [4, 8, 6, 6], "feeder": None},
+        {"name": "ln", "num_features": 8, "layout": "channels_last", "input_shape": [4, 5, 8], "feeder": "fc"},
+        {"name": "unprobed", "num_features": 8, "layout": "channels_first"},
+    ]  # fmt: skip
+    config = {
+        "bn1": "batchnorm",
+        "bn2": "batchnorm",
+        "ln": "groupnorm(groups=2)",
+        "unprobed": "dyt",
+    }
+    cost = inference_cost(slots, config, reps=2)
+    assert set(cost["slots"]) == {"bn1", "bn2", "ln"}  # no input shape: not timed
+    assert [cost["slots"][s]["folds"] for s in ("bn1", "bn2", "ln")] == [True, False, False]
+    assert all(c["ms"] > 0 for c in cost["slots"].values())
+    assert cost["total_ms"] == pytest.approx(sum(c["ms"] for c in cost["slots"].values()))
+    assert cost["folded_total_ms"] == pytest.approx(cost["total_ms"] - cost["slots"]["bn1"]["ms"])
+    assert "groupnorm(groups=2)" in cost_table_html(
+        cost
+    ) and "folds into its feeder" in cost_table_html(cost)
+    assert inference_cost(slots[3:], config) is None and cost_table_html(None) == ""
+
+
+def test_the_bundle_summary_and_report_show_the_inference_cost(tmp_path):
+    from autonorm._trial_keys import STUDY_INFO
+    from autonorm.report import write_report
+    from autonorm.report.summary import write_summary
+    from tests.report.studies import SLOTS, make_study, params
+
+    plans = [(params("batchnorm", "layernorm", "batchnorm"), {})]
+    study = make_study(tmp_path, plans)
+    info = dict(study.user_attrs[STUDY_INFO])
+    for slot in info["slots"]:
+        slot.update(input_shape=[2, 8, 4, 4], feeder=f"{slot['name']}_conv")
+    study.set_user_attr(STUDY_INFO, info)
+    summary = write_summary(study, tmp_path)
+    cost = summary["inference_cost"]
+    assert set(cost["slots"]) == set(SLOTS)
+    assert cost["folded_total_ms"] == pytest.approx(
+        cost["slots"][SLOTS[1]]["ms"]
+    )  # layernorm stays
+    html = write_report(study, tmp_path / "report.html", summary=summary).read_text()
+    assert "Inference cost of the chosen norms" in html and "folds into its feeder" in html
