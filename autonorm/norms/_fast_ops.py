@@ -61,6 +61,17 @@ def _channel_sums(
     return grad_x_sum, grad_sum
 
 
+def _channel_mean(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v.mean(dim, keepdim=True)``; over dim 1 of ``(N, C, *)`` as a matrix product with a
+    row of ``1/C``, which BLAS runs several times faster than torch's reduction over a
+    non-innermost dim (ten times with two contended threads)."""
+    if dim % v.dim() != 1 or v.dim() < 3:
+        return v.mean(dim, keepdim=True)
+    n, channels = v.shape[:2]
+    weights = v.new_full((1, channels), 1.0 / channels)
+    return torch.matmul(weights, v.reshape(n, channels, -1)).view(n, 1, *v.shape[2:])
+
+
 def _channel_view(param: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     shape = [1] * x.dim()
     shape[channel_dim] = -1
@@ -89,9 +100,9 @@ class _NormOverChannels(torch.autograd.Function):
     ) -> torch.Tensor:
         # two passes (mean, then the norm of the centered input): stable for a large mean, and
         # vectorized over the positions, where torch.var_mean over dim 1 loops per element
-        mean = x.mean(dim, keepdim=True) if centered else None
+        mean = _channel_mean(x, dim) if centered else None
         out = x.clone() if mean is None else x - mean
-        var = torch.linalg.vecdot(out, out, dim=dim).unsqueeze(dim).div_(x.shape[dim])
+        var = _channel_mean(out * out, dim)
         rstd = (var + eps).rsqrt_()
         out.mul_(rstd)
         if weight is not None:
@@ -117,7 +128,7 @@ class _NormOverChannels(torch.autograd.Function):
             buffer = grad * xhat
             if weight is not None:
                 buffer.mul_(_channel_view(weight, x, dim))  # g * xhat, g = dy * weight
-            projection = buffer.sum(dim, keepdim=True).div_(-x.shape[dim])
+            projection = _channel_mean(buffer, dim).neg_()
             g = (
                 grad
                 if weight is None
@@ -125,7 +136,7 @@ class _NormOverChannels(torch.autograd.Function):
             )
             grad_x = xhat.mul_(projection).add_(g)
             if mean is not None:
-                grad_x.sub_(g.mean(dim, keepdim=True))
+                grad_x.sub_(_channel_mean(g, dim))
             grad_x.mul_(rstd)
         if not ctx.needs_input_grad[1]:
             grad_weight = None
