@@ -263,3 +263,27 @@ def test_the_bundle_summary_and_report_show_the_inference_cost(tmp_path):
     )  # layernorm stays
     html = write_report(study, tmp_path / "report.html", summary=summary).read_text()
     assert "Inference cost of the chosen norms" in html and "folds into its feeder" in html
+
+
+@pytest.mark.slow
+def test_a_search_bundle_records_the_best_configs_inference_cost(tmp_path):
+    import json
+
+    from tests.lightning_models import TinyConvNet, TinyDataModule
+
+    result = autonorm.search(
+        TinyConvNet,
+        TinyDataModule(),
+        n_trials=2,
+        trainer_kwargs={"max_epochs": 1},
+        out_dir=tmp_path / "run",
+        seed=0,
+        space="minimal",
+    )
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    cost = summary["inference_cost"]
+    assert set(cost["slots"]) == set(result.best_config.choices)
+    for name, choice in result.best_config.choices.items():
+        assert cost["slots"][name]["choice"] == choice.label and cost["slots"][name]["ms"] > 0
+    assert cost["folded_total_ms"] <= cost["total_ms"]
+    assert "Inference cost of the chosen norms" in (result.out_dir / "report.html").read_text()
