@@ -7,6 +7,7 @@ from typing import Any
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
+from autonorm.deploy import fold_norms
 from autonorm.norms import NORM_NAMES, SwitchableNorm, create_norm
 from autonorm.recommendation import format_reasons, recommend
 from autonorm.surgery import (
@@ -54,6 +55,7 @@ __all__ = [
     "create_norm",
     "derive_config",
     "find_slots",
+    "fold_norms",
     "format_reasons",
     "load_from_checkpoint",
     "recommend",

@@ -1,8 +1,9 @@
 """Forward+backward time and saved-activation memory of every registry norm.
 
-Each layer runs in training mode on the same input; times are medians over ``--reps`` steps
-after ``--warmup`` steps, with the layers interleaved step by step so that a change in machine
-load hits them alike. Ratios are to the native baselines measured in the same run:
+Each layer runs in training mode on the same input; times are the best (``--stat median``:
+the median) of ``--reps`` steps after ``--warmup`` steps, with the layers interleaved step by
+step in one process so that a change in machine load hits them alike; on a loaded machine the
+best step is the one least disturbed. Ratios are to the native baselines measured in the same run:
 ``nn.BatchNorm2d`` for conv maps, ``nn.LayerNorm`` and batch norm over flattened tokens
 (``nn.BatchNorm1d``) for tokens. "naive SN" is Switchable Normalization written with plain
 autograd ops (the paper's formulas), as a reference for ``SwitchableNorm``.
@@ -171,7 +172,12 @@ class Row:
     saved_bytes: int
 
 
-def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> list[Row]:
+STATS: dict[str, Callable[[Sequence[float]], float]] = {"best": min, "median": statistics.median}
+
+
+def run_case(
+    case: Case, device: torch.device, reps: int, warmup: int, stat: str = "best"
+) -> list[Row]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.shape, generator=gen).to(device).requires_grad_()
     grad = torch.randn(case.shape, generator=gen).to(device)
@@ -185,8 +191,8 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> list[R
     return [
         Row(
             label,
-            forward_s=statistics.median(t[0] for t in times[label]),
-            total_s=statistics.median(t[1] for t in times[label]),
+            forward_s=STATS[stat]([t[0] for t in times[label]]),
+            total_s=STATS[stat]([t[1] for t in times[label]]),
             saved_bytes=_saved_bytes(layer, x),
         )
         for label, layer in layers
@@ -229,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per layer first")
     parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    parser.add_argument("--stat", choices=tuple(STATS), default="best", help="time statistic")
     args = parser.parse_args(argv)
     reps = args.reps if args.reps is not None else (5 if args.quick else 20)
     if reps < 1 or args.warmup < 0:
@@ -236,13 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    header = f"torch {torch.__version__}, median of {reps} steps after {args.warmup} warmup steps"
+    header = (
+        f"torch {torch.__version__}, {args.stat} of {reps} interleaved steps after "
+        f"{args.warmup} warmup steps"
+    )
     if hasattr(os, "getloadavg"):
         header += f", load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     print(header)
     for device in devices:
         for case in _cases(args.quick):
-            rows = run_case(case, device, reps, args.warmup)
+            rows = run_case(case, device, reps, args.warmup, args.stat)
             print()
             print(format_table(case, rows, device))
     return 0

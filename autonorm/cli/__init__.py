@@ -1,4 +1,5 @@
-"""The ``autonorm`` command: ``search``, ``report``, ``show``, ``dashboard``.
+"""The ``autonorm`` command: ``search``, ``report``, ``show``, ``recommend``, ``export``,
+``dashboard``.
 
 ``autonorm search`` follows LightningCLI conventions (jsonargparse): ``--model`` / ``--data`` take
 a class path, ``--model.<arg>`` / ``--data.<arg>`` their init arguments, ``--trainer.<arg>`` the
@@ -22,7 +23,13 @@ from collections.abc import Callable, Sequence
 
 from autonorm._errors import USAGE_ERROR
 from autonorm._io import mask_password
-from autonorm.cli.commands import run_dashboard, run_recommend, run_report, run_show
+from autonorm.cli.commands import (
+    run_dashboard,
+    run_export,
+    run_recommend,
+    run_report,
+    run_show,
+)
 from autonorm.cli.search import run_search
 
 
@@ -57,6 +64,17 @@ def _plain_parser() -> argparse.ArgumentParser:
         default=None,
     )
     rec.add_argument("-o", "--output", default=None, help="write the config (.yaml/.json)")
+    exp = sub.add_parser(
+        "export", help="fold a trained model's norms and write it for inference (.pt2, ONNX)"
+    )
+    exp.add_argument("model", help="dotted path of the model class (nn.Module or LightningModule)")
+    exp.add_argument("--checkpoint", default=None, help="a checkpoint saved with AutoNorm")
+    exp.add_argument("--config", default=None, help="without --checkpoint: a config to apply")
+    exp.add_argument("--model-args", default=None, help="YAML mapping of init arguments")
+    exp.add_argument("--input-shape", type=int, nargs="+", default=None)
+    exp.add_argument("--no-fold", action="store_true", help="write the model unfolded")
+    exp.add_argument("-o", "--output", required=True, help="the torch.export program (.pt2)")
+    exp.add_argument("--onnx", default=None, help="also write the model as ONNX to this file")
     dash = sub.add_parser("dashboard", help="open the study in optuna-dashboard")
     dash.add_argument("target", help="bundle folder, storage URL or journal file")
     dash.add_argument("--host", default="127.0.0.1")
@@ -85,6 +103,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": run_report,
     "show": run_show,
     "recommend": run_recommend,
+    "export": run_export,
     "dashboard": run_dashboard,
 }
 

@@ -66,14 +66,8 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_recommend(args: argparse.Namespace) -> int:
-    import torch
-    from rich.table import Table
-
+def _model_class_and_args(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     from autonorm._io import load_yaml
-    from autonorm.budget import Budget
-    from autonorm.recommendation import recommend
-    from autonorm.surgery import find_slots
 
     sys.path.insert(0, os.getcwd())
     cls = import_class(args.model, "model")
@@ -82,7 +76,14 @@ def run_recommend(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--model-args must be a YAML mapping, e.g. '{{width: 32}}', got {args.model_args!r}"
         )
-    model = cls(**kwargs)
+    return cls, kwargs
+
+
+def _example_input(args: argparse.Namespace, model: Any, *, random: bool = False) -> Any:
+    """Zeros of ``--input-shape``, else the model's ``example_input_array``; ``random``:
+    random values of that shape instead (a fold's check needs them)."""
+    import torch
+
     example = (
         torch.zeros(args.input_shape)
         if args.input_shape
@@ -90,9 +91,24 @@ def run_recommend(args: argparse.Namespace) -> int:
     )
     if example is None:
         raise UsageError(
-            f"{cls.__name__} has no example_input_array: give --input-shape, e.g. "
+            f"{type(model).__name__} has no example_input_array: give --input-shape, e.g. "
             "--input-shape 2 3 32 32"
         )
+    if random and isinstance(example, torch.Tensor) and example.is_floating_point():
+        example = torch.randn_like(example)
+    return example
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autonorm.budget import Budget
+    from autonorm.recommendation import recommend
+    from autonorm.surgery import find_slots
+
+    cls, kwargs = _model_class_and_args(args)
+    model = cls(**kwargs)
+    example = _example_input(args, model)
     budget = Budget(batch_size=args.batch_size, devices=args.devices)
     config = recommend(find_slots(model, example), budget, task=args.task)
     config.metadata["model_class"] = f"{cls.__module__}.{cls.__qualname__}"
@@ -124,6 +140,63 @@ def run_show(args: argparse.Namespace) -> int:
     for key, value in config.metadata.items():
         if key not in ("versions", "space", "switchable_weights"):
             out.print(f"{key}: {value}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Build the model (from an AutoNorm checkpoint, else with ``--config`` applied), fold its
+    norms, check the folded output and write it as a ``torch.export`` program (and ONNX)."""
+    import torch
+    from rich.table import Table
+
+    from autonorm.config import NormConfig
+    from autonorm.deploy import (
+        FOLDS_ATTR,
+        export_onnx,
+        export_program,
+        fold_norms,
+        plan_folds,
+    )
+    from autonorm.surgery import apply_config
+
+    if not str(args.output).endswith(".pt2"):
+        raise UsageError(f"-o/--output must be a .pt2 file, got {args.output!r}")
+    cls, kwargs = _model_class_and_args(args)
+    if args.checkpoint:
+        from autonorm.callbacks import load_from_checkpoint
+
+        example = torch.randn(args.input_shape) if args.input_shape else None
+        model = load_from_checkpoint(cls, args.checkpoint, example_input=example, **kwargs)
+        example = _example_input(args, model, random=True)
+    else:
+        model = cls(**kwargs)
+        example = _example_input(args, model, random=True)
+        if args.config:
+            apply_config(model, NormConfig.load(args.config), partial=True, example_input=example)
+    model.eval()
+    with torch.no_grad():
+        expected = model(example)
+    plan = plan_folds(model, example)
+    if not args.no_fold:
+        fold_norms(model, example, plan=plan)
+        plan = getattr(model, FOLDS_ATTR)
+    table = Table(title=f"{cls.__name__}: norms folded for inference")
+    for column in ("slot", "folded into", "kept because"):
+        table.add_column(column)
+    for fold in plan:
+        done = fold.reason is None and not args.no_fold
+        table.add_row(
+            fold.slot, fold.feeder if done else "", "" if done else fold.reason or "--no-fold"
+        )
+    out = console()
+    out.print(table)
+    path = export_program(model, example, args.output)
+    with torch.no_grad():
+        got = torch.export.load(path).module()(example)
+    error = float((got - expected).abs().max())
+    out.print(f"wrote {path} (max |difference| from the unfolded model: {error:.2e})")
+    if args.onnx:
+        out.print(f"wrote {export_onnx(model, example, args.onnx)}")
     return 0
 
 

@@ -65,6 +65,24 @@ def column_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, _variance(invstd)
 
 
+def traced_moments(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` over ``dim`` (kept for ``dim=-1`` of a 2-D ``x``, as
+    :func:`row_moments`), differentiable: under ``torch.compile``, where the compiler fuses
+    the reduction and the custom functions' hand-written backwards are not traced."""
+    keepdim = dim == -1 and x.dim() == 2
+    var, mean = torch.var_mean(x, dim, correction=0, keepdim=keepdim)
+    return mean, var
+
+
+def token_norm_reference(
+    x: torch.Tensor, terms: Sequence[torch.Tensor], eps: float
+) -> torch.Tensor:
+    """:class:`TokenNorm`'s output with out-of-place ops that autograd differentiates."""
+    mean_row, var_row, mean_col, var_col, scale, shift = terms
+    rstd = torch.rsqrt((var_row + eps) + var_col)
+    return (x - mean_row - mean_col) * rstd * scale + shift
+
+
 def _position_sums(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad * x).sum(-1)`` and ``grad.sum(-1)`` of two ``(N, C, S)`` tensors.
 
@@ -161,7 +179,7 @@ def _normalize_tokens(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - mean_row - mean_col) * rstd`` and ``rstd = rsqrt(var_row + var_col + eps)``."""
-    rstd = torch.rsqrt((var_row + eps) + var_col)
+    rstd = ((var_row + eps) + var_col).rsqrt_()  # in place: one input-sized allocation
     return (x - mean_row).sub_(mean_col).mul_(rstd), rstd
 
 

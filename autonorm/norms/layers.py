@@ -20,6 +20,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from autonorm.norms._fast_ops import (
+    DyTFunction,
+    fused_dtype,
+    group_norm_tokens,
+    norm_over_channels,
+)
+
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST)
@@ -131,6 +138,9 @@ class GroupNormChannelsLast(nn.GroupNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, ..., C), got {tuple(input.shape)}")
+        if input.dim() > 2 and fused_dtype(input):  # no copies to and from channels first
+            _check_features(self, input, -1)
+            return group_norm_tokens(input, self.num_groups, self.weight, self.bias, self.eps)
         # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
         return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
@@ -178,6 +188,9 @@ class InstanceNormChannelsLast(InstanceNormNd):
                 "instance normalization needs positions: expected (N, L, ..., C), "
                 f"got {tuple(input.shape)}"
             )
+        if fused_dtype(input) and not self.track_running_stats:  # no running stats to update
+            _check_features(self, input, -1)
+            return group_norm_tokens(input, self.num_features, self.weight, self.bias, self.eps)
         # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
         return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
@@ -215,6 +228,14 @@ class _OverChannelsAtEachPosition(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+        if fused_dtype(input):  # over dim 1 in place: no permuted copies
+            _check_features(self, input, 1)
+            eps = getattr(self, "eps", None)
+            if eps is None:
+                eps = torch.finfo(input.dtype).eps
+            centered = isinstance(self, nn.LayerNorm)
+            weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+            return norm_over_channels(input, weight, bias, 1, eps, centered)
         out: torch.Tensor = super().forward(input.movedim(1, -1))
         return laid_out_like(out.movedim(-1, 1), input)
 
@@ -365,6 +386,9 @@ class DyT(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         channel_dim = 1 if self.layout == CHANNELS_FIRST else -1
         _check_features(self, input, channel_dim)
+        if fused_dtype(input) and not torch.compiler.is_compiling():
+            weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+            return DyTFunction.apply(input, self.alpha, weight, bias, channel_dim)
         out = torch.tanh(self.alpha * input)
         if self.weight is not None and self.bias is not None:
             shape = [1] * input.dim()

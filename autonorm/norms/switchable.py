@@ -39,6 +39,8 @@ from autonorm.norms._switchable_ops import (
     column_moments,
     instance_moments,
     row_moments,
+    token_norm_reference,
+    traced_moments,
 )
 from autonorm.norms.layers import (
     CHANNELS_FIRST,
@@ -70,6 +72,13 @@ def _check_mixing(mixing: str, radius: float) -> None:
         raise ValueError(f"`radius` must be a finite number >= 0, got {radius!r}")
     if radius and mixing != "sparsestmax":
         raise ValueError(f"`radius` applies to mixing='sparsestmax', got mixing={mixing!r}")
+
+
+def _records_stats() -> bool:
+    """Whether a statistics function runs in the forward, where it records the step's batch
+    statistics: the custom functions' forwards run without grad and their backwards recompute
+    with it; a compiled forward calls the function once, with grad."""
+    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
 def _distributed_world() -> int:
@@ -321,7 +330,13 @@ class SwitchableNorm(nn.Module):
         running_mean, running_var, tracked = self._running_stats()
         with torch.no_grad():
             tracked.add_(1)
-            factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+            factor: float | torch.Tensor
+            if self.momentum is not None:
+                factor = self.momentum
+            elif torch.compiler.is_compiling():
+                factor = 1.0 / tracked.to(running_mean.dtype)  # float() would break the graph
+            else:
+                factor = 1.0 / float(tracked)  # as BatchNorm, for the same rounding
             unbiased = var * (count / (count - 1))
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
@@ -354,7 +369,8 @@ class SwitchableNorm(nn.Module):
         x3 = x.reshape(n, c, -1)
         if x3.shape[-1] == 0:
             raise ValueError(f"SwitchableNorm got an input with no positions: {tuple(x.shape)}")
-        mean, var = instance_moments(x3.detach())
+        traced = torch.compiler.is_compiling()
+        mean, var = traced_moments(x3, -1) if traced else instance_moments(x3.detach())
         use_batch = "batch" in self.candidates
         batch_count = 0
         mask = None
@@ -405,12 +421,17 @@ class SwitchableNorm(nn.Module):
             b = -mixed_mean * a
             if bias is not None:
                 b = b + bias
-            if training and batch_count and not torch.is_grad_enabled():
+            if training and batch_count and _records_stats():
                 self._pending_batch_stats = (stats["batch"][0][0], stats["batch"][1][0])
             return a.to(dtype), b.to(dtype)
 
         self._pending_batch_stats = None
-        out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *self._params(x.dtype, mask))
+        params = self._params(x.dtype, mask)
+        if traced:  # plain ops that the compiler fuses and differentiates itself
+            a, b = affine_from_stats(mean, var, *cast(list[Any], params))
+            out = torch.addcmul(b.unsqueeze(-1), x3, a.unsqueeze(-1))
+        else:
+            out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *params)
         if self._pending_batch_stats is not None:
             self._update_running(*self._pending_batch_stats, batch_count)
             self._pending_batch_stats = None
@@ -445,8 +466,9 @@ class SwitchableNorm(nn.Module):
             raise ValueError(f"SwitchableNorm got an input with no tokens: {tuple(x.shape)}")
         zeros_row = flat.new_zeros(rows, 1)
         zeros_col = flat.new_zeros(self.num_features)
+        traced = torch.compiler.is_compiling()
         if "layer" in self.candidates or "rms" in self.candidates:
-            row_mean, row_var = row_moments(flat.detach())
+            row_mean, row_var = traced_moments(flat, -1) if traced else row_moments(flat.detach())
         else:
             row_mean, row_var = zeros_row, zeros_row
         training = self.training
@@ -456,7 +478,7 @@ class SwitchableNorm(nn.Module):
         if use_batch_stats:
             total = _global_count(rows, x.device)
             mask = self._branch_mask(total > 1)
-            col_mean, col_var = column_moments(flat.detach())
+            col_mean, col_var = traced_moments(flat, 0) if traced else column_moments(flat.detach())
         else:
             col_mean, col_var = zeros_col, zeros_col
         batch_count = total if use_batch_stats and mask is None else 0
@@ -480,7 +502,7 @@ class SwitchableNorm(nn.Module):
                     batch_mean = _global_sum(col_mean * rows) / total
                     spread = (col_var + (col_mean - batch_mean).square()) * rows
                     batch_var = _global_sum(spread) / total
-                    if not torch.is_grad_enabled():
+                    if _records_stats():
                         self._pending_batch_stats = (batch_mean, batch_var)
                 elif training:  # batch branch dropped: weight 0, any finite stand-in
                     batch_mean, batch_var = col_mean, col_var
@@ -497,16 +519,14 @@ class SwitchableNorm(nn.Module):
             return *terms, scale, shift
 
         self._pending_batch_stats = None
-        out = TokenNorm.apply(
-            flat,
-            row_mean,
-            row_var,
-            col_mean,
-            col_var,
-            terms_from_stats,
-            self.eps,
-            *self._params(x.dtype, mask),
-        )
+        params = self._params(x.dtype, mask)
+        if traced:  # plain ops that the compiler fuses and differentiates itself
+            terms = terms_from_stats(row_mean, row_var, col_mean, col_var, *cast(list[Any], params))
+            out = token_norm_reference(flat, terms, self.eps)
+        else:
+            out = TokenNorm.apply(
+                flat, row_mean, row_var, col_mean, col_var, terms_from_stats, self.eps, *params
+            )
         if self._pending_batch_stats is not None:
             self._update_running(*self._pending_batch_stats, batch_count)
             self._pending_batch_stats = None

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial
 from autonorm._io import atomic_write
 from autonorm.report._format import budget_limit, choice_label, esc, fmt
 from autonorm.report.choices import choice_map_figure, importance_figure, importances, slot_order
+from autonorm.report.cost import cost_table_html
 from autonorm.report.figures import Figures, history_figure, intermediate_figure, pareto_figure
 from autonorm.report.summary import FINISHED, STATES, objective_names, study_info, summarize
 from autonorm.report.winners import pareto_trials
@@ -208,8 +209,10 @@ def _config_section(summary: dict[str, Any], info: dict[str, Any]) -> str:
     if summary["pareto"] is None:
         if summary["best_config"] is None:
             return ""
-        return f"<h2>Best config (trial {esc(summary['best_trial'])})</h2>" + _table(
-            _CONFIG_HEADER, _config_rows(summary["best_config"], info)
+        return (
+            f"<h2>Best config (trial {esc(summary['best_trial'])})</h2>"
+            + _table(_CONFIG_HEADER, _config_rows(summary["best_config"], info))
+            + cost_table_html(summary.get("inference_cost"))
         )
     if not summary["pareto"]:
         return ""

@@ -26,6 +26,7 @@ from autonorm._trial_keys import (
     REUSED_FROM,
     STUDY_INFO,
 )
+from autonorm.report.cost import inference_cost
 from autonorm.report.winners import (
     ConfigRuns,
     choice_certainty,
@@ -249,6 +250,9 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
         "best_runs": len(best.trials) if best is not None else None,
         "best_trial": best.trials[0].number if best is not None else None,
         "best_config": trial_config(best.trials[0]) if best is not None else None,
+        "inference_cost": inference_cost(
+            info.get("slots"), trial_config(best.trials[0]) if best is not None else None
+        ),
         "candidates": _candidates(runs),
         "certainty": choice_certainty(runs, maximizes(study)) if runs else None,
         "compute": _compute(trials, info),
@@ -274,7 +278,8 @@ def write_summary(
     ``model_class``, ``slots`` (from the study's ``autonorm`` attribute, None when missing);
     ``best_value`` (the mean of the best config's runs), ``best_std``, ``best_runs``,
     ``best_trial`` (its first run), ``best_config`` (single objective; None without a feasible
-    trial); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
+    trial); ``inference_cost`` (the best config's norms timed at inference on this machine,
+    :func:`~autonorm.report.cost.inference_cost`, or None); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
     config}]``); ``certainty`` (best against the runner-up: ``{runner_up, gap, noise,
     p_better}``, see :func:`~autonorm.report.winners.choice_certainty`); ``compute``
     (``epochs``, ``trainings``, ``budget_epochs``, ``budget_trainings``, ``reused_trials``); ``pareto`` (multi-objective: ``[{trial, values, config}]``, else None); ``trials``

@@ -426,7 +426,14 @@ def _study_info(
         "space": space.to_dict(),
         "model_class": model_class,
         "slots": [
-            {"name": s.name, "kind": s.kind, "num_features": s.num_features, "layout": s.layout}
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "num_features": s.num_features,
+                "layout": s.layout,
+                "input_shape": None if s.input_shape is None else list(s.input_shape),
+                "feeder": s.feeder,
+            }
             for s in slots
         ],
         "max_epochs": settings.max_epochs,

@@ -1,0 +1,319 @@
+"""Fused autograd functions behind the layers of :mod:`autonorm.norms.layers`.
+
+Each saves its input and per-position statistics only, recomputes what the backward needs
+from them, and reduces per channel with torch's batch-norm backward kernel where it can: on a
+CPU the time of these memory-bound layers goes to passes over the input and to fresh
+input-sized allocations (their first touch page-faults), so each function keeps both few.
+Under ``torch.compile`` the layers use plain ops instead, which the compiler fuses itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def fused_dtype(x: torch.Tensor) -> bool:
+    """Whether the fused functions apply: float32/float64 outside autocast (half precision
+    and autocast keep torch's layers, which compute their statistics in float32)."""
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(
+        x.device.type
+    )
+
+
+def _reduce_dims(x: torch.Tensor, channel_dim: int) -> list[int]:
+    return [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+
+
+def _channel_sums(
+    grad: torch.Tensor, x: torch.Tensor, channel_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: ``(grad * x).sum()`` and ``grad.sum()`` over every other dim.
+
+    For contiguous tensors these come from torch's batch-norm backward kernel with mean 0 and
+    inverse std 1: one pass over both and no input-sized temporary (see
+    :func:`autonorm.norms._switchable_ops._position_sums`).
+    """
+    channels = x.shape[channel_dim]
+    if not (grad.is_contiguous() and x.is_contiguous()):
+        dims = _reduce_dims(x, channel_dim)
+        return (grad * x).sum(dims), grad.sum(dims)
+    if channel_dim % x.dim() == x.dim() - 1:
+        shape: tuple[int, ...] = (-1, channels)
+    else:
+        shape = (math.prod(x.shape[:channel_dim]), channels, -1)
+    ones = x.new_ones(channels)
+    _, grad_x_sum, grad_sum = torch.ops.aten.native_batch_norm_backward(
+        grad.view(shape),
+        x.view(shape),
+        ones,
+        None,
+        None,
+        x.new_zeros(channels),
+        ones,
+        True,
+        0.0,
+        [False, True, True],
+    )
+    return grad_x_sum, grad_sum
+
+
+def _channel_mean(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v.mean(dim, keepdim=True)``; over dim 1 of ``(N, C, *)`` as a matrix product with a
+    row of ``1/C``, which BLAS runs several times faster than torch's reduction over a
+    non-innermost dim (ten times with two contended threads)."""
+    if dim % v.dim() != 1 or v.dim() < 3:
+        return v.mean(dim, keepdim=True)
+    n, channels = v.shape[:2]
+    weights = v.new_full((1, channels), 1.0 / channels)
+    return torch.matmul(weights, v.reshape(n, channels, -1)).view(n, 1, *v.shape[2:])
+
+
+def _channel_view(param: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return param.view(shape)
+
+
+class _NormOverChannels(torch.autograd.Function):
+    """Layer norm (``centered``) or RMS norm over ``dim`` (the channels) of ``x``, times
+    per-channel ``weight`` plus ``bias``. Saves ``x`` and the per-position ``mean`` and
+    ``rstd``; the backward recomputes the normalized input::
+
+        dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)),  g = dy * weight
+
+    (without ``mean_c(g)`` for RMS norm).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dim: int,
+        eps: float,
+        centered: bool,
+    ) -> torch.Tensor:
+        # two passes (mean, then the norm of the centered input): stable for a large mean, and
+        # vectorized over the positions, where torch.var_mean over dim 1 loops per element
+        mean = _channel_mean(x, dim) if centered else None
+        out = x.clone() if mean is None else x - mean
+        var = _channel_mean(out * out, dim)
+        rstd = (var + eps).rsqrt_()
+        out.mul_(rstd)
+        if weight is not None:
+            out.mul_(_channel_view(weight, x, dim))
+        if bias is not None:
+            out.add_(_channel_view(bias, x, dim))
+        ctx.dim = dim
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, mean, rstd, weight = ctx.saved_tensors
+        dim = ctx.dim
+        # two input-sized buffers: fresh allocations page-fault, and dominate on CPU
+        xhat = x.clone() if mean is None else x - mean
+        xhat.mul_(rstd)
+        sums: tuple[torch.Tensor | None, ...] = _channel_sums(grad, xhat, dim)
+        grad_weight, grad_bias = sums
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            buffer = grad * xhat
+            if weight is not None:
+                buffer.mul_(_channel_view(weight, x, dim))  # g * xhat, g = dy * weight
+            projection = _channel_mean(buffer, dim).neg_()
+            g = (
+                grad
+                if weight is None
+                else torch.mul(grad, _channel_view(weight, x, dim), out=buffer)
+            )
+            grad_x = xhat.mul_(projection).add_(g)
+            if mean is not None:
+                grad_x.sub_(_channel_mean(g, dim))
+            grad_x.mul_(rstd)
+        if not ctx.needs_input_grad[1]:
+            grad_weight = None
+        if not ctx.needs_input_grad[2]:
+            grad_bias = None
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def norm_over_channels(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dim: int,
+    eps: float,
+    centered: bool,
+) -> torch.Tensor:
+    """Layer (``centered``) or RMS norm of ``x`` over ``dim``: the fused function, or plain ops
+    under ``torch.compile`` (which fuses them itself)."""
+    if torch.compiler.is_compiling():
+        if centered:
+            var, mean = torch.var_mean(x, dim, correction=0, keepdim=True)
+            out = (x - mean) * torch.rsqrt(var + eps)
+        else:
+            out = x * torch.rsqrt(x.square().mean(dim, keepdim=True) + eps)
+        if weight is not None:
+            out = out * _channel_view(weight, x, dim)
+        return out if bias is None else out + _channel_view(bias, x, dim)
+    return _NormOverChannels.apply(x, weight, bias, dim, eps, centered)
+
+
+class DyTFunction(torch.autograd.Function):
+    """``tanh(alpha * x) * weight + bias`` saving ``x`` only: the backward recomputes the tanh."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        alpha: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dim: int,
+    ) -> torch.Tensor:
+        out = torch.mul(x, alpha).tanh_()
+        if weight is not None and bias is not None:
+            view = _channel_view(bias, x, dim)
+            out = torch.addcmul(view, out, _channel_view(weight, x, dim), out=out)
+        ctx.dim = dim
+        ctx.save_for_backward(x, alpha, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, alpha, weight = ctx.saved_tensors
+        t = torch.mul(x, alpha).tanh_()  # the one input-sized buffer, grad_x in the end
+        sums: tuple[torch.Tensor | None, ...] = _channel_sums(grad, t, ctx.dim)
+        grad_weight, grad_bias = sums
+        # d tanh(u) / du = 1 - tanh(u)^2: grad - grad * t^2, written over t
+        dpre = torch.addcmul(grad, grad, t.square_(), value=-1, out=t)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            per_channel, _ = _channel_sums(dpre, x, ctx.dim)  # times weight: dL/du's factor
+            grad_alpha = (per_channel if weight is None else per_channel * weight).sum().view(1)
+        scale = alpha if weight is None else _channel_view(weight * alpha, x, ctx.dim)
+        grad_x = dpre.mul_(scale) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[2]:
+            grad_weight = None
+        if not ctx.needs_input_grad[3]:
+            grad_bias = None
+        return grad_x, grad_alpha, grad_weight, grad_bias, None
+
+
+def _sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` ``(N, S, C)`` over S: two ``(N, C)`` tensors.
+
+    From torch's batch-norm kernel on each sample's ``(S, C)`` slice (Welford, vectorized over
+    the channels), where ``torch.var_mean`` over dim 1 runs a scalar loop twenty times slower.
+    """
+    stats = [torch.native_batch_norm(row, None, None, None, None, True, 0.0, 0.0) for row in x]
+    invstd = torch.stack([s[2] for s in stats])
+    var = torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps=0: a constant channel has inf
+    return torch.stack([s[1] for s in stats]), var
+
+
+def _sample_sums(
+    grad: torch.Tensor, x: torch.Tensor, center: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel of ``(N, S, C)`` tensors: ``(grad * (x - center)).sum(1)`` and
+    ``grad.sum(1)``, centered in the kernel (no cancellation on a large mean), no temporary."""
+    ones = x.new_ones(x.shape[-1])
+    sums = [
+        torch.ops.aten.native_batch_norm_backward(
+            g, row, ones, None, None, c, ones, True, 0.0, [False, True, True]
+        )
+        for g, row, c in zip(grad, x, center, strict=True)
+    ]
+    return torch.stack([s[1] for s in sums]), torch.stack([s[2] for s in sums])
+
+
+class GroupNormTokens(torch.autograd.Function):
+    """Group norm of tokens ``x`` ``(N, S, C)``: per sample over each group's channels and the
+    S positions (instance norm: ``groups = C``), without moving the channels first. Saves
+    ``x`` and the per-(sample, group) mean and ``rstd``; the backward is group norm's::
+
+        dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat)),  g = dy * weight
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> torch.Tensor:
+        n, _, channels = x.shape
+        mean, var = _sample_moments(x)  # law of total variance from the per-channel moments
+        mean = mean.view(n, groups, -1)
+        group_mean = mean.mean(-1, keepdim=True)
+        group_var = (var.view(n, groups, -1) + (mean - group_mean).square()).mean(-1, True)
+        rstd = (group_var + eps).rsqrt_()
+        # contiguous: reshape may keep the expansion's zero stride, which the kernels misread
+        center = group_mean.expand_as(mean).reshape(n, channels).contiguous()
+        a = rstd.expand_as(mean).reshape(n, channels)
+        if weight is not None:
+            a = a * weight
+        b = -center * a
+        if bias is not None:
+            b = b + bias
+        ctx.groups = groups
+        ctx.save_for_backward(x, center, rstd, weight)
+        return torch.addcmul(b.unsqueeze(1), x, a.unsqueeze(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, center, rstd, weight = ctx.saved_tensors
+        n, positions, channels = x.shape
+        grad = grad.contiguous()
+        centered_sum, grad_sum = _sample_sums(grad, x, center)
+        rstd_c = rstd.expand(n, ctx.groups, channels // ctx.groups).reshape(n, channels)
+        grad_weight = (centered_sum * rstd_c).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_sum.sum(0) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = torch.ones_like(rstd_c) if weight is None else weight.expand(n, channels)
+            count = positions * (channels // ctx.groups)
+
+            def group_mean(v: torch.Tensor) -> torch.Tensor:
+                per_group = v.view(n, ctx.groups, -1).sum(-1, keepdim=True) / count
+                return per_group.expand(n, ctx.groups, channels // ctx.groups).reshape(n, channels)
+
+            mean_g = group_mean(w * grad_sum)
+            mean_gx = group_mean(w * centered_sum) * rstd_c  # mean of g * xhat
+            x_coef = -rstd_c * rstd_c * mean_gx  # of (x - center)
+            # centered first: x * x_coef - center * x_coef cancels on a large mean
+            grad_x = torch.sub(x, center.unsqueeze(1)).mul_(x_coef.unsqueeze(1))
+            grad_x.addcmul_(grad, (rstd_c * w).unsqueeze(1)).sub_((rstd_c * mean_g).unsqueeze(1))
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def group_norm_tokens(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """:class:`GroupNormTokens` of ``x`` ``(N, *, C)``, or plain ops under ``torch.compile``."""
+    n, channels = x.shape[0], x.shape[-1]
+    x3 = x.reshape(n, -1, channels)
+    if torch.compiler.is_compiling():
+        h = x3.view(n, -1, groups, channels // groups)
+        var, mean = torch.var_mean(h, (1, 3), correction=0, keepdim=True)
+        out = ((h - mean) * torch.rsqrt(var + eps)).view(x3.shape)
+        if weight is not None:
+            out = out * weight
+        return (out if bias is None else out + bias).view(x.shape)
+    return GroupNormTokens.apply(x3.contiguous(), weight, bias, groups, eps).view(x.shape)
