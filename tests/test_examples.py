@@ -81,7 +81,7 @@ def test_tiny_llama_example_searches_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "autonorm.cli", "search", "--config",
          "examples/tiny_llama/search.yaml", "--trainer.max_epochs", "1",
-         "--search.n_trials", "4", "--search.out_dir", str(out)],
+         "--search.n_trials", "5", "--search.out_dir", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,4 +92,4 @@ def test_tiny_llama_example_searches_end_to_end(tmp_path):
     assert study.metric_names == ["val_acc"]
     screened = {t.user_attrs.get("baseline") for t in study.trials}
     assert {"own norms", "uniform:layernorm", "uniform:dyt"} <= screened
-    assert all(t.state.is_finished() for t in study.trials) and len(study.trials) == 4
+    assert all(t.state.is_finished() for t in study.trials) and len(study.trials) == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import re
 import sys
@@ -305,6 +306,16 @@ def _retrainer(
     return retrain
 
 
+def _import_problem(class_path: str) -> str | None:
+    """Why ``class_path`` cannot be imported, or None when it can."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except Exception as err:  # ImportError, AttributeError, errors raised by the module itself
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _parse_error_summary(text: str) -> str:
     """One line from jsonargparse's nested message: the class path that failed and why."""
     lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
@@ -318,7 +329,14 @@ def _parse_error_summary(text: str) -> str:
                 "path importable from the working directory or PYTHONPATH"
             )
         not_a_class = re.match(r"Expected a path but (\S+) either not accessible or invalid", line)
-        if not_a_class and key:  # imported, but no subclass of either namespace's base class
+        if not_a_class and key:
+            problem = _import_problem(not_a_class.group(1))
+            if problem is not None:
+                return (
+                    f"cannot import --{key.group(1)} class {not_a_class.group(1)!r} ({problem}); "
+                    "give a dotted path importable from the working directory or PYTHONPATH"
+                )
+            # imported, but no subclass of either namespace's base class
             base = "LightningDataModule" if key.group(1) == "data" else "LightningModule"
             return (
                 f"--{key.group(1)} {not_a_class.group(1)} is neither a {base} (of "

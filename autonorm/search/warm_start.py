@@ -130,8 +130,11 @@ def _baseline_params(
     for name in UNIFORM_FAMILIES:
         chosen: dict[str, str] = {}
         fits = False
-        for param, (labels, _) in params.items():
-            label = next((lb for lb in labels if _plain_choice(lb, name)), None)
+        for param, (labels, names) in params.items():
+            own_kind = {by_name[n].keep_choice().name for n in names} == {name}
+            # the slot's own kind is its own layer (a rewrite keeps its settings): one config
+            label = own_params[param] if own_kind else None
+            label = label or next((lb for lb in labels if _plain_choice(lb, name)), None)
             fits = fits or label is not None
             label = label or own_params[param]
             if label is None:
