@@ -16,6 +16,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced (torch.compile, torch.export, FX fake tensors): the
+    fused functions read real data, so traced code takes plain ops, which the tracer fuses."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or type(x) not in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
 def fused_dtype(x: torch.Tensor) -> bool:
     """Whether the fused functions apply: float32/float64 outside autocast (half precision
     and autocast keep torch's layers, which compute their statistics in float32)."""
@@ -155,7 +165,7 @@ def norm_over_channels(
 ) -> torch.Tensor:
     """Layer (``centered``) or RMS norm of ``x`` over ``dim``: the fused function, or plain ops
     under ``torch.compile`` (which fuses them itself)."""
-    if torch.compiler.is_compiling():
+    if tracing(x):
         if centered:
             var, mean = torch.var_mean(x, dim, correction=0, keepdim=True)
             out = (x - mean) * torch.rsqrt(var + eps)
@@ -309,7 +319,7 @@ def group_norm_tokens(
     """:class:`GroupNormTokens` of ``x`` ``(N, *, C)``, or plain ops under ``torch.compile``."""
     n, channels = x.shape[0], x.shape[-1]
     x3 = x.reshape(n, -1, channels)
-    if torch.compiler.is_compiling():
+    if tracing(x):
         h = x3.view(n, -1, groups, channels // groups)
         var, mean = torch.var_mean(h, (1, 3), correction=0, keepdim=True)
         out = ((h - mean) * torch.rsqrt(var + eps)).view(x3.shape)

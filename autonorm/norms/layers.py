@@ -25,6 +25,7 @@ from autonorm.norms._fast_ops import (
     fused_dtype,
     group_norm_tokens,
     norm_over_channels,
+    tracing,
 )
 
 CHANNELS_FIRST = "channels_first"
@@ -188,9 +189,8 @@ class InstanceNormChannelsLast(InstanceNormNd):
                 "instance normalization needs positions: expected (N, L, ..., C), "
                 f"got {tuple(input.shape)}"
             )
-        if fused_dtype(input) and not self.track_running_stats:  # no running stats to update
-            _check_features(self, input, -1)
-            return group_norm_tokens(input, self.num_features, self.weight, self.bias, self.eps)
+        # torch's kernel over channels first: the fused token path (group_norm_tokens with a
+        # group per channel) lost precision on large-mean inputs with several threads
         # contiguous as nn.LayerNorm returns it (GPT-2 views its norms' outputs)
         return super().forward(input.movedim(-1, 1)).movedim(1, -1).contiguous()
 
@@ -386,7 +386,7 @@ class DyT(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         channel_dim = 1 if self.layout == CHANNELS_FIRST else -1
         _check_features(self, input, channel_dim)
-        if fused_dtype(input) and not torch.compiler.is_compiling():
+        if fused_dtype(input) and not tracing(input):
             weight, bias = (self.weight, self.bias) if self.affine else (None, None)
             return DyTFunction.apply(input, self.alpha, weight, bias, channel_dim)
         out = torch.tanh(self.alpha * input)

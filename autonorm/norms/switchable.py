@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autonorm.norms._fast_ops import tracing
 from autonorm.norms._switchable_ops import (
     PerChannelAffine,
     TokenNorm,
@@ -369,7 +370,7 @@ class SwitchableNorm(nn.Module):
         x3 = x.reshape(n, c, -1)
         if x3.shape[-1] == 0:
             raise ValueError(f"SwitchableNorm got an input with no positions: {tuple(x.shape)}")
-        traced = torch.compiler.is_compiling()
+        traced = tracing(x3)
         mean, var = traced_moments(x3, -1) if traced else instance_moments(x3.detach())
         use_batch = "batch" in self.candidates
         batch_count = 0
@@ -466,7 +467,7 @@ class SwitchableNorm(nn.Module):
             raise ValueError(f"SwitchableNorm got an input with no tokens: {tuple(x.shape)}")
         zeros_row = flat.new_zeros(rows, 1)
         zeros_col = flat.new_zeros(self.num_features)
-        traced = torch.compiler.is_compiling()
+        traced = tracing(flat)
         if "layer" in self.candidates or "rms" in self.candidates:
             row_mean, row_var = traced_moments(flat, -1) if traced else row_moments(flat.detach())
         else:

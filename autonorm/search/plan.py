@@ -158,6 +158,8 @@ class Plan:
             planned = self._planned(trials, left)
             if planned == WAIT:
                 return WAIT
+            if self.n_trials is not None:  # never enqueue more than the study may still run
+                planned = planned[: self.n_trials - len(counted) - len(running)]
             for step in planned:
                 assert isinstance(step, Planned)
                 study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
