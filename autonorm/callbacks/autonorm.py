@@ -380,6 +380,8 @@ class _AutoNormLogic(_CallbackType):
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.recorder is not None:  # a step that died mid-forward must not leave its hooks
+            self.recorder.forward_done()
         if self.trial is not None and is_oom_error(exception):
             self.mark_infeasible(trial_glue.OOM_REASON)
 

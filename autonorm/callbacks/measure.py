@@ -49,8 +49,11 @@ class SavedTensorCounter:
         self._hooks: Any = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
+        try:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # fake or functional tensors: no memory
+            return tensor
         if ptr not in self._excluded and tensor.device.type != "meta":
             self._storages[ptr] = storage.nbytes()
         return tensor

@@ -10,6 +10,7 @@ import logging
 import optuna
 import pytest
 import pytorch_lightning as pl
+import torch
 from optuna.trial import TrialState
 from torch import nn
 from torch.utils.data import DataLoader
@@ -115,6 +116,9 @@ def test_a_batch_of_one_through_batchnorm_over_n_c_is_an_infeasible_trial(tmp_pa
     own = next(t for t in trials if t.user_attrs.get("baseline") == "own norms")
     assert own.user_attrs["feasible"] is False and own.state == TrialState.PRUNED
     assert (tmp_path / "report.html").is_file()
+    # the steps that died mid-forward left no saved-tensor hook behind (torch.export and any
+    # later training in the process would run through it)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None
 
 
 # -- 4. the batch size that really ran ----------------------------------------------------------
