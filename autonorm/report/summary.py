@@ -134,6 +134,13 @@ def _epochs_run(trial: FrozenTrial) -> int:
         return 0
 
 
+def spent_epochs(trials: Sequence[FrozenTrial], learn_epochs: int = 0) -> int:
+    """The compute a study spent, in epochs: every finished trial's epochs (a reused result
+    trained none) and a learn pass's. The staged plan's budget, the progress display and the
+    summary all count it here."""
+    return int(learn_epochs) + sum(_epochs_run(t) for t in trials if t.state.is_finished())
+
+
 def _epochs(trials: Sequence[FrozenTrial], max_epochs: Any) -> dict[str, int | None]:
     """Epochs trained in all, and epochs pruning and the budget saved against training every
     pruned or infeasible trial for ``max_epochs``."""
@@ -211,7 +218,7 @@ def _candidates(runs: Sequence[ConfigRuns]) -> list[dict[str, Any]]:
 
 def _compute(trials: Sequence[FrozenTrial], info: dict[str, Any]) -> dict[str, Any]:
     """Compute spent, in epochs and in trainings of ``max_epochs``."""
-    spent = int(info.get("learn_epochs") or 0) + sum(_epochs_run(t) for t in trials)
+    spent = spent_epochs(trials, info.get("learn_epochs") or 0)
     max_epochs = info.get("max_epochs")
     budget = info.get("budget_epochs")
     return {

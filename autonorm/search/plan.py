@@ -33,6 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autonorm import _trial_keys as keys
+from autonorm.report.summary import spent_epochs
 from autonorm.report.winners import is_feasible, params_key, rank_runs
 
 SCREEN, PROMOTE, REFINE, CONFIRM = "screen", "promote", "refine", "confirm"
@@ -54,11 +55,6 @@ RUN, WAIT, DONE = "run", "wait", "done"
 def rung_epochs(max_epochs: int) -> int:
     """Epochs of a screening trial: a third of the schedule, at least one."""
     return max(1, round(max_epochs / ETA))
-
-
-def trained_epochs(trial: FrozenTrial) -> int:
-    """Epochs a finished trial trained (0 for a reused result)."""
-    return int(trial.user_attrs.get(keys.EPOCHS, 0) or 0)
 
 
 @dataclass(frozen=True)
@@ -171,7 +167,7 @@ class Plan:
 
     def spent(self, trials: Sequence[FrozenTrial]) -> int:
         """Epochs spent: every finished trial's epochs, and the learn pass."""
-        return self.learn_epochs + sum(trained_epochs(t) for t in trials if t.state.is_finished())
+        return spent_epochs(trials, self.learn_epochs)
 
     def _left(self, finished: list[FrozenTrial], running: list[FrozenTrial]) -> float:
         if self.budget_epochs is None:

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from autonorm._trial_keys import CONFIG, FAIL_REASON, PRUNE_REASON, STUDY_INFO
 from autonorm.report import config_runs, trial_category
-from autonorm.search.plan import trained_epochs
+from autonorm.report.summary import spent_epochs
 
 
 def _duration(seconds: float) -> str:
@@ -88,10 +88,7 @@ class SearchProgress:
     def _update_best(self, study: optuna.Study) -> None:
         info = study.user_attrs.get(STUDY_INFO) or {}
         if info.get("budget_epochs"):
-            trials = study.get_trials(deepcopy=False)
-            spent = info.get("learn_epochs", 0) + sum(
-                trained_epochs(t) for t in trials if t.state.is_finished()
-            )
+            spent = spent_epochs(study.get_trials(deepcopy=False), info.get("learn_epochs", 0))
             self.compute = f"{spent} of {info['budget_epochs']:g} epochs"
         if len(study.directions) == 1:
             runs = config_runs(study)
