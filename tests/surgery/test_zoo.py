@@ -1,18 +1,20 @@
-"""Real users' models, built offline from tiny configs: Hugging Face transformers, a
-torchvision-style detection resnet with FrozenBatchNorm2d, MONAI.
+"""Real users' models, built offline from tiny configs: Hugging Face transformers, MONAI,
+timm and torchvision (a detection resnet-FPN backbone with FrozenBatchNorm2d).
 
 Every model is read with and without an example input: the slots found are the norm modules a
-person counts (every module whose class names a norm), the keep config rebuilt layer by layer
-computes what the model computed, and uniform layernorm / rmsnorm / groupnorm and
-``to_switchable`` run forward and backward. torchvision and timm do not install on this torch:
-the resnet is torchvision's BasicBlock layout with a FrozenBatchNorm2d look-alike.
+person counts (every module whose class names a norm and holds its own weights), the keep
+config rebuilt layer by layer computes what the model computed, and uniform layernorm /
+rmsnorm / groupnorm and ``to_switchable`` run forward and backward. timm and torchvision do not
+install on the main environment's torch (they pull their own): `.ci/run` runs their cases in a
+second environment; in the main one they skip, and a torchvision-style resnet with a
+FrozenBatchNorm2d look-alike stands in.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -133,6 +135,38 @@ def detection_resnet() -> tuple[nn.Module, Any]:
     return model, IMAGES
 
 
+def timm_mobilenetv3() -> tuple[nn.Module, Any]:
+    """BatchNormAct2d: a BatchNorm2d subclass with the activation inside the norm module."""
+    timm = pytest.importorskip("timm")
+    return timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3), IMAGES
+
+
+def timm_convnext() -> tuple[nn.Module, Any]:
+    """LayerNorm2d: a channels-first nn.LayerNorm subclass, also inside the classifier head."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
+    return model, IMAGES
+
+
+def torchvision_detection_backbone() -> tuple[nn.Module, Any]:
+    """The resnet-FPN backbone torchvision's detection models build, FrozenBatchNorm2d norms."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+    model = resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        norm_layer=TorchvisionFrozenBatchNorm2d,
+        trainable_layers=3,
+    )
+    generator = torch.Generator().manual_seed(3)
+    for buffer in model.buffers():  # pretrained-like statistics and affine
+        if buffer.is_floating_point():
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    return model, IMAGES
+
+
 def monai_unet() -> tuple[nn.Module, Any]:
     nets = pytest.importorskip("monai.networks.nets")
     model = nets.UNet(
@@ -171,6 +205,9 @@ ZOO = {
         vit,
         convnext,
         detection_resnet,
+        timm_mobilenetv3,
+        timm_convnext,
+        torchvision_detection_backbone,
         monai_unet,
         monai_segresnet,
     )
@@ -193,12 +230,26 @@ def call(model: nn.Module, example: Any) -> torch.Tensor:
     out = model(**example) if isinstance(example, dict) else model(example)
     if isinstance(out, torch.Tensor):
         return out
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, Mapping):  # a feature pyramid: every level
+        return torch.cat([level.flatten(1) for level in out.values()], dim=1)
+    return out[0]
 
 
 def counted_norms(model: nn.Module) -> int:
-    """What a person counts: every module whose class names a norm (a shared one once)."""
-    return len({id(m) for m in model.modules() if "norm" in type(m).__name__.lower()})
+    """What a person counts: every module whose class names a norm, blocks that hold a conv or
+    linear layer aside (timm's ConvNormAct, torchvision's Conv2dNormActivation, a
+    NormMlpClassifierHead); a shared one once."""
+    blocks = (nn.modules.conv._ConvNd, nn.Linear)
+    return len(
+        {
+            id(m)
+            for m in model.modules()
+            if "norm" in type(m).__name__.lower()
+            and not any(isinstance(c, blocks) for c in m.modules())
+        }
+    )
 
 
 def finite_step(model: nn.Module, example: Any) -> None:
