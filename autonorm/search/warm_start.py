@@ -104,12 +104,18 @@ def params_for(
 
 #: The uniform families a user would try by hand, in the order the warm start lists them.
 UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
+#: Uniform SwitchableNorm: not in the hand-run grid (so not in its compute), but screened with
+#: it, because each layer learns its own mix (Luo et al., 2019): strong where batch statistics
+#: fail for some layers only, and its mixing weights say which.
+SWITCHABLE = "switchable"
 
 
 def _baseline_params(
-    slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]
+    slots: Sequence[Slot],
+    params: dict[str, tuple[list[str], list[str]]],
+    families: Sequence[str] = UNIFORM_FAMILIES,
 ) -> list[tuple[str, dict[str, str]]]:
-    """Warm-start trials: the model's own norms, then each uniform family.
+    """Warm-start trials: the model's own norms, then each uniform family of ``families``.
 
     A uniform family takes every parameter that offers its plain choice (GroupNorm's first
     offered group count: the slot's default); a slot where the family is not valid keeps its own
@@ -127,7 +133,7 @@ def _baseline_params(
     own_params = {p: own(labels, names) for p, (labels, names) in params.items()}
     if None not in own_params.values():
         out.append(("own norms", own_params))  # type: ignore[arg-type]
-    for name in UNIFORM_FAMILIES:
+    for name in families:
         chosen: dict[str, str] = {}
         fits = False
         for param, (labels, names) in params.items():
@@ -188,8 +194,9 @@ def warm_start_params(
     learned: NormConfig | None,
 ) -> list[tuple[str, dict[str, str]]]:
     """The warm-start trials in order: own norms, the learned config, the recommended config,
-    then the uniform families (each config once, and only where the space offers it)."""
-    baselines = _baseline_params(slots, params)
+    uniform SwitchableNorm, then the uniform families (each config once, and only where the
+    space offers it). The order matters where the budget screens only the first few."""
+    baselines = _baseline_params(slots, params, (SWITCHABLE, *UNIFORM_FAMILIES))
     out = baselines[:1]
     for label, config in (("learned", learned), ("recommend", recommend(slots, budget))):
         chosen = None if config is None else params_for(config, slots, params)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import autonorm
-from autonorm.search.warm_start import narrow_space, params_for, random_params
+from autonorm.search.warm_start import (
+    grid_size,
+    narrow_space,
+    params_for,
+    random_params,
+    warm_start_params,
+)
 from autonorm.search_spaces import SearchSpace
 from tests.lightning_models import TinyConvNet
 
@@ -51,3 +57,19 @@ def test_random_params_are_seeded_distinct_and_new():
     assert [label for label, _ in first] == ["random:1", "random:2", "random:3", "random:4"]
     # a space with fewer new configs than asked gives what exists
     assert len(random_params({"a": (["bn", "gn"], ["a"])}, 5, seed=0)) == 2
+
+
+def test_uniform_switchable_is_screened_but_not_part_of_the_hand_run_grid():
+    slots = autonorm.find_slots(TinyConvNet())
+    params = SearchSpace("cnn").parameters(slots)
+    labels = [label for label, _ in warm_start_params(slots, params, None, None)]
+    # before the uniform families: where the budget screens only the first few, it is kept
+    assert labels.index("uniform:switchable") < labels.index("uniform:groupnorm")
+    switchable = dict(warm_start_params(slots, params, None, None))["uniform:switchable"]
+    assert switchable == {"bn1": "switchable", "bn2": "switchable", "head_norm": "layernorm"}
+    grid = [lb for lb in labels if lb == "own norms" or lb.startswith("uniform:")]
+    assert grid_size(slots, params) == len(grid) - 1
+    # a space without it has no such baseline
+    narrow = SearchSpace(choices={"*": ["batchnorm", "instancenorm"]})
+    labels = [lb for lb, _ in warm_start_params(slots, narrow.parameters(slots), None, None)]
+    assert "uniform:switchable" not in labels
