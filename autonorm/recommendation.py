@@ -213,7 +213,7 @@ def recommend(
         "budget": None if budget is None else budget.to_dict(),
         "reasons": reasons,
     }
-    return NormConfig(choices, metadata=metadata)
+    return NormConfig(choices, metadata=metadata).with_probe(s for s in slots if s.name in choices)
 
 
 def format_reasons(config: NormConfig) -> str:

@@ -140,7 +140,8 @@ def current_structure(
             them the model is probed.
     """
     slots = find_slots(model, probe=feeders is None, feeders=feeders)
-    return NormConfig({s.name: s.keep_choice() for s in slots}, metadata={"source": "structure"})
+    config = NormConfig({s.name: s.keep_choice() for s in slots}, metadata={"source": "structure"})
+    return config.with_probe(slots)
 
 
 class _AutoNormLogic(_CallbackType):

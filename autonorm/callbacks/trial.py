@@ -76,7 +76,7 @@ def suggest_config(
     }
     config = NormConfig(
         choices, metadata={"source": "trial", "space": space.to_dict(), "trial": trial.number}
-    )
+    ).with_probe(slots)
     if is_global_zero(trainer):
         trial.set_user_attr(keys.CONFIG, {k: v.to_value() for k, v in config.choices.items()})
     return config

@@ -22,7 +22,7 @@ import yaml
 from autonorm._errors import AutoNormError
 from autonorm._io import atomic_write, mask_password
 from autonorm._trial_keys import CONFIG, STUDY_INFO
-from autonorm.config import NormConfig
+from autonorm.config import PROBE_KEY, NormConfig, SlotRecord
 from autonorm.report import (
     attach_dashboard_artifacts,
     config_runs,
@@ -66,6 +66,18 @@ class SearchResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _probe_records(slots: Any) -> dict[str, Any]:
+    """``{slot name: probe record}`` from the study's slot list (a study written before
+    records were kept, or a malformed entry, gives none for that slot)."""
+    records: dict[str, Any] = {}
+    for entry in slots if isinstance(slots, list) else []:
+        try:
+            records[str(entry["name"])] = SlotRecord.from_value(entry).to_value()
+        except (KeyError, TypeError, ValueError):
+            continue
+    return records
+
+
 def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> NormConfig:
     return NormConfig(dict(trial.user_attrs[CONFIG]), metadata=metadata)
 
@@ -106,6 +118,9 @@ def _best_of(
         "study_name": study.study_name,
         "versions": _versions(),
     }
+    probe = _probe_records(info.get("slots"))
+    if probe:  # a fresh model without an example input is read as the search's probe read it
+        base_meta[PROBE_KEY] = probe
     if len(study.directions) == 1:
         runs = config_runs(study)
         if not runs:

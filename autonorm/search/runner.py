@@ -425,17 +425,8 @@ def _study_info(
         "budget": budget.to_dict() if budget is not None else None,
         "space": space.to_dict(),
         "model_class": model_class,
-        "slots": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "num_features": s.num_features,
-                "layout": s.layout,
-                "input_shape": None if s.input_shape is None else list(s.input_shape),
-                "feeder": s.feeder,
-            }
-            for s in slots
-        ],
+        # each slot's probe record: the exported configs carry it (NormConfig.with_probe)
+        "slots": [{"name": s.name, "kind": s.kind, **s.record().to_value()} for s in slots],
         "max_epochs": settings.max_epochs,
         "warm_start": settings.warm_start,
         "learned_config": None if learned is None else learned.to_dict(),

@@ -324,3 +324,20 @@ def test_an_empty_storage_out_dir_or_study_name_is_refused(tmp_path, name):
 def test_budget_devices_none_is_refused():
     with pytest.raises(ValueError, match="devices"):
         Budget(devices=None)
+
+
+def test_the_exported_config_carries_the_searchs_probe(tmp_path):
+    """A fresh model given the exported config without an example input is read as the
+    search's probe read it (layout, feeder, the original layer; the input shape is a batch's)."""
+    result = _search(tmp_path, n_trials=1, warm_start=False)
+    model = TinyConvNet()
+    slots = autonorm.find_slots(model, model.example_input_array)
+
+    def seen(records):
+        return {n: (r.layout, r.num_features, r.feeder, r.original) for n, r in records.items()}
+
+    probed = seen({s.name: s.record() for s in slots})
+    assert seen(result.best_config.probe) == probed
+    assert all(r.input_shape is not None for r in result.best_config.probe.values())
+    assert seen(NormConfig.load(result.out_dir / "best_config.yaml").probe) == probed
+    assert seen(autonorm.recommend(slots).probe) == probed
