@@ -194,7 +194,7 @@ _REGISTRY: dict[str, NormSpec] = {
         NormSpec(
             "switchable",
             _switchable,
-            ("candidates", "momentum", "mixing"),
+            ("candidates", "momentum", "mixing", "track_running_stats"),
             reference="Luo et al., Switchable Normalization, ICLR 2019",
         ),
         NormSpec(

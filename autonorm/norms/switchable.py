@@ -92,6 +92,11 @@ def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) if _distributed_world() > 1 else tensor
 
 
+def _local_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Eval-mode batch statistics (no running statistics) stay per process, as BatchNorm's."""
+    return tensor
+
+
 def _global_count(count: int, device: torch.device) -> int:
     """``count`` summed over the processes of the run (the global batch, or token count)."""
     if _distributed_world() <= 1:
@@ -115,6 +120,8 @@ class SwitchableNorm(nn.Module):
         eps: added to the mixed variance.
         momentum: running-statistics momentum of the batch branch (``None``: cumulative).
         affine: learn per-channel ``weight`` and ``bias``.
+        track_running_stats: keep the batch branch's running statistics for eval mode (False:
+            the batch branch reads the input's statistics in eval mode too, as BatchNorm).
         mixing: ``"softmax"`` (SN) or ``"sparsestmax"`` (Sparse SN): how the logits become
             weights.
         radius: sparsestmax only: the initial :attr:`radius` (0: sparsemax).
@@ -159,6 +166,7 @@ class SwitchableNorm(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        track_running_stats: bool = True,
         mixing: str = "softmax",
         radius: float = 0.0,
         device: torch.device | str | None = None,
@@ -185,12 +193,13 @@ class SwitchableNorm(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
+        self.track_running_stats = track_running_stats
         self.mixing = mixing
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.mean_weight = nn.Parameter(torch.empty(len(candidates), **factory))
         self.var_weight = nn.Parameter(torch.empty(len(candidates), **factory))
         add_affine(self, num_features, affine, factory)
-        if "batch" in candidates:
+        if "batch" in candidates and track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
             self.register_buffer(
@@ -217,7 +226,7 @@ class SwitchableNorm(nn.Module):
         return mean, var, tracked
 
     def reset_running_stats(self) -> None:
-        if "batch" in self.candidates:
+        if self.running_mean is not None:
             mean, var, tracked = self._running_stats()
             mean.zero_()
             var.fill_(1)
@@ -258,6 +267,8 @@ class SwitchableNorm(nn.Module):
             f"{self.num_features}, layout={self.layout!r}, candidates={self.candidates}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
         )
+        if not self.track_running_stats:
+            text += ", track_running_stats=False"
         if self.radius is not None:
             text += f", mixing={self.mixing!r}, radius={float(self.radius):.4g}"
         return text
@@ -326,7 +337,7 @@ class SwitchableNorm(nn.Module):
         return self._mix(given, mask) if self.radius is None else given
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        if count < 2:
+        if count < 2 or not self.track_running_stats:
             return
         running_mean, running_var, tracked = self._running_stats()
         with torch.no_grad():
@@ -358,6 +369,11 @@ class SwitchableNorm(nn.Module):
                 out = self._forward_channels_last(x)
         return out.to(input.dtype)
 
+    def _batch_stats_of_input(self) -> bool:
+        """Whether the batch branch reads the input's statistics (training, or always without
+        running statistics, as BatchNorm with ``track_running_stats=False``)."""
+        return self.training or not self.track_running_stats
+
     def _params(self, dtype: torch.dtype, mask: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [
             *self._mixing_inputs(mask),
@@ -376,11 +392,12 @@ class SwitchableNorm(nn.Module):
         batch_count = 0
         mask = None
         total_n = n
-        if use_batch and self.training:
-            total_n = _global_count(n, x.device)
+        training = self._batch_stats_of_input()
+        reduce = _global_sum if self.training else _local_sum
+        if use_batch and training:
+            total_n = _global_count(n, x.device) if self.training else n
             mask = self._branch_mask(total_n > 1)
             batch_count = total_n * x3.shape[-1] if mask is None else 0
-        training = self.training
         dtype = x.dtype  # not x itself: the function's saved tensors are the only references
 
         def affine_from_stats(
@@ -400,9 +417,9 @@ class SwitchableNorm(nn.Module):
                 stats["layer"] = (layer_mean, layer_var)
             if "batch" in self.candidates:
                 if training and mask is None:
-                    batch_mean = _global_sum(mean.sum(0, keepdim=True)) / total_n
+                    batch_mean = reduce(mean.sum(0, keepdim=True)) / total_n
                     spread = var + (mean - batch_mean).square()
-                    batch_var = _global_sum(spread.sum(0, keepdim=True)) / total_n
+                    batch_var = reduce(spread.sum(0, keepdim=True)) / total_n
                 elif training:  # batch branch dropped: weight 0, any finite stand-in
                     batch_mean, batch_var = mean, var
                 else:
@@ -472,12 +489,13 @@ class SwitchableNorm(nn.Module):
             row_mean, row_var = traced_moments(flat, -1) if traced else row_moments(flat.detach())
         else:
             row_mean, row_var = zeros_row, zeros_row
-        training = self.training
+        training = self._batch_stats_of_input()
+        reduce = _global_sum if self.training else _local_sum
         use_batch_stats = "batch" in self.candidates and training
         mask = None
         total = rows
         if use_batch_stats:
-            total = _global_count(rows, x.device)
+            total = _global_count(rows, x.device) if self.training else rows
             mask = self._branch_mask(total > 1)
             col_mean, col_var = traced_moments(flat, 0) if traced else column_moments(flat.detach())
         else:
@@ -500,9 +518,9 @@ class SwitchableNorm(nn.Module):
             }
             if "batch" in self.candidates:
                 if training and mask is None:
-                    batch_mean = _global_sum(col_mean * rows) / total
+                    batch_mean = reduce(col_mean * rows) / total
                     spread = (col_var + (col_mean - batch_mean).square()) * rows
-                    batch_var = _global_sum(spread) / total
+                    batch_var = reduce(spread) / total
                     if _records_stats():
                         self._pending_batch_stats = (batch_mean, batch_var)
                 elif training:  # batch branch dropped: weight 0, any finite stand-in

@@ -231,6 +231,8 @@ def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) ->
             params["mixing"] = norm.mixing
         if norm.momentum != 0.1:
             params["momentum"] = norm.momentum
+        if not norm.track_running_stats:
+            params["track_running_stats"] = False
     if kind == "dyt" and norm.alpha_init != 0.5:
         params["alpha_init"] = norm.alpha_init
     if kind in ("batchnorm", "syncbatchnorm", "instancenorm"):

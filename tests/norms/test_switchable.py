@@ -302,6 +302,21 @@ def test_channels_last_running_statistics_follow_batchnorm_over_tokens():
     torch.testing.assert_close(sn.running_var, bn.running_var)
 
 
+@pytest.mark.parametrize("layout", [CHANNELS_FIRST, CHANNELS_LAST])
+def test_without_running_statistics_eval_uses_the_batch_as_batchnorm_does(layout):
+    sn = SwitchableNorm(C, layout=layout, candidates=("batch",), track_running_stats=False)
+    sn = sn.double()
+    assert sn.running_mean is None and "running_mean" not in sn.state_dict()
+    shape = (4, C, 3, 3) if layout == CHANNELS_FIRST else (4, 6, C)
+    x = _x(shape, dtype=torch.float64) * 3 + 2
+    bn = nn.BatchNorm2d(C, track_running_stats=False).double().eval()
+    flat = x if layout == CHANNELS_FIRST else x.reshape(-1, C, 1, 1)
+    expected = bn(flat).reshape(shape)
+    torch.testing.assert_close(sn.eval()(x), expected)
+    torch.testing.assert_close(sn.train()(x), expected)
+    assert "track_running_stats=False" in repr(sn)
+
+
 def test_no_batch_candidate_has_no_running_statistics():
     sn = SwitchableNorm(C, candidates=("instance", "layer"))
     assert sn.running_mean is None and "running_mean" not in sn.state_dict()

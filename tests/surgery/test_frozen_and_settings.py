@@ -140,10 +140,13 @@ def test_cross_family_rewrites_keep_a_non_default_eps():
     assert model[1].eps == 1e-6  # unless the config says otherwise
 
 
-def test_learn_derive_finalize_keeps_batchnorm_settings():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3, momentum=0.01))
+@pytest.mark.parametrize("tracking", [True, False])
+def test_learn_derive_finalize_keeps_batchnorm_settings(tracking):
+    bn = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01, track_running_stats=tracking)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn)
     to_switchable(model, example_input=X, candidates=["batch"])
     assert (model[1].eps, model[1].momentum) == (1e-3, 0.01)
+    assert model[1].track_running_stats is tracking
     config = derive_config(model, example_input=X)
     assert config["1"].name == "batchnorm"
     with warnings.catch_warnings():
@@ -151,3 +154,4 @@ def test_learn_derive_finalize_keeps_batchnorm_settings():
         apply_config(model, config, example_input=X)
     assert type(model[1]) is nn.BatchNorm2d
     assert (model[1].eps, model[1].momentum) == (1e-3, 0.01)
+    assert model[1].track_running_stats is tracking
