@@ -21,7 +21,9 @@ from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
+from autonorm.surgery.probe import call_with_example
 from autonorm.surgery.rebuild import build_replacement, factory_of, inner, settled_choice
+from autonorm.surgery.recalibrate import recalibrate_batchnorm
 from autonorm.surgery.slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -388,7 +390,12 @@ def to_switchable(
             raise ConfigError(f"{sorted(unknown)} are not norm slots of {type(model).__name__}")
     model = apply_config(model, NormConfig(choices), partial=True, slots=found)
     if init == "original":
-        _start_on_original(model, [s for s in found if s.name in choices])
+        converted = [s for s in found if s.name in choices]
+        _start_on_original(model, converted)
+        if example_input is None:
+            example_input = getattr(model, "example_input_array", None)
+        if example_input is not None:
+            _calibrate_new_batch_branches(model, converted, example_input)
     return model
 
 
@@ -431,6 +438,33 @@ def _start_on_original(model: nn.Module, slots: Sequence[Slot]) -> None:
             f"init='original': no SwitchableNorm candidate computes what {len(uniform)} slot(s) "
             f"did, they start uniform: {uniform[:5]}",
             stacklevel=3,
+        )
+
+
+#: Kinds whose layers keep running statistics: their SwitchableNorm carries them over.
+_KEEPS_RUNNING_STATS = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm"})
+
+
+def _calibrate_new_batch_branches(
+    model: nn.Module, slots: Sequence[Slot], example_input: Any
+) -> None:
+    """``init="original"``: a batch branch where the old layer kept no running statistics (LN,
+    RMS, GN, IN) takes them from the example input, so that eval mode starts near the old output
+    too (fresh 0/1 statistics at even 0.5% weight move small activations far). Branches that
+    carried a BatchNorm's statistics are left as they are."""
+    fresh = []
+    for slot in slots:
+        layer = inner(model if slot.name == "" else model.get_submodule(slot.name))
+        new_branch = slot.keep_choice().name not in _KEEPS_RUNNING_STATS
+        if new_branch and isinstance(layer, SwitchableNorm) and layer.running_mean is not None:
+            fresh.append(layer)
+    if fresh:
+        recalibrate_batchnorm(
+            model,
+            [example_input],
+            num_batches=1,
+            forward=call_with_example,
+            modules=fresh,
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autonorm.norms import SwitchableNorm
 from autonorm.surgery.rebuild import inner
 
 
@@ -48,7 +49,7 @@ def recalibrate_batchnorm(
     *,
     num_batches: int = 20,
     forward: Callable[[nn.Module, Any], Any] = default_calibration_forward,
-    modules: Sequence[nn.modules.batchnorm._BatchNorm] | None = None,
+    modules: Sequence[nn.modules.batchnorm._BatchNorm | SwitchableNorm] | None = None,
 ) -> int:
     """Recompute BatchNorm running statistics with forward passes (cumulative averages).
 
@@ -60,7 +61,8 @@ def recalibrate_batchnorm(
         batches: the batches to feed (only the first ``num_batches`` are used).
         num_batches: how many batches to average over.
         forward: ``f(model, batch)`` running one batch.
-        modules: the BatchNorm layers to recalibrate (default: every one of ``model``).
+        modules: the BatchNorm layers to recalibrate (default: every one of ``model``), or
+            SwitchableNorms, whose batch branch's running statistics are recomputed.
 
     Returns:
         The number of batches used.

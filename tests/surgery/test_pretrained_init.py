@@ -134,3 +134,14 @@ def test_callback_learn_mode_starts_on_the_original_norms(tmp_path):
     assert model.head_norm.mixing_weights()["mean"]["layer"] > 0.95
     with pytest.raises(ValueError, match="`init` must be one of"):
         AutoNorm(config=autonorm.NormConfig({}), init="original")
+
+
+def test_eval_mode_starts_near_the_old_output_where_the_norms_kept_no_statistics():
+    """A LayerNorm/RMSNorm slot's new batch branch takes its running statistics from the
+    example input: the tiny Llama's drift in eval mode (was 0.75 with fresh 0/1 statistics)."""
+    drift = _drift(_llama, TOKENS, lambda y: y.logits, "original", train=False)
+    print(f"\nstep-0 output drift of llama (eval): original {drift:.4f}")
+    assert drift < 0.02
+    model = autonorm.to_switchable(_pretrained_like(_llama()), example_input=TOKENS)
+    fresh = [m for m in model.modules() if isinstance(m, SwitchableNorm)]
+    assert fresh and all(float(m.running_var.sum()) == m.num_features for m in fresh)
