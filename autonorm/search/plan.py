@@ -3,9 +3,10 @@
 A user comparing norms by hand trains each uniform family once. The staged plan spends that
 compute better, and counts it in the same unit (trainings of ``max_epochs`` epochs):
 
-1. ``screen``: every baseline (the model's own norms, each uniform family, the recommended and
-   the learned config) trains for a rung of about a third of the epochs (successive halving,
-   reduction factor :data:`ETA`);
+1. ``screen``: every baseline (the model's own norms, the learned and the recommended config,
+   uniform SwitchableNorm, each uniform family, then random configs where the budget leaves
+   room; :func:`~autonorm.search.warm_start.warm_start_params`) trains for a rung of about a
+   third of the epochs (successive halving, reduction factor :data:`ETA`);
 2. ``promote``: the best :data:`PROMOTED` of the screen train the full schedule;
 3. ``refine``: around the best full-schedule config, a few moves at a time each change one
    group of slots (a stage, a role: shortcuts, head, attention or MLP norms; see
