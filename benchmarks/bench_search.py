@@ -25,6 +25,7 @@ uniform family on the small-batch CNN tasks.
 Run (each task in its own process; about 10 minutes a task on one core)::
 
     python benchmarks/bench_search.py --tasks cnn2d-b2 unet3d-b2
+    python benchmarks/bench_search.py --tasks cnn2d-b2 --search-seed 1   # search again
     python benchmarks/bench_search.py --report      # the table of every task run so far
 
 Writes ``benchmarks/results/search/<task>.json`` and ``benchmarks/results/search.md``.
@@ -185,26 +186,35 @@ def run_learned(task: Task, method: str, **options: Any) -> Found:
     return Found(method, callback.config, 1.0, time.time() - start)
 
 
+def run_random(task: Task, trainings: float, search_seed: int) -> Found:
+    """Random per-slot configs, no pruning, at ``trainings`` of compute."""
+    budget = {"batch_size": task.batch_size, "trainings": trainings}
+    options = dict(sampler="random", pruner="none", warm_start=False, seed=1 + search_seed)
+    return run_search(task, "random", budget=budget, **options)
+
+
+def run_autonorm(task: Task, search_seed: int) -> Found:
+    """autonorm.search with its defaults."""
+    return run_search(task, "autonorm", budget={"batch_size": task.batch_size}, seed=search_seed)
+
+
+def find_again(task: Task, search_seed: int) -> list[Found]:
+    """The two searches whose outcome depends on the search's own seed, run with another one:
+    how much of a difference between them is the luck of one search."""
+    grid_trainings = float(1 + len(task.families))  # the own norms and each family, once
+    return [run_random(task, grid_trainings, search_seed), run_autonorm(task, search_seed)]
+
+
 def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:
     grid = run_grid(task, slots)
     budget = {"batch_size": task.batch_size}
     found = [Found("own", None, 0.0, 0.0)]
     found += [Found(f"uniform:{f}", uniform_config(slots, f), 0.0, 0.0) for f in task.families]
     found.append(grid)
-    found.append(
-        run_search(
-            task,
-            "random",
-            budget={**budget, "trainings": grid.trainings},
-            sampler="random",
-            pruner="none",
-            warm_start=False,
-            seed=1,
-        )
-    )
+    found.append(run_random(task, grid.trainings, 0))
     found.append(run_learned(task, "learned-sn"))
     found.append(run_learned(task, "learned-ssn", mixing="sparsestmax"))
-    found.append(run_search(task, "autonorm", budget=budget, seed=0))
+    found.append(run_autonorm(task, 0))
     found.append(
         run_search(
             task,
@@ -226,12 +236,13 @@ def summary_of(config: autonorm.NormConfig | None) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items()))
 
 
-def bench_task(key: str, seeds: int) -> dict[str, Any]:
+def bench_task(key: str, seeds: int, search_seed: int = 0) -> dict[str, Any]:
     task = TASKS[key]
     slots = autonorm.find_slots(task.model())
     print(f"\n== {key}: {task.name}, {len(slots)} slots, {task.epochs} epochs", flush=True)
     rows = []
-    for found in find_all(task, slots):
+    methods = find_all(task, slots) if search_seed == 0 else find_again(task, search_seed)
+    for found in methods:
         values = [train(task, found.config, task.epochs, 1000 + s) for s in range(seeds)]
         row = {
             "method": found.method,
@@ -250,7 +261,7 @@ def bench_task(key: str, seeds: int) -> dict[str, Any]:
             flush=True,
         )
     result = {"task": key, "name": task.name, "slots": len(slots), "epochs": task.epochs}
-    result.update(rows=rows, mode=task.mode, seeds=seeds)
+    result.update(rows=rows, mode=task.mode, seeds=seeds, search_seed=search_seed)
     return result
 
 
@@ -280,7 +291,7 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def report(results: list[dict[str, Any]]) -> str:
+def report(results: list[dict[str, Any]], again: list[dict[str, Any]] | None = None) -> str:
     lines = [
         "| task | method | retrained (%) | compute (trainings) | config |",
         "|---|---|---|---|---|",
@@ -303,7 +314,44 @@ def report(results: list[dict[str, Any]]) -> str:
     if results:
         gain = statistics.mean(verdicts(r)["autonorm_minus_random"] for r in results)
         checks.append(f"- autonorm minus random, mean over tasks: {100 * gain:+.1f} points")
-    return "\n".join(lines) + "\n\nAcceptance:\n" + "\n".join(checks) + "\n"
+    text = "\n".join(lines) + "\n\nAcceptance:\n" + "\n".join(checks) + "\n"
+    return text + search_seed_report(results, again or [])
+
+
+def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]) -> str:
+    """autonorm and random per search seed (each found config retrained with the same seeds),
+    and their difference averaged over tasks and search seeds."""
+    if not again:
+        return ""
+    lines = [
+        "",
+        "Search seeds (`--search-seed K`: random and autonorm searched again):",
+        "",
+        "| task | search seed | random | autonorm | autonorm − random |",
+        "|---|---|---|---|---|",
+    ]
+    gains = []
+    for result in results:
+        runs = [result] + [a for a in again if a["task"] == result["task"]]
+        for run in sorted(runs, key=lambda r: r.get("search_seed", 0)):
+            rows = {r["method"]: r for r in run["rows"]}
+            sign = 1.0 if run["mode"] == "max" else -1.0
+            gain = sign * (rows["autonorm"]["mean"] - rows["random"]["mean"])
+            gains.append(gain)
+            lines.append(
+                f"| {run['task']} | {run.get('search_seed', 0)} | "
+                + " | ".join(
+                    f"{100 * rows[m]['mean']:.1f} ± {100 * rows[m]['std']:.1f} "
+                    f"[{rows[m]['trainings']:.1f}] {rows[m]['config']}"
+                    for m in ("random", "autonorm")
+                )
+                + f" | {100 * gain:+.1f} |"
+            )
+    lines.append(
+        f"\nautonorm minus random, mean over tasks and search seeds: "
+        f"{100 * statistics.mean(gains):+.1f} points ({len(gains)} searches each)"
+    )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,9 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=[])
     parser.add_argument("--seeds", type=int, default=3, help="retraining seeds per config")
     parser.add_argument("--report", action="store_true", help="print the table of saved runs")
+    parser.add_argument(
+        "--search-seed",
+        type=int,
+        default=0,
+        help="K > 0: only search again with random and autonorm under search seed K "
+        "(written to <task>.search-seed<K>.json)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.search_seed < 0:
+        parser.error("--search-seed must be >= 0")
     folder = RESULTS / "search"
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -321,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for key in args.tasks:
-        result = bench_task(key, args.seeds)
-        (folder / f"{key}.json").write_text(json.dumps(result, indent=2))
+        result = bench_task(key, args.seeds, args.search_seed)
+        suffix = f".search-seed{args.search_seed}" if args.search_seed else ""
+        (folder / f"{key}{suffix}.json").write_text(json.dumps(result, indent=2))
     saved = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    text = report(saved)
+    main_runs = [r for r in saved if not r.get("search_seed")]
+    text = report(main_runs, [r for r in saved if r.get("search_seed")])
     (RESULTS / "search.md").write_text(text)
     print("\n" + text)
     return 0
