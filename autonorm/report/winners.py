@@ -98,28 +98,54 @@ def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> dict[str, An
     """How sure the choice of ``runs[0]`` over the runner-up is.
 
     ``gap``: the difference of their means (in the better direction); ``noise``: the standard
-    error of that difference, from the runs' spread (a config run once borrows the pooled
-    spread of the configs run more often; None when no config ran twice); ``p_better``: the
-    probability that the chosen config is better, under a normal model (None without noise).
+    error of that difference, from the seed-to-seed spread pooled over every config run more
+    than once (one config's two runs say little about its own spread; None when no config ran
+    twice); ``p_better``: the probability that the chosen config is better, from Student's t
+    with the pooled spread's degrees of freedom (heavy-tailed with few repeats: two runs of one
+    config make 1 degree of freedom; None without noise).
     """
     if len(runs) < 2:
         return None
     best, second = runs[0], runs[1]
     gap = (best.mean - second.mean) * (1.0 if maximize else -1.0)
-    repeated = [r for r in runs if r.std is not None]
-    pooled = (
-        math.sqrt(statistics.fmean([r.std**2 for r in repeated]))  # type: ignore[operator]
-        if repeated
-        else None
-    )
-    if pooled is None:
+    freedom = sum(len(r.trials) - 1 for r in runs)
+    if freedom == 0:
         return {"runner_up": second.label, "gap": gap, "noise": None, "p_better": None}
-    spreads = [
-        (r.std if r.std is not None else pooled) ** 2 / len(r.trials) for r in (best, second)
-    ]
-    noise = math.sqrt(sum(spreads))
-    p_better = 0.5 * (1.0 + math.erf(gap / (noise * math.sqrt(2.0)))) if noise > 0 else 1.0
+    squares = sum((v - r.mean) ** 2 for r in runs for v in r.values)
+    pooled = math.sqrt(squares / freedom)
+    noise = pooled * math.sqrt(1 / len(best.trials) + 1 / len(second.trials))
+    p_better = student_t_cdf(gap / noise, freedom) if noise > 0 else (1.0 if gap > 0 else 0.5)
     return {"runner_up": second.label, "gap": gap, "noise": noise, "p_better": p_better}
+
+
+def student_t_cdf(t: float, freedom: int) -> float:
+    """P(T <= t) for Student's t with a positive integer number of degrees of freedom, in
+    closed form (Abramowitz & Stegun 26.7.3-4; no SciPy).
+
+    Example::
+
+        >>> round(student_t_cdf(1.0, 1), 4), round(student_t_cdf(2.228, 10), 3)
+        (0.75, 0.975)
+    """
+    if freedom < 1:
+        raise ValueError(f"`freedom` must be a positive int, got {freedom!r}")
+    theta = math.atan(abs(t) / math.sqrt(freedom))
+    cos2 = math.cos(theta) ** 2
+    # the series of A(t|freedom), the probability that |T| <= |t|
+    term, total = 1.0, 1.0
+    if freedom % 2:
+        for k in range(1, (freedom - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total))
+        if freedom == 1:
+            inside = 2 / math.pi * theta
+    else:
+        for k in range(1, freedom // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = math.sin(theta) * total
+    return 0.5 + math.copysign(inside, t) / 2
 
 
 def best_feasible_trial(study: optuna.Study) -> FrozenTrial | None:

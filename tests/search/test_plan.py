@@ -8,6 +8,7 @@ import pytest
 
 from autonorm import _trial_keys as keys
 from autonorm.report import choice_certainty, config_runs
+from autonorm.report.winners import student_t_cdf
 from autonorm.search.plan import (
     CONFIRM,
     DONE,
@@ -130,7 +131,20 @@ def test_config_runs_rank_by_mean_and_the_certainty_says_how_sure():
     assert runs[0].std == 0.0 and runs[1].std == pytest.approx(0.2828, abs=1e-4)
     certainty = choice_certainty(runs, maximize=True)
     assert certainty["gap"] == pytest.approx(0.1)
-    assert 0.5 < certainty["p_better"] < 1.0
+    # spread pooled over both configs (2 degrees of freedom): 0.2, the gap's noise 0.2, and
+    # Student's t with 2 degrees of freedom at t = 0.5: 0.5 + 0.5 / (2 sqrt(2.25))
+    assert certainty["noise"] == pytest.approx(0.2)
+    assert certainty["p_better"] == pytest.approx(2 / 3)
+
+
+def test_student_t_cdf_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for freedom in range(1, 31):
+        for t in (-6.0, -2.228, -1.0, -0.3, 0.0, 0.4, 1.0, 2.0, 3.4, 25.0):
+            assert student_t_cdf(t, freedom) == pytest.approx(stats.t.cdf(t, freedom), abs=1e-12)
+    assert student_t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy
+    with pytest.raises(ValueError, match="`freedom` must be a positive int"):
+        student_t_cdf(1.0, 0)
 
 
 def test_a_repeated_proposal_reuses_the_finished_result():
