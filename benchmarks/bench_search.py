@@ -157,7 +157,12 @@ def run_grid(task: Task, slots: list[autonorm.Slot]) -> Found:
         if best is None or better(task, value, best[1]):
             best = (config, value)
     assert best is not None
-    return Found("grid", best[0], float(len(options)), time.time() - start)
+    return Found("grid", best[0], grid_trainings(task), time.time() - start)
+
+
+def grid_trainings(task: Task) -> float:
+    """The grid's compute: one training of the own norms and of each family."""
+    return float(1 + len(task.families))
 
 
 def run_search(task: Task, method: str, **options: Any) -> Found:
@@ -201,8 +206,8 @@ def run_autonorm(task: Task, search_seed: int) -> Found:
 def find_again(task: Task, search_seed: int) -> list[Found]:
     """The two searches whose outcome depends on the search's own seed, run with another one:
     how much of a difference between them is the luck of one search."""
-    grid_trainings = float(1 + len(task.families))  # the own norms and each family, once
-    return [run_random(task, grid_trainings, search_seed), run_autonorm(task, search_seed)]
+    trainings = grid_trainings(task)
+    return [run_random(task, trainings, search_seed), run_autonorm(task, search_seed)]
 
 
 def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:

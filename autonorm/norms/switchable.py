@@ -392,9 +392,9 @@ class SwitchableNorm(nn.Module):
         batch_count = 0
         mask = None
         total_n = n
-        training = self._batch_stats_of_input()
+        batch_from_input = self._batch_stats_of_input()
         reduce = _global_sum if self.training else _local_sum
-        if use_batch and training:
+        if use_batch and batch_from_input:
             total_n = _global_count(n, x.device) if self.training else n
             mask = self._branch_mask(total_n > 1)
             batch_count = total_n * x3.shape[-1] if mask is None else 0
@@ -416,11 +416,11 @@ class SwitchableNorm(nn.Module):
                 layer_var = (var + (mean - layer_mean).square()).mean(1, keepdim=True)
                 stats["layer"] = (layer_mean, layer_var)
             if "batch" in self.candidates:
-                if training and mask is None:
+                if batch_from_input and mask is None:
                     batch_mean = reduce(mean.sum(0, keepdim=True)) / total_n
                     spread = var + (mean - batch_mean).square()
                     batch_var = reduce(spread.sum(0, keepdim=True)) / total_n
-                elif training:  # batch branch dropped: weight 0, any finite stand-in
+                elif batch_from_input:  # batch branch dropped: weight 0, any finite stand-in
                     batch_mean, batch_var = mean, var
                 else:
                     running_mean, running_var, _ = self._running_stats()
@@ -439,7 +439,7 @@ class SwitchableNorm(nn.Module):
             b = -mixed_mean * a
             if bias is not None:
                 b = b + bias
-            if training and batch_count and _records_stats():
+            if batch_from_input and batch_count and _records_stats():
                 self._pending_batch_stats = (stats["batch"][0][0], stats["batch"][1][0])
             return a.to(dtype), b.to(dtype)
 
@@ -489,9 +489,9 @@ class SwitchableNorm(nn.Module):
             row_mean, row_var = traced_moments(flat, -1) if traced else row_moments(flat.detach())
         else:
             row_mean, row_var = zeros_row, zeros_row
-        training = self._batch_stats_of_input()
+        batch_from_input = self._batch_stats_of_input()
         reduce = _global_sum if self.training else _local_sum
-        use_batch_stats = "batch" in self.candidates and training
+        use_batch_stats = "batch" in self.candidates and batch_from_input
         mask = None
         total = rows
         if use_batch_stats:
@@ -517,13 +517,13 @@ class SwitchableNorm(nn.Module):
                 "rms": (zeros_row, row_var + row_mean.square()),  # mean of squares
             }
             if "batch" in self.candidates:
-                if training and mask is None:
+                if batch_from_input and mask is None:
                     batch_mean = reduce(col_mean * rows) / total
                     spread = (col_var + (col_mean - batch_mean).square()) * rows
                     batch_var = reduce(spread) / total
                     if _records_stats():
                         self._pending_batch_stats = (batch_mean, batch_var)
-                elif training:  # batch branch dropped: weight 0, any finite stand-in
+                elif batch_from_input:  # batch branch dropped: weight 0, any finite stand-in
                     batch_mean, batch_var = col_mean, col_var
                 else:
                     running_mean, running_var, _ = self._running_stats()

@@ -133,13 +133,13 @@ def student_t_cdf(t: float, freedom: int) -> float:
     cos2 = math.cos(theta) ** 2
     # the series of A(t|freedom), the probability that |T| <= |t|
     term, total = 1.0, 1.0
-    if freedom % 2:
+    if freedom == 1:  # Cauchy
+        inside = 2 / math.pi * theta
+    elif freedom % 2:
         for k in range(1, (freedom - 1) // 2):
             term *= cos2 * (2 * k) / (2 * k + 1)
             total += term
-        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total))
-        if freedom == 1:
-            inside = 2 / math.pi * theta
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
     else:
         for k in range(1, freedom // 2):
             term *= cos2 * (2 * k - 1) / (2 * k)

@@ -22,7 +22,13 @@ from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm
 from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
 from autonorm.surgery.probe import call_with_example
-from autonorm.surgery.rebuild import build_replacement, factory_of, inner, settled_choice
+from autonorm.surgery.rebuild import (
+    BATCH_FAMILY,
+    build_replacement,
+    factory_of,
+    inner,
+    settled_choice,
+)
 from autonorm.surgery.recalibrate import recalibrate_batchnorm
 from autonorm.surgery.slots import Slot, find_slots
 
@@ -441,10 +447,6 @@ def _start_on_original(model: nn.Module, slots: Sequence[Slot]) -> None:
         )
 
 
-#: Kinds whose layers keep running statistics: their SwitchableNorm carries them over.
-_KEEPS_RUNNING_STATS = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm"})
-
-
 def _calibrate_new_batch_branches(
     model: nn.Module, slots: Sequence[Slot], example_input: Any
 ) -> None:
@@ -455,7 +457,7 @@ def _calibrate_new_batch_branches(
     fresh = []
     for slot in slots:
         layer = inner(model if slot.name == "" else model.get_submodule(slot.name))
-        new_branch = slot.keep_choice().name not in _KEEPS_RUNNING_STATS
+        new_branch = slot.keep_choice().name not in BATCH_FAMILY  # else statistics carried
         if new_branch and isinstance(layer, SwitchableNorm) and layer.running_mean is not None:
             fresh.append(layer)
     if fresh:

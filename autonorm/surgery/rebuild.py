@@ -207,7 +207,7 @@ _DEFAULT_EPS: dict[str, float | None] = {"rmsnorm": None}
 #: Kinds whose settings (momentum, affine, tracking) mean the same: a rewrite among them keeps
 #: them. SwitchableNorm keeps batch statistics with a momentum, so it carries them through the
 #: learned path (BatchNorm -> SwitchableNorm -> BatchNorm).
-_BATCH_FAMILY = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm", "switchable"})
+BATCH_FAMILY = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm", "switchable"})
 
 
 def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) -> NormChoice:
@@ -267,7 +267,7 @@ def settled_choice(choice: NormChoice, current: NormChoice) -> NormChoice:
         >>> settled_choice(NormChoice("layernorm"), current).label
         'layernorm(eps=0.001)'
     """
-    same = choice.name == current.name or {choice.name, current.name} <= _BATCH_FAMILY
+    same = choice.name == current.name or {choice.name, current.name} <= BATCH_FAMILY
     accepted = set(get_spec(choice.name).params) | {"eps", "affine"}
     carried = {k: v for k, v in current.params.items() if k in accepted and (same or k == "eps")}
     if not carried.keys() - choice.params.keys():

@@ -2,7 +2,7 @@
 timm and torchvision (a detection resnet-FPN backbone with FrozenBatchNorm2d).
 
 Every model is read with and without an example input: the slots found are the norm modules a
-person counts (every module whose class names a norm and holds its own weights), the keep
+person counts (every module whose class names a norm, conv/linear blocks aside), the keep
 config rebuilt layer by layer computes what the model computed, and uniform layernorm /
 rmsnorm / groupnorm and ``to_switchable`` run forward and backward. timm and torchvision do not
 install on the main environment's torch (they pull their own): `.ci/run` runs their cases in a
