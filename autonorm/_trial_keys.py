@@ -13,6 +13,9 @@ STUDY_INFO = "autonorm"
 # -- trial user attributes ----------------------------------------------------------------------
 #: the trial's per-slot choices, ``{slot name: choice value}``.
 CONFIG = "config"
+#: the choices the trial's SwitchableNorm layers weighed highest at its last epoch,
+#: ``{slot name: choice value}`` (per-slot evidence for refinement).
+SWITCHABLE_CHOICES = "switchable_choices"
 #: False when the trial broke the budget (also recorded as an Optuna constraint).
 FEASIBLE = "feasible"
 #: why an infeasible trial broke the budget.

@@ -44,6 +44,7 @@ from autonorm.surgery import (
     derive_config,
     find_slots,
     select_slots,
+    switchable_choices,
     switchable_layers,
     to_switchable,
 )
@@ -377,6 +378,15 @@ class _AutoNormLogic(_CallbackType):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.trial is None or trainer.sanity_checking:
             return
+        mixing = self.config is not None and any(
+            c.name == "switchable" for c in self.config.choices.values()
+        )
+        if mixing and trial_glue.is_global_zero(trainer):
+            # free per-slot evidence for the staged plan's refinement: what the trial's
+            # SwitchableNorm layers weigh highest so far (a screened trial stops at its rung)
+            mixed = switchable_choices(pl_module, self.slots)
+            if mixed:
+                trial_glue.record_switchable_choices(self.trial, mixed)
         trial_glue.report_epoch(self.trial, trainer, self.monitor, self.measurements())
 
     @override

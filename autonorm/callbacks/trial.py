@@ -82,6 +82,11 @@ def suggest_config(
     return config
 
 
+def record_switchable_choices(trial: optuna.Trial, choices: Mapping[str, NormChoice]) -> None:
+    """Record the choices the trial's SwitchableNorm layers weigh highest, per slot."""
+    trial.set_user_attr(keys.SWITCHABLE_CHOICES, {k: v.to_value() for k, v in choices.items()})
+
+
 def record_measurements(trial: optuna.Trial, measurements: Mapping[str, Any]) -> None:
     """Every measurement as a trial attribute."""
     for key, value in measurements.items():

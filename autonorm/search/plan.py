@@ -10,8 +10,10 @@ compute better, and counts it in the same unit (trainings of ``max_epochs`` epoc
 2. ``promote``: the best :data:`PROMOTED` of the screen train the full schedule;
 3. ``refine``: around the best full-schedule config, a few moves at a time each change one
    group of slots (a stage, a role: shortcuts, head, attention or MLP norms; see
-   :func:`~autonorm.search_spaces.slot_groups`) to what another baseline (the learned config
-   first) has there; moves are screened at the rung, and the best one is promoted when its rung
+   :func:`~autonorm.search_spaces.slot_groups`) to what another baseline has there, per-slot
+   evidence first: the learned config, or without a learn pass what the screened uniform
+   SwitchableNorm's layers weighed highest at the rung (recorded by the trial, no extra
+   compute); moves are screened at the rung, and the best one is promoted when its rung
    value beats the incumbent's;
 4. ``confirm``: the leading configs train again with other seeds, so that the final choice is
    the best mean, not the luckiest single run (the winner's curse).
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +102,9 @@ class Plan:
         baselines: the screen (empty: no staged plan, the sampler proposes every trial).
         groups: ``{group name: parameter names}`` that refinement moves change together.
         learned: the learned config's parameters (the first donor of refinement moves).
+        mixed_params: turns what a trial's SwitchableNorm layers weighed highest
+            (``{slot: choice value}``, recorded by the callback) into trial parameters; without a
+            learn pass, the best screened trial that recorded it is the first donor.
         explore: how many of the baselines, at the end, are random configs (screened only where
             the budget leaves room after the others and a confirmation).
     """
@@ -112,6 +117,7 @@ class Plan:
     baselines: list[Candidate] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)
     learned: dict[str, str] | None = None
+    mixed_params: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
     explore: int = 0
 
     @property
@@ -237,9 +243,14 @@ class Plan:
             return []
         tried = {params_key(t.params) for t in trials}
         others = [c for c in evidence.ranked_screen(SCREEN, 0) if c.params != incumbent.params]
-        # the learned config first (per-slot evidence), then the best other baselines: each
+        # per-slot evidence first (the learned config, else what the best screened
+        # SwitchableNorm trial weighed highest: free), then the best other baselines; each
         # changes one group of slots at a time to what it does there
-        donors = [] if self.learned is None else [Candidate("learned", self.learned)]
+        if self.learned is not None:
+            donors = [Candidate("learned", self.learned)]
+        else:
+            mixed = evidence.mixed_donor(self.mixed_params)
+            donors = [] if mixed is None else [mixed]
         donors += others[:DONORS]
         moves: list[Candidate] = []
         for donor, group in ((d, g) for d in donors for g in self.groups):
@@ -292,6 +303,23 @@ class Evidence:
         scored = [(self.rung_value(c.params), c) for c in seen.values()]
         ranked = [(v, c) for v, c in scored if v is not None]
         return [c for _, c in sorted(ranked, key=lambda vc: -self.sign * vc[0])]
+
+    def mixed_donor(
+        self, to_params: Callable[[Mapping[str, Any]], dict[str, str]] | None
+    ) -> Candidate | None:
+        """What the screened trials' SwitchableNorm layers weighed highest, as trial parameters:
+        each parameter from the best screened config (by rung value) whose trial recorded it."""
+        if to_params is None:
+            return None
+        params: dict[str, str] = {}
+        for screened in self.ranked_screen(SCREEN, 0):
+            key = params_key(screened.params)
+            for trial in self.trials:
+                mixed = trial.user_attrs.get(keys.SWITCHABLE_CHOICES)
+                if mixed and params_key(trial.params) == key:
+                    params = {**to_params(mixed), **params}
+                    break
+        return Candidate("switchable weights", params) if params else None
 
     def leaders(self) -> list[Candidate]:
         """Configs with full-schedule runs, best mean first."""

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import optuna
 from autonorm._errors import AutoNormError
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
-from autonorm.config import NormConfig
+from autonorm.config import NormChoice, NormConfig
 from autonorm.search import loop, workers
 from autonorm.search.export import SearchResult, export_bundle, worker_result
 from autonorm.search.plan import Candidate, Plan, reuse_finished
@@ -457,6 +457,11 @@ def _plan(
             trainings = float(grid_size(slots, params))
         else:
             n_trials = DEFAULT_N_TRIALS
+
+    def mixed_params(mixed: Mapping[str, Any]) -> dict[str, str]:
+        config = NormConfig({slot: NormChoice.parse(value) for slot, value in mixed.items()})
+        return params_for(config, slots, params, partial=True) or {}
+
     names = {p: set(slot_names) for p, (_, slot_names) in params.items()}
     groups = {
         group: [p for p, slot_names in names.items() if slot_names & set(members)]
@@ -474,4 +479,5 @@ def _plan(
         explore=len(explore),
         groups=groups,
         learned=None if learned is None else params_for(learned, slots, params),
+        mixed_params=mixed_params,
     )

@@ -69,12 +69,17 @@ def _literal(name: str) -> str:
 
 
 def params_for(
-    config: NormConfig, slots: Sequence[Slot], params: Mapping[str, tuple[list[str], list[str]]]
+    config: NormConfig,
+    slots: Sequence[Slot],
+    params: Mapping[str, tuple[list[str], list[str]]],
+    *,
+    partial: bool = False,
 ) -> dict[str, str] | None:
     """Trial parameters reproducing ``config`` as closely as the space allows.
 
     Each parameter takes the config's choice when the space offers it, else the first offered
-    choice of the same SN family; None when some parameter has neither.
+    choice of the same SN family; None when some parameter has neither (``partial``: that
+    parameter is left out instead).
     """
     by_name = {s.name: s for s in slots}
     chosen: dict[str, str] = {}
@@ -82,6 +87,8 @@ def params_for(
         slot = by_name[names[0]]
         wanted = config.choices.get(slot.name)
         if wanted is None:
+            if partial:
+                continue
             return None
         if wanted.label in labels:
             chosen[param] = wanted.label
@@ -97,6 +104,8 @@ def params_for(
         match = next((label for label, c in same_family if c.weight == wanted.weight), None)
         match = match or next((label for label, c in same_family if c.weight is None), None)
         if match is None:
+            if partial:
+                continue
             return None
         chosen[param] = match
     return chosen

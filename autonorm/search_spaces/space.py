@@ -122,7 +122,8 @@ class SearchSpace:
     Args:
         preset: name of a preset in :data:`PRESETS` giving every slot's default choices.
         choices: ``{glob pattern: [choice, ...]}`` replacing the preset's choices for matching
-            slots (first matching pattern wins; the ``choices`` key of a space file). A choice is a registry name, a
+            slots (first matching pattern wins; the ``choices`` key of a space file), or a bare
+            list for every slot (pattern ``*``). A choice is a registry name, a
             ``{"name": ..., **params}`` dict or a :class:`~autonorm.config.NormChoice`.
         identity: also offer ``identity`` (no normalization) to every slot.
         keep: also offer every slot its own original layer (the "own norms" baseline).
@@ -161,8 +162,14 @@ class SearchSpace:
             problems.append(f"`weight_norms` must be true or false, got {self.weight_norms!r}")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             problems.append(f"`devices` must be a positive int, got {self.devices!r}")
+        if isinstance(self.choices, (list, tuple)):  # a bare list: every slot
+            self.choices = {"*": list(self.choices)}
+        if self.choices is not None and not isinstance(self.choices, Mapping):
+            problems.append(
+                f"`choices` must map slot patterns to lists of choices, got {self.choices!r}"
+            )
         patterns = []
-        for pattern, values in (self.choices or {}).items():
+        for pattern, values in (self.choices if isinstance(self.choices, Mapping) else {}).items():
             if isinstance(values, (str, Mapping)) or not isinstance(values, Iterable):
                 values = [values]
             parsed = []
@@ -194,12 +201,6 @@ class SearchSpace:
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {sorted(known)}")
         choices = data.get("choices")
-        if isinstance(choices, (list, tuple)):
-            choices = {"*": list(choices)}
-        if choices is not None and not isinstance(choices, Mapping):
-            raise ConfigError(
-                f"{source}: `choices` must map slot patterns to lists of choices, got {choices!r}"
-            )
         identity = data.get("identity", False)
         if not isinstance(identity, bool):
             raise ConfigError(f"{source}: `identity` must be true or false, got {identity!r}")

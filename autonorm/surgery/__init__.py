@@ -17,6 +17,7 @@ from autonorm.surgery.derive import (
     derive_config,
     family,
     ranked_choices,
+    switchable_choices,
     switchable_layers,
 )
 from autonorm.surgery.feeders import FEEDERS_ATTR
@@ -46,6 +47,7 @@ __all__ = [
     "recalibrate_batchnorm",
     "register_slot_type",
     "select_slots",
+    "switchable_choices",
     "switchable_layers",
     "to_switchable",
     "validate_config",

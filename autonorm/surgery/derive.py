@@ -9,7 +9,7 @@ the one score of a candidate (:func:`candidate_scores`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -18,7 +18,7 @@ from autonorm._errors import AutoNormError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SwitchableNorm, check_choice
 from autonorm.surgery.rebuild import inner
-from autonorm.surgery.slots import find_slots
+from autonorm.surgery.slots import Slot, find_slots
 
 
 class Candidate(NamedTuple):
@@ -93,6 +93,33 @@ def ranked_choices(sn: SwitchableNorm) -> list[tuple[NormChoice, float]]:
     return [(CANDIDATE_CHOICES[sn.layout][c], scores[c]) for c in order]
 
 
+def derived_choice(sn: SwitchableNorm, slot: Slot) -> NormChoice:
+    """The native choice of the SN layer in ``slot``: its highest-weighted candidate valid for
+    the slot's input (instance statistics need positions), with the slot's weight-side part."""
+    ranked = ranked_choices(sn)
+    valid = [
+        c
+        for c, _ in ranked
+        if not check_choice(
+            c.name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **c.params
+        )
+    ]
+    # the weight side stays: SN learned its weights with what the feeder carries
+    return (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
+
+
+def switchable_choices(model: nn.Module, slots: Iterable[Slot]) -> dict[str, NormChoice]:
+    """The derived choice of each slot in ``slots`` that holds a SwitchableNorm with finite
+    mixing weights (a diverged layer says nothing): what a run's SN layers weigh highest so
+    far, read without probing the model again."""
+    layers = switchable_layers(model)
+    return {
+        slot.name: derived_choice(sn, slot)
+        for slot in slots
+        if (sn := layers.get(slot.name)) is not None and _finite(sn.mixing_weights())
+    }
+
+
 def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     """The discrete config learned by the model's SwitchableNorm layers.
 
@@ -116,23 +143,7 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
         )
     weights = {name: sn.mixing_weights() for name, sn in layers.items()}
     _check_finite(weights)
-    choices = {}
-    for name, sn in layers.items():
-        slot = slots[name]
-        ranked = ranked_choices(sn)
-        valid = [
-            c
-            for c, _ in ranked
-            if not check_choice(
-                c.name,
-                slot.num_features,
-                layout=slot.layout,
-                input_shape=slot.input_shape,
-                **c.params,
-            )
-        ]
-        # the weight side stays: SN learned its weights with what the feeder carries
-        choices[name] = (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
+    choices = {name: derived_choice(sn, slots[name]) for name, sn in layers.items()}
     metadata = {
         "source": "switchable",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -141,14 +152,14 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     return NormConfig(choices, metadata=metadata).with_probe(slots[name] for name in choices)
 
 
+def _finite(weights: Mapping[str, Mapping[str, float]]) -> bool:
+    return all(math.isfinite(w) for per_cand in weights.values() for w in per_cand.values())
+
+
 def _check_finite(weights: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
     """Refuse NaN/inf mixing weights (a diverged learn run): sorting them would pick a candidate
     at random, silently."""
-    bad = [
-        name
-        for name, per_kind in weights.items()
-        if not all(math.isfinite(w) for per_cand in per_kind.values() for w in per_cand.values())
-    ]
+    bad = [name for name, per_kind in weights.items() if not _finite(per_kind)]
     if bad:
         raise AutoNormError(
             f"the learned mixing weights of {len(bad)} slot(s) are not finite (the learn run "

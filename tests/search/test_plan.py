@@ -17,6 +17,7 @@ from autonorm.search.plan import (
     RUN,
     SCREEN,
     Candidate,
+    Evidence,
     Plan,
     reuse_finished,
 )
@@ -177,3 +178,32 @@ def test_slot_groups_by_stage_and_role():
     assert groups["role:mlp"] == [f"model.layers.{i}.post_attention_layernorm" for i in range(4)]
     assert groups["role:head"] == ["model.norm"]
     assert groups["stage:early"] == llama[:4]
+
+
+def test_without_a_learn_pass_refinement_borrows_what_the_switchable_screen_weighed_highest():
+    """The screened trial of uniform SwitchableNorm records its layers' favourite choices; the
+    first refinement moves change the incumbent group by group towards them."""
+    favourites = {"a": "in", "b": "in", "c": "gn"}  # the best mix, which no baseline holds
+
+    def objective_with_mixing(trial: optuna.Trial) -> float:
+        if trial.user_attrs.get(keys.BASELINE) == "uniform:gn":  # stands for uniform SN
+            trial.set_user_attr(keys.SWITCHABLE_CHOICES, favourites)
+        return objective(trial)
+
+    plan = staged_plan(trainings=6)
+    plan.mixed_params = dict  # parameters named after their slots
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for step in plan.screen():
+        study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+    while plan.next(study) == RUN:
+        study.optimize(objective_with_mixing, n_trials=1)
+    moves = [t for t in study.trials if t.user_attrs[keys.STAGE] == REFINE]
+    # the incumbent is uniform "in": only slot c differs from the favourites
+    assert moves[0].user_attrs[keys.BASELINE] == "refine: slot:c <- switchable weights"
+    assert moves[0].params == favourites
+    assert config_runs(study)[0].trials[0].params == favourites
+    # with a learned config, that comes first and the screen's weights are not read
+    plan.learned = {"a": "bn", "b": "bn", "c": "bn"}
+    assert plan._moves(Evidence(study.trials, plan.rung, True), study.trials)[0].label.endswith(
+        "<- learned"
+    )

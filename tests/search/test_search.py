@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import autonorm
-from autonorm import Budget, NormConfig
+from autonorm import Budget, NormChoice, NormConfig
 from autonorm.search import retrain_best
 from autonorm.search_spaces import SearchSpace
+from autonorm.surgery import CANDIDATE_CHOICES
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 FAST = {"max_epochs": 2}
@@ -341,3 +342,39 @@ def test_the_exported_config_carries_the_searchs_probe(tmp_path):
     assert all(r.input_shape is not None for r in result.best_config.probe.values())
     assert seen(NormConfig.load(result.out_dir / "best_config.yaml").probe) == probed
     assert seen(autonorm.recommend(slots).probe) == probed
+
+
+def test_the_switchable_screen_records_its_favourites_and_refinement_borrows_them(tmp_path):
+    """A real staged search with room to refine: the screened uniform-SwitchableNorm trial
+    records what its layers weighed highest, and refinement moves carry those choices."""
+    space = SearchSpace(choices=["batchnorm", "groupnorm", "switchable"])
+    result = _search(
+        tmp_path,
+        n_trials=None,
+        space=space,
+        trainer_kwargs={**FAST, "max_epochs": 3},
+        budget=Budget(trainings=9),
+    )
+    trials = result.study.trials
+    screened = {
+        t.user_attrs["baseline"]: t for t in trials if t.user_attrs.get("stage") == "screen"
+    }
+    favourites = screened["uniform:switchable"].user_attrs["switchable_choices"]
+    slots = [s.name for s in autonorm.find_slots(TinyConvNet())]
+    assert sorted(favourites) == sorted(slots)
+    natives = {c.label for table in CANDIDATE_CHOICES.values() for c in table.values()}
+    assert {NormChoice.parse(v).label for v in favourites.values()} <= natives
+    for trial in trials:  # a trial records the choices of the slots it gave SwitchableNorm
+        mixing = {n for n, v in trial.user_attrs["config"].items() if "switchable" in str(v)}
+        assert set(trial.user_attrs.get("switchable_choices", {})) == mixing
+    moves = [t for t in trials if t.user_attrs.get("stage") == "refine"]
+    borrowed = [t for t in moves if t.user_attrs["baseline"].endswith("<- switchable weights")]
+    assert borrowed, [t.user_attrs["baseline"] for t in moves]
+    recorded = {
+        (slot, NormChoice.parse(value).name)
+        for t in trials
+        for slot, value in t.user_attrs.get("switchable_choices", {}).items()
+    }
+    for move in borrowed:  # the moved slot takes what some SwitchableNorm trial weighed highest
+        slot = move.user_attrs["baseline"].split("slot:")[1].split(" <-")[0]
+        assert (slot, NormChoice.parse(move.params[slot]).name) in recorded

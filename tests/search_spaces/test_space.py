@@ -75,3 +75,16 @@ def test_a_bare_list_of_choices_applies_to_every_slot():
 def test_docstring_examples_run():
     result = doctest.testmod(space, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_bare_list_of_choices_is_every_slots_and_anything_else_is_refused():
+    slot = _slot(8)
+    listed = SearchSpace(choices=["batchnorm", "switchable"]).choices_for(slot)
+    assert listed == SearchSpace(choices={"*": ["batchnorm", "switchable"]}).choices_for(slot)
+    assert listed == SearchSpace.from_dict({"choices": ["batchnorm", "switchable"]}).choices_for(
+        slot
+    )
+    with pytest.raises(Exception, match="`choices` must map slot patterns to lists of choices"):
+        SearchSpace(choices="batchnorm")
+    with pytest.raises(Exception, match="`choices` must map slot patterns"):
+        SearchSpace.from_dict({"choices": 3})
