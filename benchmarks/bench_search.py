@@ -26,6 +26,7 @@ Run (each task in its own process; about 10 minutes a task on one core)::
 
     python benchmarks/bench_search.py --tasks cnn2d-b2 unet3d-b2
     python benchmarks/bench_search.py --tasks cnn2d-b2 --search-seed 1   # search again
+    python benchmarks/bench_search.py --tasks cnn2d-b2 --compute-scale 2 # twice the compute
     python benchmarks/bench_search.py --report      # the table of every task run so far
 
 Writes ``benchmarks/results/search/<task>.json`` and ``benchmarks/results/search.md``.
@@ -105,6 +106,8 @@ class Found:
     trainings: float
     seconds: float
     retrained: list[float] | None = None
+    #: a search's trials per stage of the staged plan (screen, promote, refine, confirm)
+    stages: dict[str, int] | None = None
 
 
 def trainer(epochs: int, callbacks: list[Any]) -> pl.Trainer:
@@ -178,7 +181,12 @@ def run_search(task: Task, method: str, **options: Any) -> Found:
             **options,
         )
     compute = result.summary["compute"]
-    return Found(method, result.best_config, compute["trainings"], time.time() - start)
+    stages: dict[str, int] = {}
+    for trial in result.study.trials:
+        stage = str(trial.user_attrs.get("stage", "sampler"))
+        stages[stage] = stages.get(stage, 0) + 1
+    seconds = time.time() - start
+    return Found(method, result.best_config, compute["trainings"], seconds, stages=stages)
 
 
 def run_learned(task: Task, method: str, **options: Any) -> Found:
@@ -208,6 +216,17 @@ def find_again(task: Task, search_seed: int) -> list[Found]:
     how much of a difference between them is the luck of one search."""
     trainings = grid_trainings(task)
     return [run_random(task, trainings, search_seed), run_autonorm(task, search_seed)]
+
+
+def find_with_more_compute(task: Task, scale: float) -> list[Found]:
+    """random and autonorm at ``scale`` times the grid's compute: what the staged plan does with
+    room to refine (its moves borrow what the SwitchableNorm trials weighed highest)."""
+    trainings = scale * grid_trainings(task)
+    budget = {"batch_size": task.batch_size, "trainings": trainings}
+    return [
+        run_random(task, trainings, 0),
+        run_search(task, "autonorm", budget=budget, seed=0),
+    ]
 
 
 def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:
@@ -241,12 +260,19 @@ def summary_of(config: autonorm.NormConfig | None) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items()))
 
 
-def bench_task(key: str, seeds: int, search_seed: int = 0) -> dict[str, Any]:
+def bench_task(
+    key: str, seeds: int, search_seed: int = 0, compute_scale: float | None = None
+) -> dict[str, Any]:
     task = TASKS[key]
     slots = autonorm.find_slots(task.model())
     print(f"\n== {key}: {task.name}, {len(slots)} slots, {task.epochs} epochs", flush=True)
     rows = []
-    methods = find_all(task, slots) if search_seed == 0 else find_again(task, search_seed)
+    if compute_scale is not None:
+        methods = find_with_more_compute(task, compute_scale)
+    elif search_seed:
+        methods = find_again(task, search_seed)
+    else:
+        methods = find_all(task, slots)
     for found in methods:
         values = [train(task, found.config, task.epochs, 1000 + s) for s in range(seeds)]
         row = {
@@ -258,6 +284,8 @@ def bench_task(key: str, seeds: int, search_seed: int = 0) -> dict[str, Any]:
             "seconds": found.seconds,
             "config": summary_of(found.config),
         }
+        if found.stages is not None:
+            row["stages"] = found.stages
         rows.append(row)
         print(
             f"  {row['method']:15s} {100 * row['mean']:5.1f} ± {100 * row['std']:4.1f}   "
@@ -267,6 +295,8 @@ def bench_task(key: str, seeds: int, search_seed: int = 0) -> dict[str, Any]:
         )
     result = {"task": key, "name": task.name, "slots": len(slots), "epochs": task.epochs}
     result.update(rows=rows, mode=task.mode, seeds=seeds, search_seed=search_seed)
+    if compute_scale is not None:
+        result["compute_scale"] = compute_scale
     return result
 
 
@@ -297,7 +327,11 @@ def verdicts(result: dict[str, Any], auto: dict[str, Any] | None = None) -> dict
     return out
 
 
-def report(results: list[dict[str, Any]], again: list[dict[str, Any]] | None = None) -> str:
+def report(
+    results: list[dict[str, Any]],
+    again: list[dict[str, Any]] | None = None,
+    scaled: list[dict[str, Any]] | None = None,
+) -> str:
     lines = [
         "| task | method | retrained (%) | compute (trainings) | config |",
         "|---|---|---|---|---|",
@@ -321,7 +355,7 @@ def report(results: list[dict[str, Any]], again: list[dict[str, Any]] | None = N
         gain = statistics.mean(verdicts(r)["autonorm_minus_random"] for r in results)
         checks.append(f"- autonorm minus random, mean over tasks: {100 * gain:+.1f} points")
     text = "\n".join(lines) + "\n\nAcceptance:\n" + "\n".join(checks) + "\n"
-    return text + search_seed_report(results, again or [])
+    return text + search_seed_report(results, again or []) + scaled_report(results, scaled or [])
 
 
 def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]) -> str:
@@ -362,6 +396,50 @@ def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
+def scaled_report(results: list[dict[str, Any]], scaled: list[dict[str, Any]]) -> str:
+    """random and autonorm with more compute than the grid's, against the task's bars."""
+    if not scaled:
+        return ""
+    lines = [
+        "",
+        "More compute (`--compute-scale X`: random and autonorm at X times the grid's compute):",
+        "",
+        "| task | random | autonorm | autonorm's trials per stage | autonorm − random "
+        "| autonorm − best uniform | autonorm − autonorm at the grid's compute |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    bars = {r["task"]: r for r in results}
+    gains = []
+    for run in sorted(scaled, key=lambda r: (r["task"], r["compute_scale"])):
+        rows = {r["method"]: r for r in run["rows"]}
+        sign = 1.0 if run["mode"] == "max" else -1.0
+        auto, rand = rows["autonorm"], rows["random"]
+        gains.append(sign * (auto["mean"] - rand["mean"]))
+        cells = [
+            f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} [{r['trainings']:.1f}] {r['config']}"
+            for r in (rand, auto)
+        ]
+        stages = ", ".join(f"{k} {v}" for k, v in auto.get("stages", {}).items())
+        bar = bars.get(run["task"])
+        versus = "–", "–"
+        if bar is not None:
+            v = verdicts(bar, auto)
+            default = {r["method"]: r for r in bar["rows"]}["autonorm"]
+            versus = (
+                f"{100 * v['autonorm_vs_best_uniform']:+.1f} ({v['best_uniform']})",
+                f"{100 * sign * (auto['mean'] - default['mean']):+.1f}",
+            )
+        lines.append(
+            f"| {run['task']} | {cells[0]} | {cells[1]} | {stages} | {100 * gains[-1]:+.1f} | "
+            f"{versus[0]} | {versus[1]} |"
+        )
+    lines.append(
+        f"\nautonorm minus random with more compute, mean over tasks: "
+        f"{100 * statistics.mean(gains):+.1f} points"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=[])
@@ -374,11 +452,22 @@ def main(argv: list[str] | None = None) -> int:
         help="K > 0: only search again with random and autonorm under search seed K "
         "(written to <task>.search-seed<K>.json)",
     )
+    parser.add_argument(
+        "--compute-scale",
+        type=float,
+        default=None,
+        help="X > 1: only random and autonorm at X times the grid's compute, search seed 0 "
+        "(written to <task>.compute<X>x.json)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.search_seed < 0:
         parser.error("--search-seed must be >= 0")
+    if args.compute_scale is not None and args.compute_scale <= 1:
+        parser.error("--compute-scale must be > 1 (1 is the default run)")
+    if args.compute_scale is not None and args.search_seed:
+        parser.error("--compute-scale runs search seed 0 only; drop --search-seed")
     folder = RESULTS / "search"
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -386,12 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for key in args.tasks:
-        result = bench_task(key, args.seeds, args.search_seed)
+        result = bench_task(key, args.seeds, args.search_seed, args.compute_scale)
         suffix = f".search-seed{args.search_seed}" if args.search_seed else ""
+        if args.compute_scale is not None:
+            suffix = f".compute{args.compute_scale:g}x"
         (folder / f"{key}{suffix}.json").write_text(json.dumps(result, indent=2))
     saved = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    main_runs = [r for r in saved if not r.get("search_seed")]
-    text = report(main_runs, [r for r in saved if r.get("search_seed")])
+    scaled = [r for r in saved if r.get("compute_scale")]
+    main_runs = [r for r in saved if not r.get("search_seed") and not r.get("compute_scale")]
+    text = report(main_runs, [r for r in saved if r.get("search_seed")], scaled)
     (RESULTS / "search.md").write_text(text)
     print("\n" + text)
     return 0
