@@ -378,10 +378,7 @@ class _AutoNormLogic(_CallbackType):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.trial is None or trainer.sanity_checking:
             return
-        mixing = self.config is not None and any(
-            c.name == "switchable" for c in self.config.choices.values()
-        )
-        if mixing and trial_glue.is_global_zero(trainer):
+        if trial_glue.is_global_zero(trainer):
             # free per-slot evidence for the staged plan's refinement: what the trial's
             # SwitchableNorm layers weigh highest so far (a screened trial stops at its rung)
             mixed = switchable_choices(pl_module, self.slots)

@@ -111,13 +111,13 @@ def derived_choice(sn: SwitchableNorm, slot: Slot) -> NormChoice:
 def switchable_choices(model: nn.Module, slots: Iterable[Slot]) -> dict[str, NormChoice]:
     """The derived choice of each slot in ``slots`` that holds a SwitchableNorm with finite
     mixing weights (a diverged layer says nothing): what a run's SN layers weigh highest so
-    far, read without probing the model again."""
-    layers = switchable_layers(model)
-    return {
-        slot.name: derived_choice(sn, slot)
-        for slot in slots
-        if (sn := layers.get(slot.name)) is not None and _finite(sn.mixing_weights())
-    }
+    far. The slots are looked up by name, not found again: cheap enough for every epoch."""
+    choices = {}
+    for slot in slots:
+        sn = inner(model.get_submodule(slot.name))
+        if isinstance(sn, SwitchableNorm) and _finite(sn.mixing_weights()):
+            choices[slot.name] = derived_choice(sn, slot)
+    return choices
 
 
 def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
