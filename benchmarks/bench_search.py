@@ -14,6 +14,7 @@ Methods:
   random         random per-slot configs (no pruning) at the grid's compute
   learned-sn     one learned SwitchableNorm training (softmax mixing), its derived config
   learned-ssn    one learned Sparse SwitchableNorm training (SparsestMax), its derived config
+                 (``--search-seed K`` trains them again with seed K)
   autonorm       autonorm.search with its defaults (staged plan, default budget = the grid's)
   autonorm+learn the same with warm_start="learn" at the grid's compute
 
@@ -189,8 +190,9 @@ def run_search(task: Task, method: str, **options: Any) -> Found:
     return Found(method, result.best_config, compute["trainings"], seconds, stages=stages)
 
 
-def run_learned(task: Task, method: str, **options: Any) -> Found:
-    pl.seed_everything(0, verbose=False)
+def run_learned(task: Task, method: str, seed: int = 0, **options: Any) -> Found:
+    """One learned (Sparse) SwitchableNorm training seeded with ``seed``, its derived config."""
+    pl.seed_everything(seed, verbose=False)
     start = time.time()
     callback = AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0, **options)
     with tempfile.TemporaryDirectory() as out:
@@ -212,10 +214,16 @@ def run_autonorm(task: Task, search_seed: int) -> Found:
 
 
 def find_again(task: Task, search_seed: int) -> list[Found]:
-    """The two searches whose outcome depends on the search's own seed, run with another one:
-    how much of a difference between them is the luck of one search."""
+    """The methods whose outcome depends on their own seed, run with another one (the learned
+    paths' training seeded with it): how much of a difference is the luck of one search or of
+    one learn pass."""
     trainings = grid_trainings(task)
-    return [run_random(task, trainings, search_seed), run_autonorm(task, search_seed)]
+    return [
+        run_random(task, trainings, search_seed),
+        run_learned(task, "learned-sn", seed=search_seed),
+        run_learned(task, "learned-ssn", seed=search_seed, mixing="sparsestmax"),
+        run_autonorm(task, search_seed),
+    ]
 
 
 def find_with_more_compute(task: Task, scale: float) -> list[Found]:
@@ -393,7 +401,47 @@ def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]
         f"{100 * statistics.mean(gains):+.1f} points ({len(gains)} searches each); autonorm at "
         f"least the best uniform norm and the own norms in {sum(held)} of {len(held)} searches"
     )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + learn_seed_report(results, again)
+
+
+def learn_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]) -> str:
+    """The learned paths per seed of their training, against the task's best uniform norm:
+    whether one learn pass's gap is the pass's luck or the method's."""
+    lines = [
+        "",
+        "Learn seeds (the learned paths' training seeded with the search seed):",
+        "",
+        "| task | best uniform | seed | learned-sn | learned-ssn | SSN − best uniform |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for result in results:
+        runs = [result] + [a for a in again if a["task"] == result["task"]]
+        runs = [r for r in runs if any(row["method"] == "learned-ssn" for row in r["rows"])]
+        sign = 1.0 if result["mode"] == "max" else -1.0
+        bar = {r["method"]: r for r in result["rows"]}[verdicts(result)["best_uniform"]]
+        gaps = []
+        for run in sorted(runs, key=lambda r: r.get("search_seed", 0)):
+            rows = {r["method"]: r for r in run["rows"]}
+            gaps.append(sign * (rows["learned-ssn"]["mean"] - bar["mean"]))
+            lines.append(
+                f"| {run['task']} | {100 * bar['mean']:.1f} ± {100 * bar['std']:.1f} "
+                f"({bar['method']}) | {run.get('search_seed', 0)} | "
+                + " | ".join(
+                    f"{100 * rows[m]['mean']:.1f} ± {100 * rows[m]['std']:.1f} {rows[m]['config']}"
+                    for m in ("learned-sn", "learned-ssn")
+                )
+                + f" | {100 * gaps[-1]:+.1f} |"
+            )
+        if len(gaps) > 1 and result["task"] in SMALL_BATCH_CNN:
+            within = sum(g >= -0.02 for g in gaps)
+            summary.append(
+                f"- {result['task']}: SSN − best uniform {100 * statistics.mean(gaps):+.1f} points "
+                f"on average over {len(gaps)} learn seeds; within 2 points in {within}"
+            )
+    if not summary:
+        return ""
+    return "\n".join(lines) + "\n\n" + "\n".join(summary) + "\n"
 
 
 def scaled_report(results: list[dict[str, Any]], scaled: list[dict[str, Any]]) -> str:
