@@ -16,7 +16,8 @@ Methods:
   learned-ssn    one learned Sparse SwitchableNorm training (SparsestMax), its derived config
                  (``--search-seed K`` trains them again with seed K)
   autonorm       autonorm.search with its defaults (staged plan, default budget = the grid's)
-  autonorm+learn the same with warm_start="learn" at the grid's compute
+  autonorm+learn the same with warm_start="learn" (a learned SN run first) at the grid's
+                 compute; autonorm+learn-sparse: warm_start="learn-sparse" (Sparse SN)
 
 Acceptance (printed per task): autonorm at no more than the grid's compute retrains to at least
 the best uniform family and the own norms (within 0.5 point or one seed std, whichever is
@@ -194,7 +195,8 @@ def run_learned(task: Task, method: str, seed: int = 0, **options: Any) -> Found
     """One learned (Sparse) SwitchableNorm training seeded with ``seed``, its derived config."""
     pl.seed_everything(seed, verbose=False)
     start = time.time()
-    callback = AutoNorm(mode="learn", mixing_lr_scale=0.1, mixing_weight_decay=0.0, **options)
+    options = {"mixing_lr_scale": 0.1, "mixing_weight_decay": 0.0, **options}
+    callback = AutoNorm(mode="learn", **options)
     with tempfile.TemporaryDirectory() as out:
         callback.config_path = Path(out) / "learned.yaml"
         trainer(task.epochs, [callback]).fit(task.model(), datamodule=task.data(task.batch_size))
@@ -247,15 +249,16 @@ def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:
     found.append(run_learned(task, "learned-sn"))
     found.append(run_learned(task, "learned-ssn", mixing="sparsestmax"))
     found.append(run_autonorm(task, 0))
-    found.append(
-        run_search(
-            task,
-            "autonorm+learn",
-            budget={**budget, "trainings": grid.trainings},
-            warm_start="learn",
-            seed=0,
+    for warm_start in ("learn", "learn-sparse"):
+        found.append(
+            run_search(
+                task,
+                f"autonorm+{warm_start}",
+                budget={**budget, "trainings": grid.trainings},
+                warm_start=warm_start,
+                seed=0,
+            )
         )
-    )
     return found
 
 

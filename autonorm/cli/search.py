@@ -62,11 +62,12 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
     ("seed", int | None, None, None),
     (
         "warm_start",
-        bool | Literal["learn"],
+        bool | Literal["learn", "learn-sparse"],
         True,
         "true: staged search (screen own norms and every uniform family, promote the best, "
-        "refine groups of slots, re-evaluate the leaders); learn: first one learned Sparse "
-        "SwitchableNorm run that joins the screen and narrows each slot's choices",
+        "refine groups of slots, re-evaluate the leaders); learn: first one learned "
+        "SwitchableNorm run whose derived config joins the screen and narrows each slot's "
+        "choices; learn-sparse: the same with Sparse SwitchableNorm",
     ),
     ("objectives", list[str] | None, None, "e.g. [metric,peak_memory]"),
     ("retrain", bool, False, None),

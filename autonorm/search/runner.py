@@ -27,6 +27,7 @@ from autonorm.search.export import SearchResult, export_bundle, worker_result
 from autonorm.search.plan import Candidate, Plan, reuse_finished
 from autonorm.search.settings import (
     DEFAULT_N_TRIALS,
+    LEARN_MIXINGS,
     METRIC,
     SearchSettings,
     default_study_name,
@@ -131,11 +132,12 @@ def search(
             own norms, every uniform family and the recommended config are screened at a
             third of the epochs, the best two train the full schedule, refinement changes one
             group of slots at a time, and the leaders are re-evaluated with other seeds before
-            the final choice (the best mean). ``"learn"``: first one learned Sparse
-            SwitchableNorm run (``max_epochs`` epochs, counted in the budget); its derived
-            config joins the screen, guides the refinement and narrows each slot's choices
-            to those the learned mix weighed at least half as much as its favourite.
-            ``False``: every trial comes from the sampler.
+            the final choice (the best mean). ``"learn"``: first one learned SwitchableNorm
+            run (``max_epochs`` epochs, counted in the budget); its derived config joins the
+            screen, guides the refinement and narrows each slot's choices to those the
+            learned mix weighed at least half as much as its favourite. ``"learn-sparse"``:
+            the same with Sparse SwitchableNorm (SparsestMax: one normalizer per slot at the
+            end of the run). ``False``: every trial comes from the sampler.
         objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
         model_kwargs: init arguments of a model class.
         example_input: input for the slot probe (default: ``example_input_array``).
@@ -396,7 +398,8 @@ def _space_of(
 ) -> tuple[SearchSpace, NormConfig | None]:
     """The space the trials sample, and the learned config of ``warm_start="learn"``: a resumed
     study keeps the space its learn pass made; a new one runs the learn pass here."""
-    if settings.warm_start != "learn":
+    mixing = LEARN_MIXINGS.get(str(settings.warm_start))
+    if mixing is None:
         return settings.space, None
     stored = (existing.user_attrs.get(STUDY_INFO) or {}) if existing is not None else {}
     if stored.get("learned_config"):
@@ -404,7 +407,7 @@ def _space_of(
             stored["learned_config"]
         )
     with quiet_lightning(not settings.verbose):
-        learned = learn_pass(training, out, settings.seed)
+        learned = learn_pass(training, out, settings.seed, mixing)
     return narrow_space(settings.space, slots, learned.metadata["weights"]), learned
 
 

@@ -19,7 +19,11 @@ METRIC = "metric"
 DEFAULT_MAX_EPOCHS = 3
 #: Trials of a search bounded by neither ``n_trials`` nor a compute budget (no warm start).
 DEFAULT_N_TRIALS = 20
-WARM_STARTS = (True, False, "learn")
+#: How the learn pass of each learned warm start mixes: softmax SN (``"learn"``, the default:
+#: its derived configs retrained better at small batches in ``benchmarks/bench_search.py``) or
+#: Sparse SN (``"learn-sparse"``, Shao et al. 2019).
+LEARN_MIXINGS = {"learn": "softmax", "learn-sparse": "sparsestmax"}
+WARM_STARTS = (True, False, *LEARN_MIXINGS)
 #: Folder of the bundles whose ``out_dir`` is not given, under the working directory.
 RUNS_FOLDER = "autonorm-runs"
 
@@ -122,7 +126,8 @@ class SearchSettings:
             )
         if kwargs["warm_start"] not in WARM_STARTS:
             raise ValueError(
-                f"`warm_start` must be True, False or 'learn', got {kwargs['warm_start']!r}"
+                f"`warm_start` must be True, False, 'learn' or 'learn-sparse', got "
+                f"{kwargs['warm_start']!r}"
             )
         for name in ("storage", "out_dir", "study_name"):
             value = kwargs[name]

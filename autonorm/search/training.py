@@ -212,13 +212,16 @@ def infeasible_reason(err: BaseException) -> str | None:
     return None
 
 
-def learn_pass(training: Training, out_dir: Path, seed: int | None) -> NormConfig:
-    """One learned Sparse SwitchableNorm run (SparsestMax mixing: every slot ends on exactly
-    one normalizer, so the derived config is what was trained, no argmax gap): the derived
-    config, with the learned weights in its metadata."""
+def learn_pass(
+    training: Training, out_dir: Path, seed: int | None, mixing: str = "softmax"
+) -> NormConfig:
+    """One learned SwitchableNorm run, its derived config with the learned weights in its
+    metadata. ``mixing="sparsestmax"`` (Sparse SN): every slot ends on exactly one normalizer,
+    no argmax gap; but in short runs its mixing logits barely move before the radius schedule
+    makes them one-hot, so the choice follows the seed (see the README's benchmark)."""
     callback = AutoNorm(
         mode="learn",
-        mixing="sparsestmax",
+        mixing=mixing,
         mixing_lr_scale=0.1,
         mixing_weight_decay=0.0,
         config_path=out_dir / "learned_config.yaml",

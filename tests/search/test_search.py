@@ -191,6 +191,7 @@ def test_learned_warm_start_enqueues_the_derived_config_and_narrows_the_space(tm
     learned = NormConfig.from_dict(info["learned_config"])
     assert set(learned.choices) == {"bn1", "bn2", "head_norm"}
     assert set(learned.metadata["weights"]["bn1"]["mean"]) == {"instance", "layer", "batch"}
+    assert learned.metadata["mixing"] == "softmax"
     assert (result.out_dir / "learned_config.yaml").exists()
     baselines = [t.user_attrs.get("baseline") for t in result.study.trials]
     assert baselines[:2] == ["own norms", "learned"]
@@ -202,6 +203,21 @@ def test_learned_warm_start_enqueues_the_derived_config_and_narrows_the_space(tm
     again = _search(tmp_path, n_trials=4, warm_start="learn", space="cnn")
     assert len([t for t in again.study.trials if t.state.is_finished()]) == 4
     assert (result.out_dir / "learned_config.yaml").stat().st_mtime_ns == mtime
+
+
+def test_sparse_learned_warm_start_ends_each_slot_on_one_normalizer(tmp_path):
+    result = _search(tmp_path, n_trials=2, warm_start="learn-sparse", space="cnn")
+    learned = NormConfig.from_dict(result.study.user_attrs["autonorm"]["learned_config"])
+    assert learned.metadata["mixing"] == "sparsestmax"
+    for slot, weights in learned.metadata["weights"].items():
+        assert sorted(weights["mean"].values())[-1] == pytest.approx(1.0), slot
+        assert sum(weights["mean"].values()) == pytest.approx(1.0), slot
+    # one-hot weights narrow each slot to its learned family (and what SN does not weigh)
+    offered = set(result.study.trials[0].distributions["bn1"].choices)
+    full = {c.label for c in SearchSpace("cnn").choices_for(autonorm.find_slots(TinyConvNet())[0])}
+    assert offered < full and {"batchnorm", "switchable"} <= offered  # the own norm stays
+    labels = [t.user_attrs.get("baseline") for t in result.study.trials]
+    assert labels[:2] == ["own norms", "learned"]
 
 
 def test_warm_start_includes_the_recommended_config(tmp_path):
