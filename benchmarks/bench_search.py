@@ -423,10 +423,11 @@ def learn_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]
         runs = [r for r in runs if any(row["method"] == "learned-ssn" for row in r["rows"])]
         sign = 1.0 if result["mode"] == "max" else -1.0
         bar = {r["method"]: r for r in result["rows"]}[verdicts(result)["best_uniform"]]
-        gaps = []
+        gaps, sn_gaps = [], []
         for run in sorted(runs, key=lambda r: r.get("search_seed", 0)):
             rows = {r["method"]: r for r in run["rows"]}
             gaps.append(sign * (rows["learned-ssn"]["mean"] - bar["mean"]))
+            sn_gaps.append(sign * (rows["learned-sn"]["mean"] - bar["mean"]))
             lines.append(
                 f"| {run['task']} | {100 * bar['mean']:.1f} ± {100 * bar['std']:.1f} "
                 f"({bar['method']}) | {run.get('search_seed', 0)} | "
@@ -440,7 +441,9 @@ def learn_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]
             within = sum(g >= -0.02 for g in gaps)
             summary.append(
                 f"- {result['task']}: SSN − best uniform {100 * statistics.mean(gaps):+.1f} points "
-                f"on average over {len(gaps)} learn seeds; within 2 points in {within}"
+                f"on average over {len(gaps)} learn seeds, within 2 points in {within}; softmax "
+                f"SN {100 * statistics.mean(sn_gaps):+.1f}, within 2 points in "
+                f"{sum(g >= -0.02 for g in sn_gaps)}"
             )
     if not summary:
         return ""
