@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autonorm  # noqa: E402
 from autonorm.callbacks import AutoNorm  # noqa: E402
 from autonorm.norms import check_choice, default_groups  # noqa: E402
+from autonorm.search.training import LEARN_MIXING_LR_SCALE  # noqa: E402
 from benchmarks.search_tasks import TASKS as NEW_TASKS  # noqa: E402
 from benchmarks.search_tasks import Task  # noqa: E402
 from examples.digits_cnn.model import DigitsCNN, DigitsDataModule  # noqa: E402
@@ -195,7 +196,7 @@ def run_learned(task: Task, method: str, seed: int = 0, **options: Any) -> Found
     """One learned (Sparse) SwitchableNorm training seeded with ``seed``, its derived config."""
     pl.seed_everything(seed, verbose=False)
     start = time.time()
-    options = {"mixing_lr_scale": 0.1, "mixing_weight_decay": 0.0, **options}
+    options = {"mixing_lr_scale": LEARN_MIXING_LR_SCALE, "mixing_weight_decay": 0.0, **options}
     callback = AutoNorm(mode="learn", **options)
     with tempfile.TemporaryDirectory() as out:
         callback.config_path = Path(out) / "learned.yaml"
@@ -369,6 +370,12 @@ def report(
     return text + search_seed_report(results, again or []) + scaled_report(results, scaled or [])
 
 
+def seed_runs(result: dict[str, Any], again: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A task's seed-0 run and its runs under other search seeds, in seed order."""
+    runs = [result] + [a for a in again if a["task"] == result["task"]]
+    return sorted(runs, key=lambda r: r.get("search_seed", 0))
+
+
 def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]) -> str:
     """autonorm and random per search seed (each found config retrained with the same seeds),
     and their difference averaged over tasks and search seeds."""
@@ -383,8 +390,7 @@ def search_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]
     ]
     gains, held = [], []
     for result in results:
-        runs = [result] + [a for a in again if a["task"] == result["task"]]
-        for run in sorted(runs, key=lambda r: r.get("search_seed", 0)):
+        for run in seed_runs(result, again):
             rows = {r["method"]: r for r in run["rows"]}
             sign = 1.0 if run["mode"] == "max" else -1.0
             gain = sign * (rows["autonorm"]["mean"] - rows["random"]["mean"])
@@ -419,12 +425,12 @@ def learn_seed_report(results: list[dict[str, Any]], again: list[dict[str, Any]]
     ]
     summary = []
     for result in results:
-        runs = [result] + [a for a in again if a["task"] == result["task"]]
+        runs = seed_runs(result, again)
         runs = [r for r in runs if any(row["method"] == "learned-ssn" for row in r["rows"])]
         sign = 1.0 if result["mode"] == "max" else -1.0
         bar = {r["method"]: r for r in result["rows"]}[verdicts(result)["best_uniform"]]
         gaps, sn_gaps = [], []
-        for run in sorted(runs, key=lambda r: r.get("search_seed", 0)):
+        for run in runs:
             rows = {r["method"]: r for r in run["rows"]}
             gaps.append(sign * (rows["learned-ssn"]["mean"] - bar["mean"]))
             sn_gaps.append(sign * (rows["learned-sn"]["mean"] - bar["mean"]))

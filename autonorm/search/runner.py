@@ -396,7 +396,7 @@ def _space_of(
     existing: optuna.Study | None,
     out: Path,
 ) -> tuple[SearchSpace, NormConfig | None]:
-    """The space the trials sample, and the learned config of ``warm_start="learn"``: a resumed
+    """The space the trials sample, and the learned config of a learned warm start: a resumed
     study keeps the space its learn pass made; a new one runs the learn pass here."""
     mixing = LEARN_MIXINGS.get(str(settings.warm_start))
     if mixing is None:

@@ -212,6 +212,11 @@ def infeasible_reason(err: BaseException) -> str | None:
     return None
 
 
+#: The learn pass's mixing logits train at this fraction of the model's learning rate, without
+#: weight decay (the benchmark's learned paths use the same).
+LEARN_MIXING_LR_SCALE = 0.1
+
+
 def learn_pass(
     training: Training, out_dir: Path, seed: int | None, mixing: str = "softmax"
 ) -> NormConfig:
@@ -222,7 +227,7 @@ def learn_pass(
     callback = AutoNorm(
         mode="learn",
         mixing=mixing,
-        mixing_lr_scale=0.1,
+        mixing_lr_scale=LEARN_MIXING_LR_SCALE,
         mixing_weight_decay=0.0,
         config_path=out_dir / "learned_config.yaml",
         record_metrics=False,
