@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
-
-import torch
 
 _UNITS = {
     "": 1,
@@ -148,22 +145,3 @@ def as_budget(value: Budget | Mapping[str, Any] | None, what: str = "budget") ->
             )
         return Budget(**value)
     raise ValueError(f"`{what}` must be an autonorm.Budget or a dict, got {type(value).__name__}")
-
-
-def is_oom_error(error: BaseException) -> bool:
-    """Whether ``error`` is an out-of-memory error (CUDA, cuDNN or CPU allocator)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    from autonorm.callbacks._lightning import default_namespace, submodule
-
-    memory = submodule(default_namespace(), "utilities.memory")  # same test in both namespaces
-    return isinstance(error, RuntimeError) and memory.is_oom_error(error)
-
-
-def free_memory() -> None:
-    """Release what a failed trial left: Python garbage and the CUDA cache."""
-    gc.collect()
-    if torch.cuda.is_available():
-        from autonorm.callbacks._lightning import default_namespace, submodule
-
-        submodule(default_namespace(), "utilities.memory").garbage_collection_cuda()

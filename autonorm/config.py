@@ -20,9 +20,7 @@ import yaml
 
 from autonorm._errors import ConfigError
 from autonorm._io import atomic_write, load_json, load_yaml
-from autonorm.norms import get_spec
-from autonorm.norms.registry import COMMON_PARAMS, check_params
-from autonorm.norms.weight import check_weight
+from autonorm.norms import COMMON_PARAMS, check_params, check_weight, get_spec
 
 SCHEMA_VERSION = 1
 _SUFFIXES = (".yaml", ".yml", ".json")

@@ -33,8 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from autonorm.norms.layers import FrozenBatchNorm
-from autonorm.norms.weight import filter_dim, is_feeder
+from autonorm.norms import FrozenBatchNorm, filter_dim, is_feeder
 
 log = logging.getLogger(__name__)
 

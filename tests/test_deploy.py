@@ -217,7 +217,7 @@ def test_cli_export_refuses_a_wrong_output_suffix(user_project, capsys):
 
 
 def test_inference_cost_of_a_config_and_its_folded_total():
-    from autonorm.report.cost import cost_table_html, inference_cost
+    from autonorm.report._cost import cost_table_html, inference_cost
 
     slots = [
         {"name": "bn1", "num_features": 8, "layout": "channels_first", "input_shape": [4, 8, 6, 6], "feeder": "conv1"},
@@ -246,7 +246,7 @@ def test_inference_cost_of_a_config_and_its_folded_total():
 def test_the_bundle_summary_and_report_show_the_inference_cost(tmp_path):
     from autonorm._trial_keys import STUDY_INFO
     from autonorm.report import write_report
-    from autonorm.report.summary import write_summary
+    from autonorm.report._summary import write_summary
     from tests.report.studies import SLOTS, make_study, params
 
     plans = [(params("batchnorm", "layernorm", "batchnorm"), {})]

@@ -20,12 +20,12 @@ import autonorm
 from autonorm import AutoNormError, ConfigError, NormChoice, NormConfig
 from autonorm._io import mask_password, safe_folder_name
 from autonorm.callbacks import AutoNorm
-from autonorm.cli.commands import is_loopback
-from autonorm.norms.weight import weight_norm_of
-from autonorm.search import workers
-from autonorm.search.export import STORAGE_FILE, write_storage_file
-from autonorm.search.pool import _without_storage
-from autonorm.search.storage import make_storage
+from autonorm.cli._commands import is_loopback
+from autonorm.norms._weight import weight_norm_of
+from autonorm.search import _workers as workers
+from autonorm.search._export import STORAGE_FILE, write_storage_file
+from autonorm.search._pool import _without_storage
+from autonorm.search._storage import make_storage
 from autonorm.search_spaces import resolve_space
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 

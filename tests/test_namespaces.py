@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 import torch
 
 import autonorm
+from autonorm._lightning import namespace_of
 from autonorm.callbacks import AutoNorm, load_from_checkpoint
-from autonorm.callbacks._lightning import namespace_of
 from tests.lightning_models import NAMESPACES, L, models_of, tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

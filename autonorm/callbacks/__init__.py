@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from autonorm.callbacks.autonorm import AutoNorm
-from autonorm.callbacks.checkpoints import load_from_checkpoint
-from autonorm.callbacks.optimizers import split_mixing_group
-from autonorm.callbacks.trial import TrialOutcome
-from autonorm.surgery.recalibrate import recalibrate_batchnorm
+from autonorm.callbacks._autonorm import AutoNorm
+from autonorm.callbacks._checkpoints import load_from_checkpoint
+from autonorm.callbacks._optimizers import split_mixing_group
+from autonorm.callbacks._trial import OOM_REASON, TrialOutcome
+from autonorm.surgery import recalibrate_batchnorm
 
 __all__ = [
+    "OOM_REASON",
     "AutoNorm",
     "TrialOutcome",
     "load_from_checkpoint",

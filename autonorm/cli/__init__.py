@@ -23,14 +23,14 @@ from collections.abc import Callable, Sequence
 
 from autonorm._errors import USAGE_ERROR
 from autonorm._io import mask_password
-from autonorm.cli.commands import (
+from autonorm.cli._commands import (
     run_dashboard,
     run_export,
     run_recommend,
     run_report,
     run_show,
 )
-from autonorm.cli.search import run_search
+from autonorm.cli._search import run_search
 
 
 def _plain_parser() -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         if argv and argv[0] == "search":
-            from autonorm.search.workers import handle_interrupts
+            from autonorm.search import handle_interrupts
 
             with handle_interrupts():
                 return run_search(argv[1:], debug=debug)

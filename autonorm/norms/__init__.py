@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from autonorm.norms.groups import default_groups, group_counts
-from autonorm.norms.layers import (
+from autonorm.norms._groups import default_groups, group_counts
+from autonorm.norms._layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
     LAYOUTS,
@@ -17,26 +17,44 @@ from autonorm.norms.layers import (
     InstanceNormNd,
     LayerNormChannelsFirst,
     RMSNormChannelsFirst,
+    check_layout,
 )
-from autonorm.norms.registry import (
+from autonorm.norms._registry import (
+    COMMON_PARAMS,
     NORM_NAMES,
     NormSpec,
     check_choice,
+    check_params,
     create_norm,
     get_spec,
 )
-from autonorm.norms.sparsestmax import sparsestmax, vertex_radius
-from autonorm.norms.switchable import SWITCHABLE_CANDIDATES, SWITCHABLE_MIXINGS, SwitchableNorm
-from autonorm.norms.sync import SyncBatchNorm
-from autonorm.norms.weight import (
+from autonorm.norms._sparsestmax import sparsestmax, vertex_radius
+from autonorm.norms._switchable import SWITCHABLE_CANDIDATES, SWITCHABLE_MIXINGS, SwitchableNorm
+from autonorm.norms._sync import SyncBatchNorm
+from autonorm.norms._weight import (
     WEIGHT_NAMES,
     WEIGHT_NORMS,
     WeightStandardization,
+    check_weight,
+    filter_dim,
+    is_feeder,
+    output_channels,
     set_weight_norm,
+    tagged_slot,
     weight_norm_of,
+    weight_problems,
 )
 
 __all__ = [
+    "COMMON_PARAMS",
+    "check_layout",
+    "check_params",
+    "check_weight",
+    "filter_dim",
+    "is_feeder",
+    "output_channels",
+    "tagged_slot",
+    "weight_problems",
     "CHANNELS_FIRST",
     "CHANNELS_LAST",
     "LAYOUTS",

@@ -1,4 +1,4 @@
-"""Fused autograd functions behind the layers of :mod:`autonorm.norms.layers`.
+"""Fused autograd functions behind the layers of :mod:`autonorm.norms._layers`.
 
 Each saves its input and per-position statistics only, recomputes what the backward needs
 from them, and reduces per channel with torch's batch-norm backward kernel where it can: on a

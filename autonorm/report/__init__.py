@@ -26,26 +26,33 @@ The trial attributes read here are the ones the search writes (names in
 ``autonorm`` holds the search settings (``monitor``, ``mode``, ``objectives``, ``budget``,
 ``model_class``, ``slots``, ``max_epochs``); each may be missing.
 
-Modules: :mod:`~autonorm.report.winners` (feasibility, best trial, Pareto front),
-:mod:`~autonorm.report.summary` (trial categories, summary.json), :mod:`~autonorm.report.figures`
-and :mod:`~autonorm.report.choices` (the plotly figures), :mod:`~autonorm.report.html` (the
-page), :mod:`~autonorm.report.dashboard` (artifacts and the study note).
+Modules: :mod:`~autonorm.report._winners` (feasibility, best trial, Pareto front),
+:mod:`~autonorm.report._summary` (trial categories, summary.json), :mod:`~autonorm.report._figures`
+and :mod:`~autonorm.report._choices` (the plotly figures), :mod:`~autonorm.report._html` (the
+page), :mod:`~autonorm.report._dashboard` (artifacts and the study note).
 """
 
 from __future__ import annotations
 
-from autonorm.report.dashboard import ARTIFACT_DIR, NOTE_HEADING, attach_dashboard_artifacts
-from autonorm.report.html import write_report
-from autonorm.report.summary import SUMMARY_FILE, trial_category, write_summary
-from autonorm.report.winners import (
+from autonorm.report._dashboard import ARTIFACT_DIR, NOTE_HEADING, attach_dashboard_artifacts
+from autonorm.report._html import write_report
+from autonorm.report._summary import SUMMARY_FILE, spent_epochs, trial_category, write_summary
+from autonorm.report._winners import (
     ConfigRuns,
     best_feasible_trial,
     choice_certainty,
     config_runs,
+    is_feasible,
+    params_key,
     pareto_trials,
+    rank_runs,
 )
 
 __all__ = [
+    "is_feasible",
+    "params_key",
+    "rank_runs",
+    "spent_epochs",
     "ARTIFACT_DIR",
     "NOTE_HEADING",
     "SUMMARY_FILE",

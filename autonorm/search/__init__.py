@@ -16,19 +16,47 @@ import sys
 import types
 from typing import Any
 
-from autonorm.search.export import SearchResult, export_bundle
-from autonorm.search.runner import search
-from autonorm.search.settings import SearchSettings
-from autonorm.search.storage import make_storage
-from autonorm.search.training import retrain_best
+from autonorm.search._export import (
+    BEST_CONFIG_FILE,
+    PARETO_FILE,
+    REPORT_FILE,
+    STORAGE_FILE,
+    SearchResult,
+    bundle_storage,
+    export_bundle,
+)
+from autonorm.search._pool import log_tail, run_pool, worker_command
+from autonorm.search._progress import SearchProgress, TrialLines
+from autonorm.search._runner import search
+from autonorm.search._settings import SearchSettings, default_out_dir, default_study_name
+from autonorm.search._storage import SQLITE_FILE, make_sampler, make_storage
+from autonorm.search._training import retrain_best
+from autonorm.search._workers import given_storage, handle_interrupts, pool_position
 
 __all__ = [
+    "BEST_CONFIG_FILE",
+    "PARETO_FILE",
+    "REPORT_FILE",
+    "SQLITE_FILE",
+    "STORAGE_FILE",
+    "SearchProgress",
     "SearchResult",
     "SearchSettings",
+    "TrialLines",
+    "bundle_storage",
+    "default_out_dir",
+    "default_study_name",
     "export_bundle",
+    "given_storage",
+    "handle_interrupts",
+    "log_tail",
+    "make_sampler",
     "make_storage",
+    "pool_position",
     "retrain_best",
+    "run_pool",
     "search",
+    "worker_command",
 ]
 
 #: ``inspect.signature(autonorm.search)`` and ``help`` show the function's.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from autonorm.search_spaces.space import (
+from autonorm.search_spaces._space import (
     PRESETS,
     TIE_MODES,
     PatternChoices,
     SearchSpace,
     resolve_space,
 )
-from autonorm.search_spaces.structure import slot_groups
+from autonorm.search_spaces._structure import slot_groups
 
 __all__ = ["PRESETS", "TIE_MODES", "PatternChoices", "SearchSpace", "resolve_space", "slot_groups"]

@@ -1,15 +1,15 @@
 """Model surgery: find a model's norm slots, rewrite them, and read learned choices back.
 
-Data flows down: :mod:`~autonorm.surgery.derive` and :mod:`~autonorm.surgery.apply` use
-:mod:`~autonorm.surgery.slots` (slot discovery), which uses :mod:`~autonorm.surgery.feeders`,
-:mod:`~autonorm.surgery.probe` (the probe forward pass) and :mod:`~autonorm.surgery.rebuild`
+Data flows down: :mod:`~autonorm.surgery._derive` and :mod:`~autonorm.surgery._apply` use
+:mod:`~autonorm.surgery._slots` (slot discovery), which uses :mod:`~autonorm.surgery._feeders`,
+:mod:`~autonorm.surgery._probe` (the probe forward pass) and :mod:`~autonorm.surgery._rebuild`
 (building a slot's new layer and carrying its weights).
 """
 
 from __future__ import annotations
 
-from autonorm.surgery.apply import apply_config, to_switchable, validate_config
-from autonorm.surgery.derive import (
+from autonorm.surgery._apply import SWITCHABLE_INITS, apply_config, to_switchable, validate_config
+from autonorm.surgery._derive import (
     CANDIDATE_CHOICES,
     FAMILIES,
     SN_CANDIDATES,
@@ -20,13 +20,19 @@ from autonorm.surgery.derive import (
     switchable_choices,
     switchable_layers,
 )
-from autonorm.surgery.feeders import FEEDERS_ATTR
-from autonorm.surgery.probe import call_with_example
-from autonorm.surgery.rebuild import NormWithExtra, build_replacement, keep_choice_of
-from autonorm.surgery.recalibrate import default_calibration_forward, recalibrate_batchnorm
-from autonorm.surgery.slots import Slot, SlotType, find_slots, register_slot_type, select_slots
+from autonorm.surgery._feeders import FEEDERS_ATTR
+from autonorm.surgery._probe import call_with_example
+from autonorm.surgery._rebuild import NormWithExtra, build_replacement, keep_choice_of
+from autonorm.surgery._recalibrate import (
+    default_calibration_forward,
+    recalibrate_batchnorm,
+    slot_batchnorms,
+)
+from autonorm.surgery._slots import Slot, SlotType, find_slots, register_slot_type, select_slots
 
 __all__ = [
+    "SWITCHABLE_INITS",
+    "slot_batchnorms",
     "CANDIDATE_CHOICES",
     "FAMILIES",
     "FEEDERS_ATTR",

@@ -9,8 +9,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 import autonorm
 from autonorm import AutoNormError, NormConfig
 from autonorm.callbacks import AutoNorm
-from autonorm.callbacks.autonorm import current_structure
-from autonorm.callbacks.checkpoints import CHECKPOINT_KEY, load_checkpoint
+from autonorm.callbacks._autonorm import current_structure
+from autonorm.callbacks._checkpoints import CHECKPOINT_KEY, load_checkpoint
 from autonorm.norms import SwitchableNorm
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 

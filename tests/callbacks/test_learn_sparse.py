@@ -13,7 +13,7 @@ from autonorm import AutoNormError, NormConfig, to_switchable
 from autonorm.callbacks import AutoNorm
 from autonorm.callbacks._ssn import radius_fraction
 from autonorm.norms import SwitchableNorm
-from autonorm.surgery.derive import CANDIDATE_CHOICES
+from autonorm.surgery._derive import CANDIDATE_CHOICES
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 
 SLOTS = ["bn1", "bn2", "head_norm"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from autonorm import _trial_keys as keys
-from autonorm.callbacks.measure import SavedTensorCounter, TrainingStepRecorder
+from autonorm.callbacks._measure import SavedTensorCounter, TrainingStepRecorder
 
 
 def test_saved_tensor_counter_counts_activations_not_parameters():

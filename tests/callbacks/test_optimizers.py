@@ -9,7 +9,7 @@ from torch import nn
 
 from autonorm import AutoNormError
 from autonorm.callbacks import AutoNorm, split_mixing_group
-from autonorm.callbacks.optimizers import optimizers_and_schedulers
+from autonorm.callbacks._optimizers import optimizers_and_schedulers
 from autonorm.norms import SwitchableNorm
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 

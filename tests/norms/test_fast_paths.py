@@ -16,7 +16,7 @@ from autonorm.norms import (
     InstanceNormChannelsLast,
     create_norm,
 )
-from autonorm.norms.layers import InstanceNormNd
+from autonorm.norms._layers import InstanceNormNd
 
 C = 5
 

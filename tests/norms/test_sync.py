@@ -12,7 +12,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from autonorm import NormConfig, apply_config, find_slots
-from autonorm.norms import BatchNormChannelsLast, SyncBatchNorm, create_norm, sync
+from autonorm.norms import BatchNormChannelsLast, SyncBatchNorm, create_norm
+from autonorm.norms import _sync as sync
 from tests.models import MODELS
 from tests.ports import run_on_ranks
 

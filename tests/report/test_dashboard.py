@@ -1,4 +1,4 @@
-"""Tests of ``autonorm.report.dashboard``: artifacts and the study note for optuna-dashboard."""
+"""Tests of ``autonorm.report._dashboard``: artifacts and the study note for optuna-dashboard."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of ``autonorm.report.html``: the self-contained report page."""
+"""Tests of ``autonorm.report._html``: the self-contained report page."""
 
 from __future__ import annotations
 

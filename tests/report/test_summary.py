@@ -1,4 +1,4 @@
-"""Tests of ``autonorm.report.summary``: trial categories and summary.json."""
+"""Tests of ``autonorm.report._summary``: trial categories and summary.json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of ``autonorm.report.winners``: the best feasible trial and the Pareto front."""
+"""Tests of ``autonorm.report._winners``: the best feasible trial and the Pareto front."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import pytest
 
 from autonorm import _trial_keys as keys
 from autonorm.report import choice_certainty, config_runs
-from autonorm.report.winners import student_t_cdf
-from autonorm.search.plan import (
+from autonorm.report._winners import student_t_cdf
+from autonorm.search._plan import (
     CONFIRM,
     DONE,
     PROMOTE,

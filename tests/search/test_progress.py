@@ -7,7 +7,7 @@ import io
 import optuna
 from rich.console import Console
 
-from autonorm.search.progress import SearchProgress
+from autonorm.search._progress import SearchProgress
 
 
 def render(progress: SearchProgress) -> str:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 import autonorm
 from autonorm import AutoNormError
-from autonorm.search.storage import settings_differences, sqlite_url
+from autonorm.search._storage import settings_differences, sqlite_url
 from tests.lightning_models import TinyConvNet, TinyDataModule, synthetic_classification
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -188,7 +188,7 @@ def test_retraining_a_partial_config_keeps_the_excluded_slots(tmp_path):
 def test_a_study_without_feasible_trial_removes_the_other_studys_config(tmp_path, caplog):
     quick(tmp_path, study_name="a")
     assert (tmp_path / "best_config.yaml").is_file()
-    with caplog.at_level(logging.WARNING, logger="autonorm.search.export"):
+    with caplog.at_level(logging.WARNING, logger="autonorm.search._export"):
         result = quick(tmp_path, study_name="b", budget={"max_params": 1})
     assert result.best_config is None
     assert not (tmp_path / "best_config.yaml").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import autonorm
-from autonorm.search.warm_start import (
+from autonorm.search._warm_start import (
     grid_size,
     narrow_space,
     params_for,

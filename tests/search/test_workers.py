@@ -24,9 +24,9 @@ from optuna.trial import TrialState
 
 import autonorm
 from autonorm._io import mask_password
-from autonorm.search import pool as worker_pool
-from autonorm.search import workers
-from autonorm.search.storage import make_storage, postgres_driver_url
+from autonorm.search import _pool as worker_pool
+from autonorm.search import _workers as workers
+from autonorm.search._storage import make_storage, postgres_driver_url
 from tests.lightning_models import TinyConvNet, TinyDataModule
 
 AUTONORM = str(Path(sys.executable).with_name("autonorm"))

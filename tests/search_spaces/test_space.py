@@ -1,5 +1,5 @@
 """Search spaces: the ``choices`` of a space (Python keyword and file key), and the GroupNorm
-group counts the presets offer, from the one rule in :mod:`autonorm.norms.groups`."""
+group counts the presets offer, from the one rule in :mod:`autonorm.norms._groups`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 
 from autonorm import find_slots
 from autonorm.norms import default_groups
-from autonorm.search_spaces import PatternChoices, SearchSpace, resolve_space, space
+from autonorm.search_spaces import PatternChoices, SearchSpace, resolve_space
+from autonorm.search_spaces import _space as space
 
 
 def _slot(channels: int, conv: bool = True):

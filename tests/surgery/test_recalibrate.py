@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autonorm.surgery.recalibrate import default_calibration_forward, recalibrate_batchnorm
+from autonorm.surgery._recalibrate import default_calibration_forward, recalibrate_batchnorm
 
 
 def test_recalibration_averages_the_given_batches_and_restores_the_model():

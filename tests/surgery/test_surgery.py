@@ -12,7 +12,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 
-import autonorm.surgery.slots
+import autonorm.surgery._slots
 from autonorm import (
     NORM_NAMES,
     AutoNormError,
@@ -38,7 +38,7 @@ from autonorm.norms import (
     SyncBatchNorm,
 )
 from autonorm.surgery import NormWithExtra, switchable_layers
-from autonorm.surgery.rebuild import build_replacement, settled_choice
+from autonorm.surgery._rebuild import build_replacement, settled_choice
 from tests import models
 from tests.models import MODELS
 
@@ -719,7 +719,7 @@ class ScaledChannelRMSNorm(ChannelRMSNorm):
 
 @pytest.fixture
 def user_types(monkeypatch):
-    monkeypatch.setattr(autonorm.surgery.slots, "_USER_TYPES", {})
+    monkeypatch.setattr(autonorm.surgery._slots, "_USER_TYPES", {})
 
 
 def tokens_model(norm: nn.Module) -> nn.Module:

@@ -15,10 +15,10 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 import autonorm.config
-import autonorm.norms.weight
-import autonorm.search_spaces.space
-import autonorm.surgery.apply
-import autonorm.surgery.slots
+import autonorm.norms._weight
+import autonorm.search_spaces._space
+import autonorm.surgery._apply
+import autonorm.surgery._slots
 from autonorm import (
     AutoNormError,
     Budget,
@@ -31,9 +31,9 @@ from autonorm import (
     to_switchable,
 )
 from autonorm.norms import WeightStandardization, set_weight_norm, weight_norm_of
-from autonorm.norms.weight import is_feeder, weight_problems
+from autonorm.norms._weight import is_feeder, weight_problems
 from autonorm.search_spaces import SearchSpace
-from autonorm.surgery.rebuild import settled_choice
+from autonorm.surgery._rebuild import settled_choice
 from tests.models import MODELS
 
 # -- the formulas, written out ---------------------------------------------------------------
@@ -190,11 +190,11 @@ def test_deprecated_weight_norm_hook_is_read_and_removed():
 @pytest.mark.parametrize(
     "module",
     [
-        autonorm.norms.weight,
+        autonorm.norms._weight,
         autonorm.config,
-        autonorm.surgery.slots,
-        autonorm.surgery.apply,
-        autonorm.search_spaces.space,
+        autonorm.surgery._slots,
+        autonorm.surgery._apply,
+        autonorm.search_spaces._space,
     ],
     ids=lambda m: m.__name__,
 )

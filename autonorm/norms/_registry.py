@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from autonorm.norms.groups import default_groups
-from autonorm.norms.layers import (
+from autonorm.norms._groups import default_groups
+from autonorm.norms._layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
     LAYOUTS,
@@ -33,9 +33,9 @@ from autonorm.norms.layers import (
     RMSNormChannelsFirst,
     check_layout,
 )
-from autonorm.norms.switchable import SwitchableNorm
-from autonorm.norms.sync import SyncBatchNorm
-from autonorm.norms.weight import check_weight
+from autonorm.norms._switchable import SwitchableNorm
+from autonorm.norms._sync import SyncBatchNorm
+from autonorm.norms._weight import check_weight
 
 _BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _INSTANCENORM_BY_NDIM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
@@ -354,7 +354,7 @@ def create_norm(
         input_ndim: rank of the input, when known: picks the native ``nn.BatchNorm{1,2,3}d`` /
             ``nn.InstanceNorm{1,2,3}d``; without it a rank-agnostic subclass is built.
         **kwargs: ``eps``, ``affine``, ``device``, ``dtype`` and the choice's own parameters
-            (``groups`` for groupnorm, by default :func:`~autonorm.norms.groups.default_groups`
+            (``groups`` for groupnorm, by default :func:`~autonorm.norms._groups.default_groups`
             of the channels and ``input_ndim``; ``candidates`` for switchable, the statistics it
             mixes; ``alpha_init`` for dyt).
 

@@ -11,12 +11,12 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autonorm._io import atomic_write
+from autonorm.report._choices import choice_map_figure, importance_figure, importances, slot_order
+from autonorm.report._cost import cost_table_html
+from autonorm.report._figures import Figures, history_figure, intermediate_figure, pareto_figure
 from autonorm.report._format import budget_limit, choice_label, esc, fmt
-from autonorm.report.choices import choice_map_figure, importance_figure, importances, slot_order
-from autonorm.report.cost import cost_table_html
-from autonorm.report.figures import Figures, history_figure, intermediate_figure, pareto_figure
-from autonorm.report.summary import FINISHED, STATES, objective_names, study_info, summarize
-from autonorm.report.winners import pareto_trials
+from autonorm.report._summary import FINISHED, STATES, objective_names, study_info, summarize
+from autonorm.report._winners import pareto_trials
 
 log = logging.getLogger(__name__)
 

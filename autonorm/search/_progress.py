@@ -14,8 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from autonorm._trial_keys import CONFIG, FAIL_REASON, PRUNE_REASON, STUDY_INFO
-from autonorm.report import config_runs, trial_category
-from autonorm.report.summary import spent_epochs
+from autonorm.report import config_runs, spent_epochs, trial_category
 
 
 def _duration(seconds: float) -> str:

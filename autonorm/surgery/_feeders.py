@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from autonorm._errors import AutoNormError
-from autonorm.norms.weight import is_feeder, output_channels, tagged_slot
-from autonorm.surgery.probe import Probe
+from autonorm.norms import is_feeder, output_channels, tagged_slot
+from autonorm.surgery._probe import Probe
 
 #: Model attribute declaring feeders the probe cannot see: ``{slot name: feeder name or None}``.
 FEEDERS_ATTR = "autonorm_feeders"

@@ -1,7 +1,7 @@
 """The plotly figures of the report: optimization history, Pareto front, intermediate values.
 
 plotly is imported when a figure is built, not with the package. The figures about the choices
-(importance, which choice won per slot) are in :mod:`autonorm.report.choices`.
+(importance, which choice won per slot) are in :mod:`autonorm.report._choices`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from optuna.trial import FrozenTrial
 
 from autonorm._trial_keys import BASELINE
 from autonorm.report._format import choice_label, esc
-from autonorm.report.summary import number, trial_category, trial_config, trial_reason
-from autonorm.report.winners import feasible_complete, has_finite_values, maximizes
+from autonorm.report._summary import number, trial_category, trial_config, trial_reason
+from autonorm.report._winners import feasible_complete, has_finite_values, maximizes
 
 COLORS = {
     "complete": "#1f77b4",

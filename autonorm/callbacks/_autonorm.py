@@ -3,9 +3,9 @@
 The callback is thin: it validates in ``__init__``, rewrites the model in ``setup`` (the last hook
 before ``configure_optimizers``, the move to the device and the DDP wrap) and delegates: the
 rewrite to :mod:`autonorm.surgery` (which works without Lightning), the Optuna trial to
-:mod:`autonorm.callbacks.trial`, checkpoints to :mod:`autonorm.callbacks.checkpoints`, the mixing
-weights' param group to :mod:`autonorm.callbacks.optimizers`, BatchNorm recalibration to
-:mod:`autonorm.surgery.recalibrate`.
+:mod:`autonorm.callbacks._trial`, checkpoints to :mod:`autonorm.callbacks._checkpoints`, the mixing
+weights' param group to :mod:`autonorm.callbacks._optimizers`, BatchNorm recalibration to
+:mod:`autonorm.surgery._recalibrate`.
 """
 
 from __future__ import annotations
@@ -23,36 +23,34 @@ from typing_extensions import override
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm.budget import Budget, as_budget, format_bytes, is_oom_error
-from autonorm.callbacks import trial as trial_glue
-from autonorm.callbacks._lightning import CALLBACK_BASES
-from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
-from autonorm.callbacks.checkpoints import (
+from autonorm._lightning import callback_bases, is_oom_error
+from autonorm.budget import Budget, as_budget, format_bytes
+from autonorm.callbacks import _trial as trial_glue
+from autonorm.callbacks._checkpoints import (
     CHECKPOINT_KEY,
     checkpoint_entry,
     structure_from_checkpoint,
 )
-from autonorm.callbacks.measure import TrainingStepRecorder
-from autonorm.callbacks.optimizers import wrap_configure_optimizers
-from autonorm.callbacks.trial import TrialOutcome
+from autonorm.callbacks._measure import TrainingStepRecorder
+from autonorm.callbacks._optimizers import wrap_configure_optimizers
+from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
+from autonorm.callbacks._trial import TrialOutcome
 from autonorm.config import NormConfig
 from autonorm.norms import SWITCHABLE_MIXINGS
 from autonorm.search_spaces import SearchSpace, resolve_space
 from autonorm.surgery import (
+    SWITCHABLE_INITS,
     Slot,
     apply_config,
+    default_calibration_forward,
     derive_config,
     find_slots,
+    recalibrate_batchnorm,
     select_slots,
+    slot_batchnorms,
     switchable_choices,
     switchable_layers,
     to_switchable,
-)
-from autonorm.surgery.apply import SWITCHABLE_INITS
-from autonorm.surgery.recalibrate import (
-    default_calibration_forward,
-    recalibrate_batchnorm,
-    slot_batchnorms,
 )
 
 if TYPE_CHECKING:
@@ -533,7 +531,7 @@ class _AutoNormLogic(_CallbackType):
             self._original_configure_optimizers = None
 
 
-class AutoNorm(_AutoNormLogic, *CALLBACK_BASES):  # type: ignore[misc]
+class AutoNorm(_AutoNormLogic, *callback_bases()):  # type: ignore[misc]
     """Rewrite a LightningModule's norm slots: learned, searched, or from a saved config.
 
     Args:

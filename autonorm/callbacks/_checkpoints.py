@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autonorm._errors import AutoNormError
-from autonorm.callbacks._lightning import NAMESPACES, import_optional
+from autonorm._lightning import NAMESPACES, import_optional
 from autonorm.config import NormConfig
 from autonorm.surgery import apply_config
 

@@ -19,7 +19,7 @@ Workers cooperate through Optuna's storage only (Optuna's own distribution model
 * SIGINT / SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``) once; ``search`` marks
   the current trial, writes the bundle and re-raises; the CLI exits with ``128 + signal``.
 
-The local pool (:mod:`autonorm.search.pool`) starts worker processes with the environment
+The local pool (:mod:`autonorm.search._pool`) starts worker processes with the environment
 variable ``AUTONORM_WORKER=<index>/<count>``; a worker that sees it leaves the bundle to the parent.
 The pool passes the storage in ``AUTONORM_STORAGE``, never on the workers' command lines.
 """

@@ -26,8 +26,8 @@ from autonorm._trial_keys import (
     REUSED_FROM,
     STUDY_INFO,
 )
-from autonorm.report.cost import inference_cost
-from autonorm.report.winners import (
+from autonorm.report._cost import inference_cost
+from autonorm.report._winners import (
     ConfigRuns,
     choice_certainty,
     config_runs,
@@ -286,9 +286,9 @@ def write_summary(
     ``best_value`` (the mean of the best config's runs), ``best_std``, ``best_runs``,
     ``best_trial`` (its first run), ``best_config`` (single objective; None without a feasible
     trial); ``inference_cost`` (the best config's norms timed at inference on this machine,
-    :func:`~autonorm.report.cost.inference_cost`, or None); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
+    :func:`~autonorm.report._cost.inference_cost`, or None); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
     config}]``); ``certainty`` (best against the runner-up: ``{runner_up, gap, noise,
-    p_better}``, see :func:`~autonorm.report.winners.choice_certainty`); ``compute``
+    p_better}``, see :func:`~autonorm.report._winners.choice_certainty`); ``compute``
     (``epochs``, ``trainings``, ``budget_epochs``, ``budget_trainings``, ``reused_trials``); ``pareto`` (multi-objective: ``[{trial, values, config}]``, else None); ``trials``
     (counts: ``total``, ``complete``, ``pruned``, ``infeasible``, ``failed``, ``running``,
     ``waiting``; a trial over the budget counts as infeasible, not as pruned);

@@ -3,7 +3,7 @@
 A slot is a module that normalizes: torch's norm classes and their subclasses, autonorm's own
 layers, a :class:`NormWithExtra` left by an earlier rewrite, and any class registered with
 :func:`register_slot_type`. With an example input, one probe forward pass (eval mode, no grad,
-forward hooks; :mod:`autonorm.surgery.probe`) records each slot's input shape; the layout is then
+forward hooks; :mod:`autonorm.surgery._probe`) records each slot's input shape; the layout is then
 read from the shape, not from the class alone.
 
 A subclass with a forward of its own (``LayerNorm2d`` permuting around ``nn.LayerNorm``, a
@@ -12,7 +12,7 @@ weights, followed by its child modules, must reproduce its output on the probe's
 random inputs without a probe). A slot that passes keeps the children on rewrite; one that
 fails can only keep its layer (:attr:`Slot.extra` is None).
 
-The probe also records each slot's *feeder* (:mod:`autonorm.surgery.feeders`): the Conv/Linear
+The probe also records each slot's *feeder* (:mod:`autonorm.surgery._feeders`): the Conv/Linear
 layer whose output tensor is the slot's input, on which a weight-side choice (``+ws``, ``+wn``)
 acts. Where the probe cannot see it, declare it.
 """
@@ -38,24 +38,25 @@ from autonorm.norms import (
     IdentityNorm,
     SwitchableNorm,
     check_choice,
+    check_layout,
     get_spec,
+    is_feeder,
+    weight_norm_of,
 )
-from autonorm.norms.layers import check_layout
-from autonorm.norms.weight import is_feeder, weight_norm_of
-from autonorm.surgery.detect import custom_layouts, norm_like, read_library_norm, refusal
-from autonorm.surgery.feeders import (
+from autonorm.surgery._detect import custom_layouts, norm_like, read_library_norm, refusal
+from autonorm.surgery._feeders import (
     FEEDERS_ATTR,
     declared_feeders,
     feeder_of,
     recorded_feeder,
     tagged_feeders,
 )
-from autonorm.surgery.probe import (
+from autonorm.surgery._probe import (
     Probe,
     layouts_from_shape,
     run_probe,
 )
-from autonorm.surgery.rebuild import NormWithExtra, keep_choice_of
+from autonorm.surgery._rebuild import NormWithExtra, keep_choice_of
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _slot_type(module: nn.Module) -> _TypeInfo | None:
 
 
 def _library_type(module: nn.Module) -> _TypeInfo | None:
-    """A library norm read from its forward (:mod:`autonorm.surgery.detect`): nothing of
+    """A library norm read from its forward (:mod:`autonorm.surgery._detect`): nothing of
     it runs after the norm."""
     reading = read_library_norm(module)
     if reading is None:

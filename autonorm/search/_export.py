@@ -24,14 +24,14 @@ from autonorm._io import atomic_write, mask_password
 from autonorm._trial_keys import CONFIG, STUDY_INFO
 from autonorm.config import PROBE_KEY, NormConfig, SlotRecord
 from autonorm.report import (
+    SUMMARY_FILE,
     attach_dashboard_artifacts,
     config_runs,
     pareto_trials,
     write_report,
     write_summary,
 )
-from autonorm.report.summary import SUMMARY_FILE
-from autonorm.search.storage import SQLITE_FILE, sqlite_url
+from autonorm.search._storage import SQLITE_FILE, sqlite_url
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _trial_config(trial: optuna.trial.FrozenTrial, metadata: dict[str, Any]) -> 
 
 def _versions() -> dict[str, str]:
     from autonorm import __version__
-    from autonorm.callbacks._lightning import installed_namespaces
+    from autonorm._lightning import installed_namespaces
 
     lightning = {  # each installed namespace: pytorch_lightning, lightning
         mod.__name__.split(".")[0]: str(getattr(mod, "__version__", "?"))

@@ -22,10 +22,11 @@ from autonorm._errors import AutoNormError
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
-from autonorm.search import loop, workers
-from autonorm.search.export import SearchResult, export_bundle, worker_result
-from autonorm.search.plan import Candidate, Plan, reuse_finished
-from autonorm.search.settings import (
+from autonorm.search import _loop as loop
+from autonorm.search import _workers as workers
+from autonorm.search._export import SearchResult, export_bundle, worker_result
+from autonorm.search._plan import Candidate, Plan, reuse_finished
+from autonorm.search._settings import (
     DEFAULT_N_TRIALS,
     LEARN_MIXINGS,
     METRIC,
@@ -33,7 +34,7 @@ from autonorm.search.settings import (
     default_study_name,
     writable_out_dir,
 )
-from autonorm.search.storage import (
+from autonorm.search._storage import (
     check_study_compatible,
     check_study_settings,
     is_sqlite,
@@ -43,7 +44,7 @@ from autonorm.search.storage import (
     make_storage,
     open_study,
 )
-from autonorm.search.training import (
+from autonorm.search._training import (
     Training,
     datamodule_factory,
     learn_pass,
@@ -52,7 +53,7 @@ from autonorm.search.training import (
     retrain,
     run_trial,
 )
-from autonorm.search.warm_start import (
+from autonorm.search._warm_start import (
     grid_size,
     narrow_space,
     params_for,
@@ -128,7 +129,7 @@ def search(
         sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
         pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
         seed: seed of the sampler and of each trial's training (``seed + trial.number``).
-        warm_start: ``True``: the staged search (:mod:`autonorm.search.plan`): the model's
+        warm_start: ``True``: the staged search (:mod:`autonorm.search._plan`): the model's
             own norms, every uniform family and the recommended config are screened at a
             third of the epochs, the best two train the full schedule, refinement changes one
             group of slots at a time, and the leaders are re-evaluated with other seeds before

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autonorm.norms.layers import CHANNELS_FIRST, CHANNELS_LAST, _check_features, check_layout
+from autonorm.norms._layers import CHANNELS_FIRST, CHANNELS_LAST, _check_features, check_layout
 
 #: Devices on which ``nn.SyncBatchNorm`` syncs with its own kernels.
 _NATIVE_SYNC_DEVICES = ("cuda", "hpu", "xpu")

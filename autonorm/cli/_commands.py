@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from autonorm._errors import AutoNormError, UsageError
-from autonorm.cli.output import console, print_result
-from autonorm.cli.user_code import import_class
+from autonorm.cli._output import console, print_result
+from autonorm.cli._user_code import import_class
 
 
 def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
     """(storage, study name or None, bundle folder or None) from a bundle folder or a storage."""
-    from autonorm.search.export import bundle_storage
+    from autonorm.search import bundle_storage
 
     path = Path(target)
     if path.is_dir():
@@ -33,7 +33,7 @@ def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
 def _load_study(storage: Any, name: str | None) -> Any:
     import optuna
 
-    from autonorm.search.storage import make_storage
+    from autonorm.search import make_storage
 
     resolved = make_storage(storage, Path.cwd())
     names = optuna.get_all_study_names(storage=resolved)
@@ -48,8 +48,7 @@ def _load_study(storage: Any, name: str | None) -> Any:
 
 def run_report(args: argparse.Namespace) -> int:
     from autonorm._io import safe_folder_name
-    from autonorm.search import export_bundle
-    from autonorm.search.settings import default_out_dir
+    from autonorm.search import default_out_dir, export_bundle
 
     storage, name, folder = _storage_of(args.target)
     study = _load_study(storage, args.study_name or name)
@@ -221,7 +220,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         ) from None
     from optuna.artifacts import FileSystemArtifactStore
 
-    from autonorm.search.storage import make_storage
+    from autonorm.search import make_storage
 
     storage, _, folder = _storage_of(args.target)
     store = None

@@ -17,8 +17,8 @@ from torch import nn
 from autonorm._errors import AutoNormError
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import SwitchableNorm, check_choice
-from autonorm.surgery.rebuild import inner
-from autonorm.surgery.slots import Slot, find_slots
+from autonorm.surgery._rebuild import inner
+from autonorm.surgery._slots import Slot, find_slots
 
 
 class Candidate(NamedTuple):

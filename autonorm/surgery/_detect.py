@@ -22,8 +22,8 @@ from torch import nn
 
 from autonorm.config import NormChoice
 from autonorm.norms import CHANNELS_FIRST, CHANNELS_LAST
-from autonorm.surgery.probe import run_alone, synthetic_inputs
-from autonorm.surgery.rebuild import reproduces
+from autonorm.surgery._probe import run_alone, synthetic_inputs
+from autonorm.surgery._rebuild import reproduces
 
 #: eps values tried when a module keeps none in an attribute (the usual library defaults).
 COMMON_EPS = (1e-5, 1e-6, 1e-8, 1e-12)

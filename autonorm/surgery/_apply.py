@@ -1,10 +1,10 @@
 """Model surgery: rewrite a model's norm slots from a :class:`~autonorm.NormConfig`.
 
 :func:`apply_config` validates the whole config against the model before it changes anything,
-builds every replacement (:mod:`autonorm.surgery.rebuild`), then installs them: affine weights,
+builds every replacement (:mod:`autonorm.surgery._rebuild`), then installs them: affine weights,
 BatchNorm running statistics, device, dtype, train/eval mode and ``requires_grad`` carry over,
 and a fused subclass keeps its extra steps. :func:`to_switchable` turns slots into learned
-SwitchableNorm layers (the learned path; :mod:`autonorm.surgery.derive` reads them back).
+SwitchableNorm layers (the learned path; :mod:`autonorm.surgery._derive` reads them back).
 """
 
 from __future__ import annotations
@@ -19,18 +19,23 @@ from torch import nn
 
 from autonorm._errors import ConfigError
 from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import SWITCHABLE_CANDIDATES, SwitchableNorm
-from autonorm.norms.weight import set_weight_norm, weight_norm_of, weight_problems
-from autonorm.surgery.probe import call_with_example
-from autonorm.surgery.rebuild import (
+from autonorm.norms import (
+    SWITCHABLE_CANDIDATES,
+    SwitchableNorm,
+    set_weight_norm,
+    weight_norm_of,
+    weight_problems,
+)
+from autonorm.surgery._probe import call_with_example
+from autonorm.surgery._rebuild import (
     BATCH_FAMILY,
     build_replacement,
     factory_of,
     inner,
     settled_choice,
 )
-from autonorm.surgery.recalibrate import recalibrate_batchnorm
-from autonorm.surgery.slots import Slot, find_slots
+from autonorm.surgery._recalibrate import recalibrate_batchnorm
+from autonorm.surgery._slots import Slot, find_slots
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ def validate_config(
 ) -> dict[str, tuple[Slot, NormChoice]]:
     """Match a config to slots and check every choice.
 
-    Each choice is settled first (:func:`~autonorm.surgery.rebuild.settled_choice`): what it
+    Each choice is settled first (:func:`~autonorm.surgery._rebuild.settled_choice`): what it
     does not set itself it takes from the slot's layer, so that a rewrite within a family keeps
     the layer's eps, momentum, affine, tracking and group count, and one across families keeps
     a non-default eps.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from autonorm.norms import SwitchableNorm
-from autonorm.surgery.rebuild import inner
+from autonorm.surgery._rebuild import inner
 
 
 def default_calibration_forward(module: nn.Module, batch: Any) -> Any:
@@ -32,7 +32,7 @@ def slot_batchnorms(
     model: nn.Module, names: Iterable[str]
 ) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers in the slots ``names``: the slot's layer, or the norm of a fused
-    slot (a norm+activation subclass rebuilt as a :class:`~autonorm.surgery.rebuild.NormWithExtra`),
+    slot (a norm+activation subclass rebuilt as a :class:`~autonorm.surgery._rebuild.NormWithExtra`),
     each once."""
     found: list[nn.modules.batchnorm._BatchNorm] = []
     for name in names:

@@ -12,10 +12,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from autonorm.report._figures import COLORS
 from autonorm.report._format import choice_label, esc
-from autonorm.report.figures import COLORS
-from autonorm.report.summary import FINISHED, trial_config
-from autonorm.report.winners import feasible_complete, maximizes
+from autonorm.report._summary import FINISHED, trial_config
+from autonorm.report._winners import feasible_complete, maximizes
 
 # -- importance --------------------------------------------------------------------------------
 

@@ -21,10 +21,10 @@ import optuna
 
 from autonorm._errors import USAGE_ERROR
 from autonorm.config import NormConfig
-from autonorm.search.export import SearchResult, export_bundle
-from autonorm.search.progress import SearchProgress
-from autonorm.search.storage import make_storage
-from autonorm.search.workers import STORAGE_ENV, WORKER_ENV
+from autonorm.search._export import SearchResult, export_bundle
+from autonorm.search._progress import SearchProgress
+from autonorm.search._storage import make_storage
+from autonorm.search._workers import STORAGE_ENV, WORKER_ENV
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ autograd functions that keep one input-sized tensor for the backward live in
 :mod:`autonorm.norms._switchable_ops`.
 
 With ``mixing="sparsestmax"`` (Sparse SN, Shao et al., CVPR 2019) the weights are
-:func:`~autonorm.norms.sparsestmax.sparsestmax` of the logits at the layer's ``radius``: sparse,
+:func:`~autonorm.norms._sparsestmax.sparsestmax` of the logits at the layer's ``radius``: sparse,
 and one-hot once the radius reaches :attr:`SwitchableNorm.vertex_radius` (a schedule grows it
 during training, e.g. ``AutoNorm(mode="learn", mixing="sparsestmax")``). Unlike the paper, one
 set of weights, from the average of the mean and variance logits, mixes both: a one-hot layer is
@@ -34,6 +34,14 @@ import torch.distributed as dist
 from torch import nn
 
 from autonorm.norms._fast_ops import tracing
+from autonorm.norms._layers import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    add_affine,
+    check_layout,
+    reset_affine,
+)
+from autonorm.norms._sparsestmax import sparsestmax, vertex_radius
 from autonorm.norms._switchable_ops import (
     PerChannelAffine,
     TokenNorm,
@@ -43,15 +51,7 @@ from autonorm.norms._switchable_ops import (
     token_norm_reference,
     traced_moments,
 )
-from autonorm.norms.layers import (
-    CHANNELS_FIRST,
-    CHANNELS_LAST,
-    add_affine,
-    check_layout,
-    reset_affine,
-)
-from autonorm.norms.sparsestmax import sparsestmax, vertex_radius
-from autonorm.norms.sync import all_reduce_sum
+from autonorm.norms._sync import all_reduce_sum
 
 #: Candidate statistics a SwitchableNorm may mix, per layout; all of them are the defaults
 #: (the paper's channels-first IN/LN/BN; tokens LN/RMS/BN).

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from autonorm.report._format import choice_label, fmt
-from autonorm.report.summary import STATES, summarize
+from autonorm.report._summary import STATES, summarize
 
 log = logging.getLogger(__name__)
 

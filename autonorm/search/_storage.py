@@ -17,7 +17,7 @@ import optuna
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm._io import mask_password
 from autonorm._trial_keys import STUDY_INFO
-from autonorm.search.workers import RetryStaleTrial
+from autonorm.search._workers import RetryStaleTrial
 
 log = logging.getLogger(__name__)
 

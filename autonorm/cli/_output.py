@@ -16,8 +16,13 @@ def print_result(out: Any, result: Any) -> None:
     from rich.table import Table
 
     from autonorm.report import SUMMARY_FILE
-    from autonorm.search.export import BEST_CONFIG_FILE, PARETO_FILE, REPORT_FILE, STORAGE_FILE
-    from autonorm.search.storage import SQLITE_FILE
+    from autonorm.search import (
+        BEST_CONFIG_FILE,
+        PARETO_FILE,
+        REPORT_FILE,
+        SQLITE_FILE,
+        STORAGE_FILE,
+    )
 
     if result.best_config is not None:
         table = Table(

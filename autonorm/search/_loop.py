@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 from autonorm._errors import AutoNormError
 from autonorm._io import mask_password
 from autonorm._trial_keys import RETRY_OF
-from autonorm.search import workers
-from autonorm.search.plan import DONE, WAIT, Plan
+from autonorm.search import _workers as workers
+from autonorm.search._plan import DONE, WAIT, Plan
 
 log = logging.getLogger(__name__)
 

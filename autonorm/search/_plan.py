@@ -5,7 +5,7 @@ compute better, and counts it in the same unit (trainings of ``max_epochs`` epoc
 
 1. ``screen``: every baseline (the model's own norms, the learned and the recommended config,
    uniform SwitchableNorm, each uniform family, then random configs where the budget leaves
-   room; :func:`~autonorm.search.warm_start.warm_start_params`) trains for a rung of about a
+   room; :func:`~autonorm.search._warm_start.warm_start_params`) trains for a rung of about a
    third of the epochs (successive halving, reduction factor :data:`ETA`);
 2. ``promote``: the best :data:`PROMOTED` of the screen train the full schedule;
 3. ``refine``: around the best full-schedule config, a few moves at a time each change one
@@ -36,8 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autonorm import _trial_keys as keys
-from autonorm.report.summary import spent_epochs
-from autonorm.report.winners import is_feasible, params_key, rank_runs
+from autonorm.report import is_feasible, params_key, rank_runs, spent_epochs
 
 SCREEN, PROMOTE, REFINE, CONFIRM = "screen", "promote", "refine", "confirm"
 #: Successive halving's reduction factor: the rung is ``max_epochs / ETA`` epochs.

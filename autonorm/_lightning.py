@@ -3,14 +3,18 @@
 The one place that knows them. The callback subclasses the ``Callback`` of each namespace that
 is installed, so that a Trainer from either accepts it; a search trains with the Trainer of the
 namespace its LightningModule comes from (:func:`namespace_of`). Either package alone, or both,
-will do.
+will do. Also the two memory helpers the trial runner and the callbacks share (Lightning's own
+out-of-memory test and CUDA cache release, in either namespace).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 from typing import Any
+
+import torch
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 #: What to install when neither namespace is there.
@@ -78,11 +82,28 @@ def datamodule_bases() -> tuple[type, ...]:
     return tuple(mod.LightningDataModule for mod in installed_namespaces())
 
 
-def _callback_bases() -> tuple[type, ...]:
+def callback_bases() -> tuple[type, ...]:
+    """``Callback`` of every installed namespace (what autonorm's callbacks subclass).
+
+    Raises:
+        ImportError: neither namespace is installed.
+    """
     bases = tuple(mod.Callback for mod in installed_namespaces())
     if not bases:
         raise ImportError(f"autonorm.callbacks needs PyTorch Lightning: {INSTALL_HINT}")
     return bases
 
 
-CALLBACK_BASES = _callback_bases()
+def is_oom_error(error: BaseException) -> bool:
+    """Whether ``error`` is an out-of-memory error (CUDA, cuDNN or CPU allocator)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    memory = submodule(default_namespace(), "utilities.memory")  # same test in both namespaces
+    return isinstance(error, RuntimeError) and memory.is_oom_error(error)
+
+
+def free_memory() -> None:
+    """Release what a failed trial left: Python garbage and the CUDA cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        submodule(default_namespace(), "utilities.memory").garbage_collection_cuda()

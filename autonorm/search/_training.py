@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from autonorm._errors import AutoNormError
-from autonorm.budget import Budget, free_memory, is_oom_error
-from autonorm.callbacks import AutoNorm
-from autonorm.callbacks._lightning import NAMESPACES, namespace_of
-from autonorm.callbacks.trial import OOM_REASON
+from autonorm._lightning import NAMESPACES, free_memory, is_oom_error, namespace_of
+from autonorm.budget import Budget
+from autonorm.callbacks import OOM_REASON, AutoNorm
 from autonorm.config import NormConfig
-from autonorm.search.settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
+from autonorm.search._settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
 from autonorm.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)

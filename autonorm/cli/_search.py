@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from autonorm._errors import UsageError
 from autonorm._io import mask_password
-from autonorm.cli.output import console, print_result
-from autonorm.cli.user_code import import_class
+from autonorm.cli._output import console, print_result
+from autonorm.cli._user_code import import_class
 
 #: ``--search.<name>`` options: (name, type, default, help).
 _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
@@ -92,7 +92,7 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
 def _search_parser() -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from autonorm.callbacks._lightning import (
+    from autonorm._lightning import (
         datamodule_bases,
         default_namespace,
         lightning_module_bases,
@@ -141,10 +141,15 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from jsonargparse import ArgumentError
 
     from autonorm.budget import as_budget
-    from autonorm.search import search, workers
-    from autonorm.search.progress import SearchProgress, TrialLines
-    from autonorm.search.settings import default_study_name
-    from autonorm.search.storage import make_sampler
+    from autonorm.search import (
+        SearchProgress,
+        TrialLines,
+        default_study_name,
+        given_storage,
+        make_sampler,
+        pool_position,
+        search,
+    )
     from autonorm.search_spaces import resolve_space
 
     sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
@@ -156,7 +161,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
             return int(err.code or 0)
         raise UsageError(_parse_error_summary(str(err))) from None
     options = cfg.search
-    options.storage = workers.given_storage(options.storage)
+    options.storage = given_storage(options.storage)
     if options.n_trials is not None and options.n_trials < 1:
         raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
     if options.n_workers < 1:
@@ -180,7 +185,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
         )
         return _run_pool(argv, options, study_name, debug=debug, retrain=retrain)
 
-    position = workers.pool_position()
+    position = pool_position()
     sampler: Any = options.sampler
     if position is not None and options.seed is not None and sampler in ("tpe", "random"):
         sampler = make_sampler(sampler, options.seed + position[0])  # no two workers alike
@@ -246,8 +251,7 @@ def _run_pool(
     retrain: Callable[[Any], Path] | None,
 ) -> int:
     """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it."""
-    from autonorm.search.pool import log_tail, run_pool, worker_command
-    from autonorm.search.settings import default_out_dir
+    from autonorm.search import default_out_dir, log_tail, run_pool, worker_command
 
     out = console()
     outcome = run_pool(
@@ -287,7 +291,7 @@ def _retrainer(
     """``--search.retrain`` of a pool: the parent trains the best config once all workers end."""
     if not options.retrain:
         return None
-    from autonorm.search.settings import default_out_dir
+    from autonorm.search import default_out_dir
 
     out = Path(options.out_dir) if options.out_dir else default_out_dir(study_name)
 
@@ -352,7 +356,7 @@ def _trainer_defaults(given: dict[str, Any]) -> dict[str, Any]:
     """Drop the Trainer signature's own defaults so that search() applies its trial defaults."""
     import inspect
 
-    from autonorm.callbacks._lightning import default_namespace
+    from autonorm._lightning import default_namespace
 
     trainer = default_namespace().Trainer
     defaults = {
