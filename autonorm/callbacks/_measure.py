@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -155,3 +155,16 @@ class TrainingStepRecorder:
         if times:
             out[STEP_TIME] = statistics.median(times)
         return out
+
+
+def first_batch_size(batch: Any) -> int | None:
+    """The number of samples of a batch: the leading size of its first tensor, or None."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    items = list(batch.values()) if isinstance(batch, Mapping) else batch
+    if isinstance(items, (list, tuple)):
+        for item in items:
+            size = first_batch_size(item)
+            if size is not None:
+                return size
+    return None

@@ -1,10 +1,11 @@
-"""The AutoNorm callback's side of an Optuna trial.
+"""Drive an Optuna trial: :class:`TrialNorms`, and the functions it delegates to.
 
-Search mode turns one trial into one training run: the per-slot choices are suggested from the
+One trial is one training run: the per-slot choices are suggested from the
 trial (on rank 0, then broadcast), the monitored metric is reported after every validation and
 the trial pruned when the pruner says so or the metric is not finite, a run over the budget is
 marked infeasible (an Optuna constraint the samplers read), and the measurements are recorded
-as trial attributes. The trial runner reads the end of the run as a :class:`TrialOutcome`.
+as trial attributes. The search hands the run a :class:`TrialTask` (where it stops, whether the
+pruner may stop it) and reads its end as a :class:`TrialOutcome`.
 
 The functions take the trainer only for its rank, its broadcast and its logged metrics.
 """
@@ -12,21 +13,53 @@ The functions take the trainer only for its rank, its broadcast and its logged m
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from torch import nn
+from typing_extensions import override
+
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
+from autonorm._lightning import is_oom_error
+from autonorm.budget import Budget
+from autonorm.callbacks._rewrite import AutoNorm
 from autonorm.config import NormChoice, NormConfig
-from autonorm.search_spaces import SearchSpace
-from autonorm.surgery import Slot
+from autonorm.search_spaces import SearchSpace, resolve_space
+from autonorm.surgery import Slot, apply_config, switchable_choices
 
 if TYPE_CHECKING:
     import optuna
 
 #: Why a trial that ran out of memory is infeasible (the runner's ``TrialPruned`` says the same).
 OOM_REASON = "out of memory during training"
+#: Torch's error for batch statistics over a single value per channel (a batch of one sample
+#: through BatchNorm over (N, C)).
+_SMALL_BATCH_ERROR = "Expected more than 1 value per channel"
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """What the search asks of one trial's training run (the staged plan's side of the seam).
+
+    Attributes:
+        stage: the stage of the staged search that planned the trial; None for a trial the
+            sampler proposed (or a user's own study).
+        stop_after: the run stops after this many epochs (a screening rung: its last value is
+            a low-fidelity result and the trial is recorded PRUNED); None: the full schedule.
+        prunable: whether the study's pruner may stop the run early (a promoted or confirming
+            run was chosen to train the full schedule).
+    """
+
+    stage: str | None = None
+    stop_after: int | None = None
+    prunable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"`stop_after` must be >= 1 epoch, got {self.stop_after}")
 
 
 @dataclass(frozen=True)
@@ -102,71 +135,6 @@ def mark_infeasible(trial: optuna.Trial, reason: str, measurements: Mapping[str,
     trial.set_constraint(keys.BUDGET_CONSTRAINT, 1.0)
 
 
-def stop_infeasible(
-    trial: optuna.Trial | None, reason: str, measurements: Mapping[str, Any]
-) -> NoReturn:
-    """End a run over the budget: prune the trial as infeasible, or without a trial raise.
-
-    Raises:
-        optuna.TrialPruned: with a trial.
-        AutoNormError: without one.
-    """
-    if trial is None:
-        raise AutoNormError(f"over budget: {reason}")
-    import optuna
-
-    mark_infeasible(trial, reason, measurements)
-    raise optuna.TrialPruned(f"Trial is infeasible: {reason}.")
-
-
-def first_batch_size(batch: Any) -> int | None:
-    """The number of samples of a batch: the leading size of its first tensor, or None."""
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    items = list(batch.values()) if isinstance(batch, Mapping) else batch
-    if isinstance(items, (list, tuple)):
-        for item in items:
-            size = first_batch_size(item)
-            if size is not None:
-                return size
-    return None
-
-
-def _train_samples(trainer: Any) -> int | None:
-    try:
-        return len(trainer.train_dataloader.dataset)
-    except (AttributeError, TypeError):
-        return None
-
-
-def observe_batch_size(
-    trial: optuna.Trial | None, trainer: Any, batch: Any, expected: int | None
-) -> None:
-    """Record the size of the first training batch on the trial; check it against the budget.
-
-    Raises:
-        AutoNormError: the loaders train at another size than ``budget.batch_size`` (they
-            ignore the size autonorm set), naming both sizes.
-    """
-    size = first_batch_size(batch)
-    if size is None:
-        return
-    if trial is not None and is_global_zero(trainer):
-        trial.set_user_attr(keys.BATCH_SIZE, size)
-    if expected is None or size == expected:
-        return
-    samples = _train_samples(trainer)
-    if size < expected and samples is not None and size >= samples:
-        return  # a dataset smaller than one batch
-    raise AutoNormError(
-        f"budget.batch_size={expected} but the first training batch holds {size} samples: the "
-        "dataloaders ignore the batch size autonorm set (a datamodule's loaders must read its "
-        "`batch_size` attribute or `hparams.batch_size`)"
-    )
-
-
 def monitored_value(trainer: Any, monitor: str) -> float:
     """The monitored metric's last value.
 
@@ -183,46 +151,45 @@ def monitored_value(trainer: Any, monitor: str) -> float:
     return float(metrics[monitor])
 
 
-#: Stages of the staged search whose trials the pruner never stops: they were chosen to run the
-#: full schedule (a promoted candidate, a re-evaluation with another seed).
-UNPRUNED_STAGES = ("promote", "confirm")
-
-
-def _epoch_verdict(trial: optuna.Trial, value: float, epoch: int, monitor: str) -> str | None:
+def _epoch_verdict(
+    trial: optuna.Trial, task: TrialTask, value: float, epoch: int, monitor: str
+) -> str | None:
     """Report ``value`` for ``epoch``; why the trial stops here, or None.
 
-    A screening trial (``rung_epochs`` user attribute) stops at its rung: a low-fidelity
-    evaluation, recorded as PRUNED with its value as the last intermediate value.
+    A run that stops at its rung (:attr:`TrialTask.stop_after`) is a low-fidelity evaluation,
+    recorded as PRUNED with its value as the last intermediate value.
     """
     if not math.isfinite(value):
         return f"{monitor} is {value} at epoch {epoch}"
     if len(trial.study.directions) == 1:  # Optuna cannot prune multi-objective studies
         trial.report(value, step=epoch)
-        rung = trial.user_attrs.get(keys.RUNG_EPOCHS)
-        if rung is not None and epoch + 1 >= rung:
-            return f"screened: stopped at its rung of {rung} epoch(s)"
-        if trial.user_attrs.get(keys.STAGE) in UNPRUNED_STAGES:
-            return None
-        if trial.should_prune():
+        if task.stop_after is not None and epoch + 1 >= task.stop_after:
+            return f"screened: stopped at its rung of {task.stop_after} epoch(s)"
+        if task.prunable and trial.should_prune():
             pruner = type(getattr(trial.study, "pruner", None)).__name__
             return f"pruned by {pruner} at epoch {epoch}"
     return None
 
 
 def report_epoch(
-    trial: optuna.Trial, trainer: Any, monitor: str, measurements: Mapping[str, Any]
+    trial: optuna.Trial,
+    task: TrialTask,
+    trainer: Any,
+    monitor: str,
+    measurements: Mapping[str, Any],
 ) -> None:
     """After a validation: report the metric (rank 0), record the epochs trained and the
     measurements, and prune on every rank when rank 0 says so.
 
     Raises:
-        optuna.TrialPruned: the pruner pruned the trial or the metric is not finite.
+        optuna.TrialPruned: the pruner pruned the trial, the run reached its rung or the metric
+            is not finite.
         AutoNormError: the metric was never logged.
     """
     epoch = trainer.current_epoch
     reason = None
     if is_global_zero(trainer):
-        reason = _epoch_verdict(trial, monitored_value(trainer, monitor), epoch, monitor)
+        reason = _epoch_verdict(trial, task, monitored_value(trainer, monitor), epoch, monitor)
         trial.set_user_attr(keys.EPOCHS, epoch + 1)
         record_measurements(trial, measurements)
     reason = broadcast(trainer, reason)
@@ -232,6 +199,19 @@ def report_epoch(
         if is_global_zero(trainer):
             trial.set_user_attr(keys.PRUNE_REASON, reason)
         raise optuna.TrialPruned(f"Trial was pruned: {reason}.")
+
+
+def infeasible_reason(err: BaseException) -> str | None:
+    """Why a training that failed with ``err`` makes its trial infeasible, or None (an error
+    of the user's code): out of memory, or a batch too small for batch statistics."""
+    if is_oom_error(err):
+        return OOM_REASON
+    if isinstance(err, ValueError) and _SMALL_BATCH_ERROR in str(err):
+        return (
+            "a training batch too small for batch statistics (BatchNorm over (N, C) needs more "
+            f"than 1 sample): {str(err).splitlines()[0]}"
+        )
+    return None
 
 
 def trial_outcome(
@@ -253,3 +233,116 @@ def trial_outcome(
             trial.set_user_attr(keys.PRUNE_REASON, reason)
         raise optuna.TrialPruned(reason)
     return TrialOutcome(value=value, measurements=dict(measurements))
+
+
+class TrialNorms(AutoNorm, mode="search"):
+    """Take each slot's choice from an Optuna trial, report the metric, prune.
+
+    One categorical parameter per slot (or tied group), named by the slot, so the dashboard
+    reads like the model. After every validation the monitored metric is reported and the
+    trial pruned when the pruner says so, when the run reaches the rung its ``task`` stops at,
+    or when the metric is not finite; a run over the budget is pruned as infeasible.
+
+    Args:
+        trial: an ``optuna.Trial``.
+        space: the search space: a preset name, a YAML path, a dict or a
+            :class:`~autonorm.search_spaces.SearchSpace`.
+        monitor: the metric reported to the trial after every validation.
+        task: what the search asks of this run (default: the full schedule, prunable).
+        include, exclude, example_input, config_path, record_metrics, budget: as
+            :class:`~autonorm.callbacks.AutoNorm`.
+
+    Raises:
+        ValueError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        *,
+        space: Any = "auto",
+        monitor: str = "val_loss",
+        task: TrialTask | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        example_input: Any = None,
+        config_path: str | os.PathLike[str] | None = None,
+        record_metrics: bool = True,
+        budget: Budget | Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a metric name, got {monitor!r}")
+        super().__init__(
+            include=include,
+            exclude=exclude,
+            example_input=example_input,
+            config_path=config_path,
+            record_metrics=record_metrics,
+            budget=budget,
+        )
+        self.trial = trial
+        self.monitor = monitor
+        self.task = task if task is not None else TrialTask()
+        # syncbatchnorm only where the budget has several devices
+        self.space: SearchSpace = resolve_space(space).for_budget(self.budget)
+
+    @override
+    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+        self.config = suggest_config(self.trial, self.space, self.slots, trainer)
+        partial = self.include is not None or self.exclude is not None
+        apply_config(pl_module, self.config, partial=partial, example_input=example, slots=found)
+
+    @override
+    def _check_params(self, trainer: Any, pl_module: nn.Module) -> None:
+        if is_global_zero(trainer):
+            n_params = sum(p.numel() for p in pl_module.parameters())
+            self.trial.set_user_attr(keys.N_PARAMS, n_params)
+        super()._check_params(trainer, pl_module)
+
+    @override
+    def _over_budget(self, reason: str) -> NoReturn:
+        import optuna
+
+        mark_infeasible(self.trial, reason, self.measurements())
+        raise optuna.TrialPruned(f"Trial is infeasible: {reason}.")
+
+    @override
+    def _observe_batch_size(self, trainer: Any, size: int) -> None:
+        if is_global_zero(trainer):
+            self.trial.set_user_attr(keys.BATCH_SIZE, size)
+        super()._observe_batch_size(trainer, size)
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        if is_global_zero(trainer):
+            # free per-slot evidence for the staged plan's refinement: what the trial's
+            # SwitchableNorm layers weigh highest so far (a screened trial stops at its rung)
+            mixed = switchable_choices(pl_module, self.slots)
+            if mixed:
+                record_switchable_choices(self.trial, mixed)
+        report_epoch(self.trial, self.task, trainer, self.monitor, self.measurements())
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        reason = infeasible_reason(exception)
+        if reason is not None:
+            mark_infeasible(self.trial, reason, self.measurements())
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if is_global_zero(trainer):
+            record_measurements(self.trial, self.measurements())
+        super().on_fit_end(trainer, pl_module)
+
+    def outcome(self, trainer: Any) -> TrialOutcome:
+        """The finished run for the trial runner: the monitored metric and the measurements.
+
+        Raises:
+            optuna.TrialPruned: the metric's last value is not finite (the reason is recorded
+                on the trial).
+            AutoNormError: the metric was never logged.
+        """
+        return trial_outcome(self.trial, trainer, self.monitor, self.measurements())

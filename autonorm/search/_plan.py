@@ -36,6 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autonorm import _trial_keys as keys
+from autonorm.callbacks import TrialTask
 from autonorm.report import is_feasible, params_key, rank_runs, spent_epochs
 
 SCREEN, PROMOTE, REFINE, CONFIRM = "screen", "promote", "refine", "confirm"
@@ -52,6 +53,9 @@ CONFIRM_TOP = 2
 CONFIRM_RUNS = 2
 
 RUN, WAIT, DONE = "run", "wait", "done"
+#: Stages whose trials the pruner never stops: they were chosen to run the full schedule (a
+#: promoted candidate, a re-evaluation with another seed).
+UNPRUNED_STAGES = (PROMOTE, CONFIRM)
 
 
 def rung_epochs(max_epochs: int) -> int:
@@ -78,6 +82,7 @@ class Planned:
     round: int = 0
 
     def user_attrs(self) -> dict[str, Any]:
+        """What the study stores of the planned trial (read back by :func:`trial_task`)."""
         attrs: dict[str, Any] = {
             keys.STAGE: self.stage,
             keys.BASELINE: self.candidate.label,
@@ -86,6 +91,19 @@ class Planned:
         if self.rung is not None:
             attrs[keys.RUNG_EPOCHS] = self.rung
         return attrs
+
+
+def trial_task(user_attrs: Mapping[str, Any]) -> TrialTask:
+    """What a trial is asked to do, from what the plan stored when it enqueued it: its stage,
+    the rung it stops at, whether the pruner may stop it. A trial the sampler proposed has no
+    stage: the full schedule, prunable."""
+    stage = user_attrs.get(keys.STAGE)
+    rung = user_attrs.get(keys.RUNG_EPOCHS)
+    return TrialTask(
+        stage=None if stage is None else str(stage),
+        stop_after=None if rung is None else int(rung),
+        prunable=stage not in UNPRUNED_STAGES,
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from autonorm.config import NormChoice, NormConfig
 from autonorm.search import _loop as loop
 from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
-from autonorm.search._plan import Candidate, Plan, reuse_finished
+from autonorm.search._plan import Candidate, Plan, reuse_finished, trial_task
 from autonorm.search._settings import (
     DEFAULT_N_TRIALS,
     LEARN_MIXINGS,
@@ -304,6 +304,7 @@ class _SearchRun:
                 return run_trial(
                     trial,
                     self.training,
+                    task=trial_task(trial.user_attrs),
                     space=self.space,
                     monitor=settings.monitor,
                     objectives=settings.objectives,

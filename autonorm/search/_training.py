@@ -15,10 +15,18 @@ import optuna
 import torch
 from torch import nn
 
+from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import NAMESPACES, free_memory, is_oom_error, namespace_of
+from autonorm._lightning import NAMESPACES, free_memory, namespace_of
 from autonorm.budget import Budget
-from autonorm.callbacks import OOM_REASON, AutoNorm
+from autonorm.callbacks import (
+    FixedNorms,
+    LearnNorms,
+    TrialNorms,
+    TrialTask,
+    infeasible_reason,
+    mark_infeasible,
+)
 from autonorm.config import NormConfig
 from autonorm.search._settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
 from autonorm.search_spaces import SearchSpace
@@ -112,7 +120,7 @@ class Training:
     exclude: Any = None
     verbose: bool = False
 
-    def fit(self, callback: AutoNorm, *, root: Path, seed: int | None) -> Any:
+    def fit(self, callback: Any, *, root: Path, seed: int | None) -> Any:
         """Seed, build a fresh model and data, train with ``callback`` first among callbacks;
         return the Trainer."""
         if seed is not None:  # before the model exists: its class's namespace, when known
@@ -155,18 +163,21 @@ def run_trial(
     trial: optuna.Trial,
     training: Training,
     *,
+    task: TrialTask,
     space: SearchSpace,
     monitor: str,
     objectives: list[str],
     out_dir: Path,
     seed: int | None,
 ) -> float | list[float]:
-    """Train the trial's config; return its objective values. The callback decides what is
-    infeasible or pruned (it raises ``TrialPruned``); an out-of-memory error is infeasible."""
-    callback = AutoNorm(
-        trial=trial,
+    """Train the trial's config as ``task`` asks; return its objective values. The callback
+    decides what is infeasible or pruned (it raises ``TrialPruned``); an out-of-memory error,
+    or a batch too small for batch statistics, is infeasible."""
+    callback = TrialNorms(
+        trial,
         space=space,
         monitor=monitor,
+        task=task,
         budget=training.budget,
         **training.slot_selection(),
     )
@@ -181,7 +192,8 @@ def run_trial(
         if reason is None:
             raise
         free_memory()
-        callback.mark_infeasible(reason)  # also when it struck before fit reached the callback
+        if keys.FEASIBLE not in trial.user_attrs:  # it struck before fit reached the callback
+            mark_infeasible(trial, reason, {})
         raise optuna.TrialPruned(reason) from None
     outcome = callback.outcome(trainer)
     values = [outcome.value]
@@ -191,24 +203,6 @@ def run_trial(
             raise AutoNormError(f"objective {name!r} was not measured in trial {trial.number}")
         values.append(float(outcome.measurements[key]))
     return values[0] if len(values) == 1 else values
-
-
-#: Torch's error for batch statistics over a single value per channel (a batch of one sample
-#: through BatchNorm over (N, C)).
-_SMALL_BATCH_ERROR = "Expected more than 1 value per channel"
-
-
-def infeasible_reason(err: BaseException) -> str | None:
-    """Why a training that failed with ``err`` makes its trial infeasible, or None (an error
-    of the user's code): out of memory, or a batch too small for batch statistics."""
-    if is_oom_error(err):
-        return OOM_REASON
-    if isinstance(err, ValueError) and _SMALL_BATCH_ERROR in str(err):
-        return (
-            "a training batch too small for batch statistics (BatchNorm over (N, C) needs more "
-            f"than 1 sample): {str(err).splitlines()[0]}"
-        )
-    return None
 
 
 #: The learn pass's mixing logits train at this fraction of the model's learning rate, without
@@ -223,8 +217,7 @@ def learn_pass(
     metadata. ``mixing="sparsestmax"`` (Sparse SN): every slot ends on exactly one normalizer,
     no argmax gap; but in short runs its mixing logits barely move before the radius schedule
     makes them one-hot, so the choice follows the seed (see the README's benchmark)."""
-    callback = AutoNorm(
-        mode="learn",
+    callback = LearnNorms(
         mixing=mixing,
         mixing_lr_scale=LEARN_MIXING_LR_SCALE,
         mixing_weight_decay=0.0,
@@ -266,7 +259,7 @@ def retrain_best(
 def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | None) -> Path:
     """Train the best config once more for the full schedule; save its checkpoint."""
     # the search's slot selection: a config of included slots is partial, the others keep theirs
-    callback = AutoNorm(config=config, record_metrics=False, **training.slot_selection())
+    callback = FixedNorms(config, record_metrics=False, **training.slot_selection())
     trainer = training.fit(callback, root=out_dir / "retrain", seed=seed)
     path = out_dir / "best.ckpt"
     trainer.save_checkpoint(path)

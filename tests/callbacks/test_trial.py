@@ -33,7 +33,7 @@ def test_search_mode_with_a_real_study(tmp_path):
         trainer.fit(model, datamodule=TinyDataModule())
         applied = {slot.name: slot.keep_choice() for slot in autonorm.find_slots(model)}
         assert applied == {name: NormChoice.parse(label) for name, label in trial.params.items()}
-        return callback.monitored_value(trainer)
+        return float(trainer.callback_metrics["val_loss"])
 
     study.optimize(objective, n_trials=2)
     trial = study.trials[0]
@@ -97,7 +97,7 @@ def test_outcome_gives_the_runner_the_metric_and_the_measurements(tmp_path):
         trainer = tiny_trainer(tmp_path, [callback], max_epochs=1)
         trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
         outcomes.append(callback.outcome(trainer))
-        assert outcomes[-1].value == callback.monitored_value(trainer)
+        assert outcomes[-1].value == float(trainer.callback_metrics["val_loss"])
         return outcomes[-1].value
 
     study.optimize(objective, n_trials=1)

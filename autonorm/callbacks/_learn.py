@@ -1,0 +1,223 @@
+"""Learn the choice: every slot becomes a SwitchableNorm; the derived config at the end of fit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from typing_extensions import override
+
+from autonorm._errors import AutoNormError
+from autonorm.budget import Budget
+from autonorm.callbacks._optimizers import wrap_configure_optimizers
+from autonorm.callbacks._rewrite import AutoNorm, current_structure
+from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
+from autonorm.norms import SWITCHABLE_MIXINGS
+from autonorm.surgery import (
+    SWITCHABLE_INITS,
+    Slot,
+    apply_config,
+    default_calibration_forward,
+    derive_config,
+    recalibrate_batchnorm,
+    slot_batchnorms,
+    switchable_layers,
+    to_switchable,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _check_learn_options(
+    mixing: str,
+    mixing_lr_scale: float | None,
+    mixing_weight_decay: float | None,
+    finalize_batches: int,
+    init: str,
+) -> None:
+    if mixing not in SWITCHABLE_MIXINGS:
+        raise ValueError(f"`mixing` must be one of {SWITCHABLE_MIXINGS}, got {mixing!r}")
+    if mixing_lr_scale is not None and not (mixing_lr_scale > 0 and math.isfinite(mixing_lr_scale)):
+        raise ValueError(f"`mixing_lr_scale` must be a positive number, got {mixing_lr_scale!r}")
+    if mixing_weight_decay is not None and mixing_weight_decay < 0:
+        raise ValueError(f"`mixing_weight_decay` must be >= 0, got {mixing_weight_decay!r}")
+    if finalize_batches < 0:
+        raise ValueError(f"`finalize_batches` must be >= 0, got {finalize_batches}")
+    if init not in SWITCHABLE_INITS:
+        raise ValueError(f"`init` must be one of {SWITCHABLE_INITS}, got {init!r}")
+
+
+class LearnNorms(AutoNorm, mode="learn"):
+    """Every slot becomes a learned :class:`~autonorm.norms.SwitchableNorm`; at the end of fit
+    the discrete per-slot config is derived from the mixing weights (:attr:`config`) and written.
+
+    Args:
+        candidates: SwitchableNorm candidates, a tuple or ``{layout: tuple}``.
+        mixing: ``"softmax"`` (SN) or ``"sparsestmax"`` (Sparse SN: the radius grows in steps
+            from sparsemax at the start to one normalizer per layer at 80% of
+            ``trainer.estimated_stepping_batches``, so the derived config is what the model
+            trained with).
+        mixing_lr_scale: train the mixing logits at ``lr * mixing_lr_scale`` in a param group
+            of their own (Sparse SN uses 0.1).
+        mixing_weight_decay: weight decay of the mixing logits (e.g. 0.0).
+        finalize: at the end of fit swap the SwitchableNorms for the chosen native layers and
+            recompute BatchNorm statistics on ``finalize_batches`` training batches.
+        calibration_forward: ``f(module, batch)`` used for that recalibration.
+        log_mixing_weights: log the per-slot mixing weights to the trainer's loggers each epoch.
+        init: ``"uniform"`` mixing weights, or ``"original"`` for a pretrained model: each
+            layer starts on the statistic of the normalizer it replaces
+            (:func:`~autonorm.to_switchable`).
+        include, exclude, example_input, config_path, record_metrics, budget: as
+            :class:`~autonorm.callbacks.AutoNorm`.
+
+    Raises:
+        ValueError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        candidates: Sequence[str] | dict[str, Sequence[str]] | None = None,
+        mixing: str = "softmax",
+        mixing_lr_scale: float | None = None,
+        mixing_weight_decay: float | None = None,
+        finalize: bool = False,
+        finalize_batches: int = 20,
+        calibration_forward: Callable[[nn.Module, Any], Any] | None = None,
+        log_mixing_weights: bool = True,
+        init: str = "uniform",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        example_input: Any = None,
+        config_path: str | os.PathLike[str] | None = None,
+        record_metrics: bool = True,
+        budget: Budget | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            include=include,
+            exclude=exclude,
+            example_input=example_input,
+            config_path=config_path,
+            record_metrics=record_metrics,
+            budget=budget,
+        )
+        _check_learn_options(mixing, mixing_lr_scale, mixing_weight_decay, finalize_batches, init)
+        self.candidates = candidates
+        self.mixing = mixing
+        self.mixing_lr_scale = mixing_lr_scale
+        self.mixing_weight_decay = mixing_weight_decay
+        self.finalize = finalize
+        self.finalize_batches = finalize_batches
+        self.calibration_forward = calibration_forward or default_calibration_forward
+        self.log_mixing_weights = log_mixing_weights
+        self.init = init
+        self.mixing_history: list[dict[str, Any]] = []
+        self._original_configure_optimizers: Any = None
+        self._radius_schedule: RadiusSchedule | None = None
+
+    @override
+    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+        # softmax SN is built as before (no `mixing` in its choices)
+        extra: dict[str, Any] = {"mixing": self.mixing} if self.mixing != "softmax" else {}
+        to_switchable(
+            pl_module,
+            slots=self.slots,
+            candidates=self.candidates,
+            example_input=example,
+            init=self.init,
+            **extra,
+        )
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        fresh = not self._applied
+        super().setup(trainer, pl_module, stage)
+        if fresh and (self.mixing_lr_scale is not None or self.mixing_weight_decay is not None):
+            self._original_configure_optimizers = wrap_configure_optimizers(
+                pl_module, lr_scale=self.mixing_lr_scale, weight_decay=self.mixing_weight_decay
+            )
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        layers = sparse_layers(pl_module)
+        if not layers:
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise AutoNormError(
+                "mixing='sparsestmax' grows the radius over a known training length: give the "
+                f"Trainer max_epochs or max_steps (estimated stepping batches: {total})"
+            )
+        self._radius_schedule = RadiusSchedule(layers, int(total))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._radius_schedule is not None:
+            self._radius_schedule.update(trainer.global_step)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        layers = switchable_layers(pl_module) if self.log_mixing_weights else {}
+        if not layers:
+            return
+        snapshot = {name: sn.mixing_weights() for name, sn in layers.items()}
+        self.mixing_history.append({"epoch": trainer.current_epoch, "weights": snapshot})
+        metrics = {
+            f"autonorm/{name}/{kind}_{cand}": weight
+            for name, weights in snapshot.items()
+            for kind, per_cand in weights.items()
+            for cand, weight in per_cand.items()
+        }
+        for logger in getattr(trainer, "loggers", []):
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if switchable_layers(pl_module):  # not yet finalized (by a first fit)
+            self.config = derive_config(pl_module)
+            self.config.metadata["mixing"] = self.mixing
+            if self.finalize:
+                self._finalize(trainer, pl_module)
+        super().on_fit_end(trainer, pl_module)
+
+    def _finalize(self, trainer: Any, pl_module: Any) -> None:
+        """Swap the SwitchableNorms for the derived native layers; recalibrate new BatchNorms."""
+        assert self.config is not None
+        apply_config(
+            pl_module,
+            self.config,
+            partial=True,
+            example_input=getattr(pl_module, "example_input_array", None),
+        )
+        new_bns = slot_batchnorms(  # fused norm+activation slots included
+            pl_module, [n for n, c in self.config.choices.items() if c.name == "batchnorm"]
+        )
+        if new_bns and self.finalize_batches:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise AutoNormError(
+                    "finalize=True needs the training dataloader to recalibrate BatchNorm"
+                )
+            batches = (trainer.strategy.batch_to_device(b) for b in loader)
+            used = recalibrate_batchnorm(
+                pl_module,
+                batches,
+                num_batches=self.finalize_batches,
+                forward=self.calibration_forward,
+                modules=new_bns,
+            )
+            log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
+        self.structure = current_structure(pl_module, self._feeders)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._original_configure_optimizers is not None and stage == "fit":
+            pl_module.configure_optimizers = self._original_configure_optimizers
+            self._original_configure_optimizers = None

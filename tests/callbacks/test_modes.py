@@ -1,0 +1,99 @@
+"""One callback class per concern: the factory builds the mode's class; a trial runs its task."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from autonorm import NormConfig
+from autonorm.callbacks import AutoNorm, FixedNorms, LearnNorms, TrialNorms, TrialTask
+from autonorm.search._plan import CONFIRM, PROMOTE, SCREEN, Planned, trial_task
+from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cls"),
+    [
+        ({"mode": "learn", "finalize": True}, LearnNorms),
+        ({}, LearnNorms),
+        ({"config": NormConfig({"bn1": "layernorm"}), "check_model": False}, FixedNorms),
+        ({"trial": "a trial", "monitor": "val_acc"}, TrialNorms),
+    ],
+)
+def test_the_factory_builds_the_class_of_the_mode(kwargs, cls):
+    callback = AutoNorm(**kwargs)
+    assert type(callback) is cls and isinstance(callback, AutoNorm)
+    assert callback.state_key == "AutoNorm"  # checkpoints restore into whichever class wrote them
+
+
+def test_the_factory_names_the_mode_an_argument_belongs_to():
+    with pytest.raises(ValueError, match=r"`space` applies to mode='search' only.*mode='learn'"):
+        AutoNorm(space="cnn")
+    with pytest.raises(ValueError, match=r"unknown argument `colour`"):
+        AutoNorm(mode="learn", colour="red")
+
+
+def test_a_mode_class_is_used_directly_and_checkpoints_carry_its_mode(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callback = FixedNorms(NormConfig({"bn1": "groupnorm(groups=2)"}), include="bn1")
+    trainer = tiny_trainer(tmp_path, [callback, ckpt], max_epochs=1, enable_checkpointing=True)
+    trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["autonorm"]["mode"] == "fixed"
+    assert saved["callbacks"]["AutoNorm"]["config"]["choices"]["bn1"]
+
+
+def _train_trial(tmp_path, task, pruner=None, max_epochs=3):
+    study = optuna.create_study(pruner=pruner or optuna.pruners.NopPruner())
+
+    def objective(trial):
+        callback = TrialNorms(trial, space="minimal", task=task)
+        trainer = tiny_trainer(tmp_path, [callback], max_epochs=max_epochs)
+        trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
+        return callback.outcome(trainer).value
+
+    study.optimize(objective, n_trials=1)
+    return study.trials[0]
+
+
+def test_a_task_that_stops_at_its_rung_is_recorded_as_screened(tmp_path):
+    trial = _train_trial(tmp_path, TrialTask(stage=SCREEN, stop_after=1))
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["epochs"] == 1
+    assert trial.user_attrs["prune_reason"].startswith("screened: stopped at its rung of 1")
+
+
+def test_the_pruner_stops_a_prunable_task_and_spares_the_others(tmp_path):
+    pruned = _train_trial(tmp_path, TrialTask(), pruner=_AlwaysPrune())
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.user_attrs["epochs"] == 1
+    spared = _train_trial(tmp_path, TrialTask(stage=PROMOTE, prunable=False), pruner=_AlwaysPrune())
+    assert spared.state == optuna.trial.TrialState.COMPLETE and spared.user_attrs["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("planned", "task"),
+    [
+        (Planned(SCREEN, None, rung=2), TrialTask(stage=SCREEN, stop_after=2, prunable=True)),
+        (Planned(PROMOTE, None), TrialTask(stage=PROMOTE, stop_after=None, prunable=False)),
+        (Planned(CONFIRM, None), TrialTask(stage=CONFIRM, stop_after=None, prunable=False)),
+    ],
+)
+def test_the_plan_hands_each_trial_the_task_it_stored(planned, task):
+    class _Label:
+        label = "x"
+
+    stored = Planned(planned.stage, _Label(), rung=planned.rung).user_attrs()
+    assert trial_task(stored) == task
+    assert trial_task({}) == TrialTask()  # the sampler's trial: full schedule, prunable
+
+
+def test_a_task_refuses_a_rung_of_no_epochs():
+    with pytest.raises(ValueError, match="stop_after"):
+        TrialTask(stop_after=0)
