@@ -7,7 +7,9 @@ any study whose trials carry autonorm's user attributes, or none of them):
   that broke the budget (user attribute ``feasible=False``); :func:`trial_category` says in
   which state a trial counts (complete, pruned, infeasible, failed, running, waiting).
 * :func:`write_summary` writes ``summary.json``, the machine-readable record of the search, and
-  returns it.
+  returns it as a :class:`Summary`: a ``TypedDict`` that describes the file key by key (its
+  parts too: :class:`TrialCounts`, :class:`Certainty`, :class:`Candidate`, ...), so that a
+  program reading ``summary.json`` can annotate what it loads and have mypy check every key.
 * :func:`write_report` writes ``report.html``, one self-contained page of tables and plotly
   figures that opens offline.
 * :func:`attach_dashboard_artifacts` uploads the bundle's files as study artifacts and writes a
@@ -26,7 +28,8 @@ The trial attributes read here are the ones the search writes (names in
 ``autonorm`` holds the search settings (``monitor``, ``mode``, ``objectives``, ``budget``,
 ``model_class``, ``slots``, ``max_epochs``); each may be missing.
 
-Modules: :mod:`~autonorm.report._winners` (feasibility, best trial, Pareto front),
+Modules: :mod:`~autonorm.report._types` (the summary's types and the study settings' type,
+:class:`StudyInfo`), :mod:`~autonorm.report._winners` (feasibility, best trial, Pareto front),
 :mod:`~autonorm.report._summary` (trial categories, summary.json), :mod:`~autonorm.report._figures`
 and :mod:`~autonorm.report._choices` (the plotly figures), :mod:`~autonorm.report._html` (the
 page), :mod:`~autonorm.report._dashboard` (artifacts and the study note).
@@ -37,6 +40,21 @@ from __future__ import annotations
 from autonorm.report._dashboard import ARTIFACT_DIR, NOTE_HEADING, attach_dashboard_artifacts
 from autonorm.report._html import write_report
 from autonorm.report._summary import SUMMARY_FILE, spent_epochs, trial_category, write_summary
+from autonorm.report._types import (
+    Baseline,
+    BudgetLimits,
+    Candidate,
+    Certainty,
+    Compute,
+    Epochs,
+    InferenceCost,
+    ParetoPoint,
+    SlotCost,
+    SlotInfo,
+    StudyInfo,
+    Summary,
+    TrialCounts,
+)
 from autonorm.report._winners import (
     ConfigRuns,
     best_feasible_trial,
@@ -65,4 +83,17 @@ __all__ = [
     "trial_category",
     "write_report",
     "write_summary",
+    "Summary",
+    "Baseline",
+    "BudgetLimits",
+    "Candidate",
+    "Certainty",
+    "Compute",
+    "Epochs",
+    "InferenceCost",
+    "ParetoPoint",
+    "SlotCost",
+    "SlotInfo",
+    "StudyInfo",
+    "TrialCounts",
 ]

@@ -7,7 +7,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -15,7 +15,11 @@ from optuna.trial import FrozenTrial
 from autonorm.report._figures import COLORS
 from autonorm.report._format import choice_label, esc
 from autonorm.report._summary import FINISHED, trial_config
-from autonorm.report._winners import feasible_complete, maximizes
+from autonorm.report._types import StudyInfo, slot_records
+from autonorm.report._winners import better, feasible_complete, maximizes
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
 
 # -- importance --------------------------------------------------------------------------------
 
@@ -56,7 +60,7 @@ def importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str,
         optuna.logging.set_verbosity(verbosity)
 
 
-def importance_figure(importances: dict[str, float], name: str) -> Any:
+def importance_figure(importances: dict[str, float], name: str) -> Figure:
     """Horizontal bars, the most important parameter on top."""
     import plotly.graph_objects as go
 
@@ -80,12 +84,9 @@ def importance_figure(importances: dict[str, float], name: str) -> Any:
 # -- which choice won, per slot ----------------------------------------------------------------
 
 
-def slot_order(info: dict[str, Any], trials: Sequence[FrozenTrial]) -> list[str]:
+def slot_order(info: StudyInfo, trials: Sequence[FrozenTrial]) -> list[str]:
     """The slots in the order the study's settings list them, then those only trials name."""
-    slots: list[str] = []
-    for slot in info.get("slots") or []:
-        if isinstance(slot, dict) and slot.get("name") is not None:
-            slots.append(str(slot["name"]))
+    slots = list(slot_records(info.get("slots")))
     for t in trials:
         for name in trial_config(t):
             if name not in slots:
@@ -120,7 +121,7 @@ class _ChoiceStats:
 
     def offer(self, key: tuple[str, str], value: float, trial: int) -> None:
         old = self.best.get(key)
-        if old is None or (value > old[0] if self.maximize else value < old[0]):
+        if better(value, None if old is None else old[0], self.maximize):
             self.best[key] = (value, trial)
 
 
@@ -163,7 +164,7 @@ def choice_map(
 
 def choice_map_figure(
     study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str], name: str
-) -> Any | None:
+) -> Figure | None:
     """A slot x choice heatmap of :func:`choice_map` (None without slots or choices)."""
     import plotly.graph_objects as go
 

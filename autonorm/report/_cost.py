@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 
 from autonorm.config import NormChoice
 from autonorm.deploy import FOLDABLE_KINDS
 from autonorm.report._format import esc
+from autonorm.report._types import InferenceCost, SlotCost, SlotInfo, StoredChoice
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _best_ms(layer: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
     return best * 1e3
 
 
-def _slot_cost(slot: Mapping[str, Any], value: Any, reps: int) -> dict[str, Any] | None:
+def _slot_cost(slot: SlotInfo, value: StoredChoice | NormChoice, reps: int) -> SlotCost | None:
     from autonorm.norms import create_norm
 
     shape = slot.get("input_shape")
@@ -56,15 +56,15 @@ def _slot_cost(slot: Mapping[str, Any], value: Any, reps: int) -> dict[str, Any]
     ).eval()
     ms = _best_ms(layer, torch.randn(*shape), reps)
     folds = choice.name in FOLDABLE_KINDS and slot.get("feeder") is not None
-    return {"choice": choice.label, "input_shape": list(shape), "ms": ms, "folds": folds}
+    return SlotCost(choice=choice.label, input_shape=list(shape), ms=ms, folds=folds)
 
 
 def inference_cost(
-    slots: Iterable[Mapping[str, Any]] | None,
-    config: Mapping[str, Any] | None,
+    slots: Iterable[SlotInfo] | None,
+    config: Mapping[str, StoredChoice | NormChoice] | None,
     *,
     reps: int = REPS,
-) -> dict[str, Any] | None:
+) -> InferenceCost | None:
     """Per-slot inference milliseconds of ``config``'s choices, and the totals.
 
     Args:
@@ -80,7 +80,7 @@ def inference_cost(
     if not config or not slots:
         return None
     records = {str(s["name"]): s for s in slots if isinstance(s, Mapping) and "name" in s}
-    costs = {}
+    costs: dict[str, SlotCost] = {}
     for name, value in config.items():
         record = records.get(name)
         try:
@@ -92,15 +92,15 @@ def inference_cost(
             costs[name] = cost
     if not costs:
         return None
-    return {
-        "device": f"cpu, {torch.get_num_threads()} threads",
-        "slots": costs,
-        "total_ms": sum(c["ms"] for c in costs.values()),
-        "folded_total_ms": sum(c["ms"] for c in costs.values() if not c["folds"]),
-    }
+    return InferenceCost(
+        device=f"cpu, {torch.get_num_threads()} threads",
+        slots=costs,
+        total_ms=sum(c["ms"] for c in costs.values()),
+        folded_total_ms=sum(c["ms"] for c in costs.values() if not c["folds"]),
+    )
 
 
-def cost_table_html(cost: Mapping[str, Any] | None) -> str:
+def cost_table_html(cost: InferenceCost | None) -> str:
     """The report's table of :func:`inference_cost` (empty without one)."""
     if not cost:
         return ""

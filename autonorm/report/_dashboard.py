@@ -7,12 +7,16 @@ import logging
 import mimetypes
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 
-from autonorm.report._format import choice_label, fmt
-from autonorm.report._summary import STATES, summarize
+from autonorm.report._format import choice_label, fmt, state_counts
+from autonorm.report._summary import summarize
+from autonorm.report._types import Summary
+
+if TYPE_CHECKING:
+    from optuna.artifacts import FileSystemArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -25,53 +29,55 @@ NOTE_HEADING = "## autonorm summary"
 _TEXT_SUFFIXES = {".yaml", ".yml", ".txt", ".md", ".log", ".toml", ".cfg", ".ini"}
 
 
-def _md(value: Any) -> str:
+def _md(value: object) -> str:
     """Inline code for a markdown table cell."""
     text = str(value).replace("`", "'").replace("|", "\\|").replace("\n", " ")
     return f"`{text}`"
 
 
-def _what_lines(summary: dict[str, Any]) -> list[str]:
+def _what_lines(summary: Summary) -> list[str]:
     """``Model `x`, metric `y` (min).`` when the summary names them."""
     what = []
-    if summary.get("model_class"):
+    if summary["model_class"]:
         what.append(f"model {_md(summary['model_class'])}")
-    if summary.get("monitor"):
-        what.append(f"metric {_md(summary['monitor'])} ({summary.get('mode') or '?'})")
+    if summary["monitor"]:
+        what.append(f"metric {_md(summary['monitor'])} ({summary['mode'] or '?'})")
     if not what:
         return []
     sentence = ", ".join(what)
     return [sentence[0].upper() + sentence[1:] + ".", ""]
 
 
-def _result_lines(summary: dict[str, Any]) -> list[str]:
+def _result_lines(summary: Summary) -> list[str]:
     """The best value and config table, or the Pareto front's values."""
-    if summary["pareto"] is None:
-        if summary["best_value"] is None:
+    pareto = summary["pareto"]
+    if pareto is None:
+        best, config = summary["best_value"], summary["best_config"]
+        if best is None or config is None:
             return ["**No trial met the budget**: no best config.", ""]
         return [
-            f"**Best value:** {summary['best_value']:.6g} (trial {summary['best_trial']})",
+            f"**Best value:** {best:.6g} (trial {summary['best_trial']})",
             "",
             "| slot | choice |",
             "| --- | --- |",
-            *(f"| {_md(k)} | {_md(choice_label(v))} |" for k, v in summary["best_config"].items()),
+            *(f"| {_md(k)} | {_md(choice_label(v))} |" for k, v in config.items()),
             "",
         ]
     names = summary["objectives"]
-    lines = [f"**Pareto front:** {len(summary['pareto'])} trials", ""]
-    if summary["pareto"]:
+    lines = [f"**Pareto front:** {len(pareto)} trials", ""]
+    if pareto:
         lines += ["| trial | " + " | ".join(_md(n) for n in names) + " |"]
         lines += ["| --- " * (len(names) + 1) + "|"]
-        for p in summary["pareto"]:
+        for p in pareto:
             lines.append(f"| {p['trial']} | " + " | ".join(fmt(v) for v in p["values"]) + " |")
         lines.append("")
     return lines
 
 
-def _note_markdown(summary: dict[str, Any], out_dir: Path, files: Sequence[Path]) -> str:
+def _note_markdown(summary: Summary, out_dir: Path, files: Sequence[Path]) -> str:
     counts = summary["trials"]
     lines = [NOTE_HEADING, "", *_what_lines(summary), *_result_lines(summary)]
-    trials = ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s] or s == "complete")
+    trials = state_counts(counts, always="complete")
     if counts["infeasible"]:
         trials += " (infeasible: over the budget)"
     lines += [f"**Trials:** {trials}", ""]
@@ -83,7 +89,7 @@ def _note_markdown(summary: dict[str, Any], out_dir: Path, files: Sequence[Path]
     return "\n".join(lines) + "\n"
 
 
-def _same_content(store: Any, artifact_id: str, path: Path) -> bool:
+def _same_content(store: FileSystemArtifactStore, artifact_id: str, path: Path) -> bool:
     try:
         with store.open_reader(artifact_id) as reader:
             return reader.read() == path.read_bytes()
@@ -136,7 +142,7 @@ def attach_dashboard_artifacts(
     out_dir: Path,
     files: list[Path],
     *,
-    summary: dict[str, Any] | None = None,
+    summary: Summary | None = None,
 ) -> None:
     """Upload ``files`` as study artifacts and write a study note for optuna-dashboard.
 

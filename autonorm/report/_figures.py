@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -16,7 +17,11 @@ from optuna.trial import FrozenTrial
 from autonorm._trial_keys import BASELINE
 from autonorm.report._format import choice_label, esc
 from autonorm.report._summary import number, trial_category, trial_config, trial_reason
-from autonorm.report._winners import feasible_complete, has_finite_values, maximizes
+from autonorm.report._types import Config
+from autonorm.report._winners import better, feasible_complete, has_finite_values, maximizes
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
 
 COLORS = {
     "complete": "#1f77b4",
@@ -49,7 +54,7 @@ class Figures:
         self._pio = pio
         self.count = 0
 
-    def render(self, fig: Any, height: int = 460) -> str:
+    def render(self, fig: Figure, height: int = 460) -> str:
         """The figure as an HTML fragment of ``height`` pixels."""
         fig.update_layout(height=height, margin={"l": 60, "r": 30, "t": 40, "b": 50})
         fragment = self._pio.to_html(
@@ -64,7 +69,7 @@ class Figures:
         return fragment
 
 
-def hover_config(config: dict[str, Any], limit: int = 12) -> str:
+def hover_config(config: Config, limit: int = 12) -> str:
     """A config as hover lines ``slot: choice``, at most ``limit`` of them."""
     items = [f"{esc(k)}: {esc(choice_label(v))}" for k, v in list(config.items())[:limit]]
     if len(config) > limit:
@@ -91,30 +96,35 @@ def _history_text(trial: FrozenTrial, category: str) -> str:
     return header + "<br>" + hover_config(trial_config(trial))
 
 
-def _add_point(group: dict[str, list[Any]], x: int, y: float, text: str) -> None:
-    group["x"].append(x)
-    group["y"].append(y)
-    group["text"].append(text)
+@dataclass
+class _Points:
+    """Points of one trace: trial numbers, values (none on the bottom strip), hover texts."""
+
+    x: list[int] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    def add(self, x: int, text: str, y: float | None = None) -> None:
+        self.x.append(x)
+        if y is not None:
+            self.y.append(y)
+        self.text.append(text)
 
 
 def _history_points(
     trials: Sequence[FrozenTrial],
-) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[str, list[Any]]]]:
+) -> tuple[dict[str, _Points], dict[str, _Points]]:
     """(points with a value by group, points without one by category). A pruned or infeasible
     trial without a final value shows its last reported value; one without any, and every
     failed trial, sits at the bottom."""
-    groups: dict[str, dict[str, list[Any]]] = {
-        key: {"x": [], "y": [], "text": []} for key in _HISTORY_STYLES
-    }
-    bottom: dict[str, dict[str, list[Any]]] = {
-        key: {"x": [], "text": []} for key in ("pruned", "infeasible", "failed")
-    }
+    groups = {key: _Points() for key in _HISTORY_STYLES}
+    bottom = {key: _Points() for key in ("pruned", "infeasible", "failed")}
     for t in trials:
         category = trial_category(t)
         text = _history_text(t, category)
         if category == "complete" and has_finite_values(t):
             key = "baseline" if t.user_attrs.get(BASELINE) is not None else "complete"
-            _add_point(groups[key], t.number, t.values[0], text)
+            groups[key].add(t.number, text, t.values[0])
             continue
         if category not in bottom:  # complete without a finite value, running, waiting
             continue
@@ -123,10 +133,9 @@ def _history_points(
             point = last[1]
             text = f"{text}<br>last reported: {point:.6g} at step {last[0]}"
         if point is not None and category != "failed":
-            _add_point(groups[category], t.number, point, text)
+            groups[category].add(t.number, text, point)
         else:
-            bottom[category]["x"].append(t.number)
-            bottom[category]["text"].append(text)
+            bottom[category].add(t.number, text)
     return groups, bottom
 
 
@@ -134,17 +143,14 @@ def _best_so_far(trials: Sequence[FrozenTrial], maximize: bool) -> tuple[list[in
     """Trial numbers and the best feasible value up to each of them."""
     xs: list[int] = []
     ys: list[float] = []
-    best = None
     for t in sorted(feasible_complete(trials), key=lambda t: t.number):
         value = t.values[0]
-        if best is None or (value > best if maximize else value < best):
-            best = value
         xs.append(t.number)
-        ys.append(best)
+        ys.append(value if not ys or better(value, ys[-1], maximize) else ys[-1])
     return xs, ys
 
 
-def history_figure(study: optuna.Study, trials: Sequence[FrozenTrial], names: list[str]) -> Any:
+def history_figure(study: optuna.Study, trials: Sequence[FrozenTrial], names: list[str]) -> Figure:
     """Value per trial by category, the best feasible value so far, and the trials without a
     value on a strip at the bottom."""
     import plotly.graph_objects as go
@@ -152,15 +158,15 @@ def history_figure(study: optuna.Study, trials: Sequence[FrozenTrial], names: li
     groups, bottom = _history_points(trials)
     fig = go.Figure()
     for key, data in groups.items():
-        if data["x"]:
+        if data.x:
             style, name = _HISTORY_STYLES[key]
             fig.add_trace(
                 go.Scatter(
-                    x=data["x"],
-                    y=data["y"],
+                    x=data.x,
+                    y=data.y,
                     mode="markers",
                     name=name,
-                    hovertext=data["text"],
+                    hovertext=data.text,
                     hoverinfo="text+y",
                     marker={"color": COLORS[key], **style},
                 )
@@ -177,15 +183,15 @@ def history_figure(study: optuna.Study, trials: Sequence[FrozenTrial], names: li
             )
         )
     for key, data in bottom.items():
-        if data["x"]:
+        if data.x:
             fig.add_trace(
                 go.Scatter(
-                    x=data["x"],
-                    y=[0.04] * len(data["x"]),
+                    x=data.x,
+                    y=[0.04] * len(data.x),
                     yaxis="y2",
                     mode="markers",
                     name=f"{key} (no value)",
-                    hovertext=data["text"],
+                    hovertext=data.text,
                     hoverinfo="text",
                     marker={"color": COLORS[key], "symbol": "x-open", "size": 9},
                 )
@@ -202,7 +208,7 @@ def history_figure(study: optuna.Study, trials: Sequence[FrozenTrial], names: li
 # -- intermediate values -----------------------------------------------------------------------
 
 
-def intermediate_figure(trials: Sequence[FrozenTrial], name: str) -> Any | None:
+def intermediate_figure(trials: Sequence[FrozenTrial], name: str) -> Figure | None:
     """The values each trial reported per epoch, one line a trial (None when none reported)."""
     import plotly.graph_objects as go
 
@@ -249,7 +255,7 @@ def _pareto_hover(trial: FrozenTrial, names: list[str]) -> str:
 
 def _pareto_scatter(
     others: list[FrozenTrial], front: Sequence[FrozenTrial], names: list[str]
-) -> Any:
+) -> Figure:
     """Two objectives: the dominated trials and the front as a step line."""
     import plotly.graph_objects as go
 
@@ -280,7 +286,7 @@ def _pareto_scatter(
 
 def _pareto_matrix(
     others: list[FrozenTrial], front: Sequence[FrozenTrial], names: list[str]
-) -> Any:
+) -> Figure:
     """Three or more objectives: a scatter matrix, the front in red."""
     import plotly.graph_objects as go
 
@@ -307,7 +313,7 @@ def _pareto_matrix(
 
 def pareto_figure(
     trials: Sequence[FrozenTrial], front: Sequence[FrozenTrial], names: list[str]
-) -> Any | None:
+) -> Figure | None:
     """The feasible complete trials in objective space, the front marked (None when there is
     no feasible complete trial)."""
     feasible = feasible_complete(trials)

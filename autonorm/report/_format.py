@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any
 
 import yaml
 
 from autonorm.budget import format_bytes
 from autonorm.config import NormChoice
+from autonorm.report._types import STATES, StoredChoice, TrialCategory, TrialCounts
 
 
-def esc(value: Any) -> str:
+def esc(value: object) -> str:
     """``str(value)`` escaped for HTML (quotes too)."""
     return html.escape(str(value), quote=True)
 
 
-def fmt(value: Any) -> str:
+def fmt(value: object) -> str:
     """A cell value: "-" for None, floats with 6 significant digits."""
     if value is None:
         return "-"
@@ -26,7 +26,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def choice_label(value: Any) -> str:
+def choice_label(value: StoredChoice) -> str:
     """The label of a stored choice (``groupnorm(groups=4)``), spelled as :class:`NormChoice`
     spells it; a value that is no valid choice (a study autonorm did not write) as it is."""
     try:
@@ -35,8 +35,14 @@ def choice_label(value: Any) -> str:
         return str(value)
 
 
-def budget_limit(key: str, value: Any) -> str:
+def budget_limit(key: str, value: object) -> str:
     """A budget limit for people: memory in bytes as KiB/MiB/GiB, anything else as it is."""
     if "memory" not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return format_bytes(value)
+
+
+def state_counts(counts: TrialCounts, *, always: TrialCategory | None = None) -> str:
+    """``"3 complete, 1 pruned"``: the non-zero trial counts by category (and ``always``'s,
+    even when zero)."""
+    return ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s] or s == always)

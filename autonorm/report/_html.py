@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -14,9 +14,13 @@ from autonorm._io import atomic_write
 from autonorm.report._choices import choice_map_figure, importance_figure, importances, slot_order
 from autonorm.report._cost import cost_table_html
 from autonorm.report._figures import Figures, history_figure, intermediate_figure, pareto_figure
-from autonorm.report._format import budget_limit, choice_label, esc, fmt
-from autonorm.report._summary import FINISHED, STATES, objective_names, study_info, summarize
+from autonorm.report._format import budget_limit, choice_label, esc, fmt, state_counts
+from autonorm.report._summary import FINISHED, objective_names, study_info, summarize
+from autonorm.report._types import Config, StudyInfo, Summary, TrialCounts, slot_records
 from autonorm.report._winners import pareto_trials
+
+#: What a table cell holds.
+Cell: TypeAlias = str | int | float | None
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class _Page:
     """What every section reads: the study, its trials, settings, summary, objective names and
     the figure renderer."""
 
-    def __init__(self, study: optuna.Study, summary: dict[str, Any]) -> None:
+    def __init__(self, study: optuna.Study, summary: Summary) -> None:
         self.study = study
         self.trials: list[FrozenTrial] = study.get_trials(deepcopy=False)
         self.info = study_info(study)
@@ -51,7 +55,7 @@ class _Page:
 # -- building blocks ---------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+def _table(header: Sequence[str] | None, rows: Iterable[Sequence[Cell]]) -> str:
     """An HTML table; every cell is escaped, numbers are right-aligned."""
     parts = ["<table>"]
     if header:
@@ -76,52 +80,48 @@ def _muted(text: str) -> str:
     return f'<p class="muted">{text}</p>'
 
 
-def _state_counts(counts: dict[str, int]) -> str:
-    """``"3 complete, 1 pruned"``: the non-zero trial counts."""
-    return ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
-
-
 # -- summary and configs -----------------------------------------------------------------------
 
 
-def _study_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+def _study_rows(summary: Summary) -> list[tuple[str, Cell]]:
     """Summary rows from the study name to the best value (or the front's size)."""
-    rows: list[tuple[str, Any]] = [("study", summary["study_name"])]
-    if summary.get("model_class"):
+    rows: list[tuple[str, Cell]] = [("study", summary["study_name"])]
+    if summary["model_class"]:
         rows.append(("model", summary["model_class"]))
-    if summary.get("monitor"):
-        rows.append(("metric", f"{summary['monitor']} ({summary.get('mode') or '?'})"))
+    if summary["monitor"]:
+        rows.append(("metric", f"{summary['monitor']} ({summary['mode'] or '?'})"))
     rows.append(("objectives", ", ".join(summary["objectives"])))
     rows.append(("directions", ", ".join(summary["directions"])))
-    if summary.get("slots"):
+    if summary["slots"]:
         rows.append(("slots", len(summary["slots"])))
-    if summary["pareto"] is None:
-        best, std = summary["best_value"], summary.get("best_std")
-        text = "-"
-        if best is not None:
-            spread = f" ± {std:.3g} over {summary['best_runs']} runs" if std is not None else ""
-            text = f"{best:.6g}{spread} (trial {summary['best_trial']})"
-        rows.append(("best value", text))
-        certainty = summary.get("certainty")
-        if certainty:
-            sure = certainty["p_better"]
-            rows.append(
-                (
-                    "choice",
-                    f"{certainty['gap']:.3g} better than {certainty['runner_up'] or 'the runner-up'}"
-                    + (f"; P(better) ≈ {sure:.2f}" if sure is not None else "; no repeated runs"),
-                )
+    pareto = summary["pareto"]
+    if pareto is not None:
+        rows.append(("Pareto front", f"{len(pareto)} trials"))
+        return rows
+    best, std = summary["best_value"], summary["best_std"]
+    text = "-"
+    if best is not None:
+        spread = f" ± {std:.3g} over {summary['best_runs']} runs" if std is not None else ""
+        text = f"{best:.6g}{spread} (trial {summary['best_trial']})"
+    rows.append(("best value", text))
+    certainty = summary["certainty"]
+    if certainty:
+        sure = certainty["p_better"]
+        rows.append(
+            (
+                "choice",
+                f"{certainty['gap']:.3g} better than {certainty['runner_up'] or 'the runner-up'}"
+                + (f"; P(better) ≈ {sure:.2f}" if sure is not None else "; no repeated runs"),
             )
-    else:
-        rows.append(("Pareto front", f"{len(summary['pareto'])} trials"))
+        )
     return rows
 
 
-def _run_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+def _run_rows(summary: Summary) -> list[tuple[str, Cell]]:
     """Summary rows about the run: trials, budget, epochs, time."""
     counts = summary["trials"]
-    rows: list[tuple[str, Any]] = [("trials", _state_counts(counts))]
-    budget = summary.get("budget")
+    rows: list[tuple[str, Cell]] = [("trials", state_counts(counts))]
+    budget = summary["budget"]
     if isinstance(budget, dict) and any(v is not None for v in budget.values()):
         limits = ", ".join(f"{k}={budget_limit(k, v)}" for k, v in budget.items() if v is not None)
         rows.append(("budget", f"{limits}; rejected {counts['infeasible']} trials"))
@@ -135,24 +135,24 @@ def _run_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         if epochs["max_epochs"] is not None:
             text += f" (max_epochs={epochs['max_epochs']})"
         rows.append(("epochs", text))
-    compute = summary.get("compute") or {}
-    if compute.get("trainings") is not None:
+    compute = summary["compute"]
+    if compute["trainings"] is not None:
         text = f"{compute['trainings']:.2f} trainings ({compute['epochs']} epochs)"
-        if compute.get("budget_trainings"):
+        if compute["budget_trainings"]:
             text += f" of a budget of {compute['budget_trainings']:.2f}"
-        if compute.get("reused_trials"):
+        if compute["reused_trials"]:
             text += f"; {compute['reused_trials']} repeated proposals reused"
         rows.append(("compute", text))
     rows.append(("trial time", f"{summary['trial_seconds'] or 0:.1f} s (sum over trials)"))
     return rows
 
 
-def _summary_section(summary: dict[str, Any]) -> str:
+def _summary_section(summary: Summary) -> str:
     parts = ["<h2>Summary</h2>", _table(None, _study_rows(summary) + _run_rows(summary))]
     if summary["infeasible_reasons"]:
         parts.append("<h3>Why trials were rejected</h3>")
         parts.append(_table(("reason", "trials"), summary["infeasible_reasons"].items()))
-    if summary.get("candidates"):
+    if summary["candidates"]:
         parts.append(
             "<h3>Best configs by mean (runs with other seeds re-evaluate the leaders)</h3>"
         )
@@ -185,53 +185,49 @@ def _summary_section(summary: dict[str, Any]) -> str:
 _CONFIG_HEADER = ("slot", "kind", "features", "layout", "choice")
 
 
-def _config_rows(config: dict[str, Any], info: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _config_rows(config: Config, info: StudyInfo) -> list[tuple[Cell, ...]]:
     """One row a slot: what the probe learned about it (when stored) and its choice."""
-    details = {
-        str(s["name"]): s for s in info.get("slots") or [] if isinstance(s, dict) and "name" in s
-    }
-    rows = []
+    details = slot_records(info.get("slots"))
+    rows: list[tuple[Cell, ...]] = []
     for slot, value in config.items():
-        d = details.get(slot, {})
+        d = details.get(slot)
         rows.append(
             (
                 slot,
-                d.get("kind", ""),
-                d.get("num_features", ""),
-                d.get("layout", ""),
+                d.get("kind", "") if d else "",
+                d.get("num_features", "") if d else "",
+                d.get("layout", "") if d else "",
                 choice_label(value),
             )
         )
     return rows
 
 
-def _config_section(summary: dict[str, Any], info: dict[str, Any]) -> str:
-    if summary["pareto"] is None:
+def _config_section(summary: Summary, info: StudyInfo) -> str:
+    pareto = summary["pareto"]
+    if pareto is None:
         if summary["best_config"] is None:
             return ""
         return (
             f"<h2>Best config (trial {esc(summary['best_trial'])})</h2>"
             + _table(_CONFIG_HEADER, _config_rows(summary["best_config"], info))
-            + cost_table_html(summary.get("inference_cost"))
+            + cost_table_html(summary["inference_cost"])
         )
-    if not summary["pareto"]:
+    if not pareto:
         return ""
     parts = ["<h2>Pareto front</h2>"]
     parts.append(
-        _table(
-            ("trial", *summary["objectives"]),
-            ((p["trial"], *p["values"]) for p in summary["pareto"]),
-        )
+        _table(("trial", *summary["objectives"]), ((p["trial"], *p["values"]) for p in pareto))
     )
-    for p in summary["pareto"]:
+    for p in pareto:
         parts.append(f"<details><summary>config of trial {esc(p['trial'])}</summary>")
         parts.append(_table(_CONFIG_HEADER, _config_rows(p["config"], info)))
         parts.append("</details>")
     return "\n".join(parts)
 
 
-def _status_note(summary: dict[str, Any]) -> str:
-    counts = summary["trials"]
+def _status_note(summary: Summary) -> str:
+    counts: TrialCounts = summary["trials"]
     if counts["total"] == 0:
         return _note("The study holds no trials yet: nothing to report.")
     has_result = summary["best_value"] is not None or bool(summary["pareto"])
@@ -242,7 +238,7 @@ def _status_note(summary: dict[str, Any]) -> str:
             f"All {counts['total']} trials were over the budget: no config met it. Loosen the "
             "budget or narrow the search space."
         )
-    return _note(f"No trial completed within the budget ({_state_counts(counts)}): no best config.")
+    return _note(f"No trial completed within the budget ({state_counts(counts)}): no best config.")
 
 
 # -- figure sections ---------------------------------------------------------------------------
@@ -326,7 +322,7 @@ _FIGURE_SECTIONS: tuple[Callable[[_Page], list[str]], ...] = (
 )
 
 
-def _render_report(study: optuna.Study, summary: dict[str, Any]) -> str:
+def _render_report(study: optuna.Study, summary: Summary) -> str:
     page = _Page(study, summary)
     body: list[str] = [
         f"<h1>autonorm report: {esc(study.study_name)}</h1>",
@@ -347,7 +343,7 @@ def _render_report(study: optuna.Study, summary: dict[str, Any]) -> str:
     )
 
 
-def write_report(study: optuna.Study, path: Path, *, summary: dict[str, Any] | None = None) -> Path:
+def write_report(study: optuna.Study, path: Path, *, summary: Summary | None = None) -> Path:
     """Write a self-contained HTML report of the study (atomically) and return its path.
 
     The page holds: the summary table (best value, trials by state, the budget and how many

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,6 +27,19 @@ from autonorm._trial_keys import (
     STUDY_INFO,
 )
 from autonorm.report._cost import inference_cost
+from autonorm.report._types import (
+    Baseline,
+    Candidate,
+    Compute,
+    Config,
+    Epochs,
+    Json,
+    ParetoPoint,
+    StudyInfo,
+    Summary,
+    TrialCategory,
+    TrialCounts,
+)
 from autonorm.report._winners import (
     ConfigRuns,
     choice_certainty,
@@ -39,14 +52,12 @@ from autonorm.report._winners import (
 #: File name of the summary inside a bundle folder.
 SUMMARY_FILE = "summary.json"
 
-#: The trial-state categories, in display order (see :func:`trial_category`).
-STATES = ("complete", "pruned", "infeasible", "failed", "running", "waiting")
 #: Optuna states of a trial that has ended.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def trial_category(trial: FrozenTrial) -> str:
-    """The category of a trial, one of :data:`STATES`.
+def trial_category(trial: FrozenTrial) -> TrialCategory:
+    """The category of a trial, one of :data:`~autonorm.report._types.STATES`.
 
     A running or waiting trial is "running" or "waiting"; a finished trial over the budget
     (``feasible=False``) is "infeasible", whatever its Optuna state (the search prunes such
@@ -65,10 +76,12 @@ def trial_category(trial: FrozenTrial) -> str:
         return "waiting"
     if not is_feasible(trial):
         return "infeasible"
-    return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
+    if trial.state == TrialState.COMPLETE:
+        return "complete"
+    return "pruned" if trial.state == TrialState.PRUNED else "failed"
 
 
-def trial_config(trial: FrozenTrial) -> dict[str, Any]:
+def trial_config(trial: FrozenTrial) -> Config:
     """Slot name -> stored choice value (``config`` attribute; the params when it is missing)."""
     config = trial.user_attrs.get(CONFIG)
     if isinstance(config, dict):
@@ -81,13 +94,13 @@ def trial_reason(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(INFEASIBLE_REASON) or trial.user_attrs.get(PRUNE_REASON)
 
 
-def study_info(study: optuna.Study) -> dict[str, Any]:
+def study_info(study: optuna.Study) -> StudyInfo:
     """The search settings stored on the study (empty when missing)."""
     info = study.user_attrs.get(STUDY_INFO)
-    return dict(info) if isinstance(info, dict) else {}
+    return cast(StudyInfo, dict(info)) if isinstance(info, dict) else {}
 
 
-def objective_names(study: optuna.Study, info: dict[str, Any]) -> list[str]:
+def objective_names(study: optuna.Study, info: StudyInfo) -> list[str]:
     """A display name per objective: the stored ones, the monitor, or numbered names."""
     names = info.get("objectives")
     n = len(study.directions)
@@ -98,16 +111,12 @@ def objective_names(study: optuna.Study, info: dict[str, Any]) -> list[str]:
     return [f"objective {i}" for i in range(n)]
 
 
-def number(value: Any) -> float | None:
+def number(value: float | None) -> float | None:
     """A float for JSON, None for missing and non-finite values."""
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        return None
-    return as_float if math.isfinite(as_float) else None
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _json_safe(obj: Any) -> Any:
+def _json_safe(obj: object) -> Json:
     """``obj`` with NaN and infinities replaced by None and unknown types by their ``str``."""
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -122,9 +131,17 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+def _counts(trials: Sequence[FrozenTrial]) -> TrialCounts:
     counter = Counter(trial_category(t) for t in trials)
-    return {"total": len(trials), **{state: counter.get(state, 0) for state in STATES}}
+    return TrialCounts(
+        total=len(trials),
+        complete=counter["complete"],
+        pruned=counter["pruned"],
+        infeasible=counter["infeasible"],
+        failed=counter["failed"],
+        running=counter["running"],
+        waiting=counter["waiting"],
+    )
 
 
 def _epochs_run(trial: FrozenTrial) -> int:
@@ -141,7 +158,7 @@ def spent_epochs(trials: Sequence[FrozenTrial], learn_epochs: int = 0) -> int:
     return int(learn_epochs) + sum(_epochs_run(t) for t in trials if t.state.is_finished())
 
 
-def _epochs(trials: Sequence[FrozenTrial], max_epochs: Any) -> dict[str, int | None]:
+def _epochs(trials: Sequence[FrozenTrial], max_epochs: int | None) -> Epochs:
     """Epochs trained in all, and epochs pruning and the budget saved against training every
     pruned or infeasible trial for ``max_epochs``."""
     run = sum(_epochs_run(t) for t in trials)
@@ -153,7 +170,7 @@ def _epochs(trials: Sequence[FrozenTrial], max_epochs: Any) -> dict[str, int | N
     if limit is not None:
         stopped = [t for t in trials if trial_category(t) in ("pruned", "infeasible")]
         saved = sum(max(limit - _epochs_run(t), 0) for t in stopped)
-    return {"run": run, "saved_by_pruning": saved, "max_epochs": limit}
+    return Epochs(run=run, saved_by_pruning=saved, max_epochs=limit)
 
 
 def _reasons(trials: Sequence[FrozenTrial]) -> dict[str, int]:
@@ -164,21 +181,21 @@ def _reasons(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     return dict(counter.most_common())
 
 
-def _baselines(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-    out = []
+def _baselines(trials: Sequence[FrozenTrial]) -> list[Baseline]:
+    out: list[Baseline] = []
     for t in trials:
         label = t.user_attrs.get(BASELINE)
         if label is None:
             continue
         values = [number(v) for v in t.values] if t.values else None
         out.append(
-            {
-                "label": str(label),
-                "trial": t.number,
-                "state": trial_category(t),
-                "value": values[0] if values else None,
-                "values": values,
-            }
+            Baseline(
+                label=str(label),
+                trial=t.number,
+                state=trial_category(t),
+                value=values[0] if values else None,
+                values=values,
+            )
         )
     return out
 
@@ -187,12 +204,12 @@ def _trial_seconds(trials: Sequence[FrozenTrial]) -> float:
     return sum(t.duration.total_seconds() for t in trials if t.duration is not None)
 
 
-def _pareto(study: optuna.Study) -> list[dict[str, Any]] | None:
+def _pareto(study: optuna.Study) -> list[ParetoPoint] | None:
     """The Pareto front as ``[{trial, values, config}]`` (None for a single objective)."""
     if len(study.directions) == 1:
         return None
     return [
-        {"trial": t.number, "values": [number(v) for v in t.values], "config": trial_config(t)}
+        ParetoPoint(trial=t.number, values=[number(v) for v in t.values], config=trial_config(t))
         for t in pareto_trials(study)
     ]
 
@@ -201,37 +218,37 @@ def _pareto(study: optuna.Study) -> list[dict[str, Any]] | None:
 CANDIDATES_LISTED = 10
 
 
-def _candidates(runs: Sequence[ConfigRuns]) -> list[dict[str, Any]]:
+def _candidates(runs: Sequence[ConfigRuns]) -> list[Candidate]:
     """The best configs by mean: their label, runs, mean ± std."""
     return [
-        {
-            "label": r.label or f"trial {r.trials[0].number}",
-            "trials": [t.number for t in r.trials],
-            "values": [number(v) for v in r.values],
-            "mean": number(r.mean),
-            "std": number(r.std),
-            "config": trial_config(r.trials[0]),
-        }
+        Candidate(
+            label=r.label or f"trial {r.trials[0].number}",
+            trials=[t.number for t in r.trials],
+            values=[number(v) for v in r.values],
+            mean=number(r.mean),
+            std=number(r.std),
+            config=trial_config(r.trials[0]),
+        )
         for r in runs[:CANDIDATES_LISTED]
     ]
 
 
-def _compute(trials: Sequence[FrozenTrial], info: dict[str, Any]) -> dict[str, Any]:
+def _compute(trials: Sequence[FrozenTrial], info: StudyInfo) -> Compute:
     """Compute spent, in epochs and in trainings of ``max_epochs``."""
     spent = spent_epochs(trials, info.get("learn_epochs") or 0)
     max_epochs = info.get("max_epochs")
     budget = info.get("budget_epochs")
-    return {
-        "epochs": spent,
-        "trainings": spent / max_epochs if max_epochs else None,
-        "budget_epochs": budget,
-        "budget_trainings": budget / max_epochs if budget and max_epochs else None,
-        "reused_trials": sum(REUSED_FROM in t.user_attrs for t in trials),
-    }
+    return Compute(
+        epochs=spent,
+        trainings=spent / max_epochs if max_epochs else None,
+        budget_epochs=budget,
+        budget_trainings=budget / max_epochs if budget and max_epochs else None,
+        reused_trials=sum(REUSED_FROM in t.user_attrs for t in trials),
+    )
 
 
-def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str, Any]:
-    """The summary of ``study`` (the content of ``summary.json``; keys in :func:`write_summary`).
+def summarize(study: optuna.Study, *, elapsed: float | None = None) -> Summary:
+    """The summary of ``study`` (the content of ``summary.json``, see :class:`Summary`).
 
     Args:
         study: the study.
@@ -244,7 +261,8 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
     info = study_info(study)
     runs = [] if len(study.directions) > 1 else config_runs(study)
     best = runs[0] if runs else None
-    summary = {
+    best_config = trial_config(best.trials[0]) if best is not None else None
+    summary: Summary = {
         "study_name": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
         "monitor": info.get("monitor"),
@@ -256,10 +274,8 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
         "best_std": number(best.std) if best is not None else None,
         "best_runs": len(best.trials) if best is not None else None,
         "best_trial": best.trials[0].number if best is not None else None,
-        "best_config": trial_config(best.trials[0]) if best is not None else None,
-        "inference_cost": inference_cost(
-            info.get("slots"), trial_config(best.trials[0]) if best is not None else None
-        ),
+        "best_config": best_config,
+        "inference_cost": inference_cost(info.get("slots"), best_config),
         "candidates": _candidates(runs),
         "certainty": choice_certainty(runs, maximizes(study)) if runs else None,
         "compute": _compute(trials, info),
@@ -273,30 +289,14 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> dict[str,
         "trial_seconds": number(_trial_seconds(trials)),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return _json_safe(summary)
+    return cast(Summary, _json_safe(summary))
 
 
-def write_summary(
-    study: optuna.Study, out_dir: Path, *, elapsed: float | None = None
-) -> dict[str, Any]:
+def write_summary(study: optuna.Study, out_dir: Path, *, elapsed: float | None = None) -> Summary:
     """Write ``out_dir/summary.json`` (atomically) and return its content.
 
-    Keys: ``study_name``, ``directions``, ``monitor``, ``mode``, ``objectives``,
-    ``model_class``, ``slots`` (from the study's ``autonorm`` attribute, None when missing);
-    ``best_value`` (the mean of the best config's runs), ``best_std``, ``best_runs``,
-    ``best_trial`` (its first run), ``best_config`` (single objective; None without a feasible
-    trial); ``inference_cost`` (the best config's norms timed at inference on this machine,
-    :func:`~autonorm.report._cost.inference_cost`, or None); ``candidates`` (the best configs by mean: ``[{label, trials, values, mean, std,
-    config}]``); ``certainty`` (best against the runner-up: ``{runner_up, gap, noise,
-    p_better}``, see :func:`~autonorm.report._winners.choice_certainty`); ``compute``
-    (``epochs``, ``trainings``, ``budget_epochs``, ``budget_trainings``, ``reused_trials``); ``pareto`` (multi-objective: ``[{trial, values, config}]``, else None); ``trials``
-    (counts: ``total``, ``complete``, ``pruned``, ``infeasible``, ``failed``, ``running``,
-    ``waiting``; a trial over the budget counts as infeasible, not as pruned);
-    ``infeasible_reasons`` (reason -> count); ``baselines`` (``[{label, trial, state, value,
-    values}]``); ``epochs`` (``run``: epochs trained in all, ``saved_by_pruning``:
-    ``max_epochs`` times the pruned and infeasible trials minus the epochs they trained,
-    ``max_epochs``); ``budget``; ``elapsed`` (seconds, as given); ``trial_seconds`` (sum of the
-    trials' durations); ``written_at`` (UTC, ISO 8601). Non-finite numbers are written as null.
+    The content is a :class:`~autonorm.report.Summary` (its keys, and what each holds, are
+    documented there); non-finite numbers are written as null.
 
     The returned summary can be handed to :func:`~autonorm.report.write_report` and
     :func:`~autonorm.report.attach_dashboard_artifacts`, so that an export computes it once.
@@ -307,7 +307,7 @@ def write_summary(
         elapsed: wall-clock seconds of the search run, if known.
 
     Returns:
-        The summary, as written.
+        The summary, as written (the dict ``json.dump`` wrote, typed).
     """
     summary = summarize(study, elapsed=elapsed)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"

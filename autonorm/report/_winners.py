@@ -13,12 +13,16 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autonorm._trial_keys import BASELINE, FEASIBLE, REUSED_FROM
+from autonorm.report._types import Certainty
+
+#: A hashable key of a config's parameters (:func:`params_key`).
+ParamsKey: TypeAlias = tuple[tuple[str, str], ...]
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
@@ -46,7 +50,12 @@ def maximizes(study: optuna.Study, objective: int = 0) -> bool:
     return study.directions[objective] == optuna.study.StudyDirection.MAXIMIZE
 
 
-def params_key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+def better(value: float, than: float | None, maximize: bool) -> bool:
+    """Whether ``value`` beats ``than`` in the study's direction (anything beats None)."""
+    return than is None or (value > than if maximize else value < than)
+
+
+def params_key(params: Mapping[str, object]) -> ParamsKey:
     """A hashable key of a trial's parameters: trials with equal keys trained the same config."""
     return tuple(sorted((k, str(v)) for k, v in params.items()))
 
@@ -85,7 +94,7 @@ def config_runs(study: optuna.Study) -> list[ConfigRuns]:
 
 def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRuns]:
     """:func:`config_runs` of ``trials``."""
-    groups: dict[Any, list[FrozenTrial]] = {}
+    groups: dict[ParamsKey, list[FrozenTrial]] = {}
     for trial in feasible_complete(trials):
         if REUSED_FROM not in trial.user_attrs:
             groups.setdefault(params_key(trial.params), []).append(trial)
@@ -94,7 +103,7 @@ def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRu
     return sorted(runs, key=lambda r: (sign * r.mean, r.trials[0].number))
 
 
-def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> dict[str, Any] | None:
+def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> Certainty | None:
     """How sure the choice of ``runs[0]`` over the runner-up is.
 
     ``gap``: the difference of their means (in the better direction); ``noise``: the standard
@@ -110,12 +119,12 @@ def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> dict[str, An
     gap = (best.mean - second.mean) * (1.0 if maximize else -1.0)
     freedom = sum(len(r.trials) - 1 for r in runs)
     if freedom == 0:
-        return {"runner_up": second.label, "gap": gap, "noise": None, "p_better": None}
+        return Certainty(runner_up=second.label, gap=gap, noise=None, p_better=None)
     squares = sum((v - r.mean) ** 2 for r in runs for v in r.values)
     pooled = math.sqrt(squares / freedom)
     noise = pooled * math.sqrt(1 / len(best.trials) + 1 / len(second.trials))
     p_better = student_t_cdf(gap / noise, freedom) if noise > 0 else (1.0 if gap > 0 else 0.5)
-    return {"runner_up": second.label, "gap": gap, "noise": noise, "p_better": p_better}
+    return Certainty(runner_up=second.label, gap=gap, noise=noise, p_better=p_better)
 
 
 def student_t_cdf(t: float, freedom: int) -> float:

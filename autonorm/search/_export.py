@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from autonorm._trial_keys import CONFIG, STUDY_INFO
 from autonorm.config import PROBE_KEY, NormConfig, SlotRecord
 from autonorm.report import (
     SUMMARY_FILE,
+    Summary,
     attach_dashboard_artifacts,
     config_runs,
     pareto_trials,
@@ -54,7 +55,8 @@ class SearchResult:
         study: the ``optuna.Study``.
         out_dir: the export bundle's folder.
         pareto: multi-objective only: ``[(config, values), ...]`` on the Pareto front.
-        summary: the machine-readable summary also written to ``summary.json``.
+        summary: the machine-readable summary also written to ``summary.json`` (None for a
+            worker that leaves the bundle to another process).
     """
 
     best_config: NormConfig | None
@@ -63,7 +65,7 @@ class SearchResult:
     study: optuna.Study
     out_dir: Path
     pareto: list[tuple[NormConfig, list[float]]] | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Summary | None = None
 
 
 def _probe_records(slots: Any) -> dict[str, Any]:
@@ -146,7 +148,7 @@ def worker_result(study: optuna.Study, out_dir: Path) -> SearchResult:
     """The result of a worker that leaves the bundle to another process."""
     best, best_config, pareto = _best_of(study)
     value = best_config.metadata["value"] if best_config is not None else None
-    return SearchResult(best_config, value, best, study, Path(out_dir), pareto, {})
+    return SearchResult(best_config, value, best, study, Path(out_dir), pareto, None)
 
 
 @contextlib.contextmanager
