@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 _UNITS = {
@@ -20,6 +20,10 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+#: Field metadata key (of :class:`Budget` and the search's settings): the type a command line
+#: parses the field as, where the Python field is wider or holds it resolved; None: the field is
+#: no command-line option.
+CLI_TYPE = "cli_type"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -105,7 +109,7 @@ class Budget:
         536870912
     """
 
-    max_memory: int | None = None
+    max_memory: int | None = field(default=None, metadata={CLI_TYPE: str})  # "8GiB" -> bytes
     batch_size: int | None = None
     max_params: int | None = None
     devices: int = 1

@@ -11,18 +11,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from autonorm._errors import UsageError
 from autonorm._io import mask_password
 from autonorm.cli._output import console, print_result
 from autonorm.cli._user_code import import_class
 
-#: ``--search.<name>`` options: (name, type, default, help).
-_SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
-    ("n_trials", int | None, None, "total finished trials (default: the compute budget decides)"),
-    ("timeout", float | None, None, "seconds"),
-    ("space", str, "auto", "preset name or YAML file"),
+#: ``--search.<name>`` options the settings do not declare: (name, type, default, help). Each is
+#: the command line's own: shorthands for the space, and the local pool of worker processes.
+CLI_ONLY_OPTIONS: list[tuple[str, Any, Any, str]] = [
     (
         "choices",
         list[str] | str | None,
@@ -30,63 +28,17 @@ _SEARCH_OPTIONS: list[tuple[str, Any, Any, str | None]] = [
         "restrict every slot to these norms (names or labels), e.g. "
         "[batchnorm,groupnorm(groups=8),layernorm]",
     ),
-    ("budget.max_memory", str | None, None, "e.g. 8GiB"),
-    ("budget.batch_size", int | None, None, None),
-    ("budget.max_params", int | None, None, None),
-    (
-        "budget.trainings",
-        float | None,
-        None,
-        "compute of the search in trainings of max_epochs (default: the uniform grid's)",
-    ),
-    (
-        "budget.devices",
-        int | None,
-        None,
-        "devices of the final training (more than 1 offers syncbatchnorm)",
-    ),
     ("weight_norms", bool, False, "also search +ws/+wn pairs on slots fed by a Conv/Linear"),
-    ("monitor", str, "val_loss", None),
-    ("mode", str, "min", "min or max"),
-    (
-        "storage",
-        str | None,
-        None,
-        "SQLAlchemy URL or journal file (default: $AUTONORM_STORAGE, which keeps a password off "
-        "the command line)",
-    ),
-    ("study_name", str | None, None, None),
-    ("out_dir", str | None, None, None),
-    ("sampler", str, "tpe", "tpe or random"),
-    ("pruner", str, "median", "median, hyperband or none"),
-    ("seed", int | None, None, None),
-    (
-        "warm_start",
-        bool | Literal["learn", "learn-sparse"],
-        True,
-        "true: staged search (screen own norms and every uniform family, promote the best, "
-        "refine groups of slots, re-evaluate the leaders); learn: first one learned "
-        "SwitchableNorm run whose derived config joins the screen and narrows each slot's "
-        "choices; learn-sparse: the same with Sparse SwitchableNorm",
-    ),
-    ("objectives", list[str] | None, None, "e.g. [metric,peak_memory]"),
-    ("retrain", bool, False, None),
-    ("verbose", bool, False, "per-trial progress bars"),
     (
         "n_workers",
         int,
         1,
         "local worker processes on one shared study (default storage: OUT_DIR/journal.log)",
     ),
-    ("heartbeat_interval", float, 10.0, "seconds between the heartbeats of a running trial"),
-    (
-        "grace_period",
-        float | None,
-        None,
-        "seconds without heartbeat before a trial counts as lost and runs again "
-        "(default 4 x heartbeat_interval)",
-    ),
 ]
+#: The Trainer's arguments ``--trainer.*`` does not offer: a trial's callbacks and its logger
+#: are autonorm's, and the strategy, plugins and profiler of one trial are not searched.
+TRAINER_SKIP = {"callbacks", "logger", "plugins", "strategy", "profiler"}
 
 
 def _search_parser() -> Any:
@@ -97,6 +49,7 @@ def _search_parser() -> Any:
         default_namespace,
         lightning_module_bases,
     )
+    from autonorm.search import cli_fields
 
     parser = ArgumentParser(
         prog="autonorm search",
@@ -116,9 +69,9 @@ def _search_parser() -> Any:
         "trainer",
         instantiate=False,
         fail_untyped=False,
-        skip={"callbacks", "logger", "plugins", "strategy", "profiler"},
+        skip=TRAINER_SKIP,
     )
-    for name, kind, default, text in _SEARCH_OPTIONS:
+    for name, kind, default, text in [*cli_fields(), *CLI_ONLY_OPTIONS]:
         parser.add_argument(f"--search.{name}", type=kind, default=default, help=text)
     return parser
 
@@ -140,17 +93,7 @@ def _factory(spec: Any, what: str) -> Callable[[], Any]:
 def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from jsonargparse import ArgumentError
 
-    from autonorm.budget import as_budget
-    from autonorm.search import (
-        SearchProgress,
-        TrialLines,
-        default_study_name,
-        given_storage,
-        make_sampler,
-        pool_position,
-        search,
-    )
-    from autonorm.search_spaces import resolve_space
+    from autonorm.search import SearchProgress, TrialLines, make_sampler, pool_position, search
 
     sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
     parser = _search_parser()
@@ -160,14 +103,56 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
         if isinstance(err, SystemExit):
             return int(err.code or 0)
         raise UsageError(_parse_error_summary(str(err))) from None
+    if cfg.search.n_workers < 1:
+        raise UsageError(f"--search.n_workers must be a positive int, got {cfg.search.n_workers}")
+    settings = _settings(cfg)
+    model_factory = _factory(cfg.model, "model")
+    data_factory = _factory(cfg.data, "data")
+    if cfg.search.n_workers > 1:
+        retrain = _retrainer(model_factory, data_factory, settings)
+        return _run_pool(argv, settings, cfg.search.n_workers, debug=debug, retrain=retrain)
+
+    position = pool_position()
+    if position is None:
+        progress = SearchProgress(settings.n_trials)
+        with progress:
+            result = search(model_factory, data_factory, settings=settings, callbacks=[progress])
+        print_result(console(), result)
+        return 0
+    # a worker of `--search.n_workers`: its parent writes the bundle
+    index, count = position
+    sampler = settings.sampler
+    if settings.seed is not None and sampler in ("tpe", "random"):
+        sampler = make_sampler(sampler, settings.seed + index)  # no two workers alike
+    prefix = f"worker {index}/{count} (pid {os.getpid()})"
+    search(
+        model_factory,
+        data_factory,
+        settings=settings,
+        sampler=sampler,
+        callbacks=[TrialLines(prefix)],
+        export=False,
+    )
+    print(f"{prefix}: done", file=sys.stderr, flush=True)
+    return 0
+
+
+def _settings(cfg: Any) -> Any:
+    """The search's settings from the parsed options: each ``--search.<field>`` as given, the
+    space with ``--search.choices``/``--search.weight_norms`` applied, the study named after the
+    model class, the Trainer's arguments that differ from its defaults.
+
+    Raises:
+        ValueError: a setting that does not hold (the CLI prints it in one line, exit 2).
+    """
+    from autonorm.search import SearchSettings, cli_fields, given_storage
+    from autonorm.search_spaces import resolve_space
+
     options = cfg.search
-    options.storage = given_storage(options.storage)
-    if options.n_trials is not None and options.n_trials < 1:
-        raise UsageError(f"--search.n_trials must be a positive int, got {options.n_trials}")
-    if options.n_workers < 1:
-        raise UsageError(f"--search.n_workers must be a positive int, got {options.n_workers}")
-    budget_opts = {k: v for k, v in vars(options.budget).items() if v is not None}
-    budget = as_budget(budget_opts or None)
+    given = {
+        name: getattr(options, name) for name, *_ in cli_fields() if not name.startswith("budget.")
+    }
+    budget = {k: v for k, v in vars(options.budget).items() if v is not None}
     space = resolve_space(options.space)
     if options.choices:
         space = dataclasses.replace(space, choices={"*": _choices(options.choices)})
@@ -176,51 +161,16 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     trainer_kwargs = _trainer_defaults(
         {k: v for k, v in vars(cfg.trainer).items() if v is not None}
     )
-    model_factory = _factory(cfg.model, "model")
-    data_factory = _factory(cfg.data, "data")
-    study_name = options.study_name or default_study_name(_class_name(cfg.model))
-    if options.n_workers > 1:
-        retrain = _retrainer(
-            model_factory, data_factory, budget, trainer_kwargs, options, study_name
-        )
-        return _run_pool(argv, options, study_name, debug=debug, retrain=retrain)
-
-    position = pool_position()
-    sampler: Any = options.sampler
-    if position is not None and options.seed is not None and sampler in ("tpe", "random"):
-        sampler = make_sampler(sampler, options.seed + position[0])  # no two workers alike
-    kwargs = dict(
-        n_trials=options.n_trials,
-        timeout=options.timeout,
-        space=space,
-        budget=budget,
-        monitor=options.monitor,
-        mode=options.mode,
-        trainer_kwargs=trainer_kwargs,
-        storage=options.storage,
-        study_name=study_name,
-        out_dir=options.out_dir,
-        sampler=sampler,
-        pruner=options.pruner,
-        seed=options.seed,
-        warm_start=options.warm_start,
-        objectives=options.objectives,
-        retrain=options.retrain,
-        verbose=options.verbose,
-        heartbeat_interval=options.heartbeat_interval,
-        grace_period=options.grace_period,
+    settings = SearchSettings(
+        **{
+            **given,
+            "budget": budget or None,
+            "space": space,
+            "storage": given_storage(options.storage),
+            "trainer_kwargs": trainer_kwargs,
+        }
     )
-    if position is not None:  # a worker of `--search.n_workers`: its parent writes the bundle
-        index, count = position
-        prefix = f"worker {index}/{count} (pid {os.getpid()})"
-        search(model_factory, data_factory, callbacks=[TrialLines(prefix)], export=False, **kwargs)
-        print(f"{prefix}: done", file=sys.stderr, flush=True)
-        return 0
-    progress = SearchProgress(options.n_trials)
-    with progress:
-        result = search(model_factory, data_factory, callbacks=[progress], **kwargs)
-    print_result(console(), result)
-    return 0
+    return dataclasses.replace(settings, study_name=settings.study_name_for(_class_name(cfg.model)))
 
 
 def _choices(given: str | list[str]) -> list[str]:
@@ -244,30 +194,30 @@ def _class_name(spec: Any) -> str:
 
 def _run_pool(
     argv: Sequence[str],
-    options: Any,
-    study_name: str,
+    settings: Any,
+    n_workers: int,
     *,
     debug: bool,
     retrain: Callable[[Any], Path] | None,
 ) -> int:
     """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it."""
-    from autonorm.search import default_out_dir, log_tail, run_pool, worker_command
+    from autonorm.search import log_tail, run_pool, worker_command
 
     out = console()
     outcome = run_pool(
         worker_command(argv, debug=debug),
-        n_workers=options.n_workers,
-        n_trials=options.n_trials,
-        study_name=study_name,
-        out=Path(options.out_dir) if options.out_dir else default_out_dir(study_name),
-        storage=options.storage,
+        n_workers=n_workers,
+        n_trials=settings.n_trials,
+        study_name=settings.study_name,
+        out=settings.bundle_dir(settings.study_name),
+        storage=settings.storage,
         retrain=retrain,
         say=out.print,
     )
     if outcome.result is not None:
         print_result(out, outcome.result)
     else:
-        out.print(f"no finished trial in study {study_name!r}: no bundle written")
+        out.print(f"no finished trial in study {settings.study_name!r}: no bundle written")
     for worker in outcome.failed:
         lines = log_tail(worker.log_path, 20)
         errors = [line for line in lines if line.startswith("autonorm:")] or lines[-4:]
@@ -281,32 +231,17 @@ def _run_pool(
 
 
 def _retrainer(
-    model_factory: Callable[[], Any],
-    data_factory: Callable[[], Any],
-    budget: Any,
-    trainer_kwargs: dict[str, Any],
-    options: Any,
-    study_name: str,
+    model_factory: Callable[[], Any], data_factory: Callable[[], Any], settings: Any
 ) -> Callable[[Any], Path] | None:
     """``--search.retrain`` of a pool: the parent trains the best config once all workers end."""
-    if not options.retrain:
+    if not settings.retrain:
         return None
-    from autonorm.search import default_out_dir
-
-    out = Path(options.out_dir) if options.out_dir else default_out_dir(study_name)
 
     def retrain(config: Any) -> Path:
         from autonorm.search import retrain_best
 
-        return retrain_best(
-            config,
-            model_factory,
-            data_factory,
-            budget=budget,
-            trainer_kwargs=trainer_kwargs,
-            out_dir=out,
-            seed=options.seed,
-        )
+        out = settings.bundle_dir(settings.study_name)
+        return retrain_best(config, model_factory, data_factory, settings, out)
 
     return retrain
 

@@ -28,7 +28,7 @@ from autonorm.search._export import (
 from autonorm.search._pool import log_tail, run_pool, worker_command
 from autonorm.search._progress import SearchProgress, TrialLines
 from autonorm.search._runner import search
-from autonorm.search._settings import SearchSettings, default_out_dir, default_study_name
+from autonorm.search._settings import SearchSettings, cli_fields, default_out_dir
 from autonorm.search._storage import SQLITE_FILE, make_sampler, make_storage
 from autonorm.search._training import retrain_best
 from autonorm.search._workers import given_storage, handle_interrupts, pool_position
@@ -45,7 +45,7 @@ __all__ = [
     "TrialLines",
     "bundle_storage",
     "default_out_dir",
-    "default_study_name",
+    "cli_fields",
     "export_bundle",
     "given_storage",
     "handle_interrupts",

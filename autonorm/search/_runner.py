@@ -8,8 +8,8 @@ monitored metric. Trials over the budget end at once and are recorded as infeasi
 
 from __future__ import annotations
 
+import inspect
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +31,7 @@ from autonorm.search._settings import (
     LEARN_MIXINGS,
     METRIC,
     SearchSettings,
-    default_study_name,
-    writable_out_dir,
+    search_signature,
 )
 from autonorm.search._storage import (
     check_study_compatible,
@@ -72,91 +71,33 @@ def search(
     *,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    space: Any = "auto",
-    budget: Budget | dict[str, Any] | None = None,
-    monitor: str = "val_loss",
-    mode: str = "min",
-    trainer_kwargs: dict[str, Any] | None = None,
-    storage: Any = None,
-    study_name: str | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    sampler: Any = "tpe",
-    pruner: Any = "median",
-    seed: int | None = None,
-    warm_start: bool | str = True,
-    objectives: Sequence[str] | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    example_input: Any = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    retrain: bool = False,
-    verbose: bool = False,
-    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
-    heartbeat_interval: float = 10.0,
-    grace_period: float | None = None,
-    export: bool = True,
+    settings: SearchSettings | None = None,
+    **options: Any,
 ) -> SearchResult:
     """Search the per-slot normalization config that optimizes a validation metric.
+
+    Each trial builds a fresh model, lets :class:`~autonorm.callbacks.TrialNorms` rewrite it
+    from the trial's choices, trains it with a Lightning ``Trainer`` and returns the monitored
+    metric; a trial over the budget ends at once and is recorded as infeasible.
 
     Args:
         model: a LightningModule class (instantiated per trial with ``model_kwargs``) or a
             zero-argument factory returning a fresh LightningModule.
         datamodule: a LightningDataModule instance, class or factory.
         train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
-        n_trials: the total number of finished (complete or pruned) trials the study should
-            hold, however many workers share it; a resumed study runs only the missing ones
-            (pass a larger number to add trials). None: the compute budget bounds the search
-            (``budget.trainings``, by default as many trainings as the warm start's own-norms
-            and uniform baselines, the grid a user would run by hand; 20 trials without a
-            warm start).
-        timeout: stop starting new trials after this many seconds.
-        space: search space (preset name, YAML path, dict, :class:`SearchSpace`).
-        budget: a :class:`~autonorm.Budget` (or its dict): peak memory per training step,
-            per-device batch size the trials train with, parameter count, and the compute the
-            search may spend (``trainings``: every epoch counts, screening, pruned and
-            re-evaluation epochs and the learn pass included).
-        monitor: the logged metric to optimize; ``mode``: ``"min"`` or ``"max"``.
-        trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
-            checkpoints).
-        storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL (PostgreSQL for
-            workers on several machines), a journal file path (several workers on one host),
-            or an Optuna storage. Every ``search`` given the same storage and study name joins
-            the study as one more worker.
-        study_name: study name (default ``autonorm-<ModelClass>``); an existing study resumes.
-        out_dir: the bundle folder (default ``./autonorm-runs/<study_name>``).
-        sampler: ``"tpe"`` (seeded), ``"random"`` or an Optuna sampler.
-        pruner: ``"median"``, ``"hyperband"``, ``"none"`` or an Optuna pruner.
-        seed: seed of the sampler and of each trial's training (``seed + trial.number``).
-        warm_start: ``True``: the staged search (:mod:`autonorm.search._plan`): the model's
-            own norms, every uniform family and the recommended config are screened at a
-            third of the epochs, the best two train the full schedule, refinement changes one
-            group of slots at a time, and the leaders are re-evaluated with other seeds before
-            the final choice (the best mean). ``"learn"``: first one learned SwitchableNorm
-            run (``max_epochs`` epochs, counted in the budget); its derived config joins the
-            screen, guides the refinement and narrows each slot's choices to those the
-            learned mix weighed at least half as much as its favourite. ``"learn-sparse"``:
-            the same with Sparse SwitchableNorm (SparsestMax: one normalizer per slot at the
-            end of the run). ``False``: every trial comes from the sampler.
-        objectives: multi-objective: ``["metric", "peak_memory" | "latency" | "params"]``.
         model_kwargs: init arguments of a model class.
-        example_input: input for the slot probe (default: ``example_input_array``).
-        include, exclude: glob patterns selecting the slots to search.
-        retrain: train the best config once more and save its checkpoint in the bundle.
-        verbose: show Lightning's per-trial progress bar and logs.
-        callbacks: Optuna callbacks called after each trial (progress displays).
-        heartbeat_interval: seconds between the heartbeats of a running trial (user attributes
-            ``worker`` and ``heartbeat``; Optuna's heartbeat too on PostgreSQL/MySQL).
-        grace_period: seconds without a heartbeat after which a trial counts as lost: it is
-            marked FAIL and its parameters run once more (default ``4 * heartbeat_interval``).
-        export: write the bundle at the end; False for a worker whose bundle another process
-            writes (the result then carries no summary).
+        settings: a :class:`~autonorm.search.SearchSettings`; its fields may also be given one
+            by one, as keyword arguments (they replace the ones of ``settings``).
+        **options: the fields of :class:`~autonorm.search.SearchSettings` (``n_trials``,
+            ``budget``, ``monitor``, ``mode``, ``trainer_kwargs``, ``storage``, ...), each
+            documented there once.
 
     Returns:
         A :class:`SearchResult`.
 
     Raises:
+        TypeError: a keyword argument that is no setting.
         ValueError: invalid arguments. AutoNormError: a model without slots, a metric never
             logged, an unusable storage or out_dir.
         KeyboardInterrupt: Ctrl-C or (through the CLI) SIGTERM: the running trial is marked
@@ -168,29 +109,25 @@ def search(
         >>> # several processes, one study (each one a worker; run them anywhere):
         >>> # autonorm.search(Net, Data(), storage="runs/journal.log", study_name="s", n_trials=40)
     """
-    settings = SearchSettings.from_arguments(
-        **{k: v for k, v in locals().items() if k not in _MODEL_AND_DATA}
-    )
+    settings = SearchSettings.build(settings, options)
     if datamodule is None and train_dataloaders is None:
         raise ValueError("give a `datamodule` or `train_dataloaders`")
-    training = Training(
-        make_model=model_factory(model, dict(model_kwargs or {})),
-        make_datamodule=datamodule_factory(datamodule),
-        train_dataloaders=train_dataloaders,
-        val_dataloaders=val_dataloaders,
-        budget=settings.budget,
-        trainer_kwargs=settings.trainer_kwargs,
-        include=include,
-        exclude=exclude,
-        verbose=verbose,
+    training = Training.for_search(
+        settings,
+        model_factory(model, dict(model_kwargs or {})),
+        datamodule_factory(datamodule),
+        train_dataloaders,
+        val_dataloaders,
     )
     slots, model_class = _probe_slots(training, settings)
     run = _SearchRun.open(settings, training, slots, model_class)
     return run.optimize()
 
 
-#: The arguments of :func:`search` that are not settings.
-_MODEL_AND_DATA = ("model", "datamodule", "train_dataloaders", "val_dataloaders", "model_kwargs")
+# help(autonorm.search) and IDEs show every setting as a keyword argument, with its default
+search.__signature__ = search_signature(  # type: ignore[attr-defined]
+    inspect.signature(search), SearchResult
+)
 
 
 def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slot], str]:
@@ -198,9 +135,7 @@ def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slo
     example input the probe used. Returns the slots and the model's class path."""
     probe = training.make_model()
     model_class = f"{type(probe).__module__}.{type(probe).__qualname__}"
-    if settings.example_input is not None:
-        training.example_input = settings.example_input
-    else:
+    if training.example_input is None:
         training.example_input = getattr(probe, "example_input_array", None)
     slots = find_slots(
         probe, training.example_input, include=settings.include, exclude=settings.exclude
@@ -242,13 +177,13 @@ class _SearchRun:
     ) -> _SearchRun:
         """Create or join the study: its storage, its space (narrowed by a learn pass), the
         settings it records, and the warm-start trials when this process created it."""
-        study_name = settings.study_name or default_study_name(model_class.rsplit(".", 1)[-1])
-        out = writable_out_dir(settings.out_dir, study_name)
+        study_name = settings.study_name_for(model_class.rsplit(".", 1)[-1])
+        out = settings.writable_bundle_dir(study_name)
         storage = make_storage(
             settings.storage,
             out,
             heartbeat_interval=settings.heartbeat_interval,
-            grace_period=settings.grace_period,
+            grace_period=settings.grace,
         )
         try:
             existing: optuna.Study | None = optuna.load_study(
@@ -281,7 +216,7 @@ class _SearchRun:
         if not created and existing is None:  # created meanwhile by a worker starting alongside
             check_study_settings(study, info)
         study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
-        if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace_period):
+        if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace):
             warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
         if created:  # only the worker that created the study plans its first trials
             if plan.baselines:
@@ -338,7 +273,7 @@ class _SearchRun:
                     plan=self.plan,
                     timeout=settings.timeout,
                     callbacks=list(settings.callbacks),
-                    grace=settings.grace_period,
+                    grace=settings.grace,
                     trial_done=self._trial_done,
                 )
         except BaseException as err:

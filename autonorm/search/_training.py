@@ -20,6 +20,7 @@ from autonorm._errors import AutoNormError
 from autonorm._lightning import NAMESPACES, free_memory, namespace_of
 from autonorm.budget import Budget
 from autonorm.callbacks import (
+    AutoNorm,
     FixedNorms,
     LearnNorms,
     TrialNorms,
@@ -28,7 +29,7 @@ from autonorm.callbacks import (
     mark_infeasible,
 )
 from autonorm.config import NormConfig
-from autonorm.search._settings import DEFAULT_MAX_EPOCHS, EXTRA_OBJECTIVES
+from autonorm.search._settings import EXTRA_OBJECTIVES, SearchSettings
 from autonorm.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,30 @@ class Training:
     exclude: Any = None
     verbose: bool = False
 
-    def fit(self, callback: Any, *, root: Path, seed: int | None) -> Any:
+    @classmethod
+    def for_search(
+        cls,
+        settings: SearchSettings,
+        make_model: Callable[[], nn.Module],
+        make_datamodule: Callable[[], Any] | None,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+    ) -> Training:
+        """How the search with ``settings`` trains."""
+        return cls(
+            make_model=make_model,
+            make_datamodule=make_datamodule,
+            train_dataloaders=train_dataloaders,
+            val_dataloaders=val_dataloaders,
+            budget=settings.budget,
+            trainer_kwargs=settings.trainer_kwargs,
+            example_input=settings.example_input,
+            include=settings.include,
+            exclude=settings.exclude,
+            verbose=settings.verbose,
+        )
+
+    def fit(self, callback: AutoNorm, *, root: Path, seed: int | None) -> Any:
         """Seed, build a fresh model and data, train with ``callback`` first among callbacks;
         return the Trainer."""
         if seed is not None:  # before the model exists: its class's namespace, when known
@@ -234,26 +258,15 @@ def retrain_best(
     config: NormConfig,
     make_model: Callable[[], nn.Module],
     make_datamodule: Callable[[], Any] | None,
-    *,
-    budget: Budget | None,
-    trainer_kwargs: dict[str, Any],
+    settings: SearchSettings,
     out_dir: Path,
-    seed: int | None,
-    include: Any = None,
-    exclude: Any = None,
 ) -> Path:
-    """Train ``config`` once more with a search's trial setup (for a bundle written by another
-    process than the trials, e.g. a worker pool's parent); returns the checkpoint's path.
-    ``include``/``exclude``: the search's slot selection (its config is then partial)."""
-    training = Training(
-        make_model=make_model,
-        make_datamodule=make_datamodule,
-        budget=budget,
-        trainer_kwargs={"max_epochs": DEFAULT_MAX_EPOCHS, **trainer_kwargs},
-        include=include,
-        exclude=exclude,
-    )
-    return retrain(config, training, out_dir, seed)
+    """Train ``config`` once more as the search with ``settings`` trains (for a bundle written
+    by another process than the trials, e.g. a worker pool's parent); returns the checkpoint's
+    path in ``out_dir``. The search's slot selection applies: a config of included slots is
+    partial."""
+    training = Training.for_search(settings, make_model, make_datamodule)
+    return retrain(config, training, out_dir, settings.seed)
 
 
 def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | None) -> Path:

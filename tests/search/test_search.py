@@ -10,7 +10,7 @@ import torch
 
 import autonorm
 from autonorm import Budget, NormChoice, NormConfig
-from autonorm.search import retrain_best
+from autonorm.search import SearchSettings, retrain_best
 from autonorm.search_spaces import SearchSpace
 from autonorm.surgery import CANDIDATE_CHOICES
 from tests.lightning_models import TinyConvNet, TinyDataModule
@@ -252,15 +252,8 @@ def test_retrain_best_trains_a_config_outside_a_search(tmp_path):
     config = NormConfig(
         {"bn1": {"name": "groupnorm", "groups": 2}, "bn2": "batchnorm", "head_norm": "rmsnorm"}
     )
-    path = retrain_best(
-        config,
-        TinyConvNet,
-        TinyDataModule,
-        budget=Budget(batch_size=8),
-        trainer_kwargs={"max_epochs": 1},
-        out_dir=tmp_path,
-        seed=0,
-    )
+    settings = SearchSettings(budget=Budget(batch_size=8), trainer_kwargs={"max_epochs": 1}, seed=0)
+    path = retrain_best(config, TinyConvNet, TinyDataModule, settings, tmp_path)
     model = autonorm.load_from_checkpoint(TinyConvNet, path)
     assert {s.name: s.keep_choice() for s in autonorm.find_slots(model)} == config.choices
 
