@@ -24,10 +24,11 @@ BatchNorm convention (unbiased variance, ``momentum=None`` for a cumulative aver
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,9 @@ SWITCHABLE_MIXINGS = ("softmax", "sparsestmax")
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+#: A candidate's mean and (biased) variance.
+_Moments = tuple[torch.Tensor, torch.Tensor]
+
 
 def _check_mixing(mixing: str, radius: float) -> None:
     if mixing not in SWITCHABLE_MIXINGS:
@@ -76,9 +80,9 @@ def _check_mixing(mixing: str, radius: float) -> None:
 
 
 def _records_stats() -> bool:
-    """Whether a statistics function runs in the forward, where it records the step's batch
-    statistics: the custom functions' forwards run without grad and their backwards recompute
-    with it; a compiled forward calls the function once, with grad."""
+    """Whether a statistics function runs in the forward, where it hands back the step's batch
+    statistics for the running ones: the custom functions' forwards run without grad and their
+    backwards recompute with it; a compiled forward calls the function once, with grad."""
     return not torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
@@ -104,6 +108,55 @@ def _global_count(count: int, device: torch.device) -> int:
     total = torch.tensor([float(count)], device=device)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def _sum_over_samples(stat: torch.Tensor) -> torch.Tensor:
+    """The sum of per-sample statistics ``(N, C)`` over this process's samples: ``(1, C)``."""
+    return stat.sum(0, keepdim=True)
+
+
+class _BatchSource(NamedTuple):
+    """Where one forward's batch statistics come from, fixed when the forward runs: the
+    backward recomputes them as the forward did, even if the layer's mode has changed since.
+
+    Attributes:
+        kind: ``"input"`` (training, or eval without running statistics, as BatchNorm),
+            ``"running"`` (eval with running statistics) or ``"none"`` (no batch branch).
+        total: ``"input"``: the samples (channels-first) or tokens (channels-last) whose
+            statistics pool, those of every process in training.
+        mask: ``"input"``: the logit mask that drops the batch branch (a batch of one), or None.
+        reduce: ``"input"``: the sum over processes (training) or the identity (eval).
+    """
+
+    kind: Literal["input", "running", "none"]
+    total: int = 0
+    mask: torch.Tensor | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _local_sum
+
+    def recorded(self, batch: _Moments | None) -> _Moments | None:
+        """What a statistics function hands back for the running statistics: ``batch`` when
+        it pools the input and the call is the forward's (see :func:`_records_stats`)."""
+        pooled = self.kind == "input" and self.mask is None
+        return batch if pooled and _records_stats() else None
+
+
+def _mix_moments(
+    candidates: Sequence[str],
+    stats: Mapping[str, _Moments],
+    mean_w: torch.Tensor,
+    var_w: torch.Tensor,
+    start: torch.Tensor | int = 0,
+) -> _Moments:
+    """``start + sum_k w_k stat_k``: the mixed mean (weights ``mean_w``) and variance (``var_w``)
+    of the candidates in ``stats``, ``k`` being a candidate's index in ``candidates``.
+
+    The sums run in ``candidates`` order, the means' first: the order of the ops fixes the order
+    in which autograd adds up gradients, hence their last bits.
+    """
+    picked = [(k, stats[name]) for k, name in enumerate(candidates) if name in stats]
+    mean = sum((mean_w[k] * m for k, (m, _) in picked), start)
+    var = sum((var_w[k] * v for k, (_, v) in picked), start)
+    return cast(torch.Tensor, mean), cast(torch.Tensor, var)
 
 
 class SwitchableNorm(nn.Module):
@@ -154,8 +207,6 @@ class SwitchableNorm(nn.Module):
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
     radius: torch.Tensor | None
-    #: The batch statistics of the step in flight, set by the forward's statistics function.
-    _pending_batch_stats: tuple[torch.Tensor, torch.Tensor] | None
 
     def __init__(
         self,
@@ -303,7 +354,7 @@ class SwitchableNorm(nn.Module):
             "undefined, so the batch branch is left out of this step and the running "
             "statistics are not updated. Train with batches of 2 or more samples.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # SwitchableNorm.forward
         )
         mask = torch.zeros(len(self.candidates))
         mask[self.candidates.index("batch")] = float("-inf")
@@ -336,11 +387,14 @@ class SwitchableNorm(nn.Module):
         """The weights from what :meth:`_mixing_inputs` gave."""
         return self._mix(given, mask) if self.radius is None else given
 
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    def _update_running(self, batch: _Moments, count: int) -> None:
+        """Fold the input's batch mean and (biased) variance, C values each, over ``count``
+        values per channel into the running statistics."""
         if count < 2 or not self.track_running_stats:
             return
         running_mean, running_var, tracked = self._running_stats()
         with torch.no_grad():
+            mean, var = (stat.view(running_mean.shape) for stat in batch)
             tracked.add_(1)
             factor: float | torch.Tensor
             if self.momentum is not None:
@@ -369,17 +423,59 @@ class SwitchableNorm(nn.Module):
                 out = self._forward_channels_last(x)
         return out.to(input.dtype)
 
-    def _batch_stats_of_input(self) -> bool:
-        """Whether the batch branch reads the input's statistics (training, or always without
-        running statistics, as BatchNorm with ``track_running_stats=False``)."""
-        return self.training or not self.track_running_stats
+    def _batch_source(self, count: int, device: torch.device) -> _BatchSource:
+        """Where this step's batch statistics come from (see :class:`_BatchSource`), for an
+        input of ``count`` samples (channels-first) or tokens (channels-last) on ``device``."""
+        if "batch" not in self.candidates:
+            return _BatchSource("none")
+        if not self.training and self.track_running_stats:
+            return _BatchSource("running")
+        if not self.training:  # eval statistics stay per process, as BatchNorm's
+            return _BatchSource("input", count, self._branch_mask(count > 1))
+        count = _global_count(count, device)
+        return _BatchSource("input", count, self._branch_mask(count > 1), _global_sum)
 
-    def _params(self, dtype: torch.dtype, mask: torch.Tensor | None) -> list[torch.Tensor | None]:
-        return [
+    def _batch_stats(
+        self,
+        source: _BatchSource,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        local_sum: Callable[[torch.Tensor], torch.Tensor],
+    ) -> _Moments | None:
+        """The batch candidate's mean and variance, shaped as ``local_sum``'s results.
+
+        Args:
+            source: where they come from.
+            mean, var: the moments of groups of the input: per sample ``(N, C)``, or per
+                channel ``(C,)`` over this process's tokens.
+            local_sum: adds up a statistic of the groups here, weighted by their sizes.
+
+        Returns:
+            None without a batch branch; the running statistics; the input's, from the groups'
+            by the law of total variance; or, where the batch branch is dropped, ``mean`` and
+            ``var`` themselves: its weight is 0, so any finite stand-in does.
+        """
+        if source.kind == "none":
+            return None
+        if source.kind == "running":
+            running_mean, running_var, _ = self._running_stats()
+            shape = (1,) * (mean.dim() - 1) + (-1,)  # one group
+            return running_mean.to(mean.dtype).view(shape), running_var.to(mean.dtype).view(shape)
+        if source.mask is not None:
+            return mean, var
+        batch_mean = source.reduce(local_sum(mean)) / source.total
+        batch_var = source.reduce(local_sum(var + (mean - batch_mean).square())) / source.total
+        return batch_mean, batch_var
+
+    def _params(
+        self, dtype: torch.dtype, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The statistics functions' parameters: mixing logits (or weights), weight, bias."""
+        return (
             *self._mixing_inputs(mask),
             None if self.weight is None else self.weight.to(dtype),
             None if self.bias is None else self.bias.to(dtype),
-        ]
+        )
 
     def _forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
@@ -388,165 +484,111 @@ class SwitchableNorm(nn.Module):
             raise ValueError(f"SwitchableNorm got an input with no positions: {tuple(x.shape)}")
         traced = tracing(x3)
         mean, var = traced_moments(x3, -1) if traced else instance_moments(x3.detach())
-        use_batch = "batch" in self.candidates
-        batch_count = 0
-        mask = None
-        total_n = n
-        batch_from_input = self._batch_stats_of_input()
-        reduce = _global_sum if self.training else _local_sum
-        if use_batch and batch_from_input:
-            total_n = _global_count(n, x.device) if self.training else n
-            mask = self._branch_mask(total_n > 1)
-            batch_count = total_n * x3.shape[-1] if mask is None else 0
-        dtype = x.dtype  # not x itself: the function's saved tensors are the only references
-
-        def affine_from_stats(
-            mean: torch.Tensor,
-            var: torch.Tensor,
-            mean_logits: torch.Tensor,
-            var_logits: torch.Tensor,
-            weight: torch.Tensor | None,
-            bias: torch.Tensor | None,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            stats = {}
-            if "instance" in self.candidates:
-                stats["instance"] = (mean, var)
-            if "layer" in self.candidates:
-                layer_mean = mean.mean(1, keepdim=True)
-                layer_var = (var + (mean - layer_mean).square()).mean(1, keepdim=True)
-                stats["layer"] = (layer_mean, layer_var)
-            if "batch" in self.candidates:
-                if batch_from_input and mask is None:
-                    batch_mean = reduce(mean.sum(0, keepdim=True)) / total_n
-                    spread = var + (mean - batch_mean).square()
-                    batch_var = reduce(spread.sum(0, keepdim=True)) / total_n
-                elif batch_from_input:  # batch branch dropped: weight 0, any finite stand-in
-                    batch_mean, batch_var = mean, var
-                else:
-                    running_mean, running_var, _ = self._running_stats()
-                    batch_mean = running_mean.to(mean.dtype).unsqueeze(0)
-                    batch_var = running_var.to(mean.dtype).unsqueeze(0)
-                stats["batch"] = (batch_mean, batch_var)
-            mean_w = self._mixed(mean_logits, mask)
-            var_w = self._mixed(var_logits, mask)
-            mixed_mean = sum(mean_w[i] * stats[k][0] for i, k in enumerate(self.candidates))
-            mixed_var = cast(
-                torch.Tensor, sum(var_w[i] * stats[k][1] for i, k in enumerate(self.candidates))
-            )
-            a = torch.rsqrt(mixed_var + self.eps).expand(mean.shape)
-            if weight is not None:
-                a = a * weight
-            b = -mixed_mean * a
-            if bias is not None:
-                b = b + bias
-            if batch_from_input and batch_count and _records_stats():
-                self._pending_batch_stats = (stats["batch"][0][0], stats["batch"][1][0])
-            return a.to(dtype), b.to(dtype)
-
-        self._pending_batch_stats = None
-        params = self._params(x.dtype, mask)
+        source = self._batch_source(n, x.device)
+        # x.dtype, not x: the function's saved tensors are the only references to the input
+        affine_from_stats = functools.partial(self._per_channel_affine, source, x.dtype)
+        params = self._params(x.dtype, source.mask)
         if traced:  # plain ops that the compiler fuses and differentiates itself
-            a, b = affine_from_stats(mean, var, *cast(list[Any], params))
+            (a, b), batch = affine_from_stats(mean, var, *params)
             out = torch.addcmul(b.unsqueeze(-1), x3, a.unsqueeze(-1))
         else:
-            out = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *params)
-        if self._pending_batch_stats is not None:
-            self._update_running(*self._pending_batch_stats, batch_count)
-            self._pending_batch_stats = None
+            out, batch = PerChannelAffine.apply(x3, mean, var, affine_from_stats, *params)
+        if batch is not None:
+            self._update_running(batch, source.total * x3.shape[-1])
         return out.reshape(x.shape)
 
-    def _token_terms(
+    def _per_channel_affine(
         self,
-        stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        mean_w: torch.Tensor,
-        var_w: torch.Tensor,
-        zeros_row: torch.Tensor,
-        zeros_col: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The mixed mean and variance of tokens as per-token (row) terms, from the layer and
-        rms candidates, and per-channel (column) terms, from the batch candidate."""
-        mean_row = var_row = zeros_row
-        mean_col = var_col = zeros_col
-        for i, name in enumerate(self.candidates):
-            mean, var = stats[name]
-            if name == "batch":
-                mean_col = mean_col + mean_w[i] * mean
-                var_col = var_col + var_w[i] * var
-            else:
-                mean_row = mean_row + mean_w[i] * mean
-                var_row = var_row + var_w[i] * var
-        return mean_row, var_row, mean_col, var_col
+        source: _BatchSource,
+        dtype: torch.dtype,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        mean_logits: torch.Tensor,
+        var_logits: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], _Moments | None]:
+        """:class:`PerChannelAffine`'s function: ``(a, b)`` of ``y = x * a + b`` per (n, c) from
+        the instance moments ``(N, C)``, and the batch statistics for the running ones."""
+        stats: dict[str, _Moments] = {}
+        if "instance" in self.candidates:
+            stats["instance"] = (mean, var)
+        if "layer" in self.candidates:
+            layer_mean = mean.mean(1, keepdim=True)
+            layer_var = (var + (mean - layer_mean).square()).mean(1, keepdim=True)
+            stats["layer"] = (layer_mean, layer_var)
+        batch = self._batch_stats(source, mean, var, _sum_over_samples)
+        if batch is not None:
+            stats["batch"] = batch
+        weights = self._mixed(mean_logits, source.mask), self._mixed(var_logits, source.mask)
+        mixed_mean, mixed_var = _mix_moments(self.candidates, stats, *weights)
+        a = torch.rsqrt(mixed_var + self.eps).expand(mean.shape)
+        if weight is not None:
+            a = a * weight
+        b = -mixed_mean * a
+        if bias is not None:
+            b = b + bias
+        return (a.to(dtype), b.to(dtype)), source.recorded(batch)
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.num_features)
-        rows = flat.shape[0]
-        if rows == 0:
+        if flat.shape[0] == 0:
             raise ValueError(f"SwitchableNorm got an input with no tokens: {tuple(x.shape)}")
-        zeros_row = flat.new_zeros(rows, 1)
-        zeros_col = flat.new_zeros(self.num_features)
         traced = tracing(flat)
+        source = self._batch_source(flat.shape[0], x.device)
+        moments = self._token_moments(flat, source, traced)
+        terms_from_stats = functools.partial(self._token_terms, source)
+        params = self._params(x.dtype, source.mask)
+        if traced:  # plain ops that the compiler fuses and differentiates itself
+            terms, batch = terms_from_stats(*moments, *params)
+            out = token_norm_reference(flat, terms, self.eps)
+        else:
+            out, batch = TokenNorm.apply(flat, *moments, terms_from_stats, self.eps, *params)
+        if batch is not None:
+            self._update_running(batch, source.total)
+        return out.reshape(x.shape)
+
+    def _token_moments(
+        self, flat: torch.Tensor, source: _BatchSource, traced: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moments of the rows (tokens) ``(M, 1)`` and of the columns (channels) ``(C,)`` of
+        ``flat`` ``(M, C)``, or zeros where no candidate reads them."""
         if "layer" in self.candidates or "rms" in self.candidates:
             row_mean, row_var = traced_moments(flat, -1) if traced else row_moments(flat.detach())
         else:
-            row_mean, row_var = zeros_row, zeros_row
-        batch_from_input = self._batch_stats_of_input()
-        reduce = _global_sum if self.training else _local_sum
-        use_batch_stats = "batch" in self.candidates and batch_from_input
-        mask = None
-        total = rows
-        if use_batch_stats:
-            total = _global_count(rows, x.device) if self.training else rows
-            mask = self._branch_mask(total > 1)
+            row_mean = row_var = flat.new_zeros(flat.shape[0], 1)
+        if source.kind == "input":
             col_mean, col_var = traced_moments(flat, 0) if traced else column_moments(flat.detach())
         else:
-            col_mean, col_var = zeros_col, zeros_col
-        batch_count = total if use_batch_stats and mask is None else 0
+            col_mean = col_var = flat.new_zeros(self.num_features)
+        return row_mean, row_var, col_mean, col_var
 
-        def terms_from_stats(
-            row_mean: torch.Tensor,
-            row_var: torch.Tensor,
-            col_mean: torch.Tensor,
-            col_var: torch.Tensor,
-            mean_logits: torch.Tensor,
-            var_logits: torch.Tensor,
-            weight: torch.Tensor | None,
-            bias: torch.Tensor | None,
-        ) -> tuple[torch.Tensor, ...]:
-            stats = {
-                "layer": (row_mean, row_var),
-                "rms": (zeros_row, row_var + row_mean.square()),  # mean of squares
-            }
-            if "batch" in self.candidates:
-                if batch_from_input and mask is None:
-                    batch_mean = reduce(col_mean * rows) / total
-                    spread = (col_var + (col_mean - batch_mean).square()) * rows
-                    batch_var = reduce(spread) / total
-                    if _records_stats():
-                        self._pending_batch_stats = (batch_mean, batch_var)
-                elif batch_from_input:  # batch branch dropped: weight 0, any finite stand-in
-                    batch_mean, batch_var = col_mean, col_var
-                else:
-                    running_mean, running_var, _ = self._running_stats()
-                    batch_mean = running_mean.to(col_mean.dtype)
-                    batch_var = running_var.to(col_mean.dtype)
-                stats["batch"] = (batch_mean, batch_var)
-            mean_w = self._mixed(mean_logits, mask)
-            var_w = self._mixed(var_logits, mask)
-            terms = self._token_terms(stats, mean_w, var_w, zeros_row, zeros_col)
-            scale = torch.ones_like(zeros_col) if weight is None else weight
-            shift = zeros_col if bias is None else bias
-            return *terms, scale, shift
-
-        self._pending_batch_stats = None
-        params = self._params(x.dtype, mask)
-        if traced:  # plain ops that the compiler fuses and differentiates itself
-            terms = terms_from_stats(row_mean, row_var, col_mean, col_var, *cast(list[Any], params))
-            out = token_norm_reference(flat, terms, self.eps)
-        else:
-            out = TokenNorm.apply(
-                flat, row_mean, row_var, col_mean, col_var, terms_from_stats, self.eps, *params
-            )
-        if self._pending_batch_stats is not None:
-            self._update_running(*self._pending_batch_stats, batch_count)
-            self._pending_batch_stats = None
-        return out.reshape(x.shape)
+    def _token_terms(
+        self,
+        source: _BatchSource,
+        row_mean: torch.Tensor,
+        row_var: torch.Tensor,
+        col_mean: torch.Tensor,
+        col_var: torch.Tensor,
+        mean_logits: torch.Tensor,
+        var_logits: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> tuple[tuple[torch.Tensor, ...], _Moments | None]:
+        """:class:`TokenNorm`'s function: the mixed mean and variance as per-token (row) terms,
+        from the layer and rms candidates, and per-channel (column) terms, from the batch one;
+        the affine scale and shift; and the batch statistics for the running ones."""
+        zeros_row, zeros_col = torch.zeros_like(row_mean), torch.zeros_like(col_mean)
+        row_stats = {
+            "layer": (row_mean, row_var),
+            "rms": (zeros_row, row_var + row_mean.square()),  # mean of squares
+        }
+        token_sum = functools.partial(torch.mul, other=row_mean.shape[0])  # over tokens here
+        batch = self._batch_stats(source, col_mean, col_var, token_sum)
+        col_stats = {} if batch is None else {"batch": batch}
+        weights = self._mixed(mean_logits, source.mask), self._mixed(var_logits, source.mask)
+        row_terms = _mix_moments(self.candidates, row_stats, *weights, zeros_row)
+        col_terms = _mix_moments(self.candidates, col_stats, *weights, zeros_col)
+        scale = torch.ones_like(zeros_col) if weight is None else weight
+        shift = zeros_col if bias is None else bias
+        return (*row_terms, *col_terms, scale, shift), source.recorded(batch)

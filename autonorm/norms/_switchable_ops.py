@@ -19,14 +19,16 @@ vectorized where ``torch.var_mean`` is not and need no input-sized temporaries.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-#: ``f(mean, var, *params) -> (a, b)`` of :class:`PerChannelAffine`.
-AffineFromStats = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-#: ``f(row_mean, row_var, col_mean, col_var, *params) -> terms`` of :class:`TokenNorm`.
-TermsFromStats = Callable[..., tuple[torch.Tensor, ...]]
+#: ``f(mean, var, *params) -> ((a, b), extra)`` of :class:`PerChannelAffine`; ``extra`` of the
+#: forward's call (the layer's batch statistics) comes back with the output, untouched.
+AffineFromStats = Callable[..., tuple[tuple[torch.Tensor, torch.Tensor], Any]]
+#: ``f(row_mean, row_var, col_mean, col_var, *params) -> (terms, extra)`` of :class:`TokenNorm`.
+TermsFromStats = Callable[..., tuple[tuple[torch.Tensor, ...], Any]]
 
 
 def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +112,9 @@ def _position_sums(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class PerChannelAffine(torch.autograd.Function):
-    """``y[n, c, s] = x[n, c, s] * a[n, c] + b[n, c]`` where ``(a, b) = f(mean, var, *params)``
-    and ``mean, var`` are the biased per-(n, c) moments of ``x`` over s.
+    """``y[n, c, s] = x[n, c, s] * a[n, c] + b[n, c]`` where ``(a, b), extra = f(mean, var,
+    *params)`` and ``mean, var`` are the biased per-(n, c) moments of ``x`` over s. Returns
+    ``(y, extra)``: ``extra`` (not differentiated) hands results of the forward's ``f`` back.
 
     Only ``x`` is saved. The backward reduces the incoming gradient to per-(n, c) sums, runs
     autograd on the small graph ``f`` (recomputed), and maps the moment gradients back onto x::
@@ -127,17 +130,17 @@ class PerChannelAffine(torch.autograd.Function):
         var: torch.Tensor,
         affine_from_stats: AffineFromStats,
         *params: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a, b = affine_from_stats(mean, var, *params)
+    ) -> tuple[torch.Tensor, Any]:
+        (a, b), extra = affine_from_stats(mean, var, *params)
         ctx.affine_from_stats = affine_from_stats
         ctx.num_params = len(params)
         ctx.save_for_backward(x, mean, var, *[p for p in params if p is not None])
         ctx.param_is_none = [p is None for p in params]
-        return torch.addcmul(b.unsqueeze(-1), x, a.unsqueeze(-1))
+        return torch.addcmul(b.unsqueeze(-1), x, a.unsqueeze(-1)), extra
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, _extra: None):  # type: ignore[override]
         x, mean, var, *given = ctx.saved_tensors
         given_iter = iter(given)
         params = [None if is_none else next(given_iter) for is_none in ctx.param_is_none]
@@ -148,7 +151,7 @@ class PerChannelAffine(torch.autograd.Function):
                 p.detach().requires_grad_(ctx.needs_input_grad[4 + i]) if p is not None else None
                 for i, p in enumerate(params)
             ]
-            a, b = ctx.affine_from_stats(mean_, var_, *leaves)
+            (a, b), _ = ctx.affine_from_stats(mean_, var_, *leaves)
         size = x.shape[-1]
         grad_a, grad_b = _position_sums(grad_out, x)
         wanted = [mean_, var_] + [
@@ -187,7 +190,8 @@ class TokenNorm(torch.autograd.Function):
     """``y = (x - mean_row - mean_col) * rsqrt(var_row + var_col + eps) * scale + shift`` for
     tokens ``x`` ``(M, C)``, where ``f(row_mean, row_var, col_mean, col_var, *params)`` gives
     the row terms ``(M, 1)`` (per token), the column terms and ``scale, shift`` ``(C,)`` (per
-    channel) from the biased moments of the rows and the columns of ``x``.
+    channel) from the biased moments of the rows and the columns of ``x``, and an ``extra``
+    that comes back with ``y``, as in :class:`PerChannelAffine`.
 
     As in :class:`PerChannelAffine` only ``x`` and the moments are saved. The backward
     recomputes the normalized input, reduces the gradients of the mixed mean and variance over
@@ -205,8 +209,8 @@ class TokenNorm(torch.autograd.Function):
         terms_from_stats: TermsFromStats,
         eps: float,
         *params: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mean_row, var_row, mean_col, var_col, scale, shift = terms_from_stats(
+    ) -> tuple[torch.Tensor, Any]:
+        (mean_row, var_row, mean_col, var_col, scale, shift), extra = terms_from_stats(
             row_mean, row_var, col_mean, col_var, *params
         )
         ctx.terms_from_stats = terms_from_stats
@@ -216,11 +220,11 @@ class TokenNorm(torch.autograd.Function):
             x, row_mean, row_var, col_mean, col_var, *[p for p in params if p is not None]
         )
         out, _ = _normalize_tokens(x, mean_row, var_row, mean_col, var_col, eps)
-        return out.mul_(scale).add_(shift)
+        return out.mul_(scale).add_(shift), extra
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, _extra: None):  # type: ignore[override]
         x, *moments = ctx.saved_tensors[:5]
         given = iter(ctx.saved_tensors[5:])
         params = [None if is_none else next(given) for is_none in ctx.param_is_none]
@@ -233,7 +237,7 @@ class TokenNorm(torch.autograd.Function):
                 else None
                 for i, p in enumerate(params)
             ]
-            terms = ctx.terms_from_stats(*moment_leaves, *leaves)
+            terms, _ = ctx.terms_from_stats(*moment_leaves, *leaves)
         mean_row, var_row, mean_col, var_col, scale, shift = (t.detach() for t in terms)
         xhat, rstd = _normalize_tokens(x, mean_row, var_row, mean_col, var_col, ctx.eps)
         grad_scale = torch.linalg.vecdot(grad_out, xhat, dim=0)

@@ -21,11 +21,11 @@ from autonorm.norms import (
     RMSNormChannelsFirst,
     SwitchableNorm,
     create_norm,
-    groups,
-    layers,
-    registry,
-    switchable,
 )
+from autonorm.norms import _groups as groups
+from autonorm.norms import _layers as layers
+from autonorm.norms import _registry as registry
+from autonorm.norms import _switchable as switchable
 
 C = 6
 
