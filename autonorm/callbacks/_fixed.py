@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
-from autonorm.budget import Budget
-from autonorm.callbacks._rewrite import AutoNorm
+from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormConfig
 from autonorm.surgery import Slot, apply_config
 
@@ -22,8 +20,8 @@ class FixedNorms(AutoNorm, mode="fixed"):
         config: a :class:`~autonorm.NormConfig` or a path to one.
         check_model: refuse a config recorded for another model class (its metadata
             ``model_class``); False applies it anyway.
-        include, exclude, example_input, config_path, record_metrics, budget: as
-            :class:`~autonorm.callbacks.AutoNorm`. With ``include``/``exclude`` the config may
+        **options: ``include``, ``exclude``, ``example_input``, ``config_path``,
+            ``record_metrics``, ``budget``: as :class:`~autonorm.callbacks.AutoNorm`. With ``include``/``exclude`` the config may
             name only the selected slots; the others keep their layers.
 
     Raises:
@@ -35,21 +33,9 @@ class FixedNorms(AutoNorm, mode="fixed"):
         config: NormConfig | str | os.PathLike[str],
         *,
         check_model: bool = True,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        example_input: Any = None,
-        config_path: str | os.PathLike[str] | None = None,
-        record_metrics: bool = True,
-        budget: Budget | Mapping[str, Any] | None = None,
+        **options: Unpack[RewriteOptions],
     ) -> None:
-        super().__init__(
-            include=include,
-            exclude=exclude,
-            example_input=example_input,
-            config_path=config_path,
-            record_metrics=record_metrics,
-            budget=budget,
-        )
+        super().__init__(**options)
         loaded = NormConfig.load(config) if isinstance(config, (str, os.PathLike)) else config
         if not isinstance(loaded, NormConfig):
             raise ValueError(

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from autonorm._errors import AutoNormError
-from autonorm.budget import Budget
 from autonorm.callbacks._optimizers import wrap_configure_optimizers
-from autonorm.callbacks._rewrite import AutoNorm, current_structure
+from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions, current_structure
 from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
 from autonorm.norms import SWITCHABLE_MIXINGS
 from autonorm.surgery import (
@@ -71,8 +69,8 @@ class LearnNorms(AutoNorm, mode="learn"):
         init: ``"uniform"`` mixing weights, or ``"original"`` for a pretrained model: each
             layer starts on the statistic of the normalizer it replaces
             (:func:`~autonorm.to_switchable`).
-        include, exclude, example_input, config_path, record_metrics, budget: as
-            :class:`~autonorm.callbacks.AutoNorm`.
+        **options: ``include``, ``exclude``, ``example_input``, ``config_path``,
+            ``record_metrics``, ``budget``: as :class:`~autonorm.callbacks.AutoNorm`.
 
     Raises:
         ValueError: invalid arguments.
@@ -90,21 +88,9 @@ class LearnNorms(AutoNorm, mode="learn"):
         calibration_forward: Callable[[nn.Module, Any], Any] | None = None,
         log_mixing_weights: bool = True,
         init: str = "uniform",
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        example_input: Any = None,
-        config_path: str | os.PathLike[str] | None = None,
-        record_metrics: bool = True,
-        budget: Budget | Mapping[str, Any] | None = None,
+        **options: Unpack[RewriteOptions],
     ) -> None:
-        super().__init__(
-            include=include,
-            exclude=exclude,
-            example_input=example_input,
-            config_path=config_path,
-            record_metrics=record_metrics,
-            budget=budget,
-        )
+        super().__init__(**options)
         _check_learn_options(mixing, mixing_lr_scale, mixing_weight_decay, finalize_batches, init)
         self.candidates = candidates
         self.mixing = mixing

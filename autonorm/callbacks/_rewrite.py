@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
-from typing_extensions import override
+from typing_extensions import TypedDict, override
 
 from autonorm._errors import AutoNormError
 from autonorm._lightning import callback_bases
@@ -144,14 +144,10 @@ def _build_for_mode(mode: str | None = None, **kwargs: Any) -> AutoNorm:
     """``AutoNorm(mode=..., **kwargs)``: the mode's class, refusing what it does not take."""
     mode = _mode_of(mode, kwargs.get("trial"), kwargs.get("config"))
     target = _MODE_CLASSES[mode]
-    stray = [name for name in kwargs if name not in inspect.signature(target.__init__).parameters]
+    stray = [name for name in kwargs if name not in _accepted(target)]
     if stray:
         owners = {
-            name: [
-                m
-                for m, cls in _MODE_CLASSES.items()
-                if name in inspect.signature(cls.__init__).parameters
-            ]
+            name: [m for m, cls in _MODE_CLASSES.items() if name in _accepted(cls)]
             for name in stray
         }
         raise ValueError(
@@ -164,6 +160,23 @@ def _build_for_mode(mode: str | None = None, **kwargs: Any) -> AutoNorm:
             + f" (this AutoNorm has mode={mode!r})"
         )
     return target(**kwargs)
+
+
+class RewriteOptions(TypedDict, total=False):
+    """The arguments every AutoNorm callback takes (documented on :class:`AutoNorm`)."""
+
+    include: str | Sequence[str] | None
+    exclude: str | Sequence[str] | None
+    example_input: Any
+    config_path: str | os.PathLike[str] | None
+    record_metrics: bool
+    budget: Budget | Mapping[str, Any] | None
+
+
+def _accepted(cls: type) -> set[str]:
+    """The keyword arguments ``cls`` takes: its own and :class:`RewriteOptions`."""
+    params = inspect.signature(vars(cls)["__init__"]).parameters.values()
+    return {p.name for p in params if p.kind != p.VAR_KEYWORD} | set(RewriteOptions.__annotations__)
 
 
 class _ByMode(type):

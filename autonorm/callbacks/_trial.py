@@ -13,19 +13,17 @@ The functions take the trainer only for its rank, its broadcast and its logged m
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
 from autonorm._lightning import is_oom_error
-from autonorm.budget import Budget
-from autonorm.callbacks._rewrite import AutoNorm
+from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search_spaces import SearchSpace, resolve_space
 from autonorm.surgery import Slot, apply_config, switchable_choices
@@ -249,8 +247,8 @@ class TrialNorms(AutoNorm, mode="search"):
             :class:`~autonorm.search_spaces.SearchSpace`.
         monitor: the metric reported to the trial after every validation.
         task: what the search asks of this run (default: the full schedule, prunable).
-        include, exclude, example_input, config_path, record_metrics, budget: as
-            :class:`~autonorm.callbacks.AutoNorm`.
+        **options: ``include``, ``exclude``, ``example_input``, ``config_path``,
+            ``record_metrics``, ``budget``: as :class:`~autonorm.callbacks.AutoNorm`.
 
     Raises:
         ValueError: invalid arguments.
@@ -263,23 +261,11 @@ class TrialNorms(AutoNorm, mode="search"):
         space: Any = "auto",
         monitor: str = "val_loss",
         task: TrialTask | None = None,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        example_input: Any = None,
-        config_path: str | os.PathLike[str] | None = None,
-        record_metrics: bool = True,
-        budget: Budget | Mapping[str, Any] | None = None,
+        **options: Unpack[RewriteOptions],
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a metric name, got {monitor!r}")
-        super().__init__(
-            include=include,
-            exclude=exclude,
-            example_input=example_input,
-            config_path=config_path,
-            record_metrics=record_metrics,
-            budget=budget,
-        )
+        super().__init__(**options)
         self.trial = trial
         self.monitor = monitor
         self.task = task if task is not None else TrialTask()

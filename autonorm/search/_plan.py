@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autonorm import _trial_keys as keys
 from autonorm.callbacks import TrialTask
 from autonorm.report import is_feasible, params_key, rank_runs, spent_epochs
+from autonorm.search_spaces import Parameter
 
 SCREEN, PROMOTE, REFINE, CONFIRM = "screen", "promote", "refine", "confirm"
 #: Successive halving's reduction factor: the rung is ``max_epochs / ETA`` epochs.
@@ -357,7 +358,7 @@ class Evidence:
 
 
 def reuse_finished(
-    study: optuna.Study, trial: optuna.Trial, params: Mapping[str, tuple[list[str], list[str]]]
+    study: optuna.Study, trial: optuna.Trial, params: Mapping[str, Parameter]
 ) -> float | list[float] | None:
     """The values of a finished trial that trained the same config as ``trial``, recorded on
     ``trial`` as reused (no training, no compute), or None when ``trial`` must train.

@@ -59,7 +59,7 @@ from autonorm.search._warm_start import (
     random_params,
     warm_start_params,
 )
-from autonorm.search_spaces import SearchSpace, slot_groups
+from autonorm.search_spaces import Parameters, SearchSpace, slot_groups
 from autonorm.surgery import Slot, find_slots
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class _SearchRun:
         out: Path,
         storage: optuna.storages.BaseStorage,
         plan: Plan,
-        params: dict[str, tuple[list[str], list[str]]],
+        params: Parameters,
     ) -> None:
         self.settings = settings
         self.plan = plan
@@ -380,7 +380,7 @@ def _study_info(
 def _plan(
     settings: SearchSettings,
     slots: Sequence[Slot],
-    params: dict[str, tuple[list[str], list[str]]],
+    params: Parameters,
     learned: NormConfig | None,
 ) -> Plan:
     """The plan of the study's trials: staged with a warm start on one objective; its caps

@@ -22,7 +22,7 @@ from typing import Any
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.recommendation import recommend
-from autonorm.search_spaces import SearchSpace
+from autonorm.search_spaces import Parameter, Parameters, SearchSpace
 from autonorm.surgery import Slot, candidate_scores, family
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _literal(name: str) -> str:
 def params_for(
     config: NormConfig,
     slots: Sequence[Slot],
-    params: Mapping[str, tuple[list[str], list[str]]],
+    params: Mapping[str, Parameter],
     *,
     partial: bool = False,
 ) -> dict[str, str] | None:
@@ -121,7 +121,7 @@ SWITCHABLE = "switchable"
 
 def _baseline_params(
     slots: Sequence[Slot],
-    params: dict[str, tuple[list[str], list[str]]],
+    params: Parameters,
     families: Sequence[str] = UNIFORM_FAMILIES,
 ) -> list[tuple[str, dict[str, str]]]:
     """Warm-start trials: the model's own norms, then each uniform family of ``families``.
@@ -161,14 +161,14 @@ def _baseline_params(
     return out
 
 
-def grid_size(slots: Sequence[Slot], params: dict[str, tuple[list[str], list[str]]]) -> int:
+def grid_size(slots: Sequence[Slot], params: Parameters) -> int:
     """How many trainings the grid a user would run by hand costs: the model's own norms and
     each uniform family the space offers (the default compute budget of a staged search)."""
     return len(_baseline_params(slots, params))
 
 
 def random_params(
-    params: dict[str, tuple[list[str], list[str]]],
+    params: Parameters,
     count: int,
     seed: int | None,
     taken: Sequence[dict[str, str]] = (),
@@ -198,7 +198,7 @@ def _plain_choice(label: str, name: str) -> bool:
 
 def warm_start_params(
     slots: Sequence[Slot],
-    params: dict[str, tuple[list[str], list[str]]],
+    params: Parameters,
     budget: Budget | None,
     learned: NormConfig | None,
 ) -> list[tuple[str, dict[str, str]]]:

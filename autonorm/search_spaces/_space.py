@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from autonorm._errors import ConfigError
 from autonorm._io import load_yaml
@@ -104,6 +104,18 @@ PRESETS: dict[str, Callable[[Slot], list[Any]]] = {
     "transformer": _transformer,
     "minimal": _minimal,
 }
+
+
+class Parameter(NamedTuple):
+    """One Optuna parameter of a space: the choice labels it offers and the slots it decides
+    (one slot, or a tied group)."""
+
+    labels: list[str]
+    slots: list[str]
+
+
+#: ``{parameter name: Parameter}``: what a space asks of a trial for a model's slots.
+Parameters = dict[str, Parameter]
 
 
 @dataclass(frozen=True)
@@ -314,7 +326,7 @@ class SearchSpace:
             raise ConfigError("search space does not fit the model:\n  " + "\n  ".join(problems))
         return out
 
-    def parameters(self, slots: Sequence[Slot]) -> dict[str, tuple[list[str], list[str]]]:
+    def parameters(self, slots: Sequence[Slot]) -> Parameters:
         """Optuna parameters of the space: ``{param name: (choice labels, slot names)}``.
 
         Without tying every slot is its own parameter, named by the slot. With tying, a group's
@@ -324,10 +336,10 @@ class SearchSpace:
         groups: dict[str, list[str]] = {}
         for slot in slots:
             groups.setdefault(self.group_of(slot.name), []).append(slot.name)
-        params = {}
+        params: Parameters = {}
         for group, names in groups.items():
             if self.tie == "none":
-                params[group] = ([c.label for c in per_slot[group]], names)
+                params[group] = Parameter([c.label for c in per_slot[group]], names)
                 continue
             common = [c.label for c in per_slot[names[0]]]
             for name in names[1:]:
@@ -337,7 +349,7 @@ class SearchSpace:
                 raise ConfigError(
                     f"tied slots {names} have no choice in common; use tie='none' or widen the space"
                 )
-            params[group] = (common, names)
+            params[group] = Parameter(common, names)
         return params
 
     def group_of(self, slot_name: str) -> str:

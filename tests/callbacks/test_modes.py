@@ -47,7 +47,7 @@ def test_a_mode_class_is_used_directly_and_checkpoints_carry_its_mode(tmp_path):
     trainer.fit(TinyConvNet(), datamodule=TinyDataModule())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["autonorm"]["mode"] == "fixed"
-    assert saved["callbacks"]["AutoNorm"]["config"]["choices"]["bn1"]
+    assert saved["callbacks"]["AutoNorm"]["config"]["slots"]["bn1"]["groups"] == 2
 
 
 def _train_trial(tmp_path, task, pruner=None, max_epochs=3):
