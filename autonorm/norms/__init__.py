@@ -1,4 +1,13 @@
-"""The normalization layers autonorm chooses among, and the registry that builds them."""
+"""``autonorm.norms``: the normalization layers autonorm chooses among, and the registry that
+builds them. Nothing here knows about models, slots or searches.
+
+Modules: ``_registry`` (:func:`create_norm`, each choice's :class:`NormSpec` and the validation of
+its parameters), ``_layers`` (layout-aware Batch/Group/Instance/Layer/RMS norms, DyT, identity),
+``_switchable`` (:class:`SwitchableNorm`; its fused statistics in ``_switchable_ops``) and
+``_sparsestmax`` (Sparse SN's projection), ``_sync`` (:class:`SyncBatchNorm` in both layouts),
+``_weight`` (weight standardization and weight norm on a feeding Conv/Linear), ``_groups`` (the
+GroupNorm group counts offered), ``_fast_ops`` (fused autograd functions behind the layers).
+"""
 
 from __future__ import annotations
 

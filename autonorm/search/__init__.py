@@ -1,10 +1,16 @@
-"""``autonorm.search``: the per-slot Optuna search, and the package that runs it.
+"""``autonorm.search``: running a search. How the trials are chosen, trained, stored and exported.
 
-Modules, top to bottom: ``runner`` (:func:`search`: the orchestration), ``settings`` (the
-arguments, validated once), ``warm_start`` (the first trials), ``training`` (a trial, the learn
-pass, retraining), ``loop`` and ``workers`` (several processes on one study), ``pool`` (the
-CLI's local worker pool), ``storage`` (storages, samplers, pruners), ``export`` (the bundle),
-``progress`` (the live display).
+What belongs here is the search's process: what a *run* does with a study. What a slot may
+become (presets, user spaces, tying, a config or learned weights in terms of a space) belongs
+to :mod:`autonorm.search_spaces`, which this package reads.
+
+Modules, top to bottom: ``_runner`` (:func:`search`: the orchestration), ``_settings``
+(:class:`SearchSettings`: every argument declared once, feeding ``search()``'s signature and the
+CLI), ``_plan`` (the staged plan: screen, promote, refine, confirm; it hands each trial a
+:class:`~autonorm.callbacks.TrialTask`), ``_warm_start`` (the first trials), ``_training`` (a
+trial, the learn pass, retraining), ``_loop`` and ``_workers`` (several processes on one study),
+``_pool`` (the CLI's local worker pool), ``_storage`` (storages, samplers, pruners), ``_export``
+(the bundle), ``_progress`` (the live display, or plain lines off a terminal).
 
 The package is callable: ``autonorm.search(Net, Data(), ...)`` runs :func:`search`, whether
 ``autonorm.search`` names this package (after ``import autonorm.search``) or the function.

@@ -54,12 +54,16 @@ from autonorm.search._training import (
 )
 from autonorm.search._warm_start import (
     grid_size,
-    narrow_space,
-    params_for,
     random_params,
     warm_start_params,
 )
-from autonorm.search_spaces import Parameters, SearchSpace, slot_groups
+from autonorm.search_spaces import (
+    Parameters,
+    SearchSpace,
+    narrow_space,
+    params_for,
+    slot_groups,
+)
 from autonorm.surgery import Slot, find_slots
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
-"""Model surgery: find a model's norm slots, rewrite them, and read learned choices back.
+"""``autonorm.surgery``: find a model's norm slots, rewrite them, and read learned choices back.
+Works on any ``nn.Module``, without Lightning.
 
-Data flows down: :mod:`~autonorm.surgery._derive` and :mod:`~autonorm.surgery._apply` use
-:mod:`~autonorm.surgery._slots` (slot discovery), which uses :mod:`~autonorm.surgery._feeders`,
-:mod:`~autonorm.surgery._probe` (the probe forward pass) and :mod:`~autonorm.surgery._rebuild`
-(building a slot's new layer and carrying its weights).
+Data flows down: ``_derive`` (a config from learned SwitchableNorm weights) and ``_apply``
+(:func:`apply_config`, :func:`to_switchable`) use ``_slots`` (:func:`find_slots`, :class:`Slot`),
+which uses ``_detect`` (which layers are norms), ``_feeders`` (the Conv/Linear feeding a slot),
+``_probe`` (the probe forward pass) and ``_rebuild`` (a slot's new layer, its weights carried
+over); ``_recalibrate`` recomputes BatchNorm statistics after a rewrite.
 """
 
 from __future__ import annotations

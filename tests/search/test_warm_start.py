@@ -5,12 +5,10 @@ from __future__ import annotations
 import autonorm
 from autonorm.search._warm_start import (
     grid_size,
-    narrow_space,
-    params_for,
     random_params,
     warm_start_params,
 )
-from autonorm.search_spaces import SearchSpace
+from autonorm.search_spaces import SearchSpace, narrow_space, params_for
 from tests.lightning_models import TinyConvNet
 
 
