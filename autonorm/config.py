@@ -20,7 +20,7 @@ import yaml
 
 from autonorm._errors import ConfigError
 from autonorm._io import atomic_write, load_json, load_yaml
-from autonorm.norms import COMMON_PARAMS, check_params, check_weight, get_spec
+from autonorm.norms import COMMON_PARAMS, MixingWeights, check_params, check_weight, get_spec
 
 SCHEMA_VERSION = 1
 _SUFFIXES = (".yaml", ".yml", ".json")
@@ -233,6 +233,10 @@ class NormChoice:
 
 #: Metadata key of the per-slot findings of a probe (:class:`SlotRecord` values).
 PROBE_KEY = "probe"
+#: Metadata keys of what :func:`~autonorm.derive_config` records of a learn run: each slot's
+#: learned mixing weights, and how the layers mixed (``softmax`` or ``sparsestmax``).
+LEARNED_WEIGHTS = "weights"
+LEARNED_MIXING = "mixing"
 _LAYOUTS = ("channels_first", "channels_last")
 
 
@@ -392,6 +396,35 @@ class NormConfig:
             return self
         self.metadata[PROBE_KEY] = plain({**self.metadata.get(PROBE_KEY, {}), **records})
         return self
+
+    @property
+    def learned_weights(self) -> dict[str, MixingWeights]:
+        """Each slot's learned mixing weights, as :func:`~autonorm.derive_config` recorded them
+        (empty for a config that no learn run derived).
+
+        Raises:
+            ConfigError: the recorded weights are not ``{slot: {kind: {candidate: weight}}}``.
+        """
+        raw = self.metadata.get(LEARNED_WEIGHTS) or {}
+        try:
+            return {
+                str(slot): {
+                    str(kind): {str(c): float(w) for c, w in per_cand.items()}
+                    for kind, per_cand in per_kind.items()
+                }
+                for slot, per_kind in raw.items()
+            }
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError(
+                f"metadata `{LEARNED_WEIGHTS}` must map slot names to mixing weights "
+                f"{{kind: {{candidate: weight}}}}, got {raw!r}"
+            ) from None
+
+    @property
+    def learned_mixing(self) -> str | None:
+        """How the learn run's layers mixed (``softmax`` or ``sparsestmax``), or None."""
+        mixing = self.metadata.get(LEARNED_MIXING)
+        return None if mixing is None else str(mixing)
 
     @property
     def probe(self) -> dict[str, SlotRecord]:

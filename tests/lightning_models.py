@@ -152,3 +152,11 @@ def tiny_trainer(tmp_path, callbacks, max_epochs: int = 2, namespace=pl, **kwarg
     )
     defaults.update(kwargs)
     return namespace.Trainer(callbacks=callbacks, **defaults)
+
+
+class NoExampleNet(TinyConvNet):
+    """A model without ``example_input_array``: no probe finds the layers feeding its slots."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.example_input_array = None

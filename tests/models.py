@@ -335,3 +335,69 @@ MODELS = {
     "shared": shared_norm_net,
     "fused": fused_norm_net,
 }
+
+
+# -- what the slot and surgery tests share -----------------------------------------------------
+
+CF, CL = "channels_first", "channels_last"
+
+#: model -> [(slot name, kind, num_features, layout)], in named_modules() order.
+EXPECTED_SLOTS = {
+    "resnet": [
+        ("bn1", "batchnorm", 8, CF),
+        ("layer1.0.bn1", "batchnorm", 8, CF),
+        ("layer1.0.bn2", "batchnorm", 8, CF),
+        ("layer2.0.bn1", "batchnorm", 16, CF),
+        ("layer2.0.bn2", "batchnorm", 16, CF),
+        ("layer2.0.downsample.1", "batchnorm", 16, CF),
+    ],
+    "convnext": [
+        ("stem.1", "layernorm", 8, CF),  # LayerNorm2d: permutes internally
+        ("stage1.0.norm", "layernorm", 8, CL),  # nn.LayerNorm on (N, H, W, C)
+        ("downsample.0", "layernorm", 8, CF),
+        ("stage2.0.norm", "layernorm", 16, CL),
+        ("head_norm", "layernorm", 16, CL),
+    ],
+    "unet": [
+        ("down1.1", "groupnorm", 8, CF),
+        ("down1.4", "groupnorm", 8, CF),
+        ("down2.1", "groupnorm", 16, CF),
+        ("down2.4", "groupnorm", 16, CF),
+        ("up1.1", "groupnorm", 8, CF),
+        ("up1.4", "groupnorm", 8, CF),
+    ],
+    "pre_ln_transformer": [
+        ("blocks.0.ln_1", "layernorm", 16, CL),
+        ("blocks.0.ln_2", "layernorm", 16, CL),
+        ("blocks.1.ln_1", "layernorm", 16, CL),
+        ("blocks.1.ln_2", "layernorm", 16, CL),
+        ("ln_f", "rmsnorm", 16, CL),
+    ],
+    "torch_encoder": [
+        *[(f"encoder.layers.{i}.norm{j}", "layernorm", 16, CL) for i in range(3) for j in (1, 2)],
+        ("encoder.norm", "layernorm", 16, CL),
+    ],
+    "mlp": [("net.1", "batchnorm", 12, CF), ("net.4", "batchnorm", 12, CF)],
+    "conv1d": [("bn1", "batchnorm", 8, CF), ("bn2", "batchnorm", 16, CF)],
+    "shared": [("bn", "batchnorm", 8, CF)],
+    "fused": [("bn_act", "batchnorm", 8, CF), ("doubled", "batchnorm", 8, CF)],
+}
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """``MODELS[name]()`` with torch's global seed at 0: the same weights every time."""
+    torch.manual_seed(0)
+    return MODELS[name]()
+
+
+def randomize_norms(model: nn.Module) -> None:
+    """Non-trivial affine weights and running statistics, so that carrying them over shows."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            for attr in ("weight", "bias", "running_mean"):
+                tensor = getattr(module, attr, None)
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                    tensor.copy_(torch.randn(tensor.shape, generator=g))
+            if isinstance(getattr(module, "running_var", None), torch.Tensor):
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)

@@ -140,7 +140,7 @@ API_CASES = {
         RuntimeError,
         "channels",
     ),
-    # issue 15 (more in tests/test_faults_small.py)
+    # passwords and choice parameters (more in tests/test_io.py, tests/test_config_choices.py)
     "password in a query parameter": (
         lambda b: search_on(b, storage="postgresql+psycopg://u@127.0.0.1:9/db?password=secret"),
         AutoNormError,

@@ -270,3 +270,22 @@ def test_to_dict_and_from_dict():
     assert NormConfig.from_dict(data) == config
     assert NormConfig.from_dict(data).metadata == METADATA
     assert NormConfig.from_dict({"slots": {}}) == NormConfig({})
+
+
+def test_a_learned_configs_weights_and_mixing_are_read_typed_from_its_metadata(tmp_path):
+    import torch
+
+    import autonorm
+    from autonorm.norms import SwitchableNorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), SwitchableNorm(4, mixing="sparsestmax"))
+    derived = autonorm.derive_config(model, example_input=torch.randn(2, 3, 6, 6))
+    derived.save(tmp_path / "learned.yaml")
+    loaded = autonorm.NormConfig.load(tmp_path / "learned.yaml")  # stored as plain YAML
+    assert loaded.learned_mixing == "sparsestmax"
+    weights = loaded.learned_weights["1"]
+    assert set(weights) == {"mean", "var"} and sum(weights["mean"].values()) == pytest.approx(1)
+    assert autonorm.NormConfig({"a": "layernorm"}).learned_weights == {}
+    broken = autonorm.NormConfig({"a": "layernorm"}, metadata={"weights": {"a": ["x"]}})
+    with pytest.raises(ConfigError, match="must map slot names to mixing weights"):
+        _ = broken.learned_weights

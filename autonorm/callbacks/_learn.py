@@ -168,7 +168,6 @@ class LearnNorms(AutoNorm, mode="learn"):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if switchable_layers(pl_module):  # not yet finalized (by a first fit)
             self.config = derive_config(pl_module)
-            self.config.metadata["mixing"] = self.mixing
             if self.finalize:
                 self._finalize(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)

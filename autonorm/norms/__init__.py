@@ -38,7 +38,12 @@ from autonorm.norms._registry import (
     get_spec,
 )
 from autonorm.norms._sparsestmax import sparsestmax, vertex_radius
-from autonorm.norms._switchable import SWITCHABLE_CANDIDATES, SWITCHABLE_MIXINGS, SwitchableNorm
+from autonorm.norms._switchable import (
+    SWITCHABLE_CANDIDATES,
+    SWITCHABLE_MIXINGS,
+    MixingWeights,
+    SwitchableNorm,
+)
 from autonorm.norms._sync import SyncBatchNorm
 from autonorm.norms._weight import (
     WEIGHT_NAMES,
@@ -67,6 +72,7 @@ __all__ = [
     "CHANNELS_FIRST",
     "CHANNELS_LAST",
     "LAYOUTS",
+    "MixingWeights",
     "NORM_NAMES",
     "SWITCHABLE_CANDIDATES",
     "SWITCHABLE_MIXINGS",

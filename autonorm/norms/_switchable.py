@@ -63,6 +63,8 @@ SWITCHABLE_CANDIDATES: dict[str, tuple[str, ...]] = {
 
 #: How the mixing logits become weights: the paper's softmax, or Sparse SN's sparsestmax.
 SWITCHABLE_MIXINGS = ("softmax", "sparsestmax")
+#: A SwitchableNorm's mixing weights: ``{"mean" | "var": {candidate: weight}}``.
+MixingWeights = dict[str, dict[str, float]]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -324,7 +326,7 @@ class SwitchableNorm(nn.Module):
             text += f", mixing={self.mixing!r}, radius={float(self.radius):.4g}"
         return text
 
-    def mixing_weights(self) -> dict[str, dict[str, float]]:
+    def mixing_weights(self) -> MixingWeights:
         """The current weights per candidate (softmax or sparsestmax, as the layer mixes):
         ``{"mean": {...}, "var": {...}}``."""
         with torch.no_grad():

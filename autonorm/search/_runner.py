@@ -349,7 +349,7 @@ def _space_of(
         )
     with quiet_lightning(not settings.verbose):
         learned = learn_pass(training, out, settings.seed, mixing)
-    return narrow_space(settings.space, slots, learned.metadata["weights"]), learned
+    return narrow_space(settings.space, slots, learned.learned_weights), learned
 
 
 def _study_info(

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autonorm.config import NormChoice, NormConfig
+from autonorm.norms import MixingWeights
 from autonorm.search_spaces._space import Parameter, SearchSpace
 from autonorm.surgery import Slot, candidate_scores, family
 
@@ -21,7 +22,7 @@ from autonorm.surgery import Slot, candidate_scores, family
 def narrow_space(
     space: SearchSpace,
     slots: Sequence[Slot],
-    learned: Mapping[str, Mapping[str, Mapping[str, float]]],
+    learned: Mapping[str, MixingWeights],
     *,
     keep_ratio: float = 0.5,
 ) -> SearchSpace:

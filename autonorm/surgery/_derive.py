@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from autonorm._errors import AutoNormError
-from autonorm.config import NormChoice, NormConfig
-from autonorm.norms import SwitchableNorm, check_choice
+from autonorm.config import LEARNED_MIXING, LEARNED_WEIGHTS, NormChoice, NormConfig
+from autonorm.norms import MixingWeights, SwitchableNorm, check_choice
 from autonorm.surgery._rebuild import inner
 from autonorm.surgery._slots import Slot, find_slots
 
@@ -65,7 +65,7 @@ def family(choice: NormChoice, layout: str) -> str | None:
     return FAMILIES[layout].get(choice.name)
 
 
-def candidate_scores(weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+def candidate_scores(weights: MixingWeights) -> dict[str, float]:
     """Mean of the learned mean- and variance-weights per candidate.
 
     Args:
@@ -128,7 +128,8 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     groupnorm(groups=1) (channels first) or layernorm (channels last), ``rms`` -> rmsnorm,
     ``batch`` -> batchnorm. A candidate invalid for the slot's input (instance statistics of an
     ``(N, C)`` input) is passed over. A slot's weight-side part (``+ws``/``+wn`` on its feeder)
-    is kept. The learned weights are recorded in the metadata.
+    is kept. The learned weights and how they were mixed are recorded in the metadata
+    (:attr:`NormConfig.learned_weights`, :attr:`NormConfig.learned_mixing`).
 
     Raises:
         AutoNormError: the model has no SwitchableNorm, or some learned weights are not finite
@@ -144,19 +145,21 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
     weights = {name: sn.mixing_weights() for name, sn in layers.items()}
     _check_finite(weights)
     choices = {name: derived_choice(sn, slots[name]) for name, sn in layers.items()}
+    mixings = sorted({sn.mixing for sn in layers.values()})
     metadata = {
         "source": "switchable",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "weights": weights,
+        LEARNED_WEIGHTS: weights,
+        LEARNED_MIXING: mixings[0] if len(mixings) == 1 else mixings,
     }
     return NormConfig(choices, metadata=metadata).with_probe(slots[name] for name in choices)
 
 
-def _finite(weights: Mapping[str, Mapping[str, float]]) -> bool:
+def _finite(weights: MixingWeights) -> bool:
     return all(math.isfinite(w) for per_cand in weights.values() for w in per_cand.values())
 
 
-def _check_finite(weights: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+def _check_finite(weights: Mapping[str, MixingWeights]) -> None:
     """Refuse NaN/inf mixing weights (a diverged learn run): sorting them would pick a candidate
     at random, silently."""
     bad = [name for name, per_kind in weights.items() if not _finite(per_kind)]

@@ -8,8 +8,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 import autonorm
 from autonorm import AutoNormError, NormConfig
-from autonorm.callbacks import AutoNorm
-from autonorm.callbacks import current_structure
+from autonorm.callbacks import AutoNorm, current_structure
 from autonorm.callbacks._checkpoints import CHECKPOINT_KEY, load_checkpoint
 from autonorm.norms import SwitchableNorm
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer

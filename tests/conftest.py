@@ -1,0 +1,83 @@
+"""Fixtures shared by the test folders: a user's project folder outside the package, the
+``autonorm`` command run there in a subprocess, and a YAML alias bomb."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class AutonormCommand:
+    """The venv's ``autonorm`` command, run in a subprocess.
+
+    ``checkout=True`` runs the checkout under test (put on ``PYTHONPATH``, whatever install the
+    venv has) with one OpenMP thread; ``checkout=False`` runs the command as installed, as a user
+    would (no ``PYTHONPATH``)."""
+
+    path = str(Path(sys.executable).with_name("autonorm"))
+
+    def __init__(self, *, checkout: bool, timeout: float) -> None:
+        self.checkout, self.timeout = checkout, timeout
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if self.checkout:
+            env.update({"OMP_NUM_THREADS": "1", **extra})
+            env["PYTHONPATH"] = str(REPO)  # the checkout under test
+        else:
+            env.update(extra)
+            env.pop("PYTHONPATH", None)
+        return env
+
+    def __call__(
+        self, args: list[str], cwd: Path, timeout: float | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.path, *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout if timeout is None else timeout,
+            env=self.env(**env),
+        )
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A folder outside the package holding the user's module (``usermodels.py``), as a user's
+    project would."""
+    folder = tmp_path_factory.mktemp("project")
+    user_module = REPO / "tests" / "user_project" / "usermodels.py"
+    (folder / "usermodels.py").write_text(user_module.read_text())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def autonorm_cli() -> AutonormCommand:
+    """The command on the checkout under test: ``autonorm_cli(args, cwd)`` runs it (120 s at
+    most); ``autonorm_cli.path`` and ``autonorm_cli.env()`` start it any other way."""
+    return AutonormCommand(checkout=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def installed_cli() -> AutonormCommand:
+    """The command as installed, as a user runs it: ``installed_cli(args, cwd)`` (300 s at
+    most); ``installed_cli.path`` starts it any other way."""
+    return AutonormCommand(checkout=False, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def alias_bomb() -> str:
+    """A ~430-byte YAML config whose aliases expand to 9**8 strings (PyYAML took 32 s and 1.3 GB
+    on it in NormConfig.load)."""
+    levels = 8
+    lines = ["a: &a [" + ",".join(['"layernorm"'] * 9) + "]"]
+    for prev, cur in zip("abcdefgh"[: levels - 1], "bcdefghi"[: levels - 1], strict=True):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "schema_version: 1\nmetadata:\n  " + "\n  ".join(lines) + "\nslots:\n  bn1: layernorm\n"

@@ -1,0 +1,79 @@
+"""The local worker pool (``--search.n_workers``): the storage URL, which may hold a password,
+reaches its workers through their environment, never their command line."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autonorm.search._export import STORAGE_FILE
+from autonorm.search._pool import _without_storage
+
+SECRET = "s3cr3t-Pw"
+
+
+def test_the_pool_strips_the_storage_from_the_worker_command():
+    argv = ["search", "--search.storage", "u", "--a", "1", f"--search.storage=x:{SECRET}", "--b"]
+    assert _without_storage(argv) == ["search", "--a", "1", "--b"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Query string argument")
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_pool_workers_get_the_storage_off_their_command_line(workdir, tmp_path, autonorm_cli):
+    # SQLite ignores the query's password (with a warning): a real storage whose URL has one
+    storage = f"sqlite:///{tmp_path / 'study.db'}?password={SECRET}"
+    out = tmp_path / "bundle"
+    args = [
+        "search", "--model", "usermodels.Net", "--model.sleep", "0.3",
+        "--data", "usermodels.Data", "--trainer.max_epochs", "1", "--search.space", "minimal",
+        "--search.n_trials", "2", "--search.n_workers", "2", "--search.out_dir", str(out),
+        "--search.storage", storage, "--search.warm_start", "false",
+    ]  # fmt: skip
+    log = (tmp_path / "pool.log").open("wb")
+    parent = subprocess.Popen(
+        [autonorm_cli.path, *args],
+        cwd=workdir,
+        env=autonorm_cli.env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    seen: dict[int, tuple[bytes, bytes]] = {}
+    deadline = time.time() + 150
+    while parent.poll() is None and time.time() < deadline and len(seen) < 2:
+        for pid in _children(parent.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"autonorm.cli" in cmdline:
+                seen[pid] = (cmdline, environ)
+        time.sleep(0.2)
+    assert parent.wait(timeout=240) == 0, (tmp_path / "pool.log").read_text()[-3000:]
+    assert len(seen) == 2, (tmp_path / "pool.log").read_text()[-3000:]
+    for cmdline, environ in seen.values():
+        assert SECRET.encode() not in cmdline and b"--search.storage" not in cmdline
+        assert f"AUTONORM_STORAGE={storage}".encode() in environ.split(b"\0")
+    study = optuna.load_study(study_name="autonorm-Net", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert SECRET not in (out / STORAGE_FILE).read_text()
+    for path in [tmp_path / "pool.log", *(out / "workers").iterdir()]:
+        assert SECRET not in path.read_text(), path
