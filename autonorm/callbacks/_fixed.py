@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from typing_extensions import Unpack, override
@@ -11,6 +11,9 @@ from typing_extensions import Unpack, override
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormConfig
 from autonorm.surgery import Slot, apply_config
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Trainer
 
 
 class FixedNorms(AutoNorm, mode="fixed"):
@@ -45,7 +48,9 @@ class FixedNorms(AutoNorm, mode="fixed"):
         self.check_model = check_model
 
     @override
-    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+    def _rewrite(
+        self, trainer: Trainer, pl_module: nn.Module, found: list[Slot], example: Any
+    ) -> None:
         assert self.config is not None
         apply_config(
             pl_module,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from typing_extensions import Unpack, override
@@ -26,6 +26,10 @@ from autonorm.surgery import (
     switchable_layers,
     to_switchable,
 )
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule, Trainer
+
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,9 @@ class LearnNorms(AutoNorm, mode="learn"):
         self._radius_schedule: RadiusSchedule | None = None
 
     @override
-    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+    def _rewrite(
+        self, trainer: Trainer, pl_module: nn.Module, found: list[Slot], example: Any
+    ) -> None:
         # softmax SN is built as before (no `mixing` in its choices)
         extra: dict[str, Any] = {"mixing": self.mixing} if self.mixing != "softmax" else {}
         to_switchable(
@@ -119,7 +125,7 @@ class LearnNorms(AutoNorm, mode="learn"):
         )
 
     @override
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         fresh = not self._applied
         super().setup(trainer, pl_module, stage)
         if fresh and (self.mixing_lr_scale is not None or self.mixing_weight_decay is not None):
@@ -128,7 +134,7 @@ class LearnNorms(AutoNorm, mode="learn"):
             )
 
     @override
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layers = sparse_layers(pl_module)
         if not layers:
             return
@@ -142,14 +148,14 @@ class LearnNorms(AutoNorm, mode="learn"):
 
     @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._radius_schedule is not None:
             self._radius_schedule.update(trainer.global_step)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layers = switchable_layers(pl_module) if self.log_mixing_weights else {}
         if not layers:
             return
@@ -165,14 +171,14 @@ class LearnNorms(AutoNorm, mode="learn"):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if switchable_layers(pl_module):  # not yet finalized (by a first fit)
             self.config = derive_config(pl_module)
             if self.finalize:
                 self._finalize(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
-    def _finalize(self, trainer: Any, pl_module: Any) -> None:
+    def _finalize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Swap the SwitchableNorms for the derived native layers; recalibrate new BatchNorms."""
         assert self.config is not None
         apply_config(
@@ -202,7 +208,8 @@ class LearnNorms(AutoNorm, mode="learn"):
         self.structure = current_structure(pl_module, self._feeders)
 
     @override
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._original_configure_optimizers is not None and stage == "fit":
-            pl_module.configure_optimizers = self._original_configure_optimizers
+            # the module's own method, as wrap_configure_optimizers found it
+            pl_module.configure_optimizers = self._original_configure_optimizers  # type: ignore[method-assign]
             self._original_configure_optimizers = None

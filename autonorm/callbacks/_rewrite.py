@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -40,6 +40,7 @@ from autonorm.surgery import Slot, apply_config, find_slots, select_slots
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackType
+    from pytorch_lightning import LightningModule, Trainer
 else:
     _CallbackType = object  # the real bases come per installed Lightning namespace, below
 
@@ -75,7 +76,7 @@ def _holds_module_copy(callback: object, model: nn.Module) -> bool:
     )
 
 
-def check_batch_size(trainer: Any, size: int, expected: int | None) -> None:
+def check_batch_size(trainer: Trainer, size: int, expected: int | None) -> None:
     """Check the first training batch's ``size`` against the budget's batch size.
 
     Raises:
@@ -84,10 +85,8 @@ def check_batch_size(trainer: Any, size: int, expected: int | None) -> None:
     """
     if expected is None or size == expected:
         return
-    try:
-        samples: int | None = len(trainer.train_dataloader.dataset)
-    except (AttributeError, TypeError):
-        samples = None
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    samples = len(dataset) if isinstance(dataset, Sized) else None  # an iterable says nothing
     if size < expected and samples is not None and size >= samples:
         return  # a dataset smaller than one batch
     raise AutoNormError(
@@ -106,7 +105,7 @@ def _no_slot_message(pl_module: nn.Module, include: Any, exclude: Any) -> str:
     )
 
 
-def _preceding_copies(me: object, trainer: Any, pl_module: nn.Module) -> list[Any]:
+def _preceding_copies(me: object, trainer: Trainer, pl_module: nn.Module) -> list[Any]:
     """Callbacks listed before ``me`` that may already hold a copy of the old model."""
     preceding = []
     for callback in getattr(trainer, "callbacks", []):
@@ -219,7 +218,9 @@ class _RewriteBase(_CallbackType):
 
     # -- what each concern adds ----------------------------------------------------------------
 
-    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+    def _rewrite(
+        self, trainer: Trainer, pl_module: nn.Module, found: list[Slot], example: Any
+    ) -> None:
         """Rewrite the selected slots (:attr:`slots`); ``found`` holds every slot of the model."""
         raise NotImplementedError
 
@@ -227,7 +228,7 @@ class _RewriteBase(_CallbackType):
         """End a run that broke the budget."""
         raise AutoNormError(f"over budget: {reason}")
 
-    def _observe_batch_size(self, trainer: Any, size: int) -> None:
+    def _observe_batch_size(self, trainer: Trainer, size: int) -> None:
         """The size of the first training batch, checked against the budget."""
         check_batch_size(trainer, size, self.budget.batch_size if self.budget else None)
 
@@ -238,7 +239,7 @@ class _RewriteBase(_CallbackType):
     # -- setup: the rewrite --------------------------------------------------------------------
 
     @override
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._applied:
             return  # validate/test after fit: the model is already rewritten
         preceding = _preceding_copies(self, trainer, pl_module)
@@ -269,7 +270,7 @@ class _RewriteBase(_CallbackType):
             type(pl_module).__name__,
         )
 
-    def _check_params(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _check_params(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Over ``budget.max_params``: stop."""
         limit = self.budget.max_params if self.budget is not None else None
         n_params = sum(p.numel() for p in pl_module.parameters())
@@ -280,7 +281,7 @@ class _RewriteBase(_CallbackType):
 
     @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         size = first_batch_size(batch)
         if batch_idx == 0 and trainer.current_epoch == 0 and size is not None:
@@ -289,13 +290,15 @@ class _RewriteBase(_CallbackType):
             self.recorder.batch_start(pl_module)
 
     @override
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
+    ) -> None:
         if self.recorder is not None:
             self.recorder.forward_done()
 
     @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.recorder is None:
             return
@@ -308,14 +311,16 @@ class _RewriteBase(_CallbackType):
             )
 
     @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         if self.recorder is not None:  # a step that died mid-forward must not leave its hooks
             self.recorder.forward_done()
 
     # -- the end of fit, checkpoints -----------------------------------------------------------
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.config is not None:
             path = self.resolved_config_path(trainer)  # every rank: trainer.log_dir is a collective
             if getattr(trainer, "is_global_zero", True):
@@ -326,7 +331,7 @@ class _RewriteBase(_CallbackType):
             # deriving its config when rank 0 exits aborts in gloo's teardown
             trainer.strategy.barrier("autonorm_fit_end")
 
-    def resolved_config_path(self, trainer: Any) -> Path:
+    def resolved_config_path(self, trainer: Trainer) -> Path:
         """Where the derived/applied config is written."""
         if self.config_path is not None:
             return self.config_path
@@ -334,7 +339,9 @@ class _RewriteBase(_CallbackType):
         return Path(folder) / "autonorm_config.yaml"
 
     @override
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # the structure recorded after the rewrite (and after finalize): no probe per checkpoint
         structure = self.structure or current_structure(pl_module, self._feeders)
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(

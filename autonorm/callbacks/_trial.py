@@ -30,6 +30,7 @@ from autonorm.surgery import Slot, apply_config, switchable_choices
 
 if TYPE_CHECKING:
     import optuna
+    from pytorch_lightning import LightningModule, Trainer
 
 #: Why a trial that ran out of memory is infeasible (the runner's ``TrialPruned`` says the same).
 OOM_REASON = "out of memory during training"
@@ -74,12 +75,12 @@ class TrialOutcome:
     measurements: dict[str, Any]
 
 
-def is_global_zero(trainer: Any) -> bool:
+def is_global_zero(trainer: Trainer) -> bool:
     """Whether this process is rank 0 (the one that talks to the trial)."""
     return bool(getattr(trainer, "is_global_zero", True))
 
 
-def broadcast(trainer: Any, value: Any) -> Any:
+def broadcast(trainer: Trainer, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
     strategy = getattr(trainer, "strategy", None)
     if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
@@ -88,7 +89,7 @@ def broadcast(trainer: Any, value: Any) -> Any:
 
 
 def suggest_config(
-    trial: optuna.Trial, space: SearchSpace, slots: Sequence[Slot], trainer: Any
+    trial: optuna.Trial, space: SearchSpace, slots: Sequence[Slot], trainer: Trainer
 ) -> NormConfig:
     """One categorical parameter per slot (or tied group), named by the slot, suggested on
     rank 0 and broadcast; the config is recorded on the trial."""
@@ -133,7 +134,7 @@ def mark_infeasible(trial: optuna.Trial, reason: str, measurements: Mapping[str,
     trial.set_constraint(keys.BUDGET_CONSTRAINT, 1.0)
 
 
-def monitored_value(trainer: Any, monitor: str) -> float:
+def monitored_value(trainer: Trainer, monitor: str) -> float:
     """The monitored metric's last value.
 
     Raises:
@@ -172,7 +173,7 @@ def _epoch_verdict(
 def report_epoch(
     trial: optuna.Trial,
     task: TrialTask,
-    trainer: Any,
+    trainer: Trainer,
     monitor: str,
     measurements: Mapping[str, Any],
 ) -> None:
@@ -213,7 +214,7 @@ def infeasible_reason(err: BaseException) -> str | None:
 
 
 def trial_outcome(
-    trial: optuna.Trial | None, trainer: Any, monitor: str, measurements: Mapping[str, Any]
+    trial: optuna.Trial | None, trainer: Trainer, monitor: str, measurements: Mapping[str, Any]
 ) -> TrialOutcome:
     """The finished run's :class:`TrialOutcome`.
 
@@ -273,13 +274,15 @@ class TrialNorms(AutoNorm, mode="search"):
         self.space: SearchSpace = resolve_space(space).for_budget(self.budget)
 
     @override
-    def _rewrite(self, trainer: Any, pl_module: nn.Module, found: list[Slot], example: Any) -> None:
+    def _rewrite(
+        self, trainer: Trainer, pl_module: nn.Module, found: list[Slot], example: Any
+    ) -> None:
         self.config = suggest_config(self.trial, self.space, self.slots, trainer)
         partial = self.include is not None or self.exclude is not None
         apply_config(pl_module, self.config, partial=partial, example_input=example, slots=found)
 
     @override
-    def _check_params(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _check_params(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if is_global_zero(trainer):
             n_params = sum(p.numel() for p in pl_module.parameters())
             self.trial.set_user_attr(keys.N_PARAMS, n_params)
@@ -293,13 +296,13 @@ class TrialNorms(AutoNorm, mode="search"):
         raise optuna.TrialPruned(f"Trial is infeasible: {reason}.")
 
     @override
-    def _observe_batch_size(self, trainer: Any, size: int) -> None:
+    def _observe_batch_size(self, trainer: Trainer, size: int) -> None:
         if is_global_zero(trainer):
             self.trial.set_user_attr(keys.BATCH_SIZE, size)
         super()._observe_batch_size(trainer, size)
 
     @override
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if is_global_zero(trainer):
@@ -311,19 +314,21 @@ class TrialNorms(AutoNorm, mode="search"):
         report_epoch(self.trial, self.task, trainer, self.monitor, self.measurements())
 
     @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         super().on_exception(trainer, pl_module, exception)
         reason = infeasible_reason(exception)
         if reason is not None:
             mark_infeasible(self.trial, reason, self.measurements())
 
     @override
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_global_zero(trainer):
             record_measurements(self.trial, self.measurements())
         super().on_fit_end(trainer, pl_module)
 
-    def outcome(self, trainer: Any) -> TrialOutcome:
+    def outcome(self, trainer: Trainer) -> TrialOutcome:
         """The finished run for the trial runner: the monitored metric and the measurements.
 
         Raises:

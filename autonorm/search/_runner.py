@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,30 +151,22 @@ def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slo
     return slots, model_class
 
 
+@dataclass
 class _SearchRun:
     """One process's part of a search: the study it joined, and how it runs trials there."""
 
-    def __init__(
-        self,
-        settings: SearchSettings,
-        training: Training,
-        study: optuna.Study,
-        space: SearchSpace,
-        out: Path,
-        storage: optuna.storages.BaseStorage,
-        plan: Plan,
-        params: Parameters,
-    ) -> None:
-        self.settings = settings
-        self.plan = plan
-        self.params = params
-        self.training = training
-        self.study = study
-        self.space = space
-        self.out = out
-        self.claim = workers.claim_lock(storage, study.study_name, journal_path(settings.storage))
-        self.current: optuna.Trial | None = None
-        self.started = time.time()
+    settings: SearchSettings
+    training: Training
+    study: optuna.Study
+    space: SearchSpace
+    out: Path
+    plan: Plan
+    params: Parameters
+    #: the workers' claim lock on the study (a trial is asked under it)
+    claim: Any
+    #: the trial running here, to settle when the loop dies
+    current: optuna.Trial | None = None
+    started: float = field(default_factory=time.time)
 
     @classmethod
     def open(
@@ -229,7 +222,8 @@ class _SearchRun:
             elif settings.warm_start:  # several objectives: the baselines, then the sampler
                 for label, chosen in warm_start_params(slots, params, settings.budget, learned):
                     study.enqueue_trial(chosen, user_attrs={BASELINE: label})
-        return cls(settings, training, study, space, out, storage, plan, params)
+        claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
+        return cls(settings, training, study, space, out, plan, params, claim)
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self.claim.release()  # the trial is asked: other workers may claim theirs
