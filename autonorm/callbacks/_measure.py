@@ -19,6 +19,10 @@ from torch import nn
 
 from autonorm._trial_keys import ACTIVATION_BYTES, MEMORY_METHOD, N_PARAMS, PEAK_MEMORY, STEP_TIME
 
+#: What a training run measured, by trial attribute name (``n_params``, ``peak_memory``,
+#: ``step_time``, ``memory_method``, ``activation_bytes``): plain values, stored as they are.
+Measurements = dict[str, int | float | str]
+
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
@@ -143,10 +147,10 @@ class TrainingStepRecorder:
             self.peak_memory = max(self.peak_memory, estimate)
         self._steps += 1
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> Measurements:
         """Plain values: ``peak_memory`` (bytes), ``step_time`` (median s), ``n_params``,
         ``memory_method`` ("cuda" or "cpu-estimate"), ``activation_bytes``."""
-        out: dict[str, Any] = {N_PARAMS: self.n_params, MEMORY_METHOD: self.method}
+        out: Measurements = {N_PARAMS: self.n_params, MEMORY_METHOD: self.method}
         if self._steps:
             out[PEAK_MEMORY] = self.peak_memory
             out[ACTIVATION_BYTES] = self.activation_bytes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -34,9 +34,9 @@ from autonorm.callbacks._checkpoints import (
     checkpoint_entry,
     structure_from_checkpoint,
 )
-from autonorm.callbacks._measure import TrainingStepRecorder, first_batch_size
+from autonorm.callbacks._measure import Measurements, TrainingStepRecorder, first_batch_size
 from autonorm.config import NormConfig
-from autonorm.surgery import Slot, apply_config, find_slots, select_slots
+from autonorm.surgery import Slot, SlotPatterns, apply_config, find_slots, select_slots
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackType
@@ -96,7 +96,7 @@ def check_batch_size(trainer: Trainer, size: int, expected: int | None) -> None:
     )
 
 
-def _no_slot_message(pl_module: nn.Module, include: Any, exclude: Any) -> str:
+def _no_slot_message(pl_module: nn.Module, include: SlotPatterns, exclude: SlotPatterns) -> str:
     selection = f" matching include={include!r} exclude={exclude!r}" if include or exclude else ""
     return (
         f"{type(pl_module).__name__} has no normalization slot{selection}: AutoNorm needs at "
@@ -164,8 +164,8 @@ def _build_for_mode(mode: str | None = None, **kwargs: Any) -> AutoNorm:
 class RewriteOptions(TypedDict, total=False):
     """The arguments every AutoNorm callback takes (documented on :class:`AutoNorm`)."""
 
-    include: str | Sequence[str] | None
-    exclude: str | Sequence[str] | None
+    include: SlotPatterns
+    exclude: SlotPatterns
     example_input: Any
     config_path: str | os.PathLike[str] | None
     record_metrics: bool
@@ -195,8 +195,8 @@ class _RewriteBase(_CallbackType):
     def __init__(
         self,
         *,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
+        include: SlotPatterns = None,
+        exclude: SlotPatterns = None,
         example_input: Any = None,
         config_path: str | os.PathLike[str] | None = None,
         record_metrics: bool = True,
@@ -232,7 +232,7 @@ class _RewriteBase(_CallbackType):
         """The size of the first training batch, checked against the budget."""
         check_batch_size(trainer, size, self.budget.batch_size if self.budget else None)
 
-    def measurements(self) -> dict[str, Any]:
+    def measurements(self) -> Measurements:
         """The step recorder's summary so far (empty without ``record_metrics``)."""
         return self.recorder.summary() if self.recorder is not None else {}
 

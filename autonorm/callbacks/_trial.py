@@ -23,6 +23,7 @@ from typing_extensions import Unpack, override
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
 from autonorm._lightning import is_oom_error
+from autonorm.callbacks._measure import Measurements
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search_spaces import SearchSpace, resolve_space
@@ -72,7 +73,7 @@ class TrialOutcome:
     """
 
     value: float
-    measurements: dict[str, Any]
+    measurements: Measurements
 
 
 def is_global_zero(trainer: Trainer) -> bool:
@@ -119,13 +120,13 @@ def record_switchable_choices(trial: optuna.Trial, choices: Mapping[str, NormCho
     trial.set_user_attr(keys.SWITCHABLE_CHOICES, {k: v.to_value() for k, v in choices.items()})
 
 
-def record_measurements(trial: optuna.Trial, measurements: Mapping[str, Any]) -> None:
+def record_measurements(trial: optuna.Trial, measurements: Measurements) -> None:
     """Every measurement as a trial attribute."""
     for key, value in measurements.items():
         trial.set_user_attr(key, value)
 
 
-def mark_infeasible(trial: optuna.Trial, reason: str, measurements: Mapping[str, Any]) -> None:
+def mark_infeasible(trial: optuna.Trial, reason: str, measurements: Measurements) -> None:
     """Record on the trial that it broke the budget (a constraint Optuna's samplers read)."""
     record_measurements(trial, measurements)
     trial.set_user_attr(keys.FEASIBLE, False)
@@ -175,7 +176,7 @@ def report_epoch(
     task: TrialTask,
     trainer: Trainer,
     monitor: str,
-    measurements: Mapping[str, Any],
+    measurements: Measurements,
 ) -> None:
     """After a validation: report the metric (rank 0), record the epochs trained and the
     measurements, and prune on every rank when rank 0 says so.
@@ -214,7 +215,7 @@ def infeasible_reason(err: BaseException) -> str | None:
 
 
 def trial_outcome(
-    trial: optuna.Trial | None, trainer: Trainer, monitor: str, measurements: Mapping[str, Any]
+    trial: optuna.Trial | None, trainer: Trainer, monitor: str, measurements: Measurements
 ) -> TrialOutcome:
     """The finished run's :class:`TrialOutcome`.
 

@@ -31,6 +31,7 @@ from autonorm.callbacks import (
 from autonorm.config import NormConfig
 from autonorm.search._settings import EXTRA_OBJECTIVES, SearchSettings
 from autonorm.search_spaces import SearchSpace
+from autonorm.surgery import SlotPatterns
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class Training:
     budget: Budget | None = None
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     example_input: Any = None
-    include: Any = None
-    exclude: Any = None
+    include: SlotPatterns = None
+    exclude: SlotPatterns = None
     verbose: bool = False
 
     @classmethod

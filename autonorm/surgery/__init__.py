@@ -30,7 +30,14 @@ from autonorm.surgery._recalibrate import (
     recalibrate_batchnorm,
     slot_batchnorms,
 )
-from autonorm.surgery._slots import Slot, SlotType, find_slots, register_slot_type, select_slots
+from autonorm.surgery._slots import (
+    Slot,
+    SlotPatterns,
+    SlotType,
+    find_slots,
+    register_slot_type,
+    select_slots,
+)
 
 __all__ = [
     "SWITCHABLE_INITS",
@@ -41,6 +48,7 @@ __all__ = [
     "SN_CANDIDATES",
     "NormWithExtra",
     "Slot",
+    "SlotPatterns",
     "SlotType",
     "apply_config",
     "build_replacement",

@@ -58,6 +58,9 @@ from autonorm.surgery._probe import (
 )
 from autonorm.surgery._rebuild import NormWithExtra, keep_choice_of
 
+#: Glob patterns on slot names (one or several; None: no selection).
+SlotPatterns = str | Sequence[str] | None
+
 
 @dataclass(frozen=True)
 class SlotType:
@@ -327,7 +330,7 @@ class Slot:
         )
 
 
-def _matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+def _matches(name: str, patterns: SlotPatterns) -> bool:
     if patterns is None:
         return False
     if isinstance(patterns, str):
@@ -411,8 +414,8 @@ def _norm_modules(model: nn.Module) -> dict[int, _Found]:
 
 def _selected(
     names: Sequence[str],
-    include: str | Sequence[str] | None,
-    exclude: str | Sequence[str] | None,
+    include: SlotPatterns,
+    exclude: SlotPatterns,
 ) -> bool:
     return (include is None or any(_matches(n, include) for n in names)) and not any(
         _matches(n, exclude) for n in names
@@ -421,8 +424,8 @@ def _selected(
 
 def select_slots(
     slots: Sequence[Slot],
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    include: SlotPatterns = None,
+    exclude: SlotPatterns = None,
 ) -> list[Slot]:
     """The slots that the glob patterns ``include`` / ``exclude`` select (as :func:`find_slots`
     selects them): a slot is selected when one of its names matches ``include`` (or
@@ -511,8 +514,8 @@ def find_slots(
     model: nn.Module,
     example_input: Any = None,
     *,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    include: SlotPatterns = None,
+    exclude: SlotPatterns = None,
     probe: bool = True,
     feeders: Mapping[str, str | None] | None = None,
     records: Mapping[str, SlotRecord] | None = None,

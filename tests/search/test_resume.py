@@ -1,4 +1,4 @@
-"""Resuming and reusing a study safely (issue 15): a rerun that changes what defines the study is
+"""Resuming and reusing a study safely: a rerun that changes what defines the study is
 refused, a small batch is an infeasible trial, the batch size that really ran is recorded, a
 partial config retrains as partial, a reused out_dir keeps no stale config, odd folder names
 keep their own SQLite file. Real Lightning Trainers, real Optuna studies on SQLite."""
@@ -50,7 +50,7 @@ def finished(study: optuna.Study) -> list:
     return [t for t in study.get_trials() if t.state in FINISHED]
 
 
-# -- 1. the settings that define a study --------------------------------------------------------
+# -- the settings that define a study -------------------------------------------------------------
 
 
 def test_a_rerun_with_changed_settings_is_refused_naming_each_difference(tmp_path):
@@ -102,7 +102,7 @@ def test_a_staged_study_resumes_with_more_trials(tmp_path):
     assert all(t.user_attrs.get("stage") for t in trials)
 
 
-# -- 2. a batch too small for batch statistics ---------------------------------------------------
+# -- a batch too small for batch statistics --------------------------------------------------------
 
 
 def test_a_batch_of_one_through_batchnorm_over_n_c_is_an_infeasible_trial(tmp_path):
@@ -121,7 +121,7 @@ def test_a_batch_of_one_through_batchnorm_over_n_c_is_an_infeasible_trial(tmp_pa
     assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None
 
 
-# -- 4. the batch size that really ran ----------------------------------------------------------
+# -- the batch size that really ran ---------------------------------------------------------------
 
 
 class HparamsData(pl.LightningDataModule):
@@ -170,7 +170,7 @@ def test_a_dataset_smaller_than_the_budget_batch_is_no_mismatch(tmp_path):
     assert finished(result.study)[0].user_attrs["batch_size"] == 12
 
 
-# -- 6. include + retrain -----------------------------------------------------------------------
+# -- include + retrain ----------------------------------------------------------------------------
 
 
 def test_retraining_a_partial_config_keeps_the_excluded_slots(tmp_path):
@@ -182,7 +182,7 @@ def test_retraining_a_partial_config_keeps_the_excluded_slots(tmp_path):
     assert type(model.head_norm) is nn.LayerNorm
 
 
-# -- 7. a reused out_dir ------------------------------------------------------------------------
+# -- a reused out_dir -----------------------------------------------------------------------------
 
 
 def test_a_study_without_feasible_trial_removes_the_other_studys_config(tmp_path, caplog):
@@ -196,7 +196,7 @@ def test_a_study_without_feasible_trial_removes_the_other_studys_config(tmp_path
     assert "held the bundle of study 'a'" in caplog.text
 
 
-# -- 8. odd folder names ------------------------------------------------------------------------
+# -- odd folder names -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["runs?1", "50%", "a%3Fb"])

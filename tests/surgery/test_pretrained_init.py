@@ -132,7 +132,7 @@ def test_callback_learn_mode_starts_on_the_original_norms(tmp_path):
     )
     assert model.bn1.mixing_weights()["mean"]["batch"] > 0.95
     assert model.head_norm.mixing_weights()["mean"]["layer"] > 0.95
-    with pytest.raises(ValueError, match="`init` must be one of"):
+    with pytest.raises(ValueError, match="`init` applies to mode='learn' only"):
         AutoNorm(config=autonorm.NormConfig({}), init="original")
 
 

@@ -1,4 +1,4 @@
-"""Faults no one had tried (issue 15): a worker paused past the grace period, a PostgreSQL server
+"""Faults a worker must survive: a worker paused past the grace period, a PostgreSQL server
 restarted under two workers, a bundle folder that turns read-only or full during the export.
 Real ``autonorm`` processes, a private PostgreSQL server, real tmpfs mounts."""
 
@@ -42,7 +42,7 @@ def retries_are_single(study: optuna.Study) -> None:
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
-# -- case 3: a worker stopped past the grace period, then continued ------------------------------
+# -- a worker stopped past the grace period, then continued ------------------------------------
 
 
 def test_a_paused_worker_finds_its_trial_taken_over_and_goes_on(workdir, tmp_path):  # noqa: F811
