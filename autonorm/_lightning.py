@@ -107,3 +107,16 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         submodule(default_namespace(), "utilities.memory").garbage_collection_cuda()
+
+
+def is_global_zero(trainer: Any) -> bool:
+    """Whether this process is rank 0 (the one that talks to the trial)."""
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def broadcast(trainer: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
+    strategy = getattr(trainer, "strategy", None)
+    if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
+        return strategy.broadcast(value, src=0)
+    return value

@@ -422,7 +422,8 @@ class NormConfig:
 
     @property
     def learned_mixing(self) -> str | None:
-        """How the learn run's layers mixed (``softmax`` or ``sparsestmax``), or None."""
+        """How the learn run's layers mixed (``softmax``, ``sparsestmax``, or both joined by
+        ``+``), or None."""
         mixing = self.metadata.get(LEARNED_MIXING)
         return None if mixing is None else str(mixing)
 

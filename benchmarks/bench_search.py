@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autonorm  # noqa: E402
 from autonorm.callbacks import AutoNorm  # noqa: E402
 from autonorm.norms import check_choice, default_groups  # noqa: E402
-from autonorm.search._training import LEARN_MIXING_LR_SCALE  # noqa: E402
+from autonorm.search import LEARN_MIXING_LR_SCALE  # noqa: E402
 from benchmarks.search_tasks import TASKS as NEW_TASKS  # noqa: E402
 from benchmarks.search_tasks import Task  # noqa: E402
 from examples.digits_cnn.model import DigitsCNN, DigitsDataModule  # noqa: E402

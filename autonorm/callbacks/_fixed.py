@@ -55,7 +55,7 @@ class FixedNorms(AutoNorm, mode="fixed"):
         apply_config(
             pl_module,
             self.config,
-            partial=self.include is not None or self.exclude is not None,
+            partial=self.selective,
             example_input=example,
             slots=found,
             check_model=self.check_model,

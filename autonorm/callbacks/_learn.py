@@ -172,10 +172,11 @@ class LearnNorms(AutoNorm, mode="learn"):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if switchable_layers(pl_module):  # not yet finalized (by a first fit)
-            self.config = derive_config(pl_module)
-            if self.finalize:
-                self._finalize(trainer, pl_module)
+        if not switchable_layers(pl_module):
+            return  # already finalized (a second fit): nothing to derive or write again
+        self.config = derive_config(pl_module)
+        if self.finalize:
+            self._finalize(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)
 
     def _finalize(self, trainer: Trainer, pl_module: LightningModule) -> None:

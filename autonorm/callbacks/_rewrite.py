@@ -27,7 +27,7 @@ from torch import nn
 from typing_extensions import TypedDict, override
 
 from autonorm._errors import AutoNormError
-from autonorm._lightning import callback_bases
+from autonorm._lightning import callback_bases, is_global_zero
 from autonorm.budget import Budget, as_budget, format_bytes
 from autonorm.callbacks._checkpoints import (
     CHECKPOINT_KEY,
@@ -140,25 +140,35 @@ def _mode_of(mode: str | None, trial: Any, config: Any) -> str:
 
 
 def _build_for_mode(mode: str | None = None, **kwargs: Any) -> AutoNorm:
-    """``AutoNorm(mode=..., **kwargs)``: the mode's class, refusing what it does not take."""
+    """``AutoNorm(mode=..., **kwargs)``: the mode's class. An argument of another mode left at
+    its default (``trial=None``, ``init="uniform"``, ...) is dropped, as the single callback
+    ignored it; one given a value is refused, naming its mode.
+
+    Raises:
+        ValueError: the mode does not fit ``trial``/``config``, or an argument of another mode.
+        TypeError: an argument no mode takes.
+    """
     mode = _mode_of(mode, kwargs.get("trial"), kwargs.get("config"))
     target = _MODE_CLASSES[mode]
-    stray = [name for name in kwargs if name not in _accepted(target)]
+    own = _accepted(target)
+    defaults = {  # another mode's arguments, None for the required ones (trial, config)
+        name: None if p.default is p.empty else p.default
+        for cls in _MODE_CLASSES.values()
+        for name, p in inspect.signature(vars(cls)["__init__"]).parameters.items()
+        if name not in own and name != "self" and p.kind != p.VAR_KEYWORD
+    }
+    unknown = sorted(set(kwargs) - own - set(defaults))
+    if unknown:
+        raise TypeError(f"AutoNorm() got unexpected arguments {unknown}")
+    stray = {name: v for name, v in kwargs.items() if name not in own and v != defaults[name]}
     if stray:
         owners = {
-            name: [m for m, cls in _MODE_CLASSES.items() if name in _accepted(cls)]
+            name: "/".join(repr(m) for m, cls in _MODE_CLASSES.items() if name in _accepted(cls))
             for name in stray
         }
-        raise ValueError(
-            "; ".join(
-                f"`{name}` applies to mode={'/'.join(repr(m) for m in modes)} only"
-                if modes
-                else f"unknown argument `{name}`"
-                for name, modes in owners.items()
-            )
-            + f" (this AutoNorm has mode={mode!r})"
-        )
-    return target(**kwargs)
+        problems = [f"`{name}` applies to mode={modes} only" for name, modes in owners.items()]
+        raise ValueError("; ".join(problems) + f" (this AutoNorm has mode={mode!r})")
+    return target(**{name: v for name, v in kwargs.items() if name in own})
 
 
 class RewriteOptions(TypedDict, total=False):
@@ -262,7 +272,7 @@ class _RewriteBase(_CallbackType):
         self.structure = current_structure(pl_module, self._feeders)
         for callback in preceding:
             callback.setup(trainer, pl_module, stage)  # let it copy the rewritten model
-        self._check_params(trainer, pl_module)
+        self._check_params(trainer, sum(p.numel() for p in pl_module.parameters()))
         log.info(
             "AutoNorm (%s): rewrote %d slots of %s",
             self.mode,
@@ -270,12 +280,16 @@ class _RewriteBase(_CallbackType):
             type(pl_module).__name__,
         )
 
-    def _check_params(self, trainer: Trainer, pl_module: nn.Module) -> None:
-        """Over ``budget.max_params``: stop."""
+    def _check_params(self, trainer: Trainer, n_params: int) -> None:
+        """The rewritten model's parameter count; over ``budget.max_params``: stop."""
         limit = self.budget.max_params if self.budget is not None else None
-        n_params = sum(p.numel() for p in pl_module.parameters())
         if limit is not None and n_params > limit:
             self._over_budget(f"{n_params} parameters > budget max_params={limit}")
+
+    @property
+    def selective(self) -> bool:
+        """Whether ``include``/``exclude`` select some slots (a config then names only those)."""
+        return self.include is not None or self.exclude is not None
 
     # -- training steps: measured against the budget ------------------------------------------
 
@@ -283,9 +297,10 @@ class _RewriteBase(_CallbackType):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        size = first_batch_size(batch)
-        if batch_idx == 0 and trainer.current_epoch == 0 and size is not None:
-            self._observe_batch_size(trainer, size)  # the size it really trains at
+        if batch_idx == 0 and trainer.current_epoch == 0:  # the size it really trains at
+            size = first_batch_size(batch)
+            if size is not None:
+                self._observe_batch_size(trainer, size)
         if self.recorder is not None:
             self.recorder.batch_start(pl_module)
 
@@ -323,7 +338,7 @@ class _RewriteBase(_CallbackType):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.config is not None:
             path = self.resolved_config_path(trainer)  # every rank: trainer.log_dir is a collective
-            if getattr(trainer, "is_global_zero", True):
+            if is_global_zero(trainer):
                 self.config.save(path)
                 log.info("AutoNorm: wrote %s", path)
         if getattr(trainer, "world_size", 1) > 1:
@@ -343,7 +358,9 @@ class _RewriteBase(_CallbackType):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # the structure recorded after the rewrite (and after finalize): no probe per checkpoint
-        structure = self.structure or current_structure(pl_module, self._feeders)
+        structure = self.structure
+        if structure is None:
+            structure = current_structure(pl_module, self._feeders)
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(
             structure, self.config, self.mode, self._feeders
         )
@@ -405,6 +422,9 @@ class AutoNorm(_RewriteBase, *callback_bases(), metaclass=_ByMode):  # type: ign
 
     def __init_subclass__(cls, mode: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):  # help() and IDEs: the class's own arguments, not the
+            init = inspect.signature(vars(cls)["__init__"])  # metaclass's (*args, **kwargs)
+            cls.__signature__ = init.replace(parameters=list(init.parameters.values())[1:])
         if mode is not None:
             cls.mode = mode
             _MODE_CLASSES[mode] = cls

@@ -13,6 +13,7 @@ The functions take the trainer only for its rank, its broadcast and its logged m
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -22,7 +23,7 @@ from typing_extensions import Unpack, override
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import is_oom_error
+from autonorm._lightning import broadcast, is_global_zero, is_oom_error
 from autonorm.callbacks._measure import Measurements
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormChoice, NormConfig
@@ -74,19 +75,6 @@ class TrialOutcome:
 
     value: float
     measurements: Measurements
-
-
-def is_global_zero(trainer: Trainer) -> bool:
-    """Whether this process is rank 0 (the one that talks to the trial)."""
-    return bool(getattr(trainer, "is_global_zero", True))
-
-
-def broadcast(trainer: Trainer, value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
-    strategy = getattr(trainer, "strategy", None)
-    if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
-        return strategy.broadcast(value, src=0)
-    return value
 
 
 def suggest_config(
@@ -260,7 +248,7 @@ class TrialNorms(AutoNorm, mode="search"):
         self,
         trial: optuna.Trial,
         *,
-        space: Any = "auto",
+        space: str | os.PathLike[str] | Mapping[str, Any] | SearchSpace = "auto",
         monitor: str = "val_loss",
         task: TrialTask | None = None,
         **options: Unpack[RewriteOptions],
@@ -279,15 +267,15 @@ class TrialNorms(AutoNorm, mode="search"):
         self, trainer: Trainer, pl_module: nn.Module, found: list[Slot], example: Any
     ) -> None:
         self.config = suggest_config(self.trial, self.space, self.slots, trainer)
-        partial = self.include is not None or self.exclude is not None
-        apply_config(pl_module, self.config, partial=partial, example_input=example, slots=found)
+        apply_config(
+            pl_module, self.config, partial=self.selective, example_input=example, slots=found
+        )
 
     @override
-    def _check_params(self, trainer: Trainer, pl_module: nn.Module) -> None:
+    def _check_params(self, trainer: Trainer, n_params: int) -> None:
         if is_global_zero(trainer):
-            n_params = sum(p.numel() for p in pl_module.parameters())
             self.trial.set_user_attr(keys.N_PARAMS, n_params)
-        super()._check_params(trainer, pl_module)
+        super()._check_params(trainer, n_params)
 
     @override
     def _over_budget(self, reason: str) -> NoReturn:

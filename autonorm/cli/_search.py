@@ -11,12 +11,15 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autonorm._errors import UsageError
 from autonorm._io import mask_password
 from autonorm.cli._output import console, print_result
 from autonorm.cli._user_code import import_class
+
+if TYPE_CHECKING:
+    from autonorm.search import SearchSettings
 
 #: ``--search.<name>`` options the settings do not declare: (name, type, default, help). Each is
 #: the command line's own: shorthands for the space, and the local pool of worker processes.
@@ -109,8 +112,11 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     model_factory = _factory(cfg.model, "model")
     data_factory = _factory(cfg.data, "data")
     if cfg.search.n_workers > 1:
-        retrain = _retrainer(model_factory, data_factory, settings)
-        return _run_pool(argv, settings, cfg.search.n_workers, debug=debug, retrain=retrain)
+        study_name = settings.study_name_for(_class_name(cfg.model))
+        retrain = _retrainer(model_factory, data_factory, settings, study_name)
+        return _run_pool(
+            argv, settings, study_name, cfg.search.n_workers, debug=debug, retrain=retrain
+        )
 
     position = pool_position()
     if position is None:
@@ -122,7 +128,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     # a worker of `--search.n_workers`: its parent writes the bundle
     index, count = position
     sampler = settings.sampler
-    if settings.seed is not None and sampler in ("tpe", "random"):
+    if settings.seed is not None and isinstance(sampler, str):  # a named sampler
         sampler = make_sampler(sampler, settings.seed + index)  # no two workers alike
     prefix = f"worker {index}/{count} (pid {os.getpid()})"
     search(
@@ -137,7 +143,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     return 0
 
 
-def _settings(cfg: Any) -> Any:
+def _settings(cfg: Any) -> SearchSettings:
     """The search's settings from the parsed options: each ``--search.<field>`` as given, the
     space with ``--search.choices``/``--search.weight_norms`` applied, the study named after the
     model class, the Trainer's arguments that differ from its defaults.
@@ -145,7 +151,7 @@ def _settings(cfg: Any) -> Any:
     Raises:
         ValueError: a setting that does not hold (the CLI prints it in one line, exit 2).
     """
-    from autonorm.search import SearchSettings, cli_fields, given_storage
+    from autonorm.search import SearchSettings, cli_fields, given_storage  # noqa: F811
     from autonorm.search_spaces import resolve_space
 
     options = cfg.search
@@ -170,7 +176,7 @@ def _settings(cfg: Any) -> Any:
             "trainer_kwargs": trainer_kwargs,
         }
     )
-    return dataclasses.replace(settings, study_name=settings.study_name_for(_class_name(cfg.model)))
+    return settings.replace(study_name=settings.study_name_for(_class_name(cfg.model)))
 
 
 def _choices(given: str | list[str]) -> list[str]:
@@ -194,7 +200,8 @@ def _class_name(spec: Any) -> str:
 
 def _run_pool(
     argv: Sequence[str],
-    settings: Any,
+    settings: SearchSettings,
+    study_name: str,
     n_workers: int,
     *,
     debug: bool,
@@ -208,8 +215,8 @@ def _run_pool(
         worker_command(argv, debug=debug),
         n_workers=n_workers,
         n_trials=settings.n_trials,
-        study_name=settings.study_name,
-        out=settings.bundle_dir(settings.study_name),
+        study_name=study_name,
+        out=settings.bundle_dir(study_name),
         storage=settings.storage,
         retrain=retrain,
         say=out.print,
@@ -217,7 +224,7 @@ def _run_pool(
     if outcome.result is not None:
         print_result(out, outcome.result)
     else:
-        out.print(f"no finished trial in study {settings.study_name!r}: no bundle written")
+        out.print(f"no finished trial in study {study_name!r}: no bundle written")
     for worker in outcome.failed:
         lines = log_tail(worker.log_path, 20)
         errors = [line for line in lines if line.startswith("autonorm:")] or lines[-4:]
@@ -231,7 +238,10 @@ def _run_pool(
 
 
 def _retrainer(
-    model_factory: Callable[[], Any], data_factory: Callable[[], Any], settings: Any
+    model_factory: Callable[[], Any],
+    data_factory: Callable[[], Any],
+    settings: SearchSettings,
+    study_name: str,
 ) -> Callable[[Any], Path] | None:
     """``--search.retrain`` of a pool: the parent trains the best config once all workers end."""
     if not settings.retrain:
@@ -240,7 +250,7 @@ def _retrainer(
     def retrain(config: Any) -> Path:
         from autonorm.search import retrain_best
 
-        out = settings.bundle_dir(settings.study_name)
+        out = settings.bundle_dir(study_name)
         return retrain_best(config, model_factory, data_factory, settings, out)
 
     return retrain

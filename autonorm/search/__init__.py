@@ -36,11 +36,12 @@ from autonorm.search._progress import SearchProgress, TrialLines
 from autonorm.search._runner import search
 from autonorm.search._settings import SearchSettings, cli_fields, default_out_dir
 from autonorm.search._storage import SQLITE_FILE, make_sampler, make_storage
-from autonorm.search._training import retrain_best
+from autonorm.search._training import LEARN_MIXING_LR_SCALE, retrain_best
 from autonorm.search._workers import given_storage, handle_interrupts, pool_position
 
 __all__ = [
     "BEST_CONFIG_FILE",
+    "LEARN_MIXING_LR_SCALE",
     "PARETO_FILE",
     "REPORT_FILE",
     "SQLITE_FILE",
@@ -50,8 +51,8 @@ __all__ = [
     "SearchSettings",
     "TrialLines",
     "bundle_storage",
-    "default_out_dir",
     "cli_fields",
+    "default_out_dir",
     "export_bundle",
     "given_storage",
     "handle_interrupts",

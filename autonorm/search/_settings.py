@@ -14,10 +14,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from autonorm._errors import AutoNormError
 from autonorm.budget import CLI_TYPE, Budget, as_budget
+from autonorm.search._storage import PrunerName, SamplerName
 from autonorm.search_spaces import SearchSpace, resolve_space
 
 #: Secondary objectives of a multi-objective search (minimized) -> the trial measurement.
@@ -30,8 +31,11 @@ DEFAULT_N_TRIALS = 20
 #: How the learn pass of each learned warm start mixes: softmax SN (``"learn"``, the default:
 #: its derived configs retrained better at small batches in ``benchmarks/bench_search.py``) or
 #: Sparse SN (``"learn-sparse"``, Shao et al. 2019).
-LEARN_MIXINGS = {"learn": "softmax", "learn-sparse": "sparsestmax"}
-WARM_STARTS = (True, False, *LEARN_MIXINGS)
+LearnedWarmStart = Literal["learn", "learn-sparse"]
+LEARN_MIXINGS: dict[str, str] = {"learn": "softmax", "learn-sparse": "sparsestmax"}
+WARM_STARTS = (True, False, *get_args(LearnedWarmStart))
+#: The direction of the monitored metric.
+Direction = Literal["min", "max"]
 #: Folder of the bundles whose ``out_dir`` is not given, under the working directory.
 RUNS_FOLDER = "autonorm-runs"
 
@@ -119,15 +123,15 @@ class SearchSettings:
     )
     budget: Budget | None = field(default=None, metadata=_cli(Budget))
     monitor: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    mode: Direction = "min"
     trainer_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_NOT_CLI)
     storage: Any = field(default=None, metadata=_cli(str | None))
     study_name: str | None = None
     out_dir: str | os.PathLike[str] | None = field(default=None, metadata=_cli(str | None))
-    sampler: Any = field(default="tpe", metadata=_cli(Literal["tpe", "random"]))
-    pruner: Any = field(default="median", metadata=_cli(Literal["median", "hyperband", "none"]))
+    sampler: Any = field(default="tpe", metadata=_cli(SamplerName))
+    pruner: Any = field(default="median", metadata=_cli(PrunerName))
     seed: int | None = None
-    warm_start: bool | Literal["learn", "learn-sparse"] = True
+    warm_start: bool | LearnedWarmStart = True
     objectives: list[str] = field(default_factory=lambda: [METRIC], metadata=_cli(list[str]))
     example_input: Any = field(default=None, metadata=_NOT_CLI)
     include: str | list[str] | None = None
@@ -138,8 +142,15 @@ class SearchSettings:
     heartbeat_interval: float = 10.0
     grace_period: float | None = None
     export: bool = field(default=True, metadata=_NOT_CLI)
+    #: the values as given, per instance (set in ``__post_init__``; not a field)
+    _given: ClassVar[dict[str, Any]]
 
     def __post_init__(self) -> None:
+        # the values as given: replace() resolves changed settings from them, not from the
+        # values resolved here (a grace period, a space for another budget)
+        object.__setattr__(
+            self, "_given", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        )
         _check(self)
         beat = self.heartbeat_interval
         grace = 4.0 * beat if self.grace_period is None else self.grace_period
@@ -176,7 +187,12 @@ class SearchSettings:
             raise TypeError(f"search() got unknown settings {unknown}; valid: {names}")
         if settings is None:
             return cls(**options)
-        return dataclasses.replace(settings, **options)
+        return settings.replace(**options)
+
+    def replace(self, **changes: Any) -> SearchSettings:
+        """These settings with ``changes``, resolved again from the values as given (what
+        ``dataclasses.replace`` cannot do: it would start from the resolved ones)."""
+        return type(self)(**{**self._given, **changes})
 
     # -- what the search derives from them -----------------------------------------------------
 
@@ -245,7 +261,7 @@ def _check(settings: SearchSettings) -> None:
         raise ValueError(f"`n_trials` must be a positive int or None, got {n_trials!r}")
     if settings.timeout is not None and not settings.timeout > 0:
         raise ValueError(f"`timeout` must be > 0 seconds, got {settings.timeout!r}")
-    if settings.mode not in ("min", "max"):
+    if settings.mode not in get_args(Direction):
         raise ValueError(f"`mode` must be 'min' or 'max', got {settings.mode!r}")
     if not settings.heartbeat_interval > 0:
         raise ValueError(

@@ -10,7 +10,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import optuna
 
@@ -21,8 +21,11 @@ from autonorm.search._workers import RetryStaleTrial
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+#: The samplers and pruners a search names (any Optuna sampler or pruner object is taken too).
+SamplerName = Literal["tpe", "random"]
+PrunerName = Literal["median", "hyperband", "none"]
+SAMPLERS = get_args(SamplerName)
+PRUNERS = get_args(PrunerName)
 #: The embedded storage's file in the bundle folder.
 SQLITE_FILE = "study.db"
 

@@ -150,7 +150,7 @@ def derive_config(model: nn.Module, *, example_input: Any = None) -> NormConfig:
         "source": "switchable",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         LEARNED_WEIGHTS: weights,
-        LEARNED_MIXING: mixings[0] if len(mixings) == 1 else mixings,
+        LEARNED_MIXING: "+".join(mixings),  # one name, unless the layers mixed differently
     }
     return NormConfig(choices, metadata=metadata).with_probe(slots[name] for name in choices)
 

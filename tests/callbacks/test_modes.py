@@ -36,8 +36,20 @@ def test_the_factory_builds_the_class_of_the_mode(kwargs, cls):
 def test_the_factory_names_the_mode_an_argument_belongs_to():
     with pytest.raises(ValueError, match=r"`space` applies to mode='search' only.*mode='learn'"):
         AutoNorm(space="cnn")
-    with pytest.raises(ValueError, match=r"unknown argument `colour`"):
+    with pytest.raises(TypeError, match=r"unexpected arguments \['colour'\]"):
         AutoNorm(mode="learn", colour="red")
+    # another mode's arguments left at their defaults are dropped, as the single callback did
+    assert type(AutoNorm(config=None, trial=None, init="uniform", monitor="val_loss")) is LearnNorms
+    fixed = AutoNorm(config=NormConfig({"bn1": "layernorm"}), space="auto", finalize=False)
+    assert type(fixed) is FixedNorms
+
+
+def test_each_class_shows_its_own_arguments():
+    import inspect
+
+    assert "finalize" in inspect.signature(LearnNorms).parameters
+    assert list(inspect.signature(FixedNorms).parameters)[:2] == ["config", "check_model"]
+    assert "task" in inspect.signature(TrialNorms).parameters
 
 
 def test_a_mode_class_is_used_directly_and_checkpoints_carry_its_mode(tmp_path):

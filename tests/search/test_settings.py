@@ -108,3 +108,15 @@ def test_the_bundle_folder_and_study_name_come_from_one_place(tmp_path, monkeypa
     assert settings.bundle_dir("autonorm-Net") == tmp_path / "autonorm-runs" / "autonorm-Net"
     given = SearchSettings(study_name="s", out_dir=tmp_path / "out")
     assert given.study_name_for("Net") == "s" and given.bundle_dir("s") == tmp_path / "out"
+
+
+def test_replacing_a_setting_resolves_the_others_again_from_what_was_given():
+    short = SearchSettings(heartbeat_interval=5.0)
+    assert short.grace_period == 20.0  # 4 x the heartbeat
+    assert short.replace(heartbeat_interval=15.0).grace_period == 60.0
+    assert SearchSettings.build(SearchSettings(), {"heartbeat_interval": 50.0}).grace == 200.0
+    two_devices = SearchSettings(budget={"devices": 2})
+    assert two_devices.space.devices == 2
+    assert SearchSettings.build(two_devices, {"budget": None}).space.devices == 1
+    more_epochs = SearchSettings(trainer_kwargs={"max_epochs": 5}).replace(seed=3)
+    assert (more_epochs.max_epochs, more_epochs.seed) == (5, 3)
