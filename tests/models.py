@@ -401,3 +401,20 @@ def randomize_norms(model: nn.Module) -> None:
                     tensor.copy_(torch.randn(tensor.shape, generator=g))
             if isinstance(getattr(module, "running_var", None), torch.Tensor):
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=g) + 0.5)
+
+
+def call(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The model on its example input (a tensor, or a tuple of its positional arguments)."""
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def assert_trains(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One training forward and backward: a finite output and a finite gradient for every
+    trainable parameter. Returns the output."""
+    model.train()
+    out = call(model, x)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    return out

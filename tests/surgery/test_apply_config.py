@@ -35,15 +35,11 @@ from autonorm.norms import (
 )
 from autonorm.surgery import NormWithExtra
 from autonorm.surgery._rebuild import settled_choice
-from tests.models import CF, MODELS, build, randomize_norms
+from tests.models import CF, MODELS, assert_trains, build, call, randomize_norms
 
 
 def modules_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(model.named_modules(remove_duplicate=False))
-
-
-def call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(*x) if isinstance(x, tuple) else model(x)
 
 
 # -- keep round trip and uniform conversions ---------------------------------------------------
@@ -132,12 +128,7 @@ def test_uniform_conversion(name, norm):
         assert type(layer) is expected_type(norm, slot.layout, len(slot.input_shape))
         if norm in ("switchable", "dyt", "identity"):
             assert layer.layout == slot.layout
-    model.train()
-    out = call(model, x)
-    out.float().square().mean().backward()
-    assert torch.isfinite(out).all()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert_trains(model, x)
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(call(model, x)).all()

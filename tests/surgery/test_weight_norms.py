@@ -34,7 +34,7 @@ from autonorm.norms import WeightStandardization, set_weight_norm, weight_norm_o
 from autonorm.norms._weight import is_feeder, weight_problems
 from autonorm.search_spaces import SearchSpace
 from autonorm.surgery._rebuild import settled_choice
-from tests.models import MODELS
+from tests.models import MODELS, assert_trains, build
 
 # -- the formulas, written out ---------------------------------------------------------------
 
@@ -287,15 +287,6 @@ EXPECTED_FEEDERS = {
 }
 
 
-def build(name: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    return MODELS[name]()
-
-
-def call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(*x) if isinstance(x, tuple) else model(x)
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_probe_finds_each_slots_feeder(name):
     model, x = build(name)
@@ -425,12 +416,7 @@ def test_paired_configs_apply_to_the_feeders(name, choice):
         if slot.name in cfg:
             assert weight_norm_of(feeder) == parsed.weight
             assert parametrize.is_parametrized(feeder, "weight")
-    model.train()
-    out = call(model, x)
-    out.float().square().mean().backward()
-    assert torch.isfinite(out).all()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert_trains(model, x)
     again = {s.name: s.keep_choice() for s in find_slots(model, x)}
     before = {s.name: s.keep_choice() for s in slots}
     # keep choices carry the pair (and the settings a same-family choice kept: LayerNorm2d's eps)
