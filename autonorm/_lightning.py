@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import random
 from typing import Any
 
 import torch
@@ -107,6 +108,17 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         submodule(default_namespace(), "utilities.memory").garbage_collection_cuda()
+
+
+def reseed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device's) with ``seed``."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return
+    numpy.random.seed(seed % 2**32)
 
 
 def is_global_zero(trainer: Any) -> bool:

@@ -51,6 +51,23 @@ RUNG_EPOCHS = "rung_epochs"
 ROUND = "round"
 #: the finished trial whose result this trial reused instead of training the same config again.
 REUSED_FROM = "reused_from"
+#: which run of its config a trial is (0, 1, ...): the k-th run of every config trains with the
+#: same seed, so that configs are compared by paired differences (common random numbers).
+RUN_INDEX = "run_index"
+#: the screened trial whose rung checkpoint a promoted trial continues, and the epochs that
+#: trial already trained (the promoted trial trains only the rest of the schedule).
+CONTINUES = "continues"
+START_EPOCH = "start_epoch"
+#: True on the trials of the config the search keeps unless the evidence says another is
+#: better (the model's own norms).
+INCUMBENT = "incumbent"
+#: What the staged plan stores on a trial it enqueues: a retry of the trial keeps all of it.
+PLANNED = (STAGE, RUNG_EPOCHS, ROUND, RUN_INDEX, CONTINUES, START_EPOCH, INCUMBENT)
+
+# -- study user attributes ----------------------------------------------------------------------
+#: the seed of the study's first runs when the search was given none (``seed=None``): drawn
+#: once when the study is created, so that every config's k-th run still shares its seed.
+RUN_SEED = "run_seed"
 
 #: the Optuna constraint name of the budget (> 0: infeasible).
 BUDGET_CONSTRAINT = "budget"

@@ -234,6 +234,9 @@ class _RewriteBase(_CallbackType):
         """Rewrite the selected slots (:attr:`slots`); ``found`` holds every slot of the model."""
         raise NotImplementedError
 
+    def _resumed(self, trainer: Trainer) -> None:
+        """The fit resumes a checkpoint: its structure is applied instead of :meth:`_rewrite`."""
+
     def _over_budget(self, reason: str) -> NoReturn:
         """End a run that broke the budget."""
         raise AutoNormError(f"over budget: {reason}")
@@ -265,6 +268,7 @@ class _RewriteBase(_CallbackType):
             structure, config = resumed
             self.config = config if config is not None else self.config
             apply_config(pl_module, structure, partial=True, example_input=example, slots=found)
+            self._resumed(trainer)
         else:
             self._rewrite(trainer, pl_module, found, example)
         self._applied = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,7 +24,7 @@ from typing_extensions import Unpack, override
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import broadcast, is_global_zero, is_oom_error
+from autonorm._lightning import broadcast, is_global_zero, is_oom_error, reseed
 from autonorm.callbacks._measure import Measurements
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormChoice, NormConfig
@@ -50,17 +51,32 @@ class TrialTask:
             sampler proposed (or a user's own study).
         stop_after: the run stops after this many epochs (a screening rung: its last value is
             a low-fidelity result and the trial is recorded PRUNED); None: the full schedule.
-        prunable: whether the study's pruner may stop the run early (a promoted or confirming
-            run was chosen to train the full schedule).
+        prunable: whether the study's pruner may stop the run early (a planned run stops where
+            the plan says, at its rung or at the end of the schedule).
+        seed: the run's seed: every epoch starts from generator states drawn from ``(seed,
+            epoch)`` alone, so the data order and dropout of an epoch do not depend on how the
+            run got there, and a run continued from a checkpoint repeats a run from scratch.
+        checkpoint: where a run that stops at its rung saves its state (the promotion that
+            continues it resumes there); None: nothing is saved.
+        resume_from: the checkpoint this run continues (the rung checkpoint of the screened
+            run it promotes); None: from scratch.
     """
 
     stage: str | None = None
     stop_after: int | None = None
     prunable: bool = True
+    seed: int | None = None
+    checkpoint: Path | None = None
+    resume_from: Path | None = None
 
     def __post_init__(self) -> None:
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"`stop_after` must be >= 1 epoch, got {self.stop_after}")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generators' seed at the start of ``epoch`` of a run seeded ``seed``."""
+    return (seed * 1_000_003 + epoch) % 2**31
 
 
 @dataclass(frozen=True)
@@ -141,22 +157,23 @@ def monitored_value(trainer: Trainer, monitor: str) -> float:
 
 def _epoch_verdict(
     trial: optuna.Trial, task: TrialTask, value: float, epoch: int, monitor: str
-) -> str | None:
-    """Report ``value`` for ``epoch``; why the trial stops here, or None.
+) -> tuple[str | None, bool]:
+    """Report ``value`` for ``epoch``; why the trial stops here (or None), and whether it stops
+    because it reached its rung.
 
     A run that stops at its rung (:attr:`TrialTask.stop_after`) is a low-fidelity evaluation,
     recorded as PRUNED with its value as the last intermediate value.
     """
     if not math.isfinite(value):
-        return f"{monitor} is {value} at epoch {epoch}"
+        return f"{monitor} is {value} at epoch {epoch}", False
     if len(trial.study.directions) == 1:  # Optuna cannot prune multi-objective studies
         trial.report(value, step=epoch)
         if task.stop_after is not None and epoch + 1 >= task.stop_after:
-            return f"screened: stopped at its rung of {task.stop_after} epoch(s)"
+            return f"screened: stopped at its rung of {task.stop_after} epoch(s)", True
         if task.prunable and trial.should_prune():
             pruner = type(getattr(trial.study, "pruner", None)).__name__
-            return f"pruned by {pruner} at epoch {epoch}"
-    return None
+            return f"pruned by {pruner} at epoch {epoch}", False
+    return None, False
 
 
 def report_epoch(
@@ -165,9 +182,12 @@ def report_epoch(
     trainer: Trainer,
     monitor: str,
     measurements: Measurements,
+    epochs_trained: int | None = None,
 ) -> None:
-    """After a validation: report the metric (rank 0), record the epochs trained and the
-    measurements, and prune on every rank when rank 0 says so.
+    """After a validation: report the metric (rank 0), record the epochs trained (a continued
+    run trains only the rest; default: every epoch up to this one) and the measurements, and
+    prune on every rank when rank 0 says so. A run that reached its rung saves its checkpoint
+    first.
 
     Raises:
         optuna.TrialPruned: the pruner pruned the trial, the run reached its rung or the metric
@@ -175,18 +195,33 @@ def report_epoch(
         AutoNormError: the metric was never logged.
     """
     epoch = trainer.current_epoch
-    reason = None
+    verdict: tuple[str | None, bool] = (None, False)
     if is_global_zero(trainer):
-        reason = _epoch_verdict(trial, task, monitored_value(trainer, monitor), epoch, monitor)
-        trial.set_user_attr(keys.EPOCHS, epoch + 1)
+        value = monitored_value(trainer, monitor)
+        verdict = _epoch_verdict(trial, task, value, epoch, monitor)
+        trained = epoch + 1 if epochs_trained is None else epochs_trained
+        trial.set_user_attr(keys.EPOCHS, trained)
         record_measurements(trial, measurements)
-    reason = broadcast(trainer, reason)
-    if reason is not None:
-        import optuna
+    reason, at_rung = broadcast(trainer, verdict)
+    if reason is None:
+        return
+    if at_rung and task.checkpoint is not None:
+        save_checkpoint(trainer, task.checkpoint)
+    import optuna
 
-        if is_global_zero(trainer):
-            trial.set_user_attr(keys.PRUNE_REASON, reason)
-        raise optuna.TrialPruned(f"Trial was pruned: {reason}.")
+    if is_global_zero(trainer):
+        trial.set_user_attr(keys.PRUNE_REASON, reason)
+    raise optuna.TrialPruned(f"Trial was pruned: {reason}.")
+
+
+def save_checkpoint(trainer: Trainer, path: Path) -> None:
+    """The run's full state (model, optimizers, schedulers, loops, callbacks) at ``path``,
+    written beside it first: a crash mid-write never leaves a broken checkpoint to continue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    trainer.save_checkpoint(partial)
+    if is_global_zero(trainer):
+        os.replace(partial, path)
 
 
 def infeasible_reason(err: BaseException) -> str | None:
@@ -259,6 +294,7 @@ class TrialNorms(AutoNorm, mode="search"):
         self.trial = trial
         self.monitor = monitor
         self.task = task if task is not None else TrialTask()
+        self._first_epoch: int | None = None  # the epoch of the run's first training batch
         # syncbatchnorm only where the budget has several devices
         self.space: SearchSpace = resolve_space(space).for_budget(self.budget)
 
@@ -291,6 +327,35 @@ class TrialNorms(AutoNorm, mode="search"):
         super()._observe_batch_size(trainer, size)
 
     @override
+    def _resumed(self, trainer: Trainer) -> None:
+        # the trial records its (enqueued) parameters as a run from scratch does
+        self.config = suggest_config(self.trial, self.space, self.slots, trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._first_epoch is None:  # > 0 when the run continues a checkpoint
+            self._first_epoch = trainer.current_epoch
+
+    def _epochs_trained(self, trainer: Trainer) -> int:
+        """Epochs this run trained (a continued run's restored epochs are not its own)."""
+        first = self._first_epoch
+        return 0 if first is None else trainer.current_epoch + 1 - first
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.task.seed is not None:  # before the epoch's data iterator draws its order
+            reseed(epoch_seed(self.task.seed, trainer.current_epoch))
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # every epoch trained counts, also those without a validation (check_val_every_n_epoch)
+        if is_global_zero(trainer) and self._first_epoch is not None:
+            self.trial.set_user_attr(keys.EPOCHS, self._epochs_trained(trainer))
+
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -300,7 +365,14 @@ class TrialNorms(AutoNorm, mode="search"):
             mixed = switchable_choices(pl_module, self.slots)
             if mixed:
                 record_switchable_choices(self.trial, mixed)
-        report_epoch(self.trial, self.task, trainer, self.monitor, self.measurements())
+        report_epoch(
+            self.trial,
+            self.task,
+            trainer,
+            self.monitor,
+            self.measurements(),
+            self._epochs_trained(trainer),
+        )
 
     @override
     def on_exception(

@@ -3,7 +3,10 @@ front.
 
 A trial is over the budget when its ``feasible`` user attribute is False; such a trial never
 wins, whatever its value. A config trained more than once (re-evaluated with other seeds) is
-judged by the mean of its runs: the best of many single noisy runs is biased upward.
+judged by its runs together, not by its luckiest one: the best of many single noisy runs is
+biased upward. Runs pair by their run index (the k-th run of every config trains with the same
+seed), and a config replaces the one chosen so far, and in the end the incumbent (the model's
+own norms), only when the paired differences say it is better (:func:`rank_runs`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from typing import TypeAlias
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autonorm._trial_keys import BASELINE, FEASIBLE, REUSED_FROM
+from autonorm._trial_keys import BASELINE, FEASIBLE, INCUMBENT, REUSED_FROM, RUN_INDEX
 from autonorm.report._types import Certainty
+
+#: How sure the paired evidence must be (the probability, from Student's t, that a challenger is
+#: better) before a challenger replaces the config chosen so far.
+EVIDENCE = 0.8
 
 #: A hashable key of a config's parameters (:func:`params_key`).
 ParamsKey: TypeAlias = tuple[tuple[str, str], ...]
@@ -86,21 +93,106 @@ class ConfigRuns:
             (str(t.user_attrs[BASELINE]) for t in self.trials if BASELINE in t.user_attrs), None
         )
 
+    @property
+    def run_indices(self) -> list[int]:
+        """Each run's index, its seed's place (a study without them: the runs in order)."""
+        return [int(t.user_attrs.get(RUN_INDEX, i)) for i, t in enumerate(self.trials)]
+
+    @property
+    def incumbent(self) -> bool:
+        """Whether this is the config the search keeps unless the evidence says otherwise."""
+        return any(t.user_attrs.get(INCUMBENT) for t in self.trials)
+
+    def by_run(self) -> dict[int, float]:
+        """Value per run index (a run index trained twice: their mean)."""
+        grouped: dict[int, list[float]] = {}
+        for index, value in zip(self.run_indices, self.values, strict=True):
+            grouped.setdefault(index, []).append(value)
+        return {i: statistics.fmean(v) for i, v in grouped.items()}
+
 
 def config_runs(study: optuna.Study) -> list[ConfigRuns]:
-    """Every config's runs in a single-objective study, best mean first (ties: earliest)."""
+    """Every config's runs in a single-objective study, the chosen one first
+    (:func:`rank_runs`)."""
     return rank_runs(study.get_trials(deepcopy=False), maximize=maximizes(study))
 
 
 def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRuns]:
-    """:func:`config_runs` of ``trials``."""
+    """The configs' full-schedule runs, the chosen config first, the others best mean first
+    (ties: earliest).
+
+    The choice rests on evidence, not on the largest single value: it starts from the best
+    mean among the configs run most often; a config replaces it only when their paired runs
+    (same run index, same seed) say it is better with probability :data:`EVIDENCE`
+    (:func:`paired_evidence`); and the incumbent (the model's own norms, when it has a run)
+    is replaced by the result only on the same evidence. With single runs and no incumbent
+    this is the best value.
+    """
     groups: dict[ParamsKey, list[FrozenTrial]] = {}
     for trial in feasible_complete(trials):
         if REUSED_FROM not in trial.user_attrs:
             groups.setdefault(params_key(trial.params), []).append(trial)
     sign = -1.0 if maximize else 1.0
     runs = [ConfigRuns(tuple(sorted(ts, key=lambda t: t.number))) for ts in groups.values()]
-    return sorted(runs, key=lambda r: (sign * r.mean, r.trials[0].number))
+    ranked = sorted(runs, key=lambda r: (sign * r.mean, r.trials[0].number))
+    if len(ranked) < 2:
+        return ranked
+    spread = _pooled_spread(ranked)
+    most = max(len(r.trials) for r in ranked)
+    chosen = next(r for r in ranked if len(r.trials) == most)
+    for challenger in ranked:
+        if challenger is not chosen:
+            if paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE:
+                chosen = challenger
+    incumbent = next((r for r in ranked if r.incumbent), None)
+    if incumbent is not None and chosen is not incumbent:
+        if paired_evidence(chosen, incumbent, maximize, spread) < EVIDENCE:
+            chosen = incumbent
+    return [chosen, *(r for r in ranked if r is not chosen)]
+
+
+def _pooled_spread(runs: Sequence[ConfigRuns]) -> tuple[float, int] | None:
+    """The seed-to-seed standard deviation pooled over every config run more than once, and
+    its degrees of freedom (None when no config ran twice)."""
+    freedom = sum(len(r.trials) - 1 for r in runs)
+    if freedom == 0:
+        return None
+    squares = sum((v - r.mean) ** 2 for r in runs for v in r.values)
+    return math.sqrt(squares / freedom), freedom
+
+
+def paired_evidence(
+    challenger: ConfigRuns,
+    chosen: ConfigRuns,
+    maximize: bool,
+    spread: tuple[float, int] | None = None,
+) -> float:
+    """The probability that ``challenger`` is better than ``chosen``, from their paired runs.
+
+    Runs with the same run index trained with the same seed (common random numbers): their
+    differences carry less seed noise than the values. Two pairs or more: Student's t on the
+    differences. One pair: its difference against the pooled seed spread (``spread``, the
+    noise of a difference of two runs: conservative where the pairing removes some). No
+    spread known: 1 or 0 by the sign of the difference (the better single value wins).
+    """
+    mine, theirs = challenger.by_run(), chosen.by_run()
+    common = sorted(set(mine) & set(theirs))
+    sign = 1.0 if maximize else -1.0
+    if common:
+        diffs = [sign * (mine[i] - theirs[i]) for i in common]
+    else:  # no shared seed: the means
+        diffs = [sign * (challenger.mean - chosen.mean)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) >= 2:
+        noise = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        freedom = len(diffs) - 1
+    elif spread is not None:
+        noise, freedom = spread[0] * math.sqrt(2), spread[1]
+    else:
+        return 1.0 if mean > 0 else 0.0
+    if noise <= 0:
+        return 1.0 if mean > 0 else (0.5 if mean == 0 else 0.0)
+    return student_t_cdf(mean / noise, freedom)
 
 
 def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> Certainty | None:
@@ -109,21 +201,19 @@ def choice_certainty(runs: Sequence[ConfigRuns], maximize: bool) -> Certainty | 
     ``gap``: the difference of their means (in the better direction); ``noise``: the standard
     error of that difference, from the seed-to-seed spread pooled over every config run more
     than once (one config's two runs say little about its own spread; None when no config ran
-    twice); ``p_better``: the probability that the chosen config is better, from Student's t
-    with the pooled spread's degrees of freedom (heavy-tailed with few repeats: two runs of one
-    config make 1 degree of freedom; None without noise).
+    twice); ``p_better``: the probability that the chosen config is better, from their paired
+    runs (:func:`paired_evidence`; None without noise).
     """
     if len(runs) < 2:
         return None
     best, second = runs[0], runs[1]
     gap = (best.mean - second.mean) * (1.0 if maximize else -1.0)
-    freedom = sum(len(r.trials) - 1 for r in runs)
-    if freedom == 0:
+    spread = _pooled_spread(runs)
+    if spread is None:
         return Certainty(runner_up=second.label, gap=gap, noise=None, p_better=None)
-    squares = sum((v - r.mean) ** 2 for r in runs for v in r.values)
-    pooled = math.sqrt(squares / freedom)
+    pooled, freedom = spread
     noise = pooled * math.sqrt(1 / len(best.trials) + 1 / len(second.trials))
-    p_better = student_t_cdf(gap / noise, freedom) if noise > 0 else (1.0 if gap > 0 else 0.5)
+    p_better = paired_evidence(best, second, maximize, spread)
     return Certainty(runner_up=second.label, gap=gap, noise=noise, p_better=p_better)
 
 

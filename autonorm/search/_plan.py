@@ -5,9 +5,15 @@ compute better, and counts it in the same unit (trainings of ``max_epochs`` epoc
 
 1. ``screen``: every baseline (the model's own norms, the learned and the recommended config,
    uniform SwitchableNorm, each uniform family, then random configs where the budget leaves
-   room; :func:`~autonorm.search._warm_start.warm_start_params`) trains for a rung of about a
-   third of the epochs (successive halving, reduction factor :data:`ETA`);
-2. ``promote``: the best :data:`PROMOTED` of the screen train the full schedule;
+   room; :func:`~autonorm.search._warm_start.warm_start_params`) trains on the full schedule
+   (its learning-rate schedule, its ``max_epochs``) and stops at a rung of about a third of the
+   epochs (successive halving, reduction factor :data:`ETA`), saving a checkpoint there;
+2. ``promote``: the best :data:`PROMOTED` of the screen, and the model's own norms (the
+   incumbent: never replaced without a full run of its own), continue their screened run from
+   its checkpoint to the end of the schedule (asynchronous successive halving, Li et al. 2020:
+   a promoted run is exactly a full run and costs only the remaining epochs). When the rung
+   ranks the promoted configs otherwise than their full runs do (the rung does not predict the
+   end: slow starters), the next screened config gets a second look;
 3. ``refine``: around the best full-schedule config, a few moves at a time each change one
    group of slots (a stage, a role: shortcuts, head, attention or MLP norms; see
    :func:`~autonorm.search_spaces.slot_groups`) to what another baseline has there, per-slot
@@ -15,8 +21,13 @@ compute better, and counts it in the same unit (trainings of ``max_epochs`` epoc
    SwitchableNorm's layers weighed highest at the rung (recorded by the trial, no extra
    compute); moves are screened at the rung, and the best one is promoted when its rung
    value beats the incumbent's;
-4. ``confirm``: the leading configs train again with other seeds, so that the final choice is
-   the best mean, not the luckiest single run (the winner's curse).
+4. ``confirm``: the leading configs train again with the next seed, so that the final choice
+   rests on paired runs, not on the luckiest single run (the winner's curse).
+
+The k-th run of every config trains with the same seed (:data:`~autonorm._trial_keys.RUN_INDEX`,
+common random numbers): configs are compared by their paired differences
+(:func:`~autonorm.report.rank_runs`), and the incumbent is replaced only where they say the
+challenger is better.
 
 Refinement runs only while the budget leaves room for a promotion and one confirmation after
 it. Every trial records its stage (and rung and round), so the plan is a function of the study:
@@ -26,10 +37,12 @@ only ``n_trials`` bounds the search, the study's sampler proposes the remaining 
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -39,6 +52,8 @@ from autonorm import _trial_keys as keys
 from autonorm.callbacks import TrialTask
 from autonorm.report import is_feasible, params_key, rank_runs, spent_epochs
 from autonorm.search_spaces import Parameter
+
+log = logging.getLogger(__name__)
 
 SCREEN, PROMOTE, REFINE, CONFIRM = "screen", "promote", "refine", "confirm"
 #: Successive halving's reduction factor: the rung is ``max_epochs / ETA`` epochs.
@@ -52,11 +67,13 @@ DONORS = 2
 #: Configs re-evaluated before the final choice, and the full runs each should have.
 CONFIRM_TOP = 2
 CONFIRM_RUNS = 2
+#: Below this rank correlation between the rung values and the full-run values of the promoted
+#: configs, the rung is not trusted to rank this model's configs: the next screened config is
+#: promoted too (at most :data:`SECOND_LOOKS` of them).
+RUNG_FIDELITY = 0.5
+SECOND_LOOKS = 1
 
 RUN, WAIT, DONE = "run", "wait", "done"
-#: Stages whose trials the pruner never stops: they were chosen to run the full schedule (a
-#: promoted candidate, a re-evaluation with another seed).
-UNPRUNED_STAGES = (PROMOTE, CONFIRM)
 
 
 def rung_epochs(max_epochs: int) -> int:
@@ -71,16 +88,29 @@ class Candidate:
 
     label: str
     params: dict[str, str]
+    #: the config the search keeps unless the evidence says another is better
+    incumbent: bool = False
+
+
+@dataclass(frozen=True)
+class Continued:
+    """The screened run a promotion continues: its trial and the epochs it trained."""
+
+    trial: int
+    epochs: int
 
 
 @dataclass(frozen=True)
 class Planned:
-    """A trial the plan wants next."""
+    """A trial the plan wants next: its stage and config, the rung it stops at, its refinement
+    round, which run of the config it is (its seed), and the screened run it continues."""
 
     stage: str
     candidate: Candidate
     rung: int | None = None
     round: int = 0
+    run: int = 0
+    continues: Continued | None = None
 
     def user_attrs(self) -> dict[str, Any]:
         """What the study stores of the planned trial (read back by :func:`trial_task`)."""
@@ -88,22 +118,60 @@ class Planned:
             keys.STAGE: self.stage,
             keys.BASELINE: self.candidate.label,
             keys.ROUND: self.round,
+            keys.RUN_INDEX: self.run,
         }
         if self.rung is not None:
             attrs[keys.RUNG_EPOCHS] = self.rung
+        if self.continues is not None:
+            attrs[keys.CONTINUES] = self.continues.trial
+            attrs[keys.START_EPOCH] = self.continues.epochs
+        if self.candidate.incumbent:
+            attrs[keys.INCUMBENT] = True
         return attrs
 
 
-def trial_task(user_attrs: Mapping[str, Any]) -> TrialTask:
-    """What a trial is asked to do, from what the plan stored when it enqueued it: its stage,
-    the rung it stops at, whether the pruner may stop it. A trial the sampler proposed has no
+def checkpoint_path(folder: Path, trial_number: int) -> Path:
+    """Where trial ``trial_number`` saves its rung checkpoint in the run folder's ``folder``."""
+    return folder / f"trial-{trial_number}.ckpt"
+
+
+def trial_task(
+    number: int,
+    user_attrs: Mapping[str, Any],
+    *,
+    checkpoints: Path | None = None,
+    base_seed: int = 0,
+) -> TrialTask:
+    """What trial ``number`` is asked to do, from what the plan stored when it enqueued it: its
+    stage, the rung it stops at (saving a checkpoint in ``checkpoints``), the checkpoint it
+    continues, its seed (``base_seed`` plus which run of its config it is). A planned trial
+    stops where the plan says, never earlier by the pruner; a trial the sampler proposed has no
     stage: the full schedule, prunable."""
     stage = user_attrs.get(keys.STAGE)
     rung = user_attrs.get(keys.RUNG_EPOCHS)
+    resume_from = None
+    continues = user_attrs.get(keys.CONTINUES)
+    if continues is not None and checkpoints is not None:
+        resume_from = checkpoint_path(checkpoints, int(continues))
+        if not resume_from.is_file():
+            log.warning(
+                "trial %d continues trial %s, whose checkpoint %s is gone (another host's "
+                "folder, or removed): it trains the full schedule from scratch",
+                number,
+                continues,
+                resume_from,
+            )
+            resume_from = None
+    checkpoint = None
+    if rung is not None and checkpoints is not None:
+        checkpoint = checkpoint_path(checkpoints, number)
     return TrialTask(
         stage=None if stage is None else str(stage),
         stop_after=None if rung is None else int(rung),
-        prunable=stage not in UNPRUNED_STAGES,
+        prunable=stage is None,
+        seed=base_seed + int(user_attrs.get(keys.RUN_INDEX, 0)),
+        checkpoint=checkpoint,
+        resume_from=resume_from,
     )
 
 
@@ -116,6 +184,7 @@ class Plan:
         budget_epochs: the compute cap in epochs (None: no cap).
         n_trials: the cap on finished trials (None: no cap).
         learn_epochs: epochs a learn pass already spent (counted against the budget).
+        retrain_epochs: epochs the final retraining will spend (kept out of the trials' share).
         maximize: the study's direction.
         baselines: the screen (empty: no staged plan, the sampler proposes every trial).
         groups: ``{group name: parameter names}`` that refinement moves change together.
@@ -131,6 +200,7 @@ class Plan:
     budget_epochs: float | None
     n_trials: int | None
     learn_epochs: int = 0
+    retrain_epochs: int = 0
     maximize: bool = True
     baselines: list[Candidate] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)
@@ -142,16 +212,28 @@ class Plan:
     def rung(self) -> int:
         return rung_epochs(self.max_epochs)
 
+    @property
+    def _promotions(self) -> int:
+        """Epochs the first promotions cost: the best screened configs and the incumbent, each
+        continued from its rung."""
+        incumbent = any(c.incumbent for c in self.baselines)
+        return (PROMOTED + incumbent) * (self.max_epochs - self.rung)
+
     def screen(self) -> list[Planned]:
         """The screening trials to enqueue when the study is created: the first baselines, as
-        many as leave room for the promotions within the budget and ``n_trials``. When that is
-        fewer than two, the first baselines train the full schedule instead."""
+        many as leave room for the promotions (and, where the non-random baselines still fit,
+        the confirmations) within the budget and ``n_trials``. When that is fewer than two,
+        the first baselines train the full schedule instead."""
         room = len(self.baselines)
         if self.budget_epochs is not None:
-            left = self.budget_epochs - self.learn_epochs - PROMOTED * self.max_epochs
-            # room for a confirmation too, unless that would cut the non-random baselines
-            confirmed = int((left - self.max_epochs) // self.rung)
-            fits = confirmed if confirmed >= room - self.explore else int(left // self.rung)
+            left = self.budget_epochs - self.reserved_epochs - self._promotions
+            fits = int(left // self.rung)
+            # room for the confirmations too, as much of them as the non-random baselines allow
+            for confirms in range(CONFIRM_TOP * (CONFIRM_RUNS - 1), 0, -1):
+                confirmed = int((left - confirms * self.max_epochs) // self.rung)
+                if confirmed >= room - self.explore:
+                    fits = confirmed
+                    break
             room = min(room, fits)
         if self.n_trials is not None:
             room = min(room, self.n_trials - PROMOTED)
@@ -164,17 +246,29 @@ class Plan:
 
     def next(self, study: optuna.Study) -> str:
         """:data:`RUN` (a trial may start; the plan's next one is enqueued), :data:`WAIT`
-        (running trials must finish first) or :data:`DONE`."""
+        (running trials must finish first) or :data:`DONE`. A queued trial that no longer fits
+        the budget, with nothing running that could leave it room, is skipped (FAIL, with its
+        reason): none is left waiting when the search ends."""
         trials = study.get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING]
         finished = [t for t in trials if t.state.is_finished()]
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         counted = [t for t in finished if t.state != TrialState.FAIL]
         if self.n_trials is not None and len(counted) + len(running) >= self.n_trials:
-            return DONE if len(counted) >= self.n_trials else WAIT
+            if len(counted) >= self.n_trials:
+                _skip(study, waiting, f"the study reached n_trials={self.n_trials}")
+                return DONE
+            return WAIT
         left = self._left(finished, running)
         if waiting:
-            return RUN if self._cost(waiting[0]) <= left else (WAIT if running else DONE)
+            fitting = [t for t in waiting if self._cost(t) <= left]
+            if fitting and fitting[0] is waiting[0]:
+                return RUN
+            if running:
+                return WAIT  # what they leave decides what still fits
+            reason = "the compute budget ended before it could run"
+            _skip(study, waiting[: waiting.index(fitting[0])] if fitting else waiting, reason)
+            return RUN if fitting else DONE
         if self.baselines:
             planned = self._planned(trials, left)
             if planned == WAIT:
@@ -194,44 +288,59 @@ class Plan:
         """Epochs spent: every finished trial's epochs, and the learn pass."""
         return spent_epochs(trials, self.learn_epochs)
 
+    @property
+    def reserved_epochs(self) -> int:
+        """Epochs of the budget trials cannot use: the learn pass and the final retraining."""
+        return self.learn_epochs + self.retrain_epochs
+
     def _left(self, finished: list[FrozenTrial], running: list[FrozenTrial]) -> float:
         if self.budget_epochs is None:
             return math.inf
-        return self.budget_epochs - self.spent(finished) - sum(self._cost(t) for t in running)
+        trained = self.spent(finished) + self.retrain_epochs
+        return self.budget_epochs - trained - sum(self._cost(t) for t in running)
 
     def _cost(self, trial: FrozenTrial) -> int:
-        return int(trial.user_attrs.get(keys.RUNG_EPOCHS) or self.max_epochs)
+        """The epochs a planned trial trains: to its rung or the end, less those it continues."""
+        attrs = trial.user_attrs
+        return int(attrs.get(keys.RUNG_EPOCHS) or self.max_epochs) - int(
+            attrs.get(keys.START_EPOCH, 0)
+        )
 
     # -- the stages --------------------------------------------------------------------------
 
     def _planned(self, trials: list[FrozenTrial], left: float) -> list[Planned] | str:
         """The plan's next trials (empty when it has none left), or :data:`WAIT` while a stage
         is unfinished."""
-        planned = [t for t in trials if keys.STAGE in t.user_attrs]
+        planned = [
+            t for t in trials if keys.STAGE in t.user_attrs and t.state != TrialState.FAIL
+        ]
         if any(t.state == TrialState.RUNNING for t in planned):
             return WAIT  # stages are synchronous: the next decision needs their results
         evidence = Evidence(trials, self.rung, self.maximize)
         promoted = [t for t in planned if t.user_attrs[keys.STAGE] == PROMOTE]
+        confirm = self._confirmation(evidence)
+        reserve = self.max_epochs * self._confirmations_needed(evidence)
         if not promoted:
-            fresh = [
-                c
-                for c in evidence.ranked_screen(SCREEN, 0)[:PROMOTED]
-                if not evidence.full_runs(c.params)
-            ]
-            fresh = fresh[: _affordable(left, self.max_epochs)]
+            fresh = self._first_promotions(evidence)
             if fresh:
-                return [Planned(PROMOTE, c) for c in fresh]
+                return self._affordable_promotions(fresh, left)
         last_round = max((int(t.user_attrs.get(keys.ROUND, 0)) for t in planned), default=0)
         decided = {int(t.user_attrs.get(keys.ROUND, 0)) for t in promoted}
-        if last_round > 0 and last_round not in decided and self.max_epochs <= left:
+        if last_round > 0 and last_round not in decided:
             moves = evidence.ranked_screen(REFINE, last_round)
             incumbent = evidence.incumbent()
             if moves and incumbent is not None and evidence.beats_at_rung(moves[0], incumbent):
-                return [Planned(PROMOTE, moves[0], round=last_round)]
-        confirm = self._confirmation(evidence)
-        reserve = self.max_epochs if confirm is not None else 0
+                step = evidence.promotion(moves[0], round_=last_round)
+                if self._step_cost(step) <= left:
+                    return [step]
+        looks = sum(t.user_attrs.get(keys.BASELINE, "").startswith("second look") for t in promoted)
+        if looks < SECOND_LOOKS and last_round == 0:
+            slow = evidence.second_look(self.maximize)
+            if slow is not None and self._step_cost(slow) <= left - reserve:
+                return [slow]
         moves = self._moves(evidence, trials)
-        affordable = _affordable(left - self.max_epochs - reserve, self.rung)
+        promotion = self.max_epochs - self.rung
+        affordable = _affordable(left - promotion - reserve, self.rung)
         if self.n_trials is not None:  # keep the last trials for a promotion and a confirmation
             started = sum(t.state != TrialState.FAIL for t in trials)
             affordable = min(affordable, self.n_trials - started - 1 - (confirm is not None))
@@ -244,14 +353,40 @@ class Plan:
             return [confirm]
         return []
 
+    def _first_promotions(self, evidence: Evidence) -> list[Planned]:
+        """The best :data:`PROMOTED` screened configs, and the incumbent: each continues its
+        screened run."""
+        ranked = evidence.ranked_screen(SCREEN, 0)
+        chosen = ranked[:PROMOTED] + [c for c in ranked[PROMOTED:] if c.incumbent]
+        return [evidence.promotion(c) for c in chosen if not evidence.full_runs(c.params)]
+
+    def _affordable_promotions(self, steps: list[Planned], left: float) -> list[Planned]:
+        """The promotions (in order, the incumbent always among them) that ``left`` pays for."""
+        out: list[Planned] = []
+        for step in sorted(steps, key=lambda p: not p.candidate.incumbent):
+            if self._step_cost(step) <= left:
+                out.append(step)
+                left -= self._step_cost(step)
+        return sorted(out, key=steps.index)
+
+    def _step_cost(self, step: Planned) -> int:
+        done = step.continues.epochs if step.continues is not None else 0
+        return (step.rung or self.max_epochs) - done
+
+    def _confirmations_needed(self, evidence: Evidence) -> int:
+        """Full runs the leading configs still lack (what the plan keeps for confirmations)."""
+        leaders = evidence.leaders()[:CONFIRM_TOP]
+        return sum(max(0, CONFIRM_RUNS - len(evidence.full_runs(c.params))) for c in leaders)
+
     def _confirmation(self, evidence: Evidence) -> Planned | None:
-        """Another full run of a leading config that has fewer than :data:`CONFIRM_RUNS`."""
+        """Another full run of a leading config that has fewer than :data:`CONFIRM_RUNS`, with
+        the next seed (its runs pair with the other leader's)."""
         leaders = evidence.leaders()[:CONFIRM_TOP]
         short = [c for c in leaders if len(evidence.full_runs(c.params)) < CONFIRM_RUNS]
         if not short:
             return None
         first = min(short, key=lambda c: len(evidence.full_runs(c.params)))
-        return Planned(CONFIRM, first)
+        return Planned(CONFIRM, first, run=evidence.next_run(first.params))
 
     def _moves(self, evidence: Evidence, trials: list[FrozenTrial]) -> list[Candidate]:
         """Untried configs one group away from the incumbent, the learned config's groups first,
@@ -280,9 +415,47 @@ class Plan:
         return moves
 
 
+def _skip(study: optuna.Study, waiting: Sequence[FrozenTrial], reason: str) -> None:
+    """Mark queued trials FAIL with ``reason``: the plan will not run them."""
+    storage = study._storage
+    for trial in waiting:
+        try:
+            storage.set_trial_user_attr(trial._trial_id, keys.FAIL_REASON, f"skipped: {reason}")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another worker took it meanwhile
+
+
 def _affordable(left: float, cost: int) -> int:
     """How many runs of ``cost`` epochs fit in ``left`` (no cap: as many as wanted)."""
     return 1 << 30 if math.isinf(left) else max(0, int(left // cost))
+
+
+def spearman(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Spearman's rank correlation of ``pairs`` (None under two pairs or without spread; two
+    pairs give 1 or -1: whether their order agrees)."""
+    if len(pairs) < 2:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):  # ties share their mean rank
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    xs, ys = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
 class Evidence:
@@ -293,22 +466,56 @@ class Evidence:
         self.rung = rung
         self.sign = 1.0 if maximize else -1.0
         self._ranked = rank_runs(self.trials, maximize=maximize)
-        self._runs = {params_key(r.trials[0].params): r.values for r in self._ranked}
+        self._runs = {params_key(r.trials[0].params): r for r in self._ranked}
 
     def full_runs(self, params: Mapping[str, str]) -> list[float]:
         """The values of the config's full-schedule runs."""
-        return self._runs.get(params_key(params), [])
+        runs = self._runs.get(params_key(params))
+        return [] if runs is None else runs.values
+
+    def next_run(self, params: Mapping[str, str]) -> int:
+        """The run index (the seed) of the config's next full run."""
+        runs = self._runs.get(params_key(params))
+        return 0 if runs is None else max(runs.run_indices) + 1
 
     def rung_value(self, params: Mapping[str, str]) -> float | None:
-        """The config's mean value at the end of the rung, over all its trials."""
+        """The config's mean value at the rung over its screening trials (the first value
+        each reported at or after the rung's last epoch: where it stopped, whatever the
+        validation interval)."""
         key = params_key(params)
-        values = [
-            t.intermediate_values[self.rung - 1]
-            for t in self.trials
-            if params_key(t.params) == key and self.rung - 1 in t.intermediate_values
-        ]
+        values = []
+        for t in self.trials:
+            if params_key(t.params) != key or keys.RUNG_EPOCHS not in t.user_attrs:
+                continue
+            steps = [s for s in t.intermediate_values if s >= self.rung - 1]
+            if steps:
+                values.append(t.intermediate_values[min(steps)])
         values = [v for v in values if math.isfinite(v)]
         return statistics.fmean(values) if values else None
+
+    def _screened(self, params: Mapping[str, str]) -> FrozenTrial | None:
+        """The config's run-0 trial that stopped at its rung (the one a promotion continues)."""
+        key = params_key(params)
+        for t in self.trials:
+            attrs = t.user_attrs
+            if (
+                params_key(t.params) == key
+                and t.state == TrialState.PRUNED
+                and keys.RUNG_EPOCHS in attrs
+                and int(attrs.get(keys.RUN_INDEX, 0)) == 0
+                and int(attrs.get(keys.EPOCHS, 0)) >= int(attrs[keys.RUNG_EPOCHS])
+            ):
+                return t
+        return None
+
+    def promotion(self, candidate: Candidate, round_: int = 0) -> Planned:
+        """The full run of a screened ``candidate``: its screened run continued (from scratch
+        when it has none to continue)."""
+        screened = self._screened(candidate.params)
+        continued = None
+        if screened is not None:
+            continued = Continued(screened.number, int(screened.user_attrs[keys.EPOCHS]))
+        return Planned(PROMOTE, candidate, round=round_, continues=continued)
 
     def ranked_screen(self, stage: str, round_: int) -> list[Candidate]:
         """The configs screened in ``stage`` (and round), best rung value first."""
@@ -317,10 +524,38 @@ class Evidence:
             attrs = t.user_attrs
             if attrs.get(keys.STAGE) == stage and int(attrs.get(keys.ROUND, 0)) == round_:
                 label = str(attrs.get(keys.BASELINE, f"trial {t.number}"))
-                seen.setdefault(params_key(t.params), Candidate(label, dict(t.params)))
+                incumbent = bool(attrs.get(keys.INCUMBENT, False))
+                seen.setdefault(params_key(t.params), Candidate(label, dict(t.params), incumbent))
         scored = [(self.rung_value(c.params), c) for c in seen.values()]
         ranked = [(v, c) for v, c in scored if v is not None]
         return [c for _, c in sorted(ranked, key=lambda vc: -self.sign * vc[0])]
+
+    def rung_fidelity(self) -> float | None:
+        """How well the rung ranks the configs that also have a full run: Spearman's rank
+        correlation of their rung values and the first full run's values."""
+        pairs = []
+        for runs in self._ranked:
+            rung = self.rung_value(runs.trials[0].params)
+            if rung is not None:
+                pairs.append((rung, runs.values[0]))
+        return spearman(pairs)
+
+    def second_look(self, maximize: bool) -> Planned | None:
+        """When the rung does not predict the full runs (:data:`RUNG_FIDELITY`), the promotion
+        of the best screened config without a full run: a slow starter gets its chance."""
+        fidelity = self.rung_fidelity()
+        if fidelity is None or fidelity >= RUNG_FIDELITY:
+            return None
+        for candidate in self.ranked_screen(SCREEN, 0):
+            if not self.full_runs(candidate.params):
+                label = f"second look: {candidate.label} (rung fidelity {fidelity:.2f})"
+                step = self.promotion(candidate)
+                return Planned(
+                    PROMOTE,
+                    Candidate(label, candidate.params, candidate.incumbent),
+                    continues=step.continues,
+                )
+        return None
 
     def mixed_donor(
         self, to_params: Callable[[Mapping[str, Any]], dict[str, str]] | None
@@ -340,9 +575,12 @@ class Evidence:
         return Candidate("switchable weights", params) if params else None
 
     def leaders(self) -> list[Candidate]:
-        """Configs with full-schedule runs, best mean first."""
+        """Configs with full-schedule runs, the chosen one first
+        (:func:`~autonorm.report.rank_runs`)."""
         return [
-            Candidate(r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params))
+            Candidate(
+                r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params), r.incumbent
+            )
             for r in self._ranked
         ]
 
@@ -355,6 +593,20 @@ class Evidence:
         if mine is None:
             return False
         return theirs is None or self.sign * (mine - theirs) > 0
+
+
+def continue_values(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Report on ``trial`` the values its continued screened run reported before it stopped:
+    the continued trial's curve is the whole run's, as a full run's would be."""
+    continued = study._storage.get_trial(
+        study._storage.get_trial_id_from_study_id_trial_number(
+            study._study_id, int(trial.user_attrs[keys.CONTINUES])
+        )
+    )
+    start = int(trial.user_attrs.get(keys.START_EPOCH, 0))
+    for step, value in sorted(continued.intermediate_values.items()):
+        if step < start:
+            trial.report(value, step=step)
 
 
 def reuse_finished(

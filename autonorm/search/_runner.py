@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -20,15 +22,15 @@ from typing import Any
 import optuna
 
 from autonorm._errors import AutoNormError
+from autonorm import _trial_keys as keys
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search import _loop as loop
 from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
-from autonorm.search._plan import Candidate, Plan, reuse_finished, trial_task
+from autonorm.search._plan import Candidate, Plan, continue_values, reuse_finished, trial_task
 from autonorm.search._settings import (
-    DEFAULT_N_TRIALS,
     LEARN_MIXINGS,
     METRIC,
     SearchSettings,
@@ -54,6 +56,7 @@ from autonorm.search._training import (
     run_trial,
 )
 from autonorm.search._warm_start import (
+    OWN_NORMS,
     grid_size,
     random_params,
     warm_start_params,
@@ -215,6 +218,8 @@ class _SearchRun:
         study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
         if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace):
             warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
+        if created and settings.seed is None:  # configs still share their k-th run's seed
+            study.set_user_attr(keys.RUN_SEED, random.randrange(2**31 - 2**20))
         if created:  # only the worker that created the study plans its first trials
             if plan.baselines:
                 for step in plan.screen():
@@ -232,17 +237,24 @@ class _SearchRun:
         if reused is not None:
             return reused
         settings = self.settings
+        task = trial_task(
+            trial.number,
+            trial.user_attrs,
+            checkpoints=self.checkpoints,
+            base_seed=self.base_seed(),
+        )
+        if task.resume_from is not None:  # the continued run's epochs, on this trial's curve
+            continue_values(self.study, trial)
         with workers.TrialHeartbeat(self.study, trial, settings.heartbeat_interval):
             try:
-                return run_trial(
+                values = run_trial(
                     trial,
                     self.training,
-                    task=trial_task(trial.user_attrs),
+                    task=task,
                     space=self.space,
                     monitor=settings.monitor,
                     objectives=settings.objectives,
                     out_dir=self.out,
-                    seed=settings.seed,
                 )
             except (KeyboardInterrupt, SystemExit) as err:
                 interrupt = workers.as_interrupt(err)
@@ -254,6 +266,20 @@ class _SearchRun:
                     raise
                 trial.set_user_attr(FAIL_REASON, loop.interrupt_reason(interrupt))
                 raise interrupt from None  # Optuna marks the trial FAIL and re-raises
+        if task.resume_from is not None:  # continued to the end: its rung state is spent
+            task.resume_from.unlink(missing_ok=True)
+        return values
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of the screened runs' rung checkpoints (removed when the search ends)."""
+        return self.out / "checkpoints"
+
+    def base_seed(self) -> int:
+        """The seed of every config's first run (the k-th run: this plus k)."""
+        if self.settings.seed is not None:
+            return self.settings.seed
+        return int(self.study.user_attrs.get(keys.RUN_SEED, 0))
 
     def _trial_done(self) -> None:
         self.current = None
@@ -283,6 +309,8 @@ class _SearchRun:
             raise interrupt from None
         if not ran and settings.timeout is None:
             log.info("study %r has already run what it was asked to", self.study.study_name)
+        if settings.timeout is None:  # the plan is done: no promotion will continue a screen
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         return self.bundle()
 
     def bundle(self, interrupted: bool = False) -> SearchResult:
@@ -390,11 +418,8 @@ def _plan(
         taken = [chosen for _, chosen in baselines]
         explore = random_params(params, len(baselines), settings.seed, taken)
     trainings, n_trials = settings.budget_trainings, settings.n_trials
-    if trainings is None and n_trials is None:
-        if staged:
-            trainings = float(grid_size(slots, params))
-        else:
-            n_trials = DEFAULT_N_TRIALS
+    if trainings is None and n_trials is None:  # the compute of the grid a user runs by hand
+        trainings = float(grid_size(slots, params))
 
     def mixed_params(mixed: Mapping[str, Any]) -> dict[str, str]:
         config = NormConfig({slot: NormChoice.parse(value) for slot, value in mixed.items()})
@@ -410,8 +435,12 @@ def _plan(
         budget_epochs=None if trainings is None else trainings * settings.max_epochs,
         n_trials=n_trials,
         learn_epochs=settings.max_epochs if learned is not None else 0,
+        retrain_epochs=settings.max_epochs if settings.retrain and settings.export else 0,
         maximize=settings.mode == "max",
-        baselines=[Candidate(label, chosen) for label, chosen in baselines + explore]
+        baselines=[
+            Candidate(label, chosen, incumbent=label == OWN_NORMS)
+            for label, chosen in baselines + explore
+        ]
         if staged
         else [],
         explore=len(explore),

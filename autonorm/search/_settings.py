@@ -26,8 +26,6 @@ EXTRA_OBJECTIVES = {"peak_memory": "peak_memory", "latency": "step_time", "param
 METRIC = "metric"
 #: Training epochs of a trial when ``trainer_kwargs`` does not say.
 DEFAULT_MAX_EPOCHS = 3
-#: Trials of a search bounded by neither ``n_trials`` nor a compute budget (no warm start).
-DEFAULT_N_TRIALS = 20
 #: How the learn pass of each learned warm start mixes: softmax SN (``"learn"``, the default:
 #: its derived configs retrained better at small batches in ``benchmarks/bench_search.py``) or
 #: Sparse SN (``"learn-sparse"``, Shao et al. 2019).
@@ -70,9 +68,8 @@ class SearchSettings:
         n_trials: the total number of finished (complete or pruned) trials the study should
             hold, however many workers share it; a resumed study runs only the missing ones
             (give a larger number to add trials). None: the compute budget bounds the search
-            (``budget.trainings``, by default as many trainings as the warm start's own-norms
-            and uniform baselines, the grid a user would run by hand; 20 trials without a warm
-            start).
+            (``budget.trainings``, by default as many trainings as the own-norms and uniform
+            baselines, the grid a user would run by hand, with or without a warm start).
         timeout: stop starting new trials after this many seconds.
         space: the search space: a preset name (``auto``, ``cnn``, ``transformer``,
             ``minimal``), a YAML file, a dict or a :class:`~autonorm.search_spaces.SearchSpace`.

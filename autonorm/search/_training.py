@@ -145,9 +145,11 @@ class Training:
             verbose=settings.verbose,
         )
 
-    def fit(self, callback: AutoNorm, *, root: Path, seed: int | None) -> Any:
-        """Seed, build a fresh model and data, train with ``callback`` first among callbacks;
-        return the Trainer."""
+    def fit(
+        self, callback: AutoNorm, *, root: Path, seed: int | None, ckpt_path: Path | None = None
+    ) -> Any:
+        """Seed, build a fresh model and data, train with ``callback`` first among callbacks
+        (continuing ``ckpt_path`` when given); return the Trainer."""
         if seed is not None:  # before the model exists: its class's namespace, when known
             namespace_of(self.make_model).seed_everything(seed, workers=True, verbose=False)
         module = self.make_model()
@@ -169,10 +171,16 @@ class Training:
         }
         kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
         trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
+        resume = None if ckpt_path is None else str(ckpt_path)
         if dm is not None:
-            trainer.fit(module, datamodule=dm)
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
         else:
-            trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+            trainer.fit(
+                module,
+                train_dataloaders=loaders["train"],
+                val_dataloaders=loaders["val"],
+                ckpt_path=resume,
+            )
         return trainer
 
     def slot_selection(self) -> dict[str, Any]:
@@ -193,11 +201,11 @@ def run_trial(
     monitor: str,
     objectives: list[str],
     out_dir: Path,
-    seed: int | None,
 ) -> float | list[float]:
-    """Train the trial's config as ``task`` asks; return its objective values. The callback
-    decides what is infeasible or pruned (it raises ``TrialPruned``); an out-of-memory error,
-    or a batch too small for batch statistics, is infeasible."""
+    """Train the trial's config as ``task`` asks (its seed, its rung, the checkpoint it
+    continues); return its objective values. The callback decides what is infeasible or pruned
+    (it raises ``TrialPruned``); an out-of-memory error, or a batch too small for batch
+    statistics, is infeasible."""
     callback = TrialNorms(
         trial,
         space=space,
@@ -208,7 +216,7 @@ def run_trial(
     )
     try:
         trainer = training.fit(
-            callback, root=out_dir / "trials", seed=None if seed is None else seed + trial.number
+            callback, root=out_dir / "trials", seed=task.seed, ckpt_path=task.resume_from
         )
     except optuna.TrialPruned:
         raise

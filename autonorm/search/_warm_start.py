@@ -20,6 +20,8 @@ from autonorm.surgery import Slot
 log = logging.getLogger(__name__)
 
 
+#: The label of the model's own norms: the incumbent, the config a search keeps without evidence.
+OWN_NORMS = "own norms"
 #: The uniform families a user would try by hand, in the order the warm start lists them.
 UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
 #: Uniform SwitchableNorm: not in the hand-run grid (so not in its compute), but screened with
@@ -50,7 +52,7 @@ def _baseline_params(
     out: list[tuple[str, dict[str, str]]] = []
     own_params = {p: own(labels, names) for p, (labels, names) in params.items()}
     if None not in own_params.values():
-        out.append(("own norms", own_params))  # type: ignore[arg-type]
+        out.append((OWN_NORMS, own_params))  # type: ignore[arg-type]
     for name in families:
         chosen: dict[str, str] = {}
         fits = False

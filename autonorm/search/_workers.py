@@ -44,7 +44,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autonorm._trial_keys import BASELINE, FAIL_REASON, HEARTBEAT, RETRY_OF, WORKER
+from autonorm._trial_keys import BASELINE, FAIL_REASON, HEARTBEAT, PLANNED, RETRY_OF, WORKER
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ WORKER_ENV = "AUTONORM_WORKER"
 #: process is readable by its owner only.
 STORAGE_ENV = "AUTONORM_STORAGE"
 #: User attributes a retried trial keeps from the trial it repeats.
-_KEPT_ON_RETRY = (BASELINE,)
+_KEPT_ON_RETRY = (BASELINE, *PLANNED)
 
 
 def worker_identity() -> dict[str, Any]:

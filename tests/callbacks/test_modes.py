@@ -9,7 +9,15 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from autonorm import NormConfig
 from autonorm.callbacks import AutoNorm, FixedNorms, LearnNorms, TrialNorms, TrialTask
-from autonorm.search._plan import CONFIRM, PROMOTE, SCREEN, Planned, trial_task
+from autonorm.search._plan import (
+    CONFIRM,
+    PROMOTE,
+    SCREEN,
+    Candidate,
+    Continued,
+    Planned,
+    trial_task,
+)
 from tests.lightning_models import TinyConvNet, TinyDataModule, tiny_trainer
 
 
@@ -92,18 +100,28 @@ def test_the_pruner_stops_a_prunable_task_and_spares_the_others(tmp_path):
 @pytest.mark.parametrize(
     ("planned", "task"),
     [
-        (Planned(SCREEN, None, rung=2), TrialTask(stage=SCREEN, stop_after=2, prunable=True)),
-        (Planned(PROMOTE, None), TrialTask(stage=PROMOTE, stop_after=None, prunable=False)),
-        (Planned(CONFIRM, None), TrialTask(stage=CONFIRM, stop_after=None, prunable=False)),
+        # a planned trial stops where the plan says: at its rung (saving its state there) ...
+        (
+            Planned(SCREEN, Candidate("x", {}), rung=2),
+            dict(stage=SCREEN, stop_after=2, prunable=False, seed=7, checkpoint="trial-5.ckpt"),
+        ),
+        # ... or at the end of the schedule, continuing the screened run; its k-th run: seed + k
+        (
+            Planned(PROMOTE, Candidate("x", {}), continues=Continued(3, 2)),
+            dict(stage=PROMOTE, prunable=False, seed=7, resume_from="trial-3.ckpt"),
+        ),
+        (Planned(CONFIRM, Candidate("x", {}), run=1), dict(stage=CONFIRM, prunable=False, seed=8)),
     ],
 )
-def test_the_plan_hands_each_trial_the_task_it_stored(planned, task):
-    class _Label:
-        label = "x"
-
-    stored = Planned(planned.stage, _Label(), rung=planned.rung).user_attrs()
-    assert trial_task(stored) == task
-    assert trial_task({}) == TrialTask()  # the sampler's trial: full schedule, prunable
+def test_the_plan_hands_each_trial_the_task_it_stored(planned, task, tmp_path):
+    (tmp_path / "trial-3.ckpt").touch()  # the checkpoint of the screened run it continues
+    expected = {k: tmp_path / v if k in ("checkpoint", "resume_from") else v for k, v in task.items()}
+    stored = planned.user_attrs()
+    assert trial_task(5, stored, checkpoints=tmp_path, base_seed=7) == TrialTask(**expected)
+    if planned.continues is not None:  # its checkpoint gone: the full schedule from scratch
+        (tmp_path / "trial-3.ckpt").unlink()
+        assert trial_task(5, stored, checkpoints=tmp_path, base_seed=7).resume_from is None
+    assert trial_task(5, {}) == TrialTask(seed=0)  # the sampler's trial: full schedule, prunable
 
 
 def test_a_task_refuses_a_rung_of_no_epochs():
