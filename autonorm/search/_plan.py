@@ -222,8 +222,9 @@ class Plan:
     def screen(self) -> list[Planned]:
         """The screening trials to enqueue when the study is created: the first baselines, as
         many as leave room for the promotions (and, where the non-random baselines still fit,
-        the confirmations) within the budget and ``n_trials``. When that is fewer than two,
-        the first baselines train the full schedule instead."""
+        the confirmations) within the budget and ``n_trials``. When that is fewer than two, or
+        the schedule is too short for a rung below its end, the first baselines train the
+        full schedule instead."""
         room = len(self.baselines)
         if self.budget_epochs is not None:
             left = self.budget_epochs - self.reserved_epochs - self._promotions
@@ -237,7 +238,7 @@ class Plan:
             room = min(room, fits)
         if self.n_trials is not None:
             room = min(room, self.n_trials - PROMOTED)
-        if room < 2:
+        if room < 2 or self.rung >= self.max_epochs:
             count = len(self.baselines) if self.n_trials is None else self.n_trials
             return [Planned(PROMOTE, c) for c in self.baselines[: max(1, count)]]
         return [Planned(SCREEN, c, rung=self.rung) for c in self.baselines[:room]]
