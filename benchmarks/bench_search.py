@@ -30,6 +30,9 @@ Run (each task in its own process; about 10 minutes a task on one core)::
     python benchmarks/bench_search.py --tasks cnn2d-b2 --search-seed 1   # search again
     python benchmarks/bench_search.py --tasks cnn2d-b2 --compute-scale 2 # twice the compute
     python benchmarks/bench_search.py --report      # the table of every task run so far
+    python benchmarks/bench_search.py --tasks cnn2d-b2 --evidence 0 1 2  # this version's
+        # default search under search seeds 0, 1, 2 (and uniform SwitchableNorm), judged against
+        # the bars of the task's saved run (its uniform families, own norms, grid, random)
 
 Writes ``benchmarks/results/search/<task>.json`` and ``benchmarks/results/search.md``.
 """
@@ -263,6 +266,22 @@ def find_all(task: Task, slots: list[autonorm.Slot]) -> list[Found]:
     return found
 
 
+def find_with_evidence(task: Task, slots: list[autonorm.Slot], search_seed: int) -> list[Found]:
+    """This version's default search (continued promotions, paired seeds, the own norms'
+    guard) under ``search_seed``; with seed 0 also uniform SwitchableNorm, a bar of its own."""
+    found = [run_autonorm(task, search_seed)]
+    if search_seed == 0:
+        found.append(Found("uniform:switchable", uniform_config(slots, "switchable"), 0.0, 0.0))
+    return found
+
+
+def is_mix(config: autonorm.NormConfig | None) -> bool:
+    """Whether a found config mixes normalizer families across its slots (a per-slot choice)."""
+    if config is None:
+        return False
+    return len({choice.name for choice in config.choices.values()}) > 1
+
+
 def summary_of(config: autonorm.NormConfig | None) -> str:
     if config is None:
         return "own norms"
@@ -273,13 +292,19 @@ def summary_of(config: autonorm.NormConfig | None) -> str:
 
 
 def bench_task(
-    key: str, seeds: int, search_seed: int = 0, compute_scale: float | None = None
+    key: str,
+    seeds: int,
+    search_seed: int = 0,
+    compute_scale: float | None = None,
+    evidence: bool = False,
 ) -> dict[str, Any]:
     task = TASKS[key]
     slots = autonorm.find_slots(task.model())
     print(f"\n== {key}: {task.name}, {len(slots)} slots, {task.epochs} epochs", flush=True)
     rows = []
-    if compute_scale is not None:
+    if evidence:
+        methods = find_with_evidence(task, slots, search_seed)
+    elif compute_scale is not None:
         methods = find_with_more_compute(task, compute_scale)
     elif search_seed:
         methods = find_again(task, search_seed)
@@ -295,6 +320,7 @@ def bench_task(
             "trainings": found.trainings,
             "seconds": found.seconds,
             "config": summary_of(found.config),
+            "mix": is_mix(found.config),
         }
         if found.stages is not None:
             row["stages"] = found.stages
@@ -309,6 +335,8 @@ def bench_task(
     result.update(rows=rows, mode=task.mode, seeds=seeds, search_seed=search_seed)
     if compute_scale is not None:
         result["compute_scale"] = compute_scale
+    if evidence:
+        result["evidence"] = True
     return result
 
 
@@ -500,6 +528,66 @@ def scaled_report(results: list[dict[str, Any]], scaled: list[dict[str, Any]]) -
     return "\n".join(lines) + "\n"
 
 
+def evidence_report(results: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """This version's default search per task and search seed, against the task's bars (the
+    best uniform family or uniform SwitchableNorm, the own norms, the grid's pick, random)."""
+    if not runs:
+        return ""
+    lines = [
+        "",
+        "Evidence-based search (`--evidence K ...`: continued promotions, paired seeds, the own "
+        "norms kept without evidence):",
+        "",
+        "| task | search seed | autonorm [trainings] config | mix | − best uniform (incl. SN) "
+        "| − own | − grid pick | − random | goal held |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    bars = {r["task"]: r for r in results}
+    switchable = {
+        r["task"]: row for r in runs for row in r["rows"] if row["method"] == "uniform:switchable"
+    }
+    held, versus_grid, versus_random, mixes = [], [], [], 0
+    for run in sorted(runs, key=lambda r: (r["task"], r["search_seed"])):
+        bar = bars.get(run["task"])
+        if bar is None:
+            continue
+        rows = {r["method"]: r for r in bar["rows"]}
+        sign = 1.0 if run["mode"] == "max" else -1.0
+        auto = next(r for r in run["rows"] if r["method"] == "autonorm")
+        uniforms = [r for m, r in rows.items() if m.startswith("uniform:")]
+        if run["task"] in switchable:
+            uniforms.append(switchable[run["task"]])
+        best = max(uniforms, key=lambda r: sign * r["mean"])
+
+        def gap(other: dict[str, Any], auto: dict[str, Any] = auto, sign: float = sign) -> float:
+            return sign * (auto["mean"] - other["mean"])
+
+        def at_least(other: dict[str, Any]) -> bool:
+            return gap(other) >= -max(0.005, other["std"])
+
+        ok = at_least(best) and at_least(rows["own"])
+        ok = ok and auto["trainings"] <= rows["grid"]["trainings"] + 1e-9
+        held.append(ok)
+        versus_grid.append(gap(rows["grid"]))
+        versus_random.append(gap(rows["random"]))
+        mixes += bool(auto.get("mix"))
+        lines.append(
+            f"| {run['task']} | {run['search_seed']} | {100 * auto['mean']:.1f} ± "
+            f"{100 * auto['std']:.1f} [{auto['trainings']:.1f}] {auto['config']} | "
+            f"{'yes' if auto.get('mix') else 'no'} | {100 * gap(best):+.1f} ({best['method']}) | "
+            f"{100 * gap(rows['own']):+.1f} | {100 * gap(rows['grid']):+.1f} | "
+            f"{100 * gap(rows['random']):+.1f} | {ok} |"
+        )
+    if held:
+        lines.append(
+            f"\nGoal held in {sum(held)} of {len(held)} searches; autonorm minus the grid's pick "
+            f"{100 * statistics.mean(versus_grid):+.1f} points and minus random "
+            f"{100 * statistics.mean(versus_random):+.1f} points on average; {mixes} of "
+            f"{len(held)} found configs are per-slot mixes"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=[])
@@ -519,6 +607,16 @@ def main(argv: list[str] | None = None) -> int:
         help="X > 1: only random and autonorm at X times the grid's compute, search seed 0 "
         "(written to <task>.compute<X>x.json)",
     )
+    parser.add_argument(
+        "--evidence",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="only this version's default search under search seeds K (and uniform "
+        "SwitchableNorm), judged against the task's saved run (written to "
+        "<task>.evidence-seed<K>.json)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -534,16 +632,23 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for key in args.tasks:
+    for key in args.tasks if args.evidence is not None else []:
+        for seed in args.evidence:
+            result = bench_task(key, args.seeds, seed, evidence=True)
+            (folder / f"{key}.evidence-seed{seed}.json").write_text(json.dumps(result, indent=2))
+    for key in args.tasks if args.evidence is None else []:
         result = bench_task(key, args.seeds, args.search_seed, args.compute_scale)
         suffix = f".search-seed{args.search_seed}" if args.search_seed else ""
         if args.compute_scale is not None:
             suffix = f".compute{args.compute_scale:g}x"
         (folder / f"{key}{suffix}.json").write_text(json.dumps(result, indent=2))
     saved = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    evidence = [r for r in saved if r.get("evidence")]
+    saved = [r for r in saved if not r.get("evidence")]
     scaled = [r for r in saved if r.get("compute_scale")]
     main_runs = [r for r in saved if not r.get("search_seed") and not r.get("compute_scale")]
     text = report(main_runs, [r for r in saved if r.get("search_seed")], scaled)
+    text += evidence_report(main_runs, evidence)
     (RESULTS / "search.md").write_text(text)
     print("\n" + text)
     return 0

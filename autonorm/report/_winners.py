@@ -141,13 +141,13 @@ def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRu
     most = max(len(r.trials) for r in ranked)
     chosen = next(r for r in ranked if len(r.trials) == most)
     for challenger in ranked:
-        if challenger is not chosen:
-            if paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE:
-                chosen = challenger
+        better = paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE
+        if challenger is not chosen and better:
+            chosen = challenger
     incumbent = next((r for r in ranked if r.incumbent), None)
     if incumbent is not None and chosen is not incumbent:
-        if paired_evidence(chosen, incumbent, maximize, spread) < EVIDENCE:
-            chosen = incumbent
+        proven = paired_evidence(chosen, incumbent, maximize, spread) >= EVIDENCE
+        chosen = chosen if proven else incumbent
     return [chosen, *(r for r in ranked if r is not chosen)]
 
 

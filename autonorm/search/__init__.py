@@ -6,8 +6,9 @@ to :mod:`autonorm.search_spaces`, which this package reads.
 
 Modules, top to bottom: ``_runner`` (:func:`search`: the orchestration), ``_settings``
 (:class:`SearchSettings`: every argument declared once, feeding ``search()``'s signature and the
-CLI), ``_plan`` (the staged plan: screen, promote, refine, confirm; it hands each trial a
-:class:`~autonorm.callbacks.TrialTask`), ``_warm_start`` (the first trials), ``_training`` (a
+CLI), ``_plan`` (the staged plan: screen, promote, refine, confirm, and the evidence it reads),
+``_planned`` (what it stores on a trial, read back as a :class:`~autonorm.callbacks.TrialTask`),
+``_warm_start`` (the first trials), ``_training`` (a
 trial, the learn pass, retraining), ``_loop`` and ``_workers`` (several processes on one study),
 ``_pool`` (the CLI's local worker pool), ``_storage`` (storages, samplers, pruners), ``_export``
 (the bundle), ``_progress`` (the live display, or plain lines off a terminal).

@@ -21,15 +21,16 @@ from typing import Any
 
 import optuna
 
-from autonorm._errors import AutoNormError
 from autonorm import _trial_keys as keys
+from autonorm._errors import AutoNormError
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search import _loop as loop
 from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
-from autonorm.search._plan import Candidate, Plan, continue_values, reuse_finished, trial_task
+from autonorm.search._plan import Plan, reuse_finished
+from autonorm.search._planned import Candidate, continue_values, trial_task
 from autonorm.search._settings import (
     LEARN_MIXINGS,
     METRIC,

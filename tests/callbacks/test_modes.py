@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from autonorm import NormConfig
 from autonorm.callbacks import AutoNorm, FixedNorms, LearnNorms, TrialNorms, TrialTask
-from autonorm.search._plan import (
+from autonorm.search._planned import (
     CONFIRM,
     PROMOTE,
     SCREEN,
@@ -115,7 +115,9 @@ def test_the_pruner_stops_a_prunable_task_and_spares_the_others(tmp_path):
 )
 def test_the_plan_hands_each_trial_the_task_it_stored(planned, task, tmp_path):
     (tmp_path / "trial-3.ckpt").touch()  # the checkpoint of the screened run it continues
-    expected = {k: tmp_path / v if k in ("checkpoint", "resume_from") else v for k, v in task.items()}
+    expected = {
+        k: tmp_path / v if k in ("checkpoint", "resume_from") else v for k, v in task.items()
+    }
     stored = planned.user_attrs()
     assert trial_task(5, stored, checkpoints=tmp_path, base_seed=7) == TrialTask(**expected)
     if planned.continues is not None:  # its checkpoint gone: the full schedule from scratch

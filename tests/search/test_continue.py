@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import autonorm
 from autonorm import _trial_keys as keys
-from autonorm.search._plan import PROMOTE, SCREEN, Candidate, Continued, Planned, trial_task
+from autonorm.search._planned import PROMOTE, SCREEN, Candidate, Continued, Planned, trial_task
 from autonorm.search._training import Training, run_trial
 from autonorm.search_spaces import resolve_space
 from tests.lightning_models import TinyConvNet, TinyDataModule

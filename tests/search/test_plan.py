@@ -12,18 +12,14 @@ import pytest
 from autonorm import _trial_keys as keys
 from autonorm.report import choice_certainty, config_runs
 from autonorm.report._winners import student_t_cdf
-from autonorm.search._plan import (
+from autonorm.search._plan import DONE, RUN, Evidence, Plan, reuse_finished
+from autonorm.search._planned import (
     CONFIRM,
-    DONE,
     PROMOTE,
     REFINE,
-    RUN,
     SCREEN,
     Candidate,
-    Evidence,
-    Plan,
     continue_values,
-    reuse_finished,
 )
 from autonorm.search_spaces import slot_groups
 
