@@ -69,5 +69,12 @@ PLANNED = (STAGE, RUNG_EPOCHS, ROUND, RUN_INDEX, CONTINUES, START_EPOCH, INCUMBE
 #: once when the study is created, so that every config's k-th run still shares its seed.
 RUN_SEED = "run_seed"
 
+#: per-slot evidence by perturbation of a screened uniform-SwitchableNorm trial's model: each
+#: slot's chosen native choice ``{slot: choice value}``, the metric per slot and candidate
+#: (with the base and joint metrics), and the validation passes it cost.
+PERTURBED_CHOICES = "perturbed_choices"
+PERTURBATION = "perturbation"
+PERTURBATION_PASSES = "perturbation_passes"
+
 #: the Optuna constraint name of the budget (> 0: infeasible).
 BUDGET_CONSTRAINT = "budget"

@@ -9,7 +9,7 @@ one of them wrote.
 
 from __future__ import annotations
 
-from autonorm.callbacks._checkpoints import load_from_checkpoint
+from autonorm.callbacks._checkpoints import load_from_checkpoint, restore_into
 from autonorm.callbacks._fixed import FixedNorms
 from autonorm.callbacks._learn import LearnNorms
 from autonorm.callbacks._optimizers import split_mixing_group
@@ -36,6 +36,7 @@ __all__ = [
     "current_structure",
     "infeasible_reason",
     "load_from_checkpoint",
+    "restore_into",
     "mark_infeasible",
     "recalibrate_batchnorm",
     "split_mixing_group",

@@ -130,6 +130,37 @@ def load_from_checkpoint(
         if not k.startswith("_")
     }
     model = model_class(**{**hparams, **kwargs})
+    _restore(model, checkpoint, structure, strict, map_location, example_input)
+    if config is not None:
+        model.autonorm_config = config  # type: ignore[assignment]
+    return model
+
+
+def restore_into(
+    model: nn.Module, checkpoint_path: str | os.PathLike[str], *, example_input: Any = None
+) -> nn.Module:
+    """Give a freshly built ``model`` the layer structure and the weights of an AutoNorm
+    checkpoint (a model built by a factory, where :func:`load_from_checkpoint` needs a class).
+
+    Raises:
+        AutoNormError: the checkpoint was not written with the AutoNorm callback.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    entry = read_entry(checkpoint)
+    if entry is None:
+        raise AutoNormError(f"{os.fspath(checkpoint_path)!r} holds no AutoNorm structure")
+    _restore(model, checkpoint, entry[0], True, None, example_input)
+    return model
+
+
+def _restore(
+    model: nn.Module,
+    checkpoint: dict[str, Any],
+    structure: NormConfig,
+    strict: bool,
+    map_location: Any,
+    example_input: Any,
+) -> None:
     # the feeders the training run's probe found: no probe (nor example input) needed
     feeders = entry_feeders(checkpoint) if example_input is None else None
     apply_config(model, structure, partial=True, example_input=example_input, feeders=feeders)
@@ -137,6 +168,3 @@ def load_from_checkpoint(
     if map_location is not None:
         state = {k: v.to(map_location) for k, v in state.items()}
     model.load_state_dict(state, strict=strict)
-    if config is not None:
-        model.autonorm_config = config  # type: ignore[assignment]
-    return model

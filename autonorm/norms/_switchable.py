@@ -24,14 +24,14 @@ BatchNorm convention (unbiased variance, ``momentum=None`` for a cumulative aver
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from autonorm.norms._fast_ops import tracing
@@ -48,11 +48,14 @@ from autonorm.norms._switchable_ops import (
     TokenNorm,
     column_moments,
     instance_moments,
+    local_sum,
+    records_stats,
     row_moments,
+    sum_over_samples,
     token_norm_reference,
     traced_moments,
 )
-from autonorm.norms._sync import all_reduce_sum
+from autonorm.norms._sync import global_count, global_sum
 
 #: Candidate statistics a SwitchableNorm may mix, per layout; all of them are the defaults
 #: (the paper's channels-first IN/LN/BN; tokens LN/RMS/BN).
@@ -81,42 +84,6 @@ def _check_mixing(mixing: str, radius: float) -> None:
         raise ValueError(f"`radius` applies to mixing='sparsestmax', got mixing={mixing!r}")
 
 
-def _records_stats() -> bool:
-    """Whether a statistics function runs in the forward, where it hands back the step's batch
-    statistics for the running ones: the custom functions' forwards run without grad and their
-    backwards recompute with it; a compiled forward calls the function once, with grad."""
-    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
-
-
-def _distributed_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return all_reduce_sum(tensor) if _distributed_world() > 1 else tensor
-
-
-def _local_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Eval-mode batch statistics (no running statistics) stay per process, as BatchNorm's."""
-    return tensor
-
-
-def _global_count(count: int, device: torch.device) -> int:
-    """``count`` summed over the processes of the run (the global batch, or token count)."""
-    if _distributed_world() <= 1:
-        return count
-    total = torch.tensor([float(count)], device=device)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
-def _sum_over_samples(stat: torch.Tensor) -> torch.Tensor:
-    """The sum of per-sample statistics ``(N, C)`` over this process's samples: ``(1, C)``."""
-    return stat.sum(0, keepdim=True)
-
-
 class _BatchSource(NamedTuple):
     """Where one forward's batch statistics come from, fixed when the forward runs: the
     backward recomputes them as the forward did, even if the layer's mode has changed since.
@@ -133,13 +100,13 @@ class _BatchSource(NamedTuple):
     kind: Literal["input", "running", "none"]
     total: int = 0
     mask: torch.Tensor | None = None
-    reduce: Callable[[torch.Tensor], torch.Tensor] = _local_sum
+    reduce: Callable[[torch.Tensor], torch.Tensor] = local_sum
 
     def recorded(self, batch: _Moments | None) -> _Moments | None:
         """What a statistics function hands back for the running statistics: ``batch`` when
-        it pools the input and the call is the forward's (see :func:`_records_stats`)."""
+        it pools the input and the call is the forward's (see :func:`~autonorm.norms._switchable_ops.records_stats`)."""
         pooled = self.kind == "input" and self.mask is None
-        return batch if pooled and _records_stats() else None
+        return batch if pooled and records_stats() else None
 
 
 def _mix_moments(
@@ -315,6 +282,35 @@ class SwitchableNorm(nn.Module):
             self.mean_weight.copy_(logits)
             self.var_weight.copy_(logits)
 
+    @contextlib.contextmanager
+    def only(self, candidate: str) -> Iterator[None]:
+        """Compute with ``candidate`` alone (its weight exactly 1) inside the block, the learned
+        logits (and a Sparse SN's radius) restored after it: per-slot evidence by perturbation.
+
+        Raises:
+            ValueError: ``candidate`` is not one of :attr:`candidates`.
+        """
+        if candidate not in self.candidates:
+            raise ValueError(f"`candidate` must be one of {self.candidates}, got {candidate!r}")
+        layer_state = (self.mean_weight, self.var_weight, self.radius)
+        saved = [None if t is None else t.detach().clone() for t in layer_state]
+        chosen = torch.tensor([c == candidate for c in self.candidates])
+        with torch.no_grad():
+            if self.radius is None:  # softmax of 0 and -inf: exactly one-hot
+                logits = torch.where(chosen, 0.0, float("-inf"))
+            else:  # sparsestmax at the vertex radius: the largest logit's vertex
+                logits = chosen.to(torch.float64)
+                self.radius.fill_(self.vertex_radius)
+            self.mean_weight.copy_(logits)
+            self.var_weight.copy_(logits)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(layer_state, saved, strict=True):
+                    if tensor is not None and value is not None:
+                        tensor.copy_(value)
+
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, layout={self.layout!r}, candidates={self.candidates}, "
@@ -434,8 +430,8 @@ class SwitchableNorm(nn.Module):
             return _BatchSource("running")
         if not self.training:  # eval statistics stay per process, as BatchNorm's
             return _BatchSource("input", count, self._branch_mask(count > 1))
-        count = _global_count(count, device)
-        return _BatchSource("input", count, self._branch_mask(count > 1), _global_sum)
+        count = global_count(count, device)
+        return _BatchSource("input", count, self._branch_mask(count > 1), global_sum)
 
     def _batch_stats(
         self,
@@ -519,7 +515,7 @@ class SwitchableNorm(nn.Module):
             layer_mean = mean.mean(1, keepdim=True)
             layer_var = (var + (mean - layer_mean).square()).mean(1, keepdim=True)
             stats["layer"] = (layer_mean, layer_var)
-        batch = self._batch_stats(source, mean, var, _sum_over_samples)
+        batch = self._batch_stats(source, mean, var, sum_over_samples)
         if batch is not None:
             stats["batch"] = batch
         weights = self._mixed(mean_logits, source.mask), self._mixed(var_logits, source.mask)

@@ -31,6 +31,23 @@ AffineFromStats = Callable[..., tuple[tuple[torch.Tensor, torch.Tensor], Any]]
 TermsFromStats = Callable[..., tuple[tuple[torch.Tensor, ...], Any]]
 
 
+def records_stats() -> bool:
+    """Whether a statistics function runs in the forward, where it hands back the step's batch
+    statistics for the running ones: the custom functions' forwards run without grad and their
+    backwards recompute with it; a compiled forward calls the function once, with grad."""
+    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+def local_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Eval-mode batch statistics (no running statistics) stay per process, as BatchNorm's."""
+    return tensor
+
+
+def sum_over_samples(stat: torch.Tensor) -> torch.Tensor:
+    """The sum of per-sample statistics ``(N, C)`` over this process's samples: ``(1, C)``."""
+    return stat.sum(0, keepdim=True)
+
+
 def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of ``x`` ``(N, C, S)`` over S: two ``(N, C)`` tensors, no grad.
 

@@ -47,6 +47,26 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any | None = None) -> torch.Tens
     return out
 
 
+def _distributed_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes of the run (itself on one process)."""
+    return all_reduce_sum(tensor) if _distributed_world() > 1 else tensor
+
+
+def global_count(count: int, device: torch.device) -> int:
+    """``count`` summed over the processes of the run (the global batch, or token count)."""
+    if _distributed_world() <= 1:
+        return count
+    total = torch.tensor([float(count)], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 class SyncBatchNorm(nn.SyncBatchNorm):
     """``nn.SyncBatchNorm`` on any device, for ``(N, C, *)`` or ``(..., C)`` inputs.
 

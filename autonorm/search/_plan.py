@@ -100,6 +100,8 @@ class Plan:
             learn pass, the best screened trial that recorded it is the first donor.
         explore: how many of the baselines, at the end, are random configs (screened only where
             the budget leaves room after the others and a confirmation).
+        extra_screens: screens planned once the first ones are done (the config the screened
+            SwitchableNorm model's perturbation chose), kept out of the first screen's room.
     """
 
     max_epochs: int
@@ -113,6 +115,7 @@ class Plan:
     learned: dict[str, str] | None = None
     mixed_params: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
     explore: int = 0
+    extra_screens: int = 0
 
     @property
     def rung(self) -> int:
@@ -134,6 +137,7 @@ class Plan:
         room = len(self.baselines)
         if self.budget_epochs is not None:
             left = self.budget_epochs - self.reserved_epochs - self._promotions
+            left -= self.extra_screens * self.rung
             fits = int(left // self.rung)
             # room for the confirmations too, as much of them as the non-random baselines allow
             for confirms in range(CONFIRM_TOP * (CONFIRM_RUNS - 1), 0, -1):
@@ -162,10 +166,8 @@ class Plan:
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         counted = [t for t in finished if t.state != TrialState.FAIL]
         if self.n_trials is not None and len(counted) + len(running) >= self.n_trials:
-            if len(counted) >= self.n_trials:
-                _skip(study, waiting, f"the study reached n_trials={self.n_trials}")
-                return DONE
-            return WAIT
+            # queued trials stay queued: a rerun with a larger n_trials runs them
+            return DONE if len(counted) >= self.n_trials else WAIT
         left = self._left(finished, running)
         if waiting:
             fitting = [t for t in waiting if self._cost(t) <= left]
@@ -226,6 +228,13 @@ class Plan:
         confirm = self._confirmation(evidence)
         reserve = self.max_epochs * self._confirmations_needed(evidence)
         if not promoted:
+            # the supernet's per-slot choice, screened as the others were
+            perturbed = evidence.perturbed(self.mixed_params)
+            tried = {params_key(t.params) for t in trials}
+            fresh_perturbed = perturbed is not None and params_key(perturbed.params) not in tried
+            if fresh_perturbed and self.rung <= left:
+                assert perturbed is not None
+                return [Planned(SCREEN, perturbed, rung=self.rung)]
             fresh = self._first_promotions(evidence)
             if fresh:
                 return self._affordable_promotions(fresh, left)
@@ -307,7 +316,7 @@ class Plan:
         if self.learned is not None:
             donors = [Candidate("learned", self.learned)]
         else:
-            mixed = evidence.mixed_donor(self.mixed_params)
+            mixed = evidence.perturbed(self.mixed_params) or evidence.mixed_donor(self.mixed_params)
             donors = [] if mixed is None else [mixed]
         donors += others[:DONORS]
         moves: list[Candidate] = []
@@ -478,6 +487,20 @@ class Evidence:
                     params = {**to_params(mixed), **params}
                     break
         return Candidate("switchable weights", params) if params else None
+
+    def perturbed(
+        self, to_params: Callable[[Mapping[str, Any]], dict[str, str]] | None
+    ) -> Candidate | None:
+        """The per-slot config the screened SwitchableNorm model's perturbation chose, as trial
+        parameters (a slot the space cannot give its choice keeps the supernet's)."""
+        if to_params is None:
+            return None
+        for trial in self.trials:
+            chosen = trial.user_attrs.get(keys.PERTURBED_CHOICES)
+            if chosen:
+                params = {**trial.params, **to_params(chosen)}
+                return Candidate("switchable perturbation", params)
+        return None
 
     def leaders(self) -> list[Candidate]:
         """Configs with full-schedule runs, the chosen one first

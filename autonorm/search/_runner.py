@@ -25,12 +25,13 @@ from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
+from autonorm.callbacks import TrialTask
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search import _loop as loop
 from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
 from autonorm.search._plan import Plan, reuse_finished
-from autonorm.search._planned import Candidate, continue_values, trial_task
+from autonorm.search._planned import SCREEN, Candidate, continue_values, trial_task
 from autonorm.search._settings import (
     LEARN_MIXINGS,
     METRIC,
@@ -58,6 +59,7 @@ from autonorm.search._training import (
 )
 from autonorm.search._warm_start import (
     OWN_NORMS,
+    SUPERNET,
     grid_size,
     random_params,
     warm_start_params,
@@ -168,6 +170,8 @@ class _SearchRun:
     params: Parameters
     #: the workers' claim lock on the study (a trial is asked under it)
     claim: Any
+    #: the slots the search chooses for (the probe's)
+    slots: list[Slot]
     #: the trial running here, to settle when the loop dies
     current: optuna.Trial | None = None
     started: float = field(default_factory=time.time)
@@ -229,7 +233,7 @@ class _SearchRun:
                 for label, chosen in warm_start_params(slots, params, settings.budget, learned):
                     study.enqueue_trial(chosen, user_attrs={BASELINE: label})
         claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
-        return cls(settings, training, study, space, out, plan, params, claim)
+        return cls(settings, training, study, space, out, plan, params, claim, slots)
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self.claim.release()  # the trial is asked: other workers may claim theirs
@@ -257,6 +261,9 @@ class _SearchRun:
                     objectives=settings.objectives,
                     out_dir=self.out,
                 )
+            except optuna.TrialPruned:
+                self._perturb(trial, task)
+                raise
             except (KeyboardInterrupt, SystemExit) as err:
                 interrupt = workers.as_interrupt(err)
                 if interrupt is None and isinstance(err, SystemExit):  # the user's code exited
@@ -270,6 +277,36 @@ class _SearchRun:
         if task.resume_from is not None:  # continued to the end: its rung state is spent
             task.resume_from.unlink(missing_ok=True)
         return values
+
+    def _perturb(self, trial: optuna.Trial, task: TrialTask) -> None:
+        """After the screened uniform-SwitchableNorm run stopped at its rung: per-slot evidence
+        from its model by perturbation (validation passes, no training), recorded on the trial
+        for the plan (its config is screened next, and is the first refinement donor)."""
+        screened_supernet = trial.user_attrs.get(BASELINE) == SUPERNET and task.stage == SCREEN
+        if not screened_supernet or task.checkpoint is None or not task.checkpoint.is_file():
+            return
+        try:
+            evidence = self.training.perturb(
+                task.checkpoint,
+                self.slots,
+                monitor=self.settings.monitor,
+                maximize=self.settings.mode == "max",
+            )
+        except Exception as err:  # evidence is optional: the search goes on without it
+            log.warning("trial %d: no per-slot evidence by perturbation: %s", trial.number, err)
+            return
+        choices = {slot: choice.to_value() for slot, choice in evidence.choices.items()}
+        trial.set_user_attr(keys.PERTURBED_CHOICES, choices)
+        trial.set_user_attr(
+            keys.PERTURBATION,
+            {
+                "base": evidence.base,
+                "joint": evidence.joint,
+                "order": evidence.order,
+                "slots": evidence.scores,
+            },
+        )
+        trial.set_user_attr(keys.PERTURBATION_PASSES, evidence.passes)
 
     @property
     def checkpoints(self) -> Path:
@@ -445,6 +482,7 @@ def _plan(
         if staged
         else [],
         explore=len(explore),
+        extra_screens=int(staged and any(label == SUPERNET for label, _ in baselines)),
         groups=groups,
         learned=None if learned is None else params_for(learned, slots, params),
         mixed_params=mixed_params,

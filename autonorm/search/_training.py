@@ -27,11 +27,12 @@ from autonorm.callbacks import (
     TrialTask,
     infeasible_reason,
     mark_infeasible,
+    restore_into,
 )
 from autonorm.config import NormConfig
 from autonorm.search._settings import EXTRA_OBJECTIVES, SearchSettings
 from autonorm.search_spaces import SearchSpace
-from autonorm.surgery import SlotPatterns
+from autonorm.surgery import Slot, SlotEvidence, SlotPatterns, perturb_slots
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,7 @@ class Training:
         loaders = {"train": self.train_dataloaders, "val": self.val_dataloaders}
         if self.budget is not None and self.budget.batch_size is not None:
             _set_batch_size(dm, loaders, self.budget.batch_size)
-        kwargs = {
-            "accelerator": "auto",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "enable_progress_bar": self.verbose,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(root),
-            **self.trainer_kwargs,
-        }
+        kwargs = {**self._trainer_defaults(root), **self.trainer_kwargs}
         kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
         trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
         resume = None if ckpt_path is None else str(ckpt_path)
@@ -182,6 +173,46 @@ class Training:
                 ckpt_path=resume,
             )
         return trainer
+
+    def perturb(
+        self, checkpoint: Path, slots: list[Slot], *, monitor: str, maximize: bool
+    ) -> SlotEvidence:
+        """Per-slot evidence from the SwitchableNorm model saved at ``checkpoint``: each slot's
+        candidates forced one at a time, the monitored metric of a validation pass after each
+        (:func:`~autonorm.surgery.perturb_slots`)."""
+        model = restore_into(self.make_model(), checkpoint, example_input=self.example_input)
+        pl = namespace_of(model)
+        dm = self.make_datamodule() if self.make_datamodule is not None else None
+        loaders = {"train": None, "val": self.val_dataloaders}
+        if self.budget is not None and self.budget.batch_size is not None:
+            _set_batch_size(dm, loaders, self.budget.batch_size)
+        kwargs = {**self._trainer_defaults(checkpoint.parent), **self.trainer_kwargs}
+        kwargs["callbacks"] = []
+        trainer: Any = pl.Trainer(**kwargs)
+
+        def validate(module: nn.Module) -> float:
+            if dm is not None:
+                metrics = trainer.validate(module, datamodule=dm, verbose=False)
+            else:
+                metrics = trainer.validate(module, dataloaders=loaders["val"], verbose=False)
+            value = metrics[0].get(monitor) if metrics else None
+            if value is None:
+                raise AutoNormError(f"monitor {monitor!r} was not logged in validation")
+            return float(value)
+
+        return perturb_slots(model, slots, validate, maximize=maximize)
+
+    def _trainer_defaults(self, root: Path) -> dict[str, Any]:
+        return {
+            "accelerator": "auto",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": self.verbose,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root),
+        }
 
     def slot_selection(self) -> dict[str, Any]:
         """The callback arguments that select and probe the slots, as the search found them."""

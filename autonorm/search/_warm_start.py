@@ -28,6 +28,9 @@ UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsn
 #: it, because each layer learns its own mix (Luo et al., 2019): strong where batch statistics
 #: fail for some layers only, and its mixing weights say which.
 SWITCHABLE = "switchable"
+#: Its baseline's label: the screened SwitchableNorm model is the supernet whose slots are
+#: decided by perturbation (:func:`~autonorm.surgery.perturb_slots`).
+SUPERNET = f"uniform:{SWITCHABLE}"
 
 
 def _baseline_params(

@@ -1,7 +1,9 @@
 """``autonorm.surgery``: find a model's norm slots, rewrite them, and read learned choices back.
 Works on any ``nn.Module``, without Lightning.
 
-Data flows down: ``_derive`` (a config from learned SwitchableNorm weights) and ``_apply``
+Data flows down: ``_perturb`` (per-slot evidence from a trained SwitchableNorm model, by
+forcing each slot's candidates one at a time) uses ``_derive`` (a config from learned
+SwitchableNorm weights); ``_derive`` and ``_apply``
 (:func:`apply_config`, :func:`to_switchable`) use ``_slots`` (:func:`find_slots`, :class:`Slot`),
 which uses ``_detect`` (which layers are norms), ``_feeders`` (the Conv/Linear feeding a slot),
 ``_probe`` (the probe forward pass) and ``_rebuild`` (a slot's new layer, its weights carried
@@ -23,6 +25,7 @@ from autonorm.surgery._derive import (
     switchable_layers,
 )
 from autonorm.surgery._feeders import FEEDERS_ATTR
+from autonorm.surgery._perturb import SlotEvidence, perturb_slots
 from autonorm.surgery._probe import call_with_example
 from autonorm.surgery._rebuild import NormWithExtra, build_replacement, keep_choice_of
 from autonorm.surgery._recalibrate import (
@@ -48,6 +51,7 @@ __all__ = [
     "SN_CANDIDATES",
     "NormWithExtra",
     "Slot",
+    "SlotEvidence",
     "SlotPatterns",
     "SlotType",
     "apply_config",
@@ -59,6 +63,7 @@ __all__ = [
     "family",
     "find_slots",
     "keep_choice_of",
+    "perturb_slots",
     "ranked_choices",
     "recalibrate_batchnorm",
     "register_slot_type",

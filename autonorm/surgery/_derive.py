@@ -93,17 +93,28 @@ def ranked_choices(sn: SwitchableNorm) -> list[tuple[NormChoice, float]]:
     return [(CANDIDATE_CHOICES[sn.layout][c], scores[c]) for c in order]
 
 
+def _valid_for(choice: NormChoice, slot: Slot) -> bool:
+    """Whether ``choice`` can normalize ``slot``'s input (instance statistics need positions)."""
+    return not check_choice(
+        choice.name,
+        slot.num_features,
+        layout=slot.layout,
+        input_shape=slot.input_shape,
+        **choice.params,
+    )
+
+
+def valid_candidates(sn: SwitchableNorm, slot: Slot) -> list[tuple[str, NormChoice]]:
+    """The SN layer's candidates whose native choice is valid for ``slot``, with that choice."""
+    table = CANDIDATE_CHOICES[sn.layout]
+    return [(c, table[c]) for c in sn.candidates if _valid_for(table[c], slot)]
+
+
 def derived_choice(sn: SwitchableNorm, slot: Slot) -> NormChoice:
     """The native choice of the SN layer in ``slot``: its highest-weighted candidate valid for
     the slot's input (instance statistics need positions), with the slot's weight-side part."""
     ranked = ranked_choices(sn)
-    valid = [
-        c
-        for c, _ in ranked
-        if not check_choice(
-            c.name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **c.params
-        )
-    ]
+    valid = [c for c, _ in ranked if _valid_for(c, slot)]
     # the weight side stays: SN learned its weights with what the feeder carries
     return (valid[0] if valid else ranked[0][0]).with_weight(slot.keep_choice().weight)
 

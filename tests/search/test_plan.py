@@ -358,3 +358,32 @@ def test_without_a_learn_pass_refinement_borrows_what_the_switchable_screen_weig
     assert plan._moves(Evidence(study.trials, plan.rung, True), study.trials)[0].label.endswith(
         "<- learned"
     )
+
+
+def test_the_supernet_s_perturbed_config_is_screened_before_the_promotions():
+    """The screened SwitchableNorm trial records what perturbing its model chose per slot: the
+    plan screens that config next (its rung kept out of the first screen's room), ahead of the
+    promotions, and it can win at the grid's compute without a refinement round."""
+    favourites = {"a": "in", "b": "in", "c": "gn"}  # the best mix, which no baseline holds
+
+    def objective_with_perturbation(trial: optuna.Trial) -> float:
+        if trial.user_attrs.get(keys.BASELINE) == "uniform:gn":  # stands for uniform SN
+            trial.set_user_attr(keys.PERTURBED_CHOICES, favourites)
+        return objective(trial)
+
+    plan = staged_plan(trainings=4)
+    plan.mixed_params = dict
+    plan.extra_screens = 1
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for step in plan.screen():
+        study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+    while plan.next(study) == RUN:
+        study.optimize(objective_with_perturbation, n_trials=1)
+    labels = [t.user_attrs[keys.BASELINE] for t in study.trials]
+    assert labels.index("switchable perturbation") < min(
+        i for i, t in enumerate(study.trials) if t.user_attrs[keys.STAGE] == PROMOTE
+    )
+    assert study.trials[labels.index("switchable perturbation")].params == favourites
+    assert not of_stage(study, REFINE)
+    assert config_runs(study)[0].trials[0].params == favourites
+    assert plan.spent(study.trials) <= 4 * MAX_EPOCHS

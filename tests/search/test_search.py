@@ -353,9 +353,10 @@ def test_the_exported_config_carries_the_searchs_probe(tmp_path):
     assert seen(autonorm.recommend(slots).probe) == probed
 
 
-def test_the_switchable_screen_records_its_favourites_and_refinement_borrows_them(tmp_path):
+def test_the_switchable_screen_is_perturbed_and_refinement_borrows_its_choices(tmp_path):
     """A real staged search with room to refine: the screened uniform-SwitchableNorm trial
-    records what its layers weighed highest, and refinement moves carry those choices."""
+    records what its layers weighed highest and what perturbing its model chose per slot; that
+    config is screened, and refinement moves carry its choices."""
     space = SearchSpace(choices=["batchnorm", "groupnorm", "switchable"])
     result = _search(
         tmp_path,
@@ -376,14 +377,18 @@ def test_the_switchable_screen_records_its_favourites_and_refinement_borrows_the
     for trial in trials:  # a trial records the choices of the slots it gave SwitchableNorm
         mixing = {n for n, v in trial.user_attrs["config"].items() if "switchable" in str(v)}
         assert set(trial.user_attrs.get("switchable_choices", {})) == mixing
+    # the supernet's slots decided by perturbation (validation passes), that config screened
+    supernet = screened["uniform:switchable"]
+    perturbed = supernet.user_attrs["perturbed_choices"]
+    assert sorted(perturbed) == sorted(slots)
+    assert {NormChoice.parse(v).label for v in perturbed.values()} <= natives
+    evidence = supernet.user_attrs["perturbation"]
+    assert sorted(evidence["order"]) == sorted(slots)
+    assert supernet.user_attrs["perturbation_passes"] >= 1 + 2 * len(slots)
+    assert "switchable perturbation" in screened
     moves = [t for t in trials if t.user_attrs.get("stage") == "refine"]
-    borrowed = [t for t in moves if t.user_attrs["baseline"].endswith("<- switchable weights")]
+    borrowed = [t for t in moves if t.user_attrs["baseline"].endswith("<- switchable perturbation")]
     assert borrowed, [t.user_attrs["baseline"] for t in moves]
-    recorded = {
-        (slot, NormChoice.parse(value).name)
-        for t in trials
-        for slot, value in t.user_attrs.get("switchable_choices", {}).items()
-    }
-    for move in borrowed:  # the moved slot takes what some SwitchableNorm trial weighed highest
+    for move in borrowed:  # the moved slot takes what the perturbation chose there
         slot = move.user_attrs["baseline"].split("slot:")[1].split(" <-")[0]
-        assert (slot, NormChoice.parse(move.params[slot]).name) in recorded
+        assert move.params[slot] == screened["switchable perturbation"].params[slot]
