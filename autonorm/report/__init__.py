@@ -39,7 +39,13 @@ from __future__ import annotations
 
 from autonorm.report._dashboard import ARTIFACT_DIR, NOTE_HEADING, attach_dashboard_artifacts
 from autonorm.report._html import write_report
-from autonorm.report._summary import SUMMARY_FILE, spent_epochs, trial_category, write_summary
+from autonorm.report._summary import (
+    SUMMARY_FILE,
+    spent_epochs,
+    trial_category,
+    trial_config,
+    write_summary,
+)
 from autonorm.report._types import (
     Baseline,
     BudgetLimits,
@@ -60,6 +66,7 @@ from autonorm.report._winners import (
     best_feasible_trial,
     choice_certainty,
     config_runs,
+    deployable_runs,
     is_feasible,
     params_key,
     pareto_trials,
@@ -79,9 +86,11 @@ __all__ = [
     "best_feasible_trial",
     "choice_certainty",
     "config_runs",
+    "deployable_runs",
     "pareto_trials",
     "trial_category",
     "write_report",
+    "trial_config",
     "write_summary",
     "Summary",
     "Baseline",

@@ -208,10 +208,23 @@ def _config_section(summary: Summary, info: StudyInfo) -> str:
     if pareto is None:
         if summary["best_config"] is None:
             return ""
+        plain = summary["deployable"]
+        deploy = ""
+        if plain is not None:  # SwitchableNorm won: the answer in plain layers, and its price
+            value = "-" if plain["value"] is None else f"{plain['value']:.6g}"
+            deploy = (
+                f"<h2>Best config of plain layers (trial {esc(plain['trial'])}, "
+                f"{esc(value)} over {esc(plain['runs'])} runs; deploy_config.yaml)</h2>"
+                "<p>The best config keeps SwitchableNorm layers, which mix at inference (no "
+                "folding, autonorm needed to run them); this one ships as plain torch layers.</p>"
+                + _table(_CONFIG_HEADER, _config_rows(plain["config"], info))
+                + cost_table_html(plain["inference_cost"])
+            )
         return (
             f"<h2>Best config (trial {esc(summary['best_trial'])})</h2>"
             + _table(_CONFIG_HEADER, _config_rows(summary["best_config"], info))
             + cost_table_html(summary["inference_cost"])
+            + deploy
         )
     if not pareto:
         return ""

@@ -32,6 +32,7 @@ from autonorm.report._types import (
     Candidate,
     Compute,
     Config,
+    Deployable,
     Epochs,
     Json,
     ParetoPoint,
@@ -44,6 +45,7 @@ from autonorm.report._winners import (
     ConfigRuns,
     choice_certainty,
     config_runs,
+    deployable_runs,
     is_feasible,
     maximizes,
     pareto_trials,
@@ -233,6 +235,23 @@ def _candidates(runs: Sequence[ConfigRuns]) -> list[Candidate]:
     ]
 
 
+def _deployable(runs: Sequence[ConfigRuns], info: StudyInfo) -> Deployable | None:
+    """The best config of plain layers when the best one keeps a SwitchableNorm."""
+    plain = deployable_runs(runs, trial_config)
+    if plain is None:
+        return None
+    config = trial_config(plain.trials[0])
+    return Deployable(
+        trial=plain.trials[0].number,
+        label=plain.label,
+        value=number(plain.mean),
+        std=number(plain.std),
+        runs=len(plain.trials),
+        config=config,
+        inference_cost=inference_cost(info.get("slots"), config),
+    )
+
+
 def _compute(trials: Sequence[FrozenTrial], info: StudyInfo) -> Compute:
     """Compute spent, in epochs and in trainings of ``max_epochs``."""
     spent = spent_epochs(trials, info.get("learn_epochs") or 0)
@@ -276,6 +295,7 @@ def summarize(study: optuna.Study, *, elapsed: float | None = None) -> Summary:
         "best_trial": best.trials[0].number if best is not None else None,
         "best_config": best_config,
         "inference_cost": inference_cost(info.get("slots"), best_config),
+        "deployable": _deployable(runs, info),
         "candidates": _candidates(runs),
         "certainty": choice_certainty(runs, maximizes(study)) if runs else None,
         "compute": _compute(trials, info),

@@ -177,6 +177,18 @@ class Epochs(TypedDict):
     max_epochs: int | None
 
 
+class Deployable(TypedDict):
+    """The best config of plain layers, when the best config keeps a SwitchableNorm."""
+
+    trial: int
+    label: str | None
+    value: float | None
+    std: float | None
+    runs: int
+    config: Config
+    inference_cost: InferenceCost | None
+
+
 class Summary(TypedDict):
     """``summary.json``: the machine-readable record of a search, as
     :func:`~autonorm.report.write_summary` writes it, keys in this order. Every key is always
@@ -202,6 +214,10 @@ class Summary(TypedDict):
     best_config: Config | None
     #: the best config's norms timed at inference on this machine, or None.
     inference_cost: InferenceCost | None
+    #: when the best config keeps a SwitchableNorm (it mixes at inference: no folding, autonorm
+    #: needed): the best-ranked config of plain layers, its runs and its inference cost; else
+    #: None.
+    deployable: Deployable | None
     #: the best configs by mean, best first (empty with several objectives).
     candidates: list[Candidate]
     #: the best config against the runner-up (None with fewer than two configs).

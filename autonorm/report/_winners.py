@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autonorm._trial_keys import BASELINE, FEASIBLE, INCUMBENT, REUSED_FROM, RUN_INDEX
+from autonorm.config import NormChoice
 from autonorm.report._types import Certainty
 
 #: How sure the paired evidence must be (the probability, from Student's t, that a challenger is
@@ -109,6 +110,22 @@ class ConfigRuns:
         for index, value in zip(self.run_indices, self.values, strict=True):
             grouped.setdefault(index, []).append(value)
         return {i: statistics.fmean(v) for i, v in grouped.items()}
+
+
+def mixes_at_inference(config: Mapping[str, object]) -> bool:
+    """Whether a trial's config (``{slot: choice value}``) keeps a SwitchableNorm, which mixes
+    at inference: no folding, a heavier layer, autonorm needed to run the model."""
+    return any(NormChoice.parse(value).name == "switchable" for value in config.values())
+
+
+def deployable_runs(
+    runs: Sequence[ConfigRuns], config_of: Callable[[FrozenTrial], Mapping[str, object]]
+) -> ConfigRuns | None:
+    """When the chosen config (``runs[0]``) keeps a SwitchableNorm: the best-ranked config of
+    plain layers (what a user who must ship plain layers takes instead); else None."""
+    if not runs or not mixes_at_inference(config_of(runs[0].trials[0])):
+        return None
+    return next((r for r in runs[1:] if not mixes_at_inference(config_of(r.trials[0]))), None)
 
 
 def config_runs(study: optuna.Study) -> list[ConfigRuns]:

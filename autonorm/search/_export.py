@@ -28,7 +28,9 @@ from autonorm.report import (
     Summary,
     attach_dashboard_artifacts,
     config_runs,
+    deployable_runs,
     pareto_trials,
+    trial_config,
     write_report,
     write_summary,
 )
@@ -37,6 +39,8 @@ from autonorm.search._storage import SQLITE_FILE, sqlite_url
 log = logging.getLogger(__name__)
 
 BEST_CONFIG_FILE = "best_config.yaml"
+#: When the best config keeps a SwitchableNorm: the best config of plain layers.
+DEPLOY_CONFIG_FILE = "deploy_config.yaml"
 PARETO_FILE = "pareto.yaml"
 #: Names an external storage (its password masked) and the study, for ``autonorm report``.
 STORAGE_FILE = "storage.txt"
@@ -144,6 +148,24 @@ def _best_of(
     return None, None, pareto
 
 
+def _deploy_config(study: optuna.Study, best: NormConfig | None) -> NormConfig | None:
+    """The best config of plain layers, when ``best`` keeps a SwitchableNorm (None else)."""
+    if best is None or len(study.directions) != 1:
+        return None
+    plain = deployable_runs(config_runs(study), trial_config)
+    if plain is None:
+        return None
+    meta = {
+        **{k: v for k, v in best.metadata.items() if k not in ("trial", "value", "runs", "std")},
+        "source": "search (plain layers)",
+        "trial": plain.trials[0].number,
+        "value": plain.mean,
+        "runs": len(plain.trials),
+        "std": plain.std,
+    }
+    return _trial_config(plain.trials[0], meta)
+
+
 def worker_result(study: optuna.Study, out_dir: Path) -> SearchResult:
     """The result of a worker that leaves the bundle to another process."""
     best, best_config, pareto = _best_of(study)
@@ -223,7 +245,7 @@ def _replace_other_bundle(out_dir: Path, study_name: str) -> None:
         other,
         study_name,
     )
-    for name in (BEST_CONFIG_FILE, PARETO_FILE, STORAGE_FILE):
+    for name in (BEST_CONFIG_FILE, DEPLOY_CONFIG_FILE, PARETO_FILE, STORAGE_FILE):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -242,6 +264,11 @@ def _export(
         written.append(best_config.save(out_dir / BEST_CONFIG_FILE))
     else:  # no feasible trial: no config from an earlier export may stay
         (out_dir / BEST_CONFIG_FILE).unlink(missing_ok=True)
+    deploy = _deploy_config(study, best_config)
+    if deploy is not None:  # the best keeps a SwitchableNorm: the answer in plain layers too
+        written.append(deploy.save(out_dir / DEPLOY_CONFIG_FILE))
+    else:
+        (out_dir / DEPLOY_CONFIG_FILE).unlink(missing_ok=True)
     if pareto is not None:
         front = [
             {"trial": c.metadata["trial"], "values": v, "config": c.to_dict()} for c, v in pareto
