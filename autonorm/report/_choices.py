@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial
 
+from autonorm._trial_keys import PERTURBATION
 from autonorm.report._figures import COLORS
 from autonorm.report._format import choice_label, esc
 from autonorm.report._summary import FINISHED, trial_config
@@ -183,6 +184,55 @@ def choice_map_figure(
             colorscale="Viridis",
             reversescale=not maximizes(study),  # brighter is better in both directions
             colorbar={"title": {"text": f"best {name}"}},
+            xgap=2,
+            ygap=2,
+        )
+    )
+    fig.update_layout(
+        yaxis={"autorange": "reversed", "automargin": True, "type": "category"},
+        xaxis={"automargin": True, "type": "category", "side": "top"},
+    )
+    return fig
+
+
+def perturbation_evidence(trials: Sequence[FrozenTrial]) -> tuple[FrozenTrial, dict] | None:
+    """The first trial whose SwitchableNorm model was perturbed, and what that recorded."""
+    for trial in trials:
+        evidence = trial.user_attrs.get(PERTURBATION)
+        if isinstance(evidence, dict) and evidence.get("slots"):
+            return trial, evidence
+    return None
+
+
+def perturbation_figure(evidence: dict, chosen: dict, name: str, maximize: bool) -> Figure:
+    """A slot x candidate heatmap of the metric with the slot on that candidate alone (the
+    slots decided before it on theirs), the chosen candidate of each slot starred; slots in the
+    order they were decided."""
+    import plotly.graph_objects as go
+
+    slots = [s for s in evidence.get("order", []) if s in evidence["slots"]]
+    columns = sorted({c for s in slots for c in evidence["slots"][s]})
+    z, text = [], []
+    for slot in slots:
+        scores = evidence["slots"][slot]
+        star = choice_label(chosen[slot]) if slot in chosen else None
+        z.append([scores.get(c) for c in columns])
+        text.append(
+            [
+                "" if c not in scores else f"{scores[c]:.4g}{' ★' if c == star else ''}"
+                for c in columns
+            ]
+        )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=columns,
+            y=[f"{i + 1}. {slot}" for i, slot in enumerate(slots)],
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Viridis",
+            reversescale=not maximize,  # brighter is better in both directions
+            colorbar={"title": {"text": name}},
             xgap=2,
             ygap=2,
         )

@@ -11,13 +11,21 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autonorm._io import atomic_write
-from autonorm.report._choices import choice_map_figure, importance_figure, importances, slot_order
+from autonorm._trial_keys import PERTURBED_CHOICES
+from autonorm.report._choices import (
+    choice_map_figure,
+    importance_figure,
+    importances,
+    perturbation_evidence,
+    perturbation_figure,
+    slot_order,
+)
 from autonorm.report._cost import cost_table_html
 from autonorm.report._figures import Figures, history_figure, intermediate_figure, pareto_figure
 from autonorm.report._format import budget_limit, choice_label, esc, fmt, state_counts
 from autonorm.report._summary import FINISHED, objective_names, study_info, summarize
 from autonorm.report._types import Config, StudyInfo, Summary, TrialCounts, slot_records
-from autonorm.report._winners import pareto_trials
+from autonorm.report._winners import maximizes, pareto_trials
 
 #: What a table cell holds.
 Cell: TypeAlias = str | int | float | None
@@ -300,6 +308,30 @@ def _importance_section(page: _Page) -> list[str]:
     return [*parts, _muted(caption), page.figures.render(figure, height=height)]
 
 
+def _perturbation_section(page: _Page) -> list[str]:
+    found = perturbation_evidence(page.trials)
+    if found is None:
+        return []
+    trial, evidence = found
+    chosen = trial.user_attrs.get(PERTURBED_CHOICES) or {}
+    maximize = maximizes(page.study)
+    figure = perturbation_figure(evidence, chosen, page.names[0], maximize)
+    caption = (
+        f"Trial {trial.number}'s SwitchableNorm model, each slot forced onto one candidate at a "
+        f"time: the cell is {esc(page.names[0])} after one validation pass (★: the slot's "
+        f"choice; slots in the order they were decided, the more decided first). As trained "
+        f"(every slot mixing): {fmt(evidence.get('base'))}; every slot on its choice: "
+        f"{fmt(evidence.get('joint'))}. Validation passes, no training (Wang et al., ICLR "
+        "2021: the mixing weight is not the candidate's strength)."
+    )
+    height = max(320, 30 * len(evidence.get("order", [])) + 160)
+    return [
+        "<h2>Per-slot evidence from the SwitchableNorm model</h2>",
+        _muted(caption),
+        page.figures.render(figure, height=height),
+    ]
+
+
 def _choice_map_section(page: _Page) -> list[str]:
     parts = ["<h2>Which choice won, per slot</h2>"]
     slots = slot_order(page.info, page.trials)
@@ -331,6 +363,7 @@ _FIGURE_SECTIONS: tuple[Callable[[_Page], list[str]], ...] = (
     _pareto_section,
     _importance_section,
     _choice_map_section,
+    _perturbation_section,
     _intermediate_section,
 )
 

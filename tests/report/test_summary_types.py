@@ -13,7 +13,7 @@ import optuna
 import pytest
 import typing_extensions
 
-from autonorm._trial_keys import BASELINE, STUDY_INFO
+from autonorm._trial_keys import BASELINE, CONFIG, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.config import SlotRecord
 from autonorm.report import BudgetLimits, SlotInfo, Summary, _types, write_summary
@@ -117,7 +117,27 @@ def _studies(tmp_path: Path) -> list[optuna.Study]:
     multi = multi_objective_study(tmp_path / "multi", [(1.0, 2.0, True), (2.0, 1.0, True)])
     (tmp_path / "empty").mkdir()
     empty = make_study(tmp_path / "empty", [], name="empty")
-    return [single, multi, empty]
+    return [single, multi, empty, _switchable_winner(tmp_path, info)]
+
+
+def _switchable_winner(tmp_path: Path, info: dict) -> optuna.Study:
+    """A study whose best config keeps a SwitchableNorm: its summary names the best config of
+    plain layers (``deployable``)."""
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'switchable.db'}", study_name="sn", direction="minimize"
+    )
+    study.set_user_attr(STUDY_INFO, {**info, "slots": info["slots"][:1]})
+    distribution = optuna.distributions.CategoricalDistribution(["switchable", "batchnorm"])
+    for choice, value in (("switchable", 0.1), ("batchnorm", 0.2)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={SLOTS[0]: choice},
+                distributions={SLOTS[0]: distribution},
+                value=value,
+                user_attrs={CONFIG: {SLOTS[0]: choice}},
+            )
+        )
+    return study
 
 
 def test_the_summary_type_declares_exactly_what_summary_json_holds(tmp_path):

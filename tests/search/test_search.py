@@ -386,6 +386,8 @@ def test_the_switchable_screen_is_perturbed_and_refinement_borrows_its_choices(t
     assert sorted(evidence["order"]) == sorted(slots)
     assert supernet.user_attrs["perturbation_passes"] >= 1 + 2 * len(slots)
     assert "switchable perturbation" in screened
+    html = (result.out_dir / "report.html").read_text()
+    assert "Per-slot evidence from the SwitchableNorm model" in html
     moves = [t for t in trials if t.user_attrs.get("stage") == "refine"]
     borrowed = [t for t in moves if t.user_attrs["baseline"].endswith("<- switchable perturbation")]
     assert borrowed, [t.user_attrs["baseline"] for t in moves]
