@@ -124,3 +124,26 @@ def test_every_config_s_first_run_shares_its_seed_also_without_a_seed(tmp_path, 
     assert {t.user_attrs.get(keys.RUN_INDEX, 0) for t in trials} == {0}
     if seed is None:  # drawn once for the study, so that reruns pair with the first runs
         assert isinstance(result.study.user_attrs[keys.RUN_SEED], int)
+
+
+def test_validation_every_other_epoch_still_ranks_the_screen_and_counts_every_epoch(tmp_path):
+    """With check_val_every_n_epoch=2 the rung's last epoch has no validation: the screen stops
+    at the first validation after it, ranks by that value, and every epoch trained counts."""
+    result = autonorm.search(
+        TinyConvNet,
+        TinyDataModule(),
+        trainer_kwargs={"max_epochs": 6, "check_val_every_n_epoch": 2},
+        out_dir=tmp_path / "run",
+        seed=0,
+        space="minimal",
+        budget={"trainings": 3},
+    )
+    trials = result.study.trials
+    screened = [t for t in trials if t.user_attrs.get(keys.STAGE) == SCREEN]
+    assert screened and all(t.user_attrs[keys.EPOCHS] == 2 for t in screened)  # rung 2
+    assert all(sorted(t.intermediate_values) == [1] for t in screened)
+    promoted = [t for t in trials if t.user_attrs.get(keys.STAGE) == PROMOTE]
+    assert promoted and all(t.user_attrs[keys.EPOCHS] == 4 for t in promoted)
+    assert all(sorted(t.intermediate_values) == [1, 3, 5] for t in promoted)
+    spent = sum(t.user_attrs.get(keys.EPOCHS, 0) for t in trials)
+    assert result.summary["compute"]["epochs"] == spent <= 3 * 6

@@ -19,6 +19,8 @@ from autonorm.search._planned import (
     REFINE,
     SCREEN,
     Candidate,
+    Continued,
+    Planned,
     continue_values,
 )
 from autonorm.search_spaces import slot_groups
@@ -387,3 +389,16 @@ def test_the_supernet_s_perturbed_config_is_screened_before_the_promotions():
     assert not of_stage(study, REFINE)
     assert config_runs(study)[0].trials[0].params == favourites
     assert plan.spent(study.trials) <= 4 * MAX_EPOCHS
+
+
+def test_a_retried_trial_keeps_its_stage_rung_seed_and_the_run_it_continues():
+    from autonorm.search._workers import enqueue_retry
+
+    study = optuna.create_study(direction="maximize")
+    planned = Planned(PROMOTE, uniform("gn", incumbent=True), continues=Continued(3, 3), run=1)
+    study.enqueue_trial(planned.candidate.params, user_attrs=planned.user_attrs())
+    study.optimize(lambda t: 1 / 0, n_trials=1, catch=(ZeroDivisionError,))
+    assert enqueue_retry(study, study.trials[0])
+    retry = study.trials[1]
+    kept = {k: v for k, v in retry.user_attrs.items() if k != keys.RETRY_OF}
+    assert kept == planned.user_attrs() and retry.user_attrs[keys.RETRY_OF] == 0
