@@ -131,7 +131,8 @@ class Plan:
     def screen(self) -> list[Planned]:
         """The screening trials to enqueue when the study is created: the first baselines, as
         many as leave room for the promotions (and, where the non-random baselines still fit,
-        the confirmations) within the budget and ``n_trials``. When that is fewer than two, or
+        the confirmations; random configs only where every confirmation fits) within the
+        budget and ``n_trials``. When that is fewer than two, or
         the schedule is too short for a rung below its end, the first baselines train the
         full schedule instead."""
         room = len(self.baselines)
@@ -139,11 +140,14 @@ class Plan:
             left = self.budget_epochs - self.reserved_epochs - self._promotions
             left -= self.extra_screens * self.rung
             fits = int(left // self.rung)
-            # room for the confirmations too, as much of them as the non-random baselines allow
-            for confirms in range(CONFIRM_TOP * (CONFIRM_RUNS - 1), 0, -1):
+            # room for the confirmations too, as much of them as the non-random baselines allow;
+            # random configs only once every confirmation is paid (the leaders' paired runs
+            # decide more than another random screen)
+            full = CONFIRM_TOP * (CONFIRM_RUNS - 1)
+            for confirms in range(full, -1, -1):
                 confirmed = int((left - confirms * self.max_epochs) // self.rung)
                 if confirmed >= room - self.explore:
-                    fits = confirmed
+                    fits = confirmed if confirms == full else room - self.explore
                     break
             room = min(room, fits)
         if self.n_trials is not None:
