@@ -226,6 +226,8 @@ class _SearchRun:
         if created and settings.seed is None:  # configs still share their k-th run's seed
             study.set_user_attr(keys.RUN_SEED, random.randrange(2**31 - 2**20))
         if created:  # only the worker that created the study plans its first trials
+            # rung checkpoints of an earlier study in this folder are not this study's runs
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             if plan.baselines:
                 for step in plan.screen():
                     study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
@@ -311,7 +313,7 @@ class _SearchRun:
     @property
     def checkpoints(self) -> Path:
         """The folder of the screened runs' rung checkpoints (removed when the search ends)."""
-        return self.out / "checkpoints"
+        return self.out / CHECKPOINTS
 
     def base_seed(self) -> int:
         """The seed of every config's first run (the k-th run: this plus k)."""
@@ -381,6 +383,9 @@ class _SearchRun:
         except Exception as follow_up:  # e.g. the storage went away: the interrupt still wins
             log.warning("could not write the bundle of study %r: %s", name, follow_up)
 
+
+#: The run folder's subfolder of the screened runs' rung checkpoints.
+CHECKPOINTS = "checkpoints"
 
 _SQLITE_SHARED = (
     "another process is running trials of study {name!r} in the same SQLite file: SQLite "
