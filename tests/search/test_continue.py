@@ -147,3 +147,20 @@ def test_validation_every_other_epoch_still_ranks_the_screen_and_counts_every_ep
     assert all(sorted(t.intermediate_values) == [1, 3, 5] for t in promoted)
     spent = sum(t.user_attrs.get(keys.EPOCHS, 0) for t in trials)
     assert result.summary["compute"]["epochs"] == spent <= 3 * 6
+
+
+def test_a_sampler_search_without_a_warm_start_stops_at_the_grid_s_compute(tmp_path):
+    result = autonorm.search(
+        TinyConvNet,
+        TinyDataModule(),
+        trainer_kwargs={"max_epochs": 1},
+        out_dir=tmp_path / "run",
+        seed=0,
+        space="minimal",
+        warm_start=False,
+        pruner="none",
+    )
+    compute = result.summary["compute"]
+    # the grid of the minimal space: the own norms and the uniform families it offers
+    assert compute["budget_trainings"] == 3
+    assert len(result.study.trials) == 3 and compute["trainings"] == 3
