@@ -154,6 +154,8 @@ class Plan:
             room = min(room, self.n_trials - PROMOTED)
         if room < 2 or self.rung >= self.max_epochs:
             count = len(self.baselines) if self.n_trials is None else self.n_trials
+            if room >= 2:  # no rung below the end: the screen's room, in full runs (under
+                count = room  # n_trials two trials are kept for the plan, or for a retry)
             return [Planned(PROMOTE, c) for c in self.baselines[: max(1, count)]]
         return [Planned(SCREEN, c, rung=self.rung) for c in self.baselines[:room]]
 
@@ -170,8 +172,11 @@ class Plan:
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         counted = [t for t in finished if t.state != TrialState.FAIL]
         if self.n_trials is not None and len(counted) + len(running) >= self.n_trials:
-            # queued trials stay queued: a rerun with a larger n_trials runs them
-            return DONE if len(counted) >= self.n_trials else WAIT
+            if len(counted) < self.n_trials:
+                return WAIT
+            # a retry took a queued trial's place: it will not run (a rerun plans anew)
+            _skip(study, waiting, f"the study holds its n_trials={self.n_trials}")
+            return DONE
         left = self._left(finished, running)
         if waiting:
             fitting = [t for t in waiting if self._cost(t) <= left]

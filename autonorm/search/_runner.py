@@ -232,7 +232,8 @@ class _SearchRun:
                 for step in plan.screen():
                     study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
             elif settings.warm_start:  # several objectives: the baselines, then the sampler
-                for label, chosen in warm_start_params(slots, params, settings.budget, learned):
+                baselines = warm_start_params(slots, params, settings.budget, learned)
+                for label, chosen in baselines[: settings.n_trials]:
                     study.enqueue_trial(chosen, user_attrs={BASELINE: label})
         claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
         return cls(settings, training, study, space, out, plan, params, claim, slots)
