@@ -167,32 +167,10 @@ def choice_map_figure(
     study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str], name: str
 ) -> Figure | None:
     """A slot x choice heatmap of :func:`choice_map` (None without slots or choices)."""
-    import plotly.graph_objects as go
-
     columns, z, text, hover = choice_map(study, trials, slots)
     if not columns or not slots:
         return None
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=columns,
-            y=slots,
-            text=text,
-            texttemplate="%{text}",
-            hovertext=hover,
-            hoverinfo="text",
-            colorscale="Viridis",
-            reversescale=not maximizes(study),  # brighter is better in both directions
-            colorbar={"title": {"text": f"best {name}"}},
-            xgap=2,
-            ygap=2,
-        )
-    )
-    fig.update_layout(
-        yaxis={"autorange": "reversed", "automargin": True, "type": "category"},
-        xaxis={"automargin": True, "type": "category", "side": "top"},
-    )
-    return fig
+    return _slot_heatmap(z, columns, slots, text, f"best {name}", maximizes(study), hover=hover)
 
 
 def perturbation_evidence(trials: Sequence[FrozenTrial]) -> tuple[FrozenTrial, dict] | None:
@@ -208,8 +186,6 @@ def perturbation_figure(evidence: dict, chosen: dict, name: str, maximize: bool)
     """A slot x candidate heatmap of the metric with the slot on that candidate alone (the
     slots decided before it on theirs), the chosen candidate of each slot starred; slots in the
     order they were decided."""
-    import plotly.graph_objects as go
-
     slots = [s for s in evidence.get("order", []) if s in evidence["slots"]]
     columns = sorted({c for s in slots for c in evidence["slots"][s]})
     z, text = [], []
@@ -223,18 +199,36 @@ def perturbation_figure(evidence: dict, chosen: dict, name: str, maximize: bool)
                 for c in columns
             ]
         )
+    rows = [f"{i + 1}. {slot}" for i, slot in enumerate(slots)]
+    return _slot_heatmap(z, columns, rows, text, name, maximize)
+
+
+def _slot_heatmap(
+    z: list[list[float | None]],
+    columns: list[str],
+    rows: list[str],
+    text: list[list[str]],
+    title: str,
+    maximize: bool,
+    hover: list[list[str]] | None = None,
+) -> Figure:
+    """A slot x choice heatmap, brighter is better in both directions, choices on top."""
+    import plotly.graph_objects as go
+
+    hovers = {"hovertext": hover, "hoverinfo": "text"} if hover is not None else {}
     fig = go.Figure(
         go.Heatmap(
             z=z,
             x=columns,
-            y=[f"{i + 1}. {slot}" for i, slot in enumerate(slots)],
+            y=rows,
             text=text,
             texttemplate="%{text}",
             colorscale="Viridis",
-            reversescale=not maximize,  # brighter is better in both directions
-            colorbar={"title": {"text": name}},
+            reversescale=not maximize,
+            colorbar={"title": {"text": title}},
             xgap=2,
             ygap=2,
+            **hovers,
         )
     )
     fig.update_layout(

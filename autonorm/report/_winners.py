@@ -158,8 +158,9 @@ def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRu
     most = max(len(r.trials) for r in ranked)
     chosen = next(r for r in ranked if len(r.trials) == most)
     for challenger in ranked:
-        better = paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE
-        if challenger is not chosen and better:
+        if challenger is chosen:
+            continue
+        if paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE:
             chosen = challenger
     incumbent = next((r for r in ranked if r.incumbent), None)
     if incumbent is not None and chosen is not incumbent:

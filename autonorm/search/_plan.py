@@ -59,6 +59,7 @@ from autonorm.search._planned import (
     Planned,
     rung_epochs,
 )
+from autonorm.search._workers import fail_trial
 from autonorm.search_spaces import Parameter
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,13 @@ class Plan:
         return self.budget_epochs - trained - sum(self._cost(t) for t in running)
 
     def _cost(self, trial: FrozenTrial) -> int:
+        return self._cost_of(trial.user_attrs)
+
+    def _step_cost(self, step: Planned) -> int:
+        return self._cost_of(step.user_attrs())
+
+    def _cost_of(self, attrs: Mapping[str, Any]) -> int:
         """The epochs a planned trial trains: to its rung or the end, less those it continues."""
-        attrs = trial.user_attrs
         return int(attrs.get(keys.RUNG_EPOCHS) or self.max_epochs) - int(
             attrs.get(keys.START_EPOCH, 0)
         )
@@ -292,10 +298,6 @@ class Plan:
                 left -= self._step_cost(step)
         return sorted(out, key=steps.index)
 
-    def _step_cost(self, step: Planned) -> int:
-        done = step.continues.epochs if step.continues is not None else 0
-        return (step.rung or self.max_epochs) - done
-
     def _confirmations_needed(self, evidence: Evidence) -> int:
         """Full runs the leading configs still lack (what the plan keeps for confirmations)."""
         leaders = evidence.leaders()[:CONFIRM_TOP]
@@ -339,14 +341,10 @@ class Plan:
 
 
 def _skip(study: optuna.Study, waiting: Sequence[FrozenTrial], reason: str) -> None:
-    """Mark queued trials FAIL with ``reason``: the plan will not run them."""
-    storage = study._storage
+    """Mark queued trials FAIL with ``reason``: the plan will not run them (under the claim
+    lock: no worker takes a queued trial meanwhile)."""
     for trial in waiting:
-        try:
-            storage.set_trial_user_attr(trial._trial_id, keys.FAIL_REASON, f"skipped: {reason}")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            continue  # another worker took it meanwhile
+        fail_trial(study, trial, f"skipped: {reason}")
 
 
 def _affordable(left: float, cost: int) -> int:

@@ -155,10 +155,7 @@ class Training:
             namespace_of(self.make_model).seed_everything(seed, workers=True, verbose=False)
         module = self.make_model()
         pl = namespace_of(module)  # the Trainer of the module's own Lightning
-        dm = self.make_datamodule() if self.make_datamodule is not None else None
-        loaders = {"train": self.train_dataloaders, "val": self.val_dataloaders}
-        if self.budget is not None and self.budget.batch_size is not None:
-            _set_batch_size(dm, loaders, self.budget.batch_size)
+        dm, loaders = self._data(self.train_dataloaders)
         kwargs = {**self._trainer_defaults(root), **self.trainer_kwargs}
         kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
         trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
@@ -182,10 +179,7 @@ class Training:
         (:func:`~autonorm.surgery.perturb_slots`)."""
         model = restore_into(self.make_model(), checkpoint, example_input=self.example_input)
         pl = namespace_of(model)
-        dm = self.make_datamodule() if self.make_datamodule is not None else None
-        loaders = {"train": None, "val": self.val_dataloaders}
-        if self.budget is not None and self.budget.batch_size is not None:
-            _set_batch_size(dm, loaders, self.budget.batch_size)
+        dm, loaders = self._data(train=None)
         kwargs = {**self._trainer_defaults(checkpoint.parent), **self.trainer_kwargs}
         kwargs["callbacks"] = []
         trainer: Any = pl.Trainer(**kwargs)
@@ -201,6 +195,15 @@ class Training:
             return float(value)
 
         return perturb_slots(model, slots, validate, maximize=maximize)
+
+    def _data(self, train: Any) -> tuple[Any, dict[str, Any]]:
+        """A fresh datamodule (or the ``train`` and validation loaders), at the budget's
+        per-device batch size."""
+        dm = self.make_datamodule() if self.make_datamodule is not None else None
+        loaders = {"train": train, "val": self.val_dataloaders}
+        if self.budget is not None and self.budget.batch_size is not None:
+            _set_batch_size(dm, loaders, self.budget.batch_size)
+        return dm, loaders
 
     def _trainer_defaults(self, root: Path) -> dict[str, Any]:
         return {

@@ -277,7 +277,8 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
 
 
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
-    """Mark a RUNNING trial FAIL with ``fail_reason``; False when it has finished meanwhile."""
+    """Mark a RUNNING (or queued) trial FAIL with ``fail_reason``; False when it has finished
+    meanwhile."""
     storage = _storage(study)
     try:
         storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
