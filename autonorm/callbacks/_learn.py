@@ -12,6 +12,7 @@ from typing_extensions import Unpack, override
 
 from autonorm._errors import AutoNormError
 from autonorm.callbacks._optimizers import wrap_configure_optimizers
+from autonorm.callbacks._perturbation import DERIVE_METHODS, learned_config
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions, current_structure
 from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
 from autonorm.norms import SWITCHABLE_MIXINGS
@@ -20,7 +21,6 @@ from autonorm.surgery import (
     Slot,
     apply_config,
     default_calibration_forward,
-    derive_config,
     recalibrate_batchnorm,
     slot_batchnorms,
     switchable_layers,
@@ -40,7 +40,16 @@ def _check_learn_options(
     mixing_weight_decay: float | None,
     finalize_batches: int,
     init: str,
+    derive: str,
+    monitor: str | None,
+    monitor_mode: str,
 ) -> None:
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise ValueError(f"`monitor` must be a metric's name or None, got {monitor!r}")
+    if derive not in DERIVE_METHODS:
+        raise ValueError(f"`derive` must be one of {DERIVE_METHODS}, got {derive!r}")
+    if monitor_mode not in ("min", "max"):
+        raise ValueError(f"`monitor_mode` must be 'min' or 'max', got {monitor_mode!r}")
     if mixing not in SWITCHABLE_MIXINGS:
         raise ValueError(f"`mixing` must be one of {SWITCHABLE_MIXINGS}, got {mixing!r}")
     if mixing_lr_scale is not None and not (mixing_lr_scale > 0 and math.isfinite(mixing_lr_scale)):
@@ -55,7 +64,10 @@ def _check_learn_options(
 
 class LearnNorms(AutoNorm, mode="learn"):
     """Every slot becomes a learned :class:`~autonorm.norms.SwitchableNorm`; at the end of fit
-    the discrete per-slot config is derived from the mixing weights (:attr:`config`) and written.
+    the discrete per-slot config is derived (:attr:`config`) and written: by perturbation where
+    the fit has validation data (each slot's candidates forced one at a time, the monitored
+    metric of a validation pass after each, :func:`~autonorm.surgery.perturb_slots`), else from
+    the largest learned mixing weights (:func:`~autonorm.derive_config`).
 
     Args:
         candidates: SwitchableNorm candidates, a tuple or ``{layout: tuple}``.
@@ -73,6 +85,13 @@ class LearnNorms(AutoNorm, mode="learn"):
         init: ``"uniform"`` mixing weights, or ``"original"`` for a pretrained model: each
             layer starts on the statistic of the normalizer it replaces
             (:func:`~autonorm.to_switchable`).
+        derive: ``"auto"`` (perturbation where the fit, in one process, has validation data and
+            a known monitor, else the weights, saying why in the log), ``"perturbation"``
+            (refused in one line where it cannot run) or ``"weights"``. Perturbation costs
+            validation passes, about twice the slots times the candidates.
+        monitor: the validation metric perturbation compares; by default the monitor of the
+            Trainer's checkpoint or early-stopping callback, else ``val_loss`` where logged.
+        monitor_mode: ``"min"`` or ``"max"``: the direction of ``monitor`` when given.
         **options: ``include``, ``exclude``, ``example_input``, ``config_path``,
             ``record_metrics``, ``budget``: as :class:`~autonorm.callbacks.AutoNorm`.
 
@@ -92,10 +111,25 @@ class LearnNorms(AutoNorm, mode="learn"):
         calibration_forward: Callable[[nn.Module, Any], Any] | None = None,
         log_mixing_weights: bool = True,
         init: str = "uniform",
+        derive: str = "auto",
+        monitor: str | None = None,
+        monitor_mode: str = "min",
         **options: Unpack[RewriteOptions],
     ) -> None:
         super().__init__(**options)
-        _check_learn_options(mixing, mixing_lr_scale, mixing_weight_decay, finalize_batches, init)
+        _check_learn_options(
+            mixing,
+            mixing_lr_scale,
+            mixing_weight_decay,
+            finalize_batches,
+            init,
+            derive,
+            monitor,
+            monitor_mode,
+        )
+        self.derive = derive
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
         self.candidates = candidates
         self.mixing = mixing
         self.mixing_lr_scale = mixing_lr_scale
@@ -174,7 +208,14 @@ class LearnNorms(AutoNorm, mode="learn"):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not switchable_layers(pl_module):
             return  # already finalized (a second fit): nothing to derive or write again
-        self.config = derive_config(pl_module)
+        self.config = learned_config(
+            trainer,
+            pl_module,
+            self.slots,
+            self.derive,
+            monitor=self.monitor,
+            monitor_mode=self.monitor_mode,
+        )
         if self.finalize:
             self._finalize(trainer, pl_module)
         super().on_fit_end(trainer, pl_module)

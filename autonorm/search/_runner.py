@@ -300,15 +300,7 @@ class _SearchRun:
             return
         choices = {slot: choice.to_value() for slot, choice in evidence.choices.items()}
         trial.set_user_attr(keys.PERTURBED_CHOICES, choices)
-        trial.set_user_attr(
-            keys.PERTURBATION,
-            {
-                "base": evidence.base,
-                "joint": evidence.joint,
-                "order": evidence.order,
-                "slots": evidence.scores,
-            },
-        )
+        trial.set_user_attr(keys.PERTURBATION, evidence.record())
         trial.set_user_attr(keys.PERTURBATION_PASSES, evidence.passes)
 
     @property
@@ -414,7 +406,7 @@ def _space_of(
             stored["learned_config"]
         )
     with quiet_lightning(not settings.verbose):
-        learned = learn_pass(training, out, settings.seed, mixing)
+        learned = learn_pass(training, out, settings, mixing)
     return narrow_space(settings.space, slots, learned.learned_weights), learned
 
 

@@ -278,21 +278,27 @@ LEARN_MIXING_LR_SCALE = 0.1
 
 
 def learn_pass(
-    training: Training, out_dir: Path, seed: int | None, mixing: str = "softmax"
+    training: Training,
+    out_dir: Path,
+    settings: SearchSettings,
+    mixing: str = "softmax",
 ) -> NormConfig:
-    """One learned SwitchableNorm run, its derived config with the learned weights in its
-    metadata. ``mixing="sparsestmax"`` (Sparse SN): every slot ends on exactly one normalizer,
+    """One learned SwitchableNorm run, its config derived by perturbation on the search's
+    monitor (where the run's validation allows, else from the weights), the learned weights in
+    its metadata. ``mixing="sparsestmax"`` (Sparse SN): every slot ends on exactly one normalizer,
     no argmax gap; but in short runs its mixing logits barely move before the radius schedule
     makes them one-hot, so the choice follows the seed (see the README's benchmark)."""
     callback = LearnNorms(
         mixing=mixing,
         mixing_lr_scale=LEARN_MIXING_LR_SCALE,
         mixing_weight_decay=0.0,
+        monitor=settings.monitor,
+        monitor_mode=settings.mode,
         config_path=out_dir / "learned_config.yaml",
         record_metrics=False,
         **training.slot_selection(),
     )
-    training.fit(callback, root=out_dir / "learn", seed=seed)
+    training.fit(callback, root=out_dir / "learn", seed=settings.seed)
     assert callback.config is not None
     return callback.config
 

@@ -17,7 +17,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -55,6 +55,23 @@ class SlotEvidence:
             dict(self.choices),
             metadata={"source": "perturbation", "base": self.base, "joint": self.joint},
         )
+
+    def record(self) -> dict[str, Any]:
+        """The evidence as plain values (a config's metadata, a study's attributes)."""
+        return {
+            "base": self.base,
+            "joint": self.joint,
+            "passes": self.passes,
+            "order": list(self.order),
+            "slots": {slot: dict(per_choice) for slot, per_choice in self.scores.items()},
+        }
+
+    def decide(self, learned: NormConfig) -> NormConfig:
+        """``learned`` (derived from the mixing weights, :func:`~autonorm.derive_config`) with
+        the perturbation's choices; its metadata keeps the learned record and adds this
+        evidence (``derived_by``, ``perturbation``)."""
+        metadata = {**learned.metadata, "derived_by": "perturbation", "perturbation": self.record()}
+        return NormConfig({**learned.choices, **self.choices}, metadata=metadata)
 
 
 class _Measured(NamedTuple):

@@ -192,9 +192,15 @@ def test_learned_warm_start_enqueues_the_derived_config_and_narrows_the_space(tm
     assert set(learned.choices) == {"bn1", "bn2", "head_norm"}
     assert set(learned.metadata["weights"]["bn1"]["mean"]) == {"instance", "layer", "batch"}
     assert learned.metadata["mixing"] == "softmax"
+    assert learned.metadata["derived_by"] == "perturbation"  # on the search's val_loss
     assert (result.out_dir / "learned_config.yaml").exists()
+    # screened right after the own norms, or the own norms themselves (one trial per config)
+    learned_params = {slot: choice.label for slot, choice in learned.choices.items()}
+    screened = [t.params for t in result.study.trials[:2]]
+    assert learned_params in screened
     baselines = [t.user_attrs.get("baseline") for t in result.study.trials]
-    assert baselines[:2] == ["own norms", "learned"]
+    assert baselines[0] == "own norms"
+    assert baselines[1] == "learned" or learned_params == screened[0]
     full = SearchSpace("cnn").choices_for(autonorm.find_slots(TinyConvNet())[0])
     offered = result.study.trials[0].distributions["bn1"].choices
     assert set(offered) <= {c.label for c in full}

@@ -1,0 +1,127 @@
+"""A learned SwitchableNorm model's config by perturbation, on the fit's own validation data.
+
+The learned mixing weights rank candidates only as well as the mix moved; a mix that stays
+near uniform ranks them by noise. :func:`~autonorm.surgery.perturb_slots` asks the trained
+model instead, slot by slot, with validation passes. Those run in a Trainer of their own
+after the fit (Lightning calls ``on_fit_end`` after it tore the fit's strategy down), on the
+same device, with the fit's validation loaders and its ``limit_val_batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from autonorm._errors import AutoNormError
+from autonorm._lightning import namespace_of
+from autonorm.config import NormConfig
+from autonorm.surgery import Slot, SlotEvidence, derive_config, perturb_slots
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+
+#: How the learn mode derives its config: ``"perturbation"`` (validation passes, each slot's
+#: candidates forced one at a time), ``"weights"`` (the largest learned mixing weight), or
+#: ``"auto"``: perturbation where the fit has validation data and a known monitor, else weights.
+DERIVE_METHODS = ("auto", "perturbation", "weights")
+
+
+def validated_value(trainer: Any, module: nn.Module, monitor: str, **data: Any) -> float:
+    """``monitor`` after one validation pass of ``trainer`` over ``data`` (its ``datamodule``
+    or ``dataloaders``)."""
+    metrics = trainer.validate(module, verbose=False, **data)
+    value = metrics[0].get(monitor) if metrics else None
+    if value is None:
+        raise AutoNormError(f"monitor {monitor!r} was not logged in validation")
+    return float(value)
+
+
+def fit_monitor(trainer: Trainer, monitor: str | None, mode: str) -> tuple[str, bool] | None:
+    """The metric to perturb on and whether larger is better: ``monitor`` as given, else the
+    monitor of the fit's checkpoint or early-stopping callback, else ``val_loss`` where it was
+    logged; None when none is known."""
+    if monitor is not None:
+        return monitor, mode == "max"
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        watched, direction = getattr(callback, "monitor", None), getattr(callback, "mode", None)
+        if isinstance(watched, str) and direction in ("min", "max"):
+            return watched, direction == "max"
+    if "val_loss" in trainer.callback_metrics:
+        return "val_loss", False
+    return None
+
+
+def perturbation_unavailable(trainer: Trainer) -> str | None:
+    """Why the fit's validation data cannot be perturbed on, or None."""
+    if trainer.world_size > 1:
+        return f"perturbation validates in one process (this fit ran on {trainer.world_size})"
+    if not trainer.val_dataloaders or trainer.limit_val_batches == 0:
+        return "the fit has no validation data"
+    return None
+
+
+def perturb_fit(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    slots: Sequence[Slot],
+    monitor: str,
+    *,
+    maximize: bool,
+) -> SlotEvidence:
+    """Perturb ``pl_module``'s SwitchableNorm slots on ``trainer``'s validation loaders."""
+    device = trainer.strategy.root_device
+    pl = namespace_of(pl_module)
+    validator: Any = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else device.type,
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=trainer.precision,
+        limit_val_batches=trainer.limit_val_batches,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=trainer.default_root_dir,
+    )
+    loaders = trainer.val_dataloaders
+
+    def validate(module: nn.Module) -> float:
+        return validated_value(validator, module, monitor, dataloaders=loaders)
+
+    try:
+        return perturb_slots(pl_module, slots, validate, maximize=maximize)
+    finally:
+        pl_module.trainer = trainer  # the validator attached itself; the fit's trainer is back
+
+
+def learned_config(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    slots: Sequence[Slot],
+    derive: str,
+    *,
+    monitor: str | None,
+    monitor_mode: str,
+) -> NormConfig:
+    """The learn mode's config at the end of fit, by ``derive`` (:data:`DERIVE_METHODS`)."""
+    learned = derive_config(pl_module)
+    if derive == "weights":
+        return learned
+    watched = fit_monitor(trainer, monitor, monitor_mode)
+    reason = perturbation_unavailable(trainer) or (
+        None if watched is not None else "no monitor is known (give `monitor`)"
+    )
+    if reason is not None or watched is None:
+        if derive == "perturbation":
+            raise AutoNormError(f"derive='perturbation' cannot run: {reason}")
+        log.info("AutoNorm: the config follows the learned weights: %s", reason)
+        return learned
+    name, maximize = watched
+    evidence = perturb_fit(trainer, pl_module, slots, name, maximize=maximize)
+    log.info("AutoNorm: config by perturbation on %s (%d validation passes)", name, evidence.passes)
+    return evidence.decide(learned)
