@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -127,36 +127,40 @@ class _ChoiceStats:
 
 
 def _choice_cell(
-    stats: _ChoiceStats, slot: str, choice: str, winner: float | None
+    stats: _ChoiceStats, slot: str, choice: str, chosen: bool
 ) -> tuple[float | None, str, str]:
-    """(value, cell text, hover text) of one heatmap cell."""
+    """(value, cell text, hover text) of one heatmap cell; ``chosen``: the chosen config's."""
     n = stats.tried.get((slot, choice), 0)
     cell = stats.best.get((slot, choice))
     if cell is None:
         status = "not tried" if n == 0 else f"tried {n}x, no feasible result"
         return None, "" if n == 0 else "x", f"{esc(slot)}<br>{esc(choice)}<br>{status}"
-    star = " ★" if cell[0] == winner else ""
+    star = " ★" if chosen else ""
     hover = (
-        f"{esc(slot)}<br>{esc(choice)}<br>best {cell[0]:.6g} (trial {cell[1]})"
-        f"<br>tried in {n} finished trials"
+        f"{esc(slot)}<br>{esc(choice)}{' (chosen)' if chosen else ''}<br>best {cell[0]:.6g} "
+        f"(trial {cell[1]})<br>tried in {n} finished trials"
     )
     return cell[0], f"{cell[0]:.4g}{star}", hover
 
 
 def choice_map(
-    study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str]
+    study: optuna.Study,
+    trials: Sequence[FrozenTrial],
+    slots: list[str],
+    chosen: Mapping[str, Any] | None = None,
 ) -> tuple[list[str], list[list[float | None]], list[list[str]], list[list[str]]]:
     """(choices, best value, cell text, hover text) per slot and choice: the best first-objective
-    value among the feasible COMPLETE trials that gave the slot that choice."""
+    value among the feasible COMPLETE trials that gave the slot that choice; the ``chosen``
+    config's choice of each slot starred (the search chose on paired runs, not on the best
+    single value a cell shows)."""
     stats = _ChoiceStats.collect(study, trials)
     columns = sorted(stats.choices)
     z: list[list[float | None]] = []
     text: list[list[str]] = []
     hover: list[list[str]] = []
+    picked = {slot: choice_label(value) for slot, value in (chosen or {}).items()}
     for slot in slots:
-        values = [stats.best[(slot, c)][0] for c in columns if (slot, c) in stats.best]
-        winner = (max(values) if stats.maximize else min(values)) if values else None
-        cells = [_choice_cell(stats, slot, choice, winner) for choice in columns]
+        cells = [_choice_cell(stats, slot, c, picked.get(slot) == c) for c in columns]
         z.append([c[0] for c in cells])
         text.append([c[1] for c in cells])
         hover.append([c[2] for c in cells])
@@ -164,10 +168,14 @@ def choice_map(
 
 
 def choice_map_figure(
-    study: optuna.Study, trials: Sequence[FrozenTrial], slots: list[str], name: str
+    study: optuna.Study,
+    trials: Sequence[FrozenTrial],
+    slots: list[str],
+    name: str,
+    chosen: Mapping[str, Any] | None = None,
 ) -> Figure | None:
     """A slot x choice heatmap of :func:`choice_map` (None without slots or choices)."""
-    columns, z, text, hover = choice_map(study, trials, slots)
+    columns, z, text, hover = choice_map(study, trials, slots, chosen)
     if not columns or not slots:
         return None
     return _slot_heatmap(z, columns, slots, text, f"best {name}", maximizes(study), hover=hover)

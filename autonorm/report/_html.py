@@ -335,14 +335,23 @@ def _perturbation_section(page: _Page) -> list[str]:
 def _choice_map_section(page: _Page) -> list[str]:
     parts = ["<h2>Which choice won, per slot</h2>"]
     slots = slot_order(page.info, page.trials)
+    chosen = page.summary["best_config"]
     fig = (
-        choice_map_figure(page.study, page.trials, slots, page.names[0]) if page.finished else None
+        choice_map_figure(page.study, page.trials, slots, page.names[0], chosen)
+        if page.finished
+        else None
     )
     if fig is None:
         return [*parts, _note("No finished trial with a config yet.")]
+    star = (
+        "★ marks the chosen config's choice, chosen on paired full runs rather than on a "
+        "cell's best single value"
+        if chosen
+        else "no single config was chosen"
+    )
     caption = (
         f"Cell: the best {esc(page.names[0])} among the feasible complete trials "
-        "that gave the slot this choice (brighter is better; ★ marks the slot's winner; x: "
+        f"that gave the slot this choice (brighter is better; {star}; x: "
         "tried, but never in a feasible complete trial; empty: never tried)."
     )
     height = max(320, 30 * len(slots) + 160)

@@ -98,3 +98,37 @@ def test_report_spells_choices_as_norm_choice_labels(tmp_path):
     study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={CONFIG: {"a": choice}}))
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "groupnorm(affine=true, groups=4)" in html and "affine=True" not in html
+
+
+def test_the_choice_map_stars_the_chosen_config_not_the_best_single_run(tmp_path):
+    """The own norms' two runs against a challenger's single run a hair above the better one:
+    no paired evidence, the own norms are chosen, and their cells carry the star although the
+    challenger's cell holds the best single value."""
+    from autonorm._trial_keys import INCUMBENT, RUN_INDEX
+    from autonorm.report._choices import choice_map
+    from autonorm.report._summary import summarize
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    distribution = optuna.distributions.CategoricalDistribution(CHOICES)
+    own = {SLOTS[0]: "batchnorm", SLOTS[1]: "batchnorm"}
+    challenger = {SLOTS[0]: "layernorm", SLOTS[1]: "batchnorm"}
+    for config, index, value, attrs in [
+        (own, 0, 0.70, {INCUMBENT: True, BASELINE: "own norms"}),
+        (own, 1, 0.80, {INCUMBENT: True, BASELINE: "own norms"}),
+        (challenger, 1, 0.805, {}),
+    ]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=config,
+                distributions=dict.fromkeys(config, distribution),
+                value=value,
+                user_attrs={CONFIG: config, RUN_INDEX: index, **attrs},
+            )
+        )
+    chosen = summarize(study)["best_config"]
+    assert chosen == own
+    columns, _, text, _ = choice_map(study, study.trials, SLOTS[:2], chosen)
+    first = dict(zip(columns, text[0], strict=True))
+    assert first == {"batchnorm": "0.8 ★", "layernorm": "0.805"}
+    html = write_report(study, tmp_path / "report.html").read_text()
+    assert "marks the chosen config&#x27;s choice" in html or "marks the chosen config's" in html
