@@ -36,6 +36,7 @@ from autonorm.search._settings import (
     LEARN_MIXINGS,
     METRIC,
     SearchSettings,
+    check_trainings_left,
     search_signature,
 )
 from autonorm.search._storage import (
@@ -456,6 +457,7 @@ def _plan(
     trainings, n_trials = settings.budget_trainings, settings.n_trials
     if trainings is None and n_trials is None:  # the compute of the grid a user runs by hand
         trainings = float(grid_size(slots, params))
+        check_trainings_left(trainings, settings.reserved_trainings, "the default budget (grid)")
 
     def mixed_params(mixed: Mapping[str, Any]) -> dict[str, str]:
         config = NormConfig({slot: NormChoice.parse(value) for slot, value in mixed.items()})

@@ -169,6 +169,8 @@ class SearchSettings:
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
+        if self.budget_trainings is not None:
+            check_trainings_left(self.budget_trainings, self.reserved_trainings, "budget.trainings")
 
     @classmethod
     def build(cls, settings: SearchSettings | None, options: Mapping[str, Any]) -> SearchSettings:
@@ -231,6 +233,16 @@ class SearchSettings:
         return None if self.budget is None else self.budget.trainings
 
     @property
+    def reserved_trainings(self) -> dict[str, int]:
+        """The trainings the budget keeps out of the trials' share, by what spends them."""
+        reserved = {}
+        if str(self.warm_start) in LEARN_MIXINGS:
+            reserved["the learn pass"] = 1
+        if self.retrain and self.export:
+            reserved["the final retraining"] = 1
+        return reserved
+
+    @property
     def max_epochs(self) -> int:
         return int(self.trainer_kwargs["max_epochs"])
 
@@ -273,6 +285,23 @@ def _check(settings: SearchSettings) -> None:
         value = getattr(settings, name)
         if isinstance(value, (str, os.PathLike)) and not str(os.fspath(value)).strip():
             raise ValueError(f"`{name}` must not be empty (leave it out for the default)")
+
+
+def check_trainings_left(trainings: float, reserved: Mapping[str, int], name: str) -> None:
+    """Refuse a budget that the ``reserved`` trainings leave without one full training for
+    the trials (the own norms' full run at least).
+
+    Raises:
+        ValueError: naming the budget (``name``), what is reserved, and the least that works.
+    """
+    kept = sum(reserved.values())
+    if not reserved or trainings - kept >= 1:
+        return
+    spent = " and ".join(f"{what} ({n} training)" for what, n in reserved.items())
+    raise ValueError(
+        f"{name}={trainings:g} leaves {max(trainings - kept, 0):g} trainings for the trials after "
+        f"{spent}: give at least {kept + 1} trainings, or leave out what is reserved"
+    )
 
 
 def _objectives(objectives: Sequence[str] | None) -> list[str]:

@@ -101,6 +101,28 @@ def test_settings_refuse_bad_values_in_one_line(options, message):
         SearchSettings(**options)
 
 
+def test_a_budget_the_learn_pass_and_the_retraining_use_up_is_refused_before_training(tmp_path):
+    message = (
+        r"budget.trainings=2.5 leaves 0.5 trainings for the trials after the learn pass "
+        r"\(1 training\) and the final retraining \(1 training\): give at least 3 trainings"
+    )
+    with pytest.raises(ValueError, match=message):
+        autonorm.search(
+            TinyConvNet,
+            TinyDataModule,
+            out_dir=tmp_path,
+            budget={"trainings": 2.5},
+            warm_start="learn",
+            retrain=True,
+        )
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    # one reservation alone leaves room; no reservation keeps a fractional budget
+    assert SearchSettings(budget={"trainings": 2.5}, retrain=True).reserved_trainings == {
+        "the final retraining": 1
+    }
+    SearchSettings(budget={"trainings": 0.5})
+
+
 def test_the_bundle_folder_and_study_name_come_from_one_place(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = SearchSettings()
