@@ -58,9 +58,13 @@ RUN_INDEX = "run_index"
 #: trial already trained (the promoted trial trains only the rest of the schedule).
 CONTINUES = "continues"
 START_EPOCH = "start_epoch"
-#: True on the trials of the config the search keeps unless the evidence says another is
-#: better (the model's own norms).
+#: On the trials of a config the search keeps unless the evidence says another is better, how
+#: strongly it is kept: :data:`OWN_NORMS_GUARD` (the model's own norms; ``True`` in older
+#: studies) or :data:`DEFAULT_GUARD` (a config the user named as the default, which only the
+#: evidence replaces, the own norms included).
 INCUMBENT = "incumbent"
+OWN_NORMS_GUARD = 1
+DEFAULT_GUARD = 2
 #: What the staged plan stores on a trial it enqueues: a retry of the trial keeps all of it.
 PLANNED = (STAGE, RUNG_EPOCHS, ROUND, RUN_INDEX, CONTINUES, START_EPOCH, INCUMBENT)
 

@@ -79,6 +79,7 @@ class StudyInfo(TypedDict, total=False):
     slots: list[SlotInfo]
     max_epochs: int
     warm_start: bool | str
+    default_config: dict[str, Json] | None
     learned_config: dict[str, Json] | None
     learn_epochs: int
     staged: bool

@@ -100,9 +100,10 @@ class ConfigRuns:
         return [int(t.user_attrs.get(RUN_INDEX, i)) for i, t in enumerate(self.trials)]
 
     @property
-    def incumbent(self) -> bool:
-        """Whether this is the config the search keeps unless the evidence says otherwise."""
-        return any(t.user_attrs.get(INCUMBENT) for t in self.trials)
+    def guard(self) -> int:
+        """How strongly the search keeps this config unless the evidence says otherwise: 0
+        (not kept), 1 (the model's own norms), 2 (a default the user named)."""
+        return max((int(t.user_attrs.get(INCUMBENT) or 0) for t in self.trials), default=0)
 
     def by_run(self) -> dict[int, float]:
         """Value per run index (a run index trained twice: their mean)."""
@@ -141,9 +142,9 @@ def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRu
     The choice rests on evidence, not on the largest single value: it starts from the best
     mean among the configs run most often; a config replaces it only when their paired runs
     (same run index, same seed) say it is better with probability :data:`EVIDENCE`
-    (:func:`paired_evidence`); and the incumbent (the model's own norms, when it has a run)
-    is replaced by the result only on the same evidence. With single runs and no incumbent
-    this is the best value.
+    (:func:`paired_evidence`); and each guarded config with a run (the model's own norms, then
+    a default the user named, which thus has the last word) is replaced by the result only on
+    the same evidence. With single runs and nothing guarded this is the best value.
     """
     groups: dict[ParamsKey, list[FrozenTrial]] = {}
     for trial in feasible_complete(trials):
@@ -162,10 +163,9 @@ def rank_runs(trials: Iterable[FrozenTrial], *, maximize: bool) -> list[ConfigRu
             continue
         if paired_evidence(challenger, chosen, maximize, spread) >= EVIDENCE:
             chosen = challenger
-    incumbent = next((r for r in ranked if r.incumbent), None)
-    if incumbent is not None and chosen is not incumbent:
-        proven = paired_evidence(chosen, incumbent, maximize, spread) >= EVIDENCE
-        chosen = chosen if proven else incumbent
+    for guarded in sorted((r for r in ranked if r.guard), key=lambda r: r.guard):
+        if chosen is not guarded and paired_evidence(chosen, guarded, maximize, spread) < EVIDENCE:
+            chosen = guarded
     return [chosen, *(r for r in ranked if r is not chosen)]
 
 

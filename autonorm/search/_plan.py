@@ -124,10 +124,10 @@ class Plan:
 
     @property
     def _promotions(self) -> int:
-        """Epochs the first promotions cost: the best screened configs and the incumbent, each
-        continued from its rung."""
-        incumbent = any(c.incumbent for c in self.baselines)
-        return (PROMOTED + incumbent) * (self.max_epochs - self.rung)
+        """Epochs the first promotions cost: the best screened configs and the guarded ones
+        (the own norms, a default the user named), each continued from its rung."""
+        guarded = sum(1 for c in self.baselines if c.incumbent)
+        return (PROMOTED + guarded) * (self.max_epochs - self.rung)
 
     def screen(self) -> list[Planned]:
         """The screening trials to enqueue when the study is created: the first baselines, as
@@ -445,7 +445,7 @@ class Evidence:
             attrs = t.user_attrs
             if attrs.get(keys.STAGE) == stage and int(attrs.get(keys.ROUND, 0)) == round_:
                 label = str(attrs.get(keys.BASELINE, f"trial {t.number}"))
-                incumbent = bool(attrs.get(keys.INCUMBENT, False))
+                incumbent = int(attrs.get(keys.INCUMBENT, 0))
                 seen.setdefault(params_key(t.params), Candidate(label, dict(t.params), incumbent))
         scored = [(self.rung_value(c.params), c) for c in seen.values()]
         ranked = [(v, c) for v, c in scored if v is not None]
@@ -514,7 +514,7 @@ class Evidence:
         (:func:`~autonorm.report.rank_runs`)."""
         return [
             Candidate(
-                r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params), r.incumbent
+                r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params), r.guard
             )
             for r in self._ranked
         ]

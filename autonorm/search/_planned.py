@@ -35,8 +35,9 @@ class Candidate:
 
     label: str
     params: dict[str, str]
-    #: the config the search keeps unless the evidence says another is better
-    incumbent: bool = False
+    #: whether (and how strongly) the search keeps this config unless the evidence says another
+    #: is better: 0, ``OWN_NORMS_GUARD`` or ``DEFAULT_GUARD`` (``_trial_keys``)
+    incumbent: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Planned:
             attrs[keys.CONTINUES] = self.continues.trial
             attrs[keys.START_EPOCH] = self.continues.epochs
         if self.candidate.incumbent:
-            attrs[keys.INCUMBENT] = True
+            attrs[keys.INCUMBENT] = self.candidate.incumbent
         return attrs
 
 

@@ -59,8 +59,10 @@ from autonorm.search._training import (
     run_trial,
 )
 from autonorm.search._warm_start import (
-    OWN_NORMS,
+    DEFAULT_CONFIG,
+    GUARDS,
     SUPERNET,
+    default_params,
     grid_size,
     random_params,
     warm_start_params,
@@ -232,10 +234,10 @@ class _SearchRun:
             if plan.baselines:
                 for step in plan.screen():
                     study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
-            elif settings.warm_start:  # several objectives: the baselines, then the sampler
-                baselines = warm_start_params(slots, params, settings.budget, learned)
-                for label, chosen in baselines[: settings.n_trials]:
-                    study.enqueue_trial(chosen, user_attrs={BASELINE: label})
+            else:  # several objectives or no warm start: the baselines, then the sampler
+                for label, chosen in _sampler_baselines(settings, slots, params, learned):
+                    attrs = {BASELINE: label, **_guarded(label)}
+                    study.enqueue_trial(chosen, user_attrs=attrs)
         claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
         return cls(settings, training, study, space, out, plan, params, claim, slots)
 
@@ -432,12 +434,35 @@ def _study_info(
         "slots": [{"name": s.name, "kind": s.kind, **s.record().to_value()} for s in slots],
         "max_epochs": settings.max_epochs,
         "warm_start": settings.warm_start,
+        "default_config": None
+        if settings.default_config is None
+        else {slot: c.to_value() for slot, c in settings.default_config.choices.items()},
         "learned_config": None if learned is None else learned.to_dict(),
         "learn_epochs": plan.learn_epochs,
         "staged": bool(plan.baselines),
         "rung_epochs": plan.rung,
         "budget_epochs": plan.budget_epochs,
     }
+
+
+def _sampler_baselines(
+    settings: SearchSettings,
+    slots: Sequence[Slot],
+    params: Parameters,
+    learned: NormConfig | None,
+) -> list[tuple[str, dict[str, str]]]:
+    """What a search without a staged plan enqueues before its sampler: the warm start's
+    baselines (up to ``n_trials``), or without a warm start the user's default config alone."""
+    default = settings.default_config
+    if settings.warm_start:
+        baselines = warm_start_params(slots, params, settings.budget, learned, default)
+        return baselines[: settings.n_trials]
+    return [] if default is None else [(DEFAULT_CONFIG, default_params(default, slots, params))]
+
+
+def _guarded(label: str) -> dict[str, int]:
+    """The guard attribute of a baseline the search keeps without evidence (else none)."""
+    return {keys.INCUMBENT: GUARDS[label]} if label in GUARDS else {}
 
 
 def _plan(
@@ -448,7 +473,9 @@ def _plan(
 ) -> Plan:
     """The plan of the study's trials: staged with a warm start on one objective; its caps
     (``n_trials``, the budget's trainings, by default the size of the grid of baselines)."""
-    baselines = warm_start_params(slots, params, settings.budget, learned)
+    baselines = warm_start_params(
+        slots, params, settings.budget, learned, settings.default_config
+    )
     staged = bool(settings.warm_start) and not settings.multi_objective
     explore = []
     if staged:  # as many random per-slot configs again, screened after the baselines
@@ -476,7 +503,7 @@ def _plan(
         retrain_epochs=settings.max_epochs if settings.retrain and settings.export else 0,
         maximize=settings.mode == "max",
         baselines=[
-            Candidate(label, chosen, incumbent=label == OWN_NORMS)
+            Candidate(label, chosen, incumbent=GUARDS.get(label, 0))
             for label, chosen in baselines + explore
         ]
         if staged

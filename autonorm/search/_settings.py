@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from autonorm._errors import AutoNormError
 from autonorm.budget import CLI_TYPE, Budget, as_budget
+from autonorm.config import NormConfig
 from autonorm.search._storage import PrunerName, SamplerName
 from autonorm.search_spaces import SearchSpace, resolve_space
 
@@ -98,6 +99,10 @@ class SearchSettings:
             first one learned SwitchableNorm run whose derived config joins the screen and
             narrows each slot's choices; learn-sparse: the same with Sparse SwitchableNorm;
             false: every trial comes from the sampler.
+        default_config: a config (a :class:`~autonorm.NormConfig` or its YAML file) the search
+            keeps unless the evidence says another is better, as it keeps the model's own
+            norms: it is screened right after them, always trained in full, and replaced only
+            where paired runs show another config better (the own norms too).
         objectives: multi-objective: ``[metric, peak_memory | latency | params]``.
         example_input: input for the slot probe (default: the model's
             ``example_input_array``).
@@ -129,6 +134,7 @@ class SearchSettings:
     pruner: Any = field(default="median", metadata=_cli(PrunerName))
     seed: int | None = None
     warm_start: bool | LearnedWarmStart = True
+    default_config: NormConfig | None = field(default=None, metadata=_cli(str | None))
     objectives: list[str] = field(default_factory=lambda: [METRIC], metadata=_cli(list[str]))
     example_input: Any = field(default=None, metadata=_NOT_CLI)
     include: str | list[str] | None = None
@@ -166,6 +172,7 @@ class SearchSettings:
             "objectives": _objectives(self.objectives),
             "grace_period": grace,
             "callbacks": list(self.callbacks),
+            "default_config": _default_config(self.default_config),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
@@ -302,6 +309,15 @@ def check_trainings_left(trainings: float, reserved: Mapping[str, int], name: st
         f"{name}={trainings:g} leaves {max(trainings - kept, 0):g} trainings for the trials after "
         f"{spent}: give at least {kept + 1} trainings, or leave out what is reserved"
     )
+
+
+def _default_config(value: Any) -> NormConfig | None:
+    """The default config as given: a NormConfig, its YAML file, or None."""
+    if value is None or isinstance(value, NormConfig):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return NormConfig.load(value)
+    raise ValueError(f"`default_config` must be a NormConfig or its YAML file, got {value!r}")
 
 
 def _objectives(objectives: Sequence[str] | None) -> list[str]:

@@ -232,6 +232,7 @@ DEFINING_SETTINGS = (
     "space",
     "max_epochs",
     "warm_start",
+    "default_config",
 )
 _ADDABLE_BUDGET = ("trainings",)
 

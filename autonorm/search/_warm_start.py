@@ -11,6 +11,8 @@ import logging
 import random
 from collections.abc import Sequence
 
+from autonorm._errors import AutoNormError
+from autonorm._trial_keys import DEFAULT_GUARD, OWN_NORMS_GUARD
 from autonorm.budget import Budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.recommendation import recommend
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 
 #: The label of the model's own norms: the incumbent, the config a search keeps without evidence.
 OWN_NORMS = "own norms"
+#: The label of a config the user named as the default (``default_config``): kept as the own
+#: norms are, and replaced only on evidence, the own norms included.
+DEFAULT_CONFIG = "default config"
+#: How strongly each guarded baseline is kept (``_trial_keys.INCUMBENT``).
+GUARDS = {OWN_NORMS: OWN_NORMS_GUARD, DEFAULT_CONFIG: DEFAULT_GUARD}
 #: The uniform families a user would try by hand, in the order the warm start lists them.
 UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
 #: Uniform SwitchableNorm: not in the hand-run grid (so not in its compute), but screened with
@@ -75,6 +82,33 @@ def _baseline_params(
     return out
 
 
+def default_params(
+    config: NormConfig, slots: Sequence[Slot], params: Parameters
+) -> dict[str, str]:
+    """The trial parameters of the user's default config, exactly: a slot it does not name
+    keeps its own layer.
+
+    Raises:
+        AutoNormError: a slot it names is not searched, or its choice is not one the space
+            offers there (the guard must protect the config the user named, not a neighbour).
+    """
+    by_name = {s.name: s for s in slots}
+    unknown = sorted(set(config.choices) - set(by_name))
+    if unknown:
+        raise AutoNormError(f"default_config names slots the search does not choose: {unknown}")
+    chosen: dict[str, str] = {}
+    for param, (labels, names) in params.items():
+        picks = {(config.choices.get(n) or by_name[n].keep_choice()).label for n in names}
+        label = picks.pop() if len(picks) == 1 else None
+        if label not in labels:
+            raise AutoNormError(
+                f"default_config: slot(s) {names} get {label or 'different choices'}, which the "
+                f"search space does not offer there (offered: {labels})"
+            )
+        chosen[param] = label
+    return chosen
+
+
 def grid_size(slots: Sequence[Slot], params: Parameters) -> int:
     """How many trainings the grid a user would run by hand costs: the model's own norms and
     each uniform family the space offers (the default compute budget of a staged search)."""
@@ -115,12 +149,16 @@ def warm_start_params(
     params: Parameters,
     budget: Budget | None,
     learned: NormConfig | None,
+    default: NormConfig | None = None,
 ) -> list[tuple[str, dict[str, str]]]:
-    """The warm-start trials in order: own norms, the learned config, the recommended config,
-    uniform SwitchableNorm, then the uniform families (each config once, and only where the
-    space offers it). The order matters where the budget screens only the first few."""
+    """The warm-start trials in order: own norms, the user's default config, the learned
+    config, the recommended config, uniform SwitchableNorm, then the uniform families (each
+    config once, and only where the space offers it). The order matters where the budget
+    screens only the first few."""
     baselines = _baseline_params(slots, params, (SWITCHABLE, *UNIFORM_FAMILIES))
     out = baselines[:1]
+    if default is not None:
+        out.append((DEFAULT_CONFIG, default_params(default, slots, params)))
     for label, config in (("learned", learned), ("recommend", recommend(slots, budget))):
         chosen = None if config is None else params_for(config, slots, params)
         if chosen is not None:
