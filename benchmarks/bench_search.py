@@ -40,6 +40,7 @@ Writes ``benchmarks/results/search/<task>.json`` and ``benchmarks/results/search
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -311,26 +312,7 @@ def bench_task(
     else:
         methods = find_all(task, slots)
     for found in methods:
-        values = [train(task, found.config, task.epochs, 1000 + s) for s in range(seeds)]
-        row = {
-            "method": found.method,
-            "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if seeds > 1 else 0.0,
-            "retrained": values,
-            "trainings": found.trainings,
-            "seconds": found.seconds,
-            "config": summary_of(found.config),
-            "mix": is_mix(found.config),
-        }
-        if found.stages is not None:
-            row["stages"] = found.stages
-        rows.append(row)
-        print(
-            f"  {row['method']:15s} {100 * row['mean']:5.1f} ± {100 * row['std']:4.1f}   "
-            f"compute {row['trainings']:4.1f} trainings   {row['seconds']:6.1f} s   "
-            f"{row['config']}",
-            flush=True,
-        )
+        rows.append(retrained_row(task, found, seeds))
     result = {"task": key, "name": task.name, "slots": len(slots), "epochs": task.epochs}
     result.update(rows=rows, mode=task.mode, seeds=seeds, search_seed=search_seed)
     if compute_scale is not None:
@@ -338,6 +320,48 @@ def bench_task(
     if evidence:
         result["evidence"] = True
     return result
+
+
+def retrained_row(task: Task, found: Found, seeds: int) -> dict[str, Any]:
+    """A found config retrained from scratch with the fresh seeds 1000.. (printed as well)."""
+    values = [train(task, found.config, task.epochs, 1000 + s) for s in range(seeds)]
+    row = {
+        "method": found.method,
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if seeds > 1 else 0.0,
+        "retrained": values,
+        "trainings": found.trainings,
+        "seconds": found.seconds,
+        "config": summary_of(found.config),
+        "mix": is_mix(found.config),
+    }
+    if found.stages is not None:
+        row["stages"] = found.stages
+    print(
+        f"  {row['method']:15s} {100 * row['mean']:5.1f} ± {100 * row['std']:4.1f}   "
+        f"compute {row['trainings']:4.1f} trainings   {row['seconds']:6.1f} s   "
+        f"{row['config']}",
+        flush=True,
+    )
+    return row
+
+
+#: Random per-slot search at exactly the compute the default search spent (its evidence run).
+MATCHED_RANDOM = "random@autonorm"
+
+
+def add_matched_random(path: Path) -> None:
+    """Random per-slot search at the compute autonorm's default search spent in the evidence
+    run saved at ``path``, under that run's search seed; its config retrained with the same
+    seeds; the row added to the file."""
+    run = json.loads(path.read_text())
+    task = TASKS[run["task"]]
+    auto = next(r for r in run["rows"] if r["method"] == "autonorm")
+    print(f"\n== {run['task']}: random at {auto['trainings']:.2f} trainings", flush=True)
+    found = run_random(task, auto["trainings"], run["search_seed"])
+    row = retrained_row(task, dataclasses.replace(found, method=MATCHED_RANDOM), run["seeds"])
+    run["rows"] = [r for r in run["rows"] if r["method"] != MATCHED_RANDOM] + [row]
+    path.write_text(json.dumps(run, indent=2))
 
 
 def verdicts(result: dict[str, Any], auto: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -539,14 +563,15 @@ def evidence_report(results: list[dict[str, Any]], runs: list[dict[str, Any]]) -
         "norms kept without evidence):",
         "",
         "| task | search seed | autonorm [trainings] config | mix | − best uniform (incl. SN) "
-        "| − own | − grid pick | − random | goal held |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| − own | − grid pick | − random (grid's compute) | − random (autonorm's compute) "
+        "| goal held |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     bars = {r["task"]: r for r in results}
     switchable = {
         r["task"]: row for r in runs for row in r["rows"] if row["method"] == "uniform:switchable"
     }
-    held, versus_grid, versus_random, mixes = [], [], [], 0
+    held, versus_grid, versus_random, versus_matched, mixes = [], [], [], [], 0
     for run in sorted(runs, key=lambda r: (r["task"], r["search_seed"])):
         bar = bars.get(run["task"])
         if bar is None:
@@ -554,6 +579,7 @@ def evidence_report(results: list[dict[str, Any]], runs: list[dict[str, Any]]) -
         rows = {r["method"]: r for r in bar["rows"]}
         sign = 1.0 if run["mode"] == "max" else -1.0
         auto = next(r for r in run["rows"] if r["method"] == "autonorm")
+        matched = next((r for r in run["rows"] if r["method"] == MATCHED_RANDOM), None)
         uniforms = [r for m, r in rows.items() if m.startswith("uniform:")]
         if run["task"] in switchable:
             uniforms.append(switchable[run["task"]])
@@ -570,13 +596,20 @@ def evidence_report(results: list[dict[str, Any]], runs: list[dict[str, Any]]) -
         held.append(ok)
         versus_grid.append(gap(rows["grid"]))
         versus_random.append(gap(rows["random"]))
+        if matched is not None:
+            versus_matched.append(gap(matched))
+        matched_cell = (
+            "not run"
+            if matched is None
+            else f"{100 * gap(matched):+.1f} [{matched['trainings']:.1f}]"
+        )
         mixes += bool(auto.get("mix"))
         lines.append(
             f"| {run['task']} | {run['search_seed']} | {100 * auto['mean']:.1f} ± "
             f"{100 * auto['std']:.1f} [{auto['trainings']:.1f}] {auto['config']} | "
             f"{'yes' if auto.get('mix') else 'no'} | {100 * gap(best):+.1f} ({best['method']}) | "
             f"{100 * gap(rows['own']):+.1f} | {100 * gap(rows['grid']):+.1f} | "
-            f"{100 * gap(rows['random']):+.1f} | {ok} |"
+            f"{100 * gap(rows['random']):+.1f} | {matched_cell} | {ok} |"
         )
     if held:
         lines.append(
@@ -584,6 +617,12 @@ def evidence_report(results: list[dict[str, Any]], runs: list[dict[str, Any]]) -
             f"{100 * statistics.mean(versus_grid):+.1f} points and minus random "
             f"{100 * statistics.mean(versus_random):+.1f} points on average; {mixes} of "
             f"{len(held)} found configs are per-slot mixes"
+        )
+    if versus_matched:
+        lines.append(
+            f"autonorm minus random at autonorm's own compute: "
+            f"{100 * statistics.mean(versus_matched):+.1f} points on average over "
+            f"{len(versus_matched)} searches (`--matched-random`)"
         )
     return "\n".join(lines) + "\n"
 
@@ -617,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
         "SwitchableNorm), judged against the task's saved run (written to "
         "<task>.evidence-seed<K>.json)",
     )
+    parser.add_argument(
+        "--matched-random",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="only random per-slot search at the compute autonorm spent in the saved evidence "
+        "runs of search seeds K, retrained with the same seeds (added to those files)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -636,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.evidence:
             result = bench_task(key, args.seeds, seed, evidence=True)
             (folder / f"{key}.evidence-seed{seed}.json").write_text(json.dumps(result, indent=2))
-    for key in args.tasks if args.evidence is None else []:
+    for key in args.tasks if args.matched_random is not None else []:
+        for seed in args.matched_random:
+            add_matched_random(folder / f"{key}.evidence-seed{seed}.json")
+    for key in args.tasks if args.evidence is None and args.matched_random is None else []:
         result = bench_task(key, args.seeds, args.search_seed, args.compute_scale)
         suffix = f".search-seed{args.search_seed}" if args.search_seed else ""
         if args.compute_scale is not None:
