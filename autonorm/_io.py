@@ -68,12 +68,48 @@ _URL_PASSWORD = re.compile(r"""(://[^:/@\s'"]*:)[^\s'"]*@""")
 _KEY_PASSWORD = re.compile(r"""(?i)(\b(?:password|passwd|pwd)=)[^&;\s'"#]*""")
 
 
+#: Where a URL starts in a text: its scheme (``postgresql+psycopg://``).
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
+
+
 def mask_password(text: str) -> str:
     """Every password in ``text`` masked: ``postgresql://u:secret@h/db`` ->
     ``postgresql://u:***@h/db``, ``postgresql://:secret@h/db`` -> ``postgresql://:***@h/db``,
     ``...?sslmode=require&Password=secret`` -> ``...&Password=***`` (storage URLs are never
-    printed or written in clear)."""
-    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+    printed or written in clear).
+
+    Each URL's password is the one SQLAlchemy's own parser (``make_url``) reads from it, with
+    any character it accepts (quotes, spaces, ``:``, ``/``, ``#``, percent escapes), masked as
+    written; then, for strings that are no URL SQLAlchemy reads (a raw ``@`` in a password, a
+    libpq keyword string), the password patterns above.
+    """
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", _mask_url_passwords(text)))
+
+
+def _mask_url_passwords(text: str) -> str:
+    """Each ``scheme://user:password@`` of ``text`` with the password SQLAlchemy parses there
+    replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    out, done = [], 0
+    for scheme in _SCHEME.finditer(text):
+        if scheme.start() < done:
+            continue
+        userinfo, at, _ = text[scheme.end() :].partition("@")
+        if not at or ":" not in userinfo:
+            continue
+        try:  # SQLAlchemy decides what the user and the password are
+            url = make_url(f"{scheme.group()}{userinfo}@host")
+        except (ArgumentError, ValueError):
+            continue
+        if url.password is None or url.username is None:
+            continue
+        start = scheme.end() + userinfo.index(":") + 1
+        end = scheme.end() + len(userinfo)
+        out.append(text[done:start] + "***")
+        done = end
+    return "".join(out) + text[done:]
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -4,6 +4,7 @@ keys and aliases."""
 
 from __future__ import annotations
 
+import string
 import time
 
 import pytest
@@ -37,6 +38,32 @@ def test_mask_password_hides_every_url_shape(text):
     assert SECRET not in masked and "***" in masked
     assert mask_password(masked) == masked  # idempotent: masking a masked text changes nothing
     assert masked == text.replace(f"p@ss{SECRET}", "***").replace(SECRET, "***")
+
+
+#: Every character class SQLAlchemy's URL parser takes in a password as written (all but a raw
+#: ``@``): ASCII punctuation, quotes, a space, ``:``, ``/``, ``#``, ``?``, non-ASCII, and percent
+#: escapes (``%40`` is an ``@``).
+PASSWORD_CLASSES = [
+    *(f"a{c}b{SECRET}" for c in string.punctuation if c != "@"),
+    f"with space {SECRET}",
+    f"ünï{SECRET}çødé",
+    f"p%40ss%2F{SECRET}",
+    f"{SECRET}:colon:",
+]
+
+
+@pytest.mark.parametrize("password", PASSWORD_CLASSES)
+def test_mask_password_masks_every_password_sqlalchemy_reads(password):
+    from sqlalchemy.engine import make_url
+
+    url = f"postgresql+psycopg://bob:{password}@db.example.com:5432/studies"
+    assert make_url(url).password is not None  # SQLAlchemy reads a password there
+    hidden = make_url(url).render_as_string(hide_password=True)
+    assert mask_password(url) == hidden
+    assert SECRET not in mask_password(url)
+    for shown in (f"cannot open storage {url!r}: refused", f"storage: {url}\n", f'"{url}"'):
+        assert SECRET not in mask_password(shown), shown
+        assert mask_password(mask_password(shown)) == mask_password(shown)
 
 
 @pytest.mark.parametrize(
