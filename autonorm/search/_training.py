@@ -3,6 +3,7 @@ size, with the Trainer's trial defaults; a trial, the learn pass and the final r
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -64,6 +65,34 @@ def datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
     ):
         return datamodule
     return lambda: datamodule
+
+
+def trial_callbacks(given: Any) -> list[Any]:
+    """The user's Lightning callbacks for one training, its own: a fresh copy of each (an
+    EarlyStopping or ModelCheckpoint keeps its best score and paths: shared, the first trial's
+    would stop or overwrite the next), or what a factory (``lambda: [EarlyStopping(...)]``)
+    returns.
+
+    Raises:
+        AutoNormError: a callback that cannot be copied, naming it and the factory form.
+    """
+    if given is None:
+        return []
+    if callable(given) and not hasattr(given, "setup"):  # a factory, not a callback
+        made = given()
+        return list(made) if isinstance(made, (list, tuple)) else [made]
+    callbacks = list(given) if isinstance(given, (list, tuple)) else [given]
+    copies = []
+    for callback in callbacks:
+        try:
+            copies.append(copy.deepcopy(callback))
+        except Exception as err:
+            raise AutoNormError(
+                f"trainer callback {type(callback).__name__} cannot be copied for each trial "
+                f"({type(err).__name__}: {err}); pass a factory instead: "
+                f"trainer_kwargs={{'callbacks': lambda: [{type(callback).__name__}(...)]}}"
+            ) from None
+    return copies
 
 
 def _set_batch_size(datamodule: Any, loaders: dict[str, Any], batch_size: int) -> None:
@@ -157,7 +186,7 @@ class Training:
         pl = namespace_of(module)  # the Trainer of the module's own Lightning
         dm, loaders = self._data(self.train_dataloaders)
         kwargs = {**self._trainer_defaults(root), **self.trainer_kwargs}
-        kwargs["callbacks"] = [callback, *self.trainer_kwargs.get("callbacks", [])]
+        kwargs["callbacks"] = [callback, *trial_callbacks(self.trainer_kwargs.get("callbacks"))]
         trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
         resume = None if ckpt_path is None else str(ckpt_path)
         if dm is not None:
