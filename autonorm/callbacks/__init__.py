@@ -9,7 +9,11 @@ one of them wrote.
 
 from __future__ import annotations
 
-from autonorm.callbacks._checkpoints import load_from_checkpoint, restore_into
+from autonorm.callbacks._checkpoints import (
+    load_from_checkpoint,
+    restore_into,
+    structure_from_checkpoint,
+)
 from autonorm.callbacks._fixed import FixedNorms
 from autonorm.callbacks._learn import LearnNorms
 from autonorm.callbacks._optimizers import split_mixing_group
@@ -40,4 +44,5 @@ __all__ = [
     "mark_infeasible",
     "recalibrate_batchnorm",
     "split_mixing_group",
+    "structure_from_checkpoint",
 ]

@@ -24,6 +24,8 @@ def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
             storage, name = bundle_storage(path)
         except AutoNormError as err:
             raise UsageError(str(err)) from None
+        if "://" not in storage and not os.path.isfile(storage):  # never a new, empty journal
+            raise UsageError(f"{target!r} records the journal {storage!r}, which does not exist")
         return storage, name, path
     if "://" in target or path.is_file():
         return target, None, None
@@ -56,11 +58,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = args.out_dir and Path(args.out_dir)
     out = out or folder or default_out_dir(safe_folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
-    result = export_bundle(
-        study,
-        out,
-        storage=storage if folder is None or not str(storage).startswith("sqlite") else None,
-    )
+    result = export_bundle(study, out, storage=storage)
     print_result(console(), result)
     return 0
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ import yaml
 from autonorm._errors import AutoNormError
 from autonorm._io import atomic_write, mask_password
 from autonorm._trial_keys import CONFIG, STUDY_INFO
+from autonorm.callbacks import structure_from_checkpoint
 from autonorm.config import PROBE_KEY, NormConfig, SlotRecord
 from autonorm.report import (
+    ARTIFACT_DIR,
     SUMMARY_FILE,
     Summary,
     attach_dashboard_artifacts,
@@ -35,6 +38,7 @@ from autonorm.report import (
     write_summary,
 )
 from autonorm.search._storage import SQLITE_FILE, sqlite_url
+from autonorm.search._training import BEST_CHECKPOINT_FILE, LEARNED_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +249,42 @@ def _replace_other_bundle(out_dir: Path, study_name: str) -> None:
         other,
         study_name,
     )
-    for name in (BEST_CONFIG_FILE, DEPLOY_CONFIG_FILE, PARETO_FILE, STORAGE_FILE):
+    for name in (
+        BEST_CONFIG_FILE,
+        DEPLOY_CONFIG_FILE,
+        PARETO_FILE,
+        STORAGE_FILE,
+        BEST_CHECKPOINT_FILE,
+        LEARNED_CONFIG_FILE,
+    ):
         (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / ARTIFACT_DIR, ignore_errors=True)
+
+
+def _drop_stale_files(study: optuna.Study, out_dir: Path, best: NormConfig | None) -> None:
+    """Remove what an earlier export or run of this folder left that this study's answer no
+    longer vouches for: a learned config the study did not learn, a checkpoint of another
+    config than the best (a retraining cost a training: said in the log)."""
+    info = study.user_attrs.get(STUDY_INFO) or {}
+    if not info.get("learned_config"):
+        (out_dir / LEARNED_CONFIG_FILE).unlink(missing_ok=True)
+    checkpoint = out_dir / BEST_CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        return
+    try:
+        entry = structure_from_checkpoint(checkpoint)
+    except Exception:  # unreadable: no config vouches for it
+        entry = None
+    trained = None if entry is None else entry[1]
+    if best is not None and trained is not None and trained == best:
+        return
+    checkpoint.unlink()
+    log.warning(
+        "removed %s: it trained %s, not the best config of study %r (retrain to get one)",
+        checkpoint,
+        "an unknown config" if trained is None else "another config",
+        study.study_name,
+    )
 
 
 def _export(
@@ -275,6 +313,7 @@ def _export(
         ]
         written.append(atomic_write(out_dir / PARETO_FILE, yaml.safe_dump(front, sort_keys=False)))
     write_storage_file(out_dir, storage, study.study_name)
+    _drop_stale_files(study, out_dir, best_config)
     if best_config is not None and retrain is not None:
         try:
             written.append(retrain(best_config))
@@ -298,30 +337,44 @@ def _export(
 
 
 def write_storage_file(out_dir: Path, storage: Any, study_name: str) -> None:
-    """``storage.txt``: the storage of a study kept outside the bundle (its password masked),
-    so that ``autonorm report <bundle>`` finds it; nothing for the bundle's own SQLite file."""
+    """``storage.txt``: the storage of a study kept outside the bundle (its password masked, a
+    file's path absolute: ``autonorm report`` may run from another folder), so that ``autonorm
+    report <bundle>`` finds it; none for the bundle's own SQLite file (an earlier one goes)."""
+    path = out_dir / STORAGE_FILE
     if storage is None or (
         isinstance(storage, str)
         and storage.startswith("sqlite:///")
-        and Path(storage[len("sqlite:///") :]).parent == out_dir
+        and Path(storage[len("sqlite:///") :]).resolve().parent == out_dir.resolve()
     ):
+        path.unlink(missing_ok=True)
         return
     text = (
-        mask_password(os.fspath(storage))
+        mask_password(absolute_storage(os.fspath(storage)))
         if isinstance(storage, (str, os.PathLike))
         else type(storage).__name__
     )
-    atomic_write(out_dir / STORAGE_FILE, f"{text}\nstudy_name: {study_name}\n")
+    atomic_write(path, f"{text}\nstudy_name: {study_name}\n")
+
+
+def absolute_storage(storage: str) -> str:
+    """A storage with a file's path made absolute: a journal file, ``sqlite:///relative.db``;
+    a server URL as given."""
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        return "sqlite:///" + os.path.abspath(storage[len("sqlite:///") :])
+    if "://" not in storage:
+        return os.path.abspath(storage)
+    return storage
 
 
 def bundle_storage(folder: Path) -> tuple[str, str | None]:
-    """(storage, study name or None) of a bundle folder: its own SQLite file, else the storage
-    its ``storage.txt`` names.
+    """(storage, study name or None) of a bundle folder: the storage its ``storage.txt``
+    names (the study was kept outside the bundle: a ``study.db`` beside it is another study's),
+    else its own SQLite file.
 
     Raises:
         AutoNormError: the folder is no bundle, or ``storage.txt``'s password is masked.
     """
-    if (folder / SQLITE_FILE).is_file():
+    if not (folder / STORAGE_FILE).is_file() and (folder / SQLITE_FILE).is_file():
         return sqlite_url(folder), None
     if not (folder / STORAGE_FILE).is_file():
         raise AutoNormError(

@@ -301,6 +301,10 @@ def run_trial(
     return values[0] if len(values) == 1 else values
 
 
+#: The learn pass's derived config and the best config's retrained checkpoint, in the bundle.
+LEARNED_CONFIG_FILE = "learned_config.yaml"
+BEST_CHECKPOINT_FILE = "best.ckpt"
+
 #: The learn pass's mixing logits train at this fraction of the model's learning rate, without
 #: weight decay (the benchmark's learned paths use the same).
 LEARN_MIXING_LR_SCALE = 0.1
@@ -323,7 +327,7 @@ def learn_pass(
         mixing_weight_decay=0.0,
         monitor=settings.monitor,
         monitor_mode=settings.mode,
-        config_path=out_dir / "learned_config.yaml",
+        config_path=out_dir / LEARNED_CONFIG_FILE,
         record_metrics=False,
         **training.slot_selection(),
     )
@@ -352,7 +356,7 @@ def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | N
     # the search's slot selection: a config of included slots is partial, the others keep theirs
     callback = FixedNorms(config, record_metrics=False, **training.slot_selection())
     trainer = training.fit(callback, root=out_dir / "retrain", seed=seed)
-    path = out_dir / "best.ckpt"
+    path = out_dir / BEST_CHECKPOINT_FILE
     trainer.save_checkpoint(path)
     return path
 
