@@ -80,6 +80,7 @@ class StudyInfo(TypedDict, total=False):
     max_epochs: int
     warm_start: bool | str
     default_config: dict[str, Json] | None
+    experiment: dict[str, Json]
     learned_config: dict[str, Json] | None
     learn_epochs: int
     staged: bool

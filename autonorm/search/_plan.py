@@ -513,9 +513,7 @@ class Evidence:
         """Configs with full-schedule runs, the chosen one first
         (:func:`~autonorm.report.rank_runs`)."""
         return [
-            Candidate(
-                r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params), r.guard
-            )
+            Candidate(r.label or f"trial {r.trials[0].number}", dict(r.trials[0].params), r.guard)
             for r in self._ranked
         ]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from torch import nn
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
@@ -30,6 +31,7 @@ from autonorm.config import NormChoice, NormConfig
 from autonorm.search import _loop as loop
 from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
+from autonorm.search._fingerprint import experiment_fingerprint
 from autonorm.search._plan import Plan, reuse_finished
 from autonorm.search._planned import SCREEN, Candidate, continue_values, trial_task
 from autonorm.search._settings import (
@@ -133,8 +135,17 @@ def search(
         train_dataloaders,
         val_dataloaders,
     )
-    slots, model_class = _probe_slots(training, settings)
-    run = _SearchRun.open(settings, training, slots, model_class)
+    slots, model_class, probe = _probe_slots(training, settings)
+    experiment = experiment_fingerprint(
+        training.make_model,
+        probe,
+        training.make_datamodule,
+        {"train": train_dataloaders, "val": val_dataloaders},
+        settings.trainer_kwargs,
+        budget_batch_size=settings.budget is not None and settings.budget.batch_size is not None,
+    )
+    del probe
+    run = _SearchRun.open(settings, training, slots, model_class, experiment)
     return run.optimize()
 
 
@@ -144,9 +155,9 @@ search.__signature__ = search_signature(  # type: ignore[attr-defined]
 )
 
 
-def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slot], str]:
+def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slot], str, nn.Module]:
     """Find the slots on one fresh model (one probe), check the space fits them; fill in the
-    example input the probe used. Returns the slots and the model's class path."""
+    example input the probe used. Returns the slots, the model's class path and the probe."""
     probe = training.make_model()
     model_class = f"{type(probe).__module__}.{type(probe).__qualname__}"
     if training.example_input is None:
@@ -157,7 +168,7 @@ def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slo
     if not slots:
         raise AutoNormError(f"{type(probe).__name__} has no normalization slot to search")
     settings.space.parameters(slots)  # a space that does not fit the model fails here, early
-    return slots, model_class
+    return slots, model_class, probe
 
 
 @dataclass
@@ -181,7 +192,12 @@ class _SearchRun:
 
     @classmethod
     def open(
-        cls, settings: SearchSettings, training: Training, slots: list[Slot], model_class: str
+        cls,
+        settings: SearchSettings,
+        training: Training,
+        slots: list[Slot],
+        model_class: str,
+        experiment: tuple[dict[str, Any], list[str]],
     ) -> _SearchRun:
         """Create or join the study: its storage, its space (narrowed by a learn pass), the
         settings it records, and the warm-start trials when this process created it."""
@@ -206,6 +222,7 @@ class _SearchRun:
             check_study_compatible(existing, labels, settings.directions)
         plan = _plan(settings, slots, params, learned)
         info = _study_info(settings, space, slots, model_class, learned, plan)
+        info["experiment"], missed = experiment
         if existing is not None:
             check_study_settings(existing, info)
         study, created = open_study(
@@ -226,6 +243,13 @@ class _SearchRun:
         study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
         if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace):
             warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
+        if created and missed:  # said once, when the study is made
+            log.warning(
+                "study %r cannot tell a rerun with other %s: keep them as they are for this "
+                "study (or save the hyperparameters)",
+                study_name,
+                "; ".join(missed),
+            )
         if created and settings.seed is None:  # configs still share their k-th run's seed
             study.set_user_attr(keys.RUN_SEED, random.randrange(2**31 - 2**20))
         if created:  # only the worker that created the study plans its first trials
@@ -473,9 +497,7 @@ def _plan(
 ) -> Plan:
     """The plan of the study's trials: staged with a warm start on one objective; its caps
     (``n_trials``, the budget's trainings, by default the size of the grid of baselines)."""
-    baselines = warm_start_params(
-        slots, params, settings.budget, learned, settings.default_config
-    )
+    baselines = warm_start_params(slots, params, settings.budget, learned, settings.default_config)
     staged = bool(settings.warm_start) and not settings.multi_objective
     explore = []
     if staged:  # as many random per-slot configs again, screened after the baselines

@@ -17,6 +17,7 @@ import optuna
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm._io import mask_password
 from autonorm._trial_keys import STUDY_INFO
+from autonorm.search._fingerprint import flat_differences
 from autonorm.search._workers import RetryStaleTrial
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ DEFINING_SETTINGS = (
     "max_epochs",
     "warm_start",
     "default_config",
+    "experiment",
 )
 _ADDABLE_BUDGET = ("trainings",)
 
@@ -259,6 +261,8 @@ def _difference(key: str, old: Any, new: Any) -> list[str]:
         return ["slots: same names, other kinds or channels"]
     if key == "space":
         return ["space: other choices"]
+    if key == "experiment":
+        return [f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in flat_differences(old, new, "")]
     return [f"{key} {_shown(old)} -> {_shown(new)}"]
 
 

@@ -82,9 +82,7 @@ def _baseline_params(
     return out
 
 
-def default_params(
-    config: NormConfig, slots: Sequence[Slot], params: Parameters
-) -> dict[str, str]:
+def default_params(config: NormConfig, slots: Sequence[Slot], params: Parameters) -> dict[str, str]:
     """The trial parameters of the user's default config, exactly: a slot it does not name
     keeps its own layer.
 
