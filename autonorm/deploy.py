@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from autonorm._errors import AutoNormError
 from autonorm.norms import FrozenBatchNorm, filter_dim, is_feeder
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,29 @@ def plan_folds(model: nn.Module, example_input: Any = None) -> list[Fold]:
             reason = f"the layer is shared with {list(slot.aliases)}"
         elif slot.feeder is None or not is_feeder(modules[slot.feeder]):
             reason = "no Conv/Linear layer feeds it alone"
+        else:
+            reason = _axis_mismatch(slot, modules[slot.feeder])
         plan.append(Fold(slot.name, slot.feeder, reason))
     return plan
+
+
+def _axis_mismatch(slot: Any, feeder: nn.Module) -> str | None:
+    """Why a Linear's output features may not be the channels a channels-first norm scales
+    (a Linear acts on the last dimension, a BatchNorm1d on the second: the same only for a
+    2-D ``(N, C)`` input), or None."""
+    if not isinstance(feeder, nn.Linear) or slot.layout != "channels_first":
+        return None
+    if slot.input_shape is None:
+        return (
+            "a Linear feeds a channels-first batch norm: the same channels only on a 2-D "
+            "input, which no probe saw (give example_input)"
+        )
+    if len(slot.input_shape) != 2:
+        return (
+            f"a Linear's features are the last dimension of its {len(slot.input_shape)}-D "
+            "output, the batch norm's channels its second"
+        )
+    return None
 
 
 def _apply(model: nn.Module, fold: Fold) -> Callable[[], None]:
@@ -197,22 +219,22 @@ def fold_norms(
         The model; its ``autonorm_folds`` attribute (:data:`FOLDS_ATTR`) lists the
         :class:`Fold` of every slot.
     """
+    training = model.training
     model.eval()
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
     plan = list(plan_folds(model, example_input) if plan is None else plan)
-    expected = None if example_input is None else _run(model, example_input)
     todo = [fold for fold in plan if fold.reason is None]
-    undos = [_apply(model, fold) for fold in todo]
-    done = dict.fromkeys(fold.slot for fold in todo)
-    if expected is not None and not _same(_run(model, example_input), expected, rtol, atol):
+    undos: list[Callable[[], None]] = []
+    try:  # all or nothing: on any error the model is as it was
+        done = _fold_checked(model, todo, example_input, undos, (rtol, atol))
+    except BaseException as err:
         for undo in reversed(undos):
             undo()
-        for fold in todo:  # one at a time, keeping the folds that leave the output as it was
-            undo = _apply(model, fold)
-            if not _same(_run(model, example_input), expected, rtol, atol):
-                undo()
-                del done[fold.slot]
+        model.train(training)
+        if isinstance(err, Exception) and not isinstance(err, AutoNormError):
+            raise AutoNormError(f"fold_norms failed, the model is unchanged: {err}") from err
+        raise
     result = [
         fold
         if fold.reason is not None or fold.slot in done
@@ -226,6 +248,36 @@ def fold_norms(
     setattr(model, FOLDS_ATTR, result)  # noqa: B010 (nn.Module's setattr is typed for tensors)
     log.info("folded %d of %d norm slots", len(done), len(plan))
     return model
+
+
+def _fold_checked(
+    model: nn.Module,
+    todo: list[Fold],
+    example_input: Any,
+    undos: list[Callable[[], None]],
+    tolerance: tuple[float, float],
+) -> dict[str, None]:
+    """Make the folds of ``todo`` (their undos appended to ``undos``, in order); with an
+    example input, keep only those that leave the output as it was. Returns the folded slots."""
+    expected = None if example_input is None else _run(model, example_input)
+    for fold in todo:
+        try:
+            undos.append(_apply(model, fold))
+        except Exception as err:
+            raise AutoNormError(f"cannot fold {fold.slot} into {fold.feeder}: {err}") from err
+    done = dict.fromkeys(fold.slot for fold in todo)
+    if expected is None or _same(_run(model, example_input), expected, *tolerance):
+        return done
+    while undos:
+        undos.pop()()
+    for fold in todo:  # one at a time, keeping the folds that leave the output as it was
+        undo = _apply(model, fold)
+        if _same(_run(model, example_input), expected, *tolerance):
+            undos.append(undo)
+        else:
+            undo()
+            del done[fold.slot]
+    return done
 
 
 def _as_args(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -124,6 +124,57 @@ def test_norms_that_cannot_fold_stay_and_say_why(build, reason):
     assert folds and all(reason in (f.reason or "") for f in folds)
 
 
+def _with_statistics(*norms: nn.Module) -> None:
+    for norm in norms:
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2.0)
+
+
+def test_a_linear_folds_into_a_batchnorm1d_only_where_a_probe_saw_a_2d_input():
+    def build():
+        torch.manual_seed(0)  # the same weights and statistics each time
+        model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)).eval()
+        _with_statistics(model[1])
+        return model
+
+    tokens = torch.linspace(-2, 2, 4 * 8 * 16).reshape(4, 8, 16)  # (N, C, L): Linear on L
+    expected = build()(tokens)
+    unprobed = fold_norms(build())  # no example input: nothing proves the axes agree
+    assert isinstance(unprobed[1], nn.BatchNorm1d)
+    assert "no probe saw" in unprobed.autonorm_folds[0].reason
+    assert torch.equal(unprobed(tokens), expected)
+    probed = fold_norms(build(), tokens)
+    assert isinstance(probed[1], nn.BatchNorm1d)
+    assert "last dimension of its 3-D output" in probed.autonorm_folds[0].reason
+    features = torch.linspace(-2, 2, 4 * 16).reshape(4, 16)
+    flat = build()
+    before = flat(features)
+    folded = fold_norms(flat, features)
+    assert isinstance(folded[1], nn.Identity)
+    assert torch.allclose(folded(features), before, atol=1e-5)
+
+
+def test_a_fold_that_fails_part_way_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):  # the hook-based weight_norm torch deprecates
+        hooked = nn.utils.weight_norm(nn.Conv2d(8, 8, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), hooked, nn.BatchNorm2d(8)
+    )
+    _with_statistics(model[1], model[4])
+    model.train()
+    types = [type(m) for m in model]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.raises(autonorm.AutoNormError, match="the model is unchanged"):
+        fold_norms(model, x)
+    assert [type(m) for m in model] == types and model[3] is hooked
+    assert model.training  # its mode too
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not hasattr(model, "autonorm_folds")
+
+
 def test_batchnorm_without_running_stats_and_switchable_are_not_folded():
     model, x = models.resnet()
     apply_config(
