@@ -176,11 +176,14 @@ def load_json(text: str, source: str) -> Any:
     """
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        duplicated = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicated:
-            raise ValueError(f"duplicated key {duplicated[0]!r}")
-        return dict(pairs)
+        out = dict(pairs)
+        if len(out) < len(pairs):  # linear: the first key seen twice is named
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise ValueError(f"duplicated key {key!r}")
+                seen.add(key)
+        return out
 
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)

@@ -112,6 +112,19 @@ def test_a_duplicated_json_key_is_an_error(tmp_path):
         NormConfig.load(path)
 
 
+def test_the_json_duplicate_check_is_linear_in_the_keys():
+    """200,000 keys (a quadratic check: 4e10 comparisons, hours) read in well under the bound;
+    a duplicate among them is still named."""
+    from autonorm._io import load_json
+
+    body = ",".join(f'"k{i}": {i}' for i in range(200_000))
+    started = time.perf_counter()
+    assert len(load_json("{" + body + "}", "big.json")) == 200_000
+    assert time.perf_counter() - started < 20
+    with pytest.raises(ConfigError, match="duplicated key 'k7'"):
+        load_json("{" + body + ', "k7": 0}', "big.json")
+
+
 def test_a_duplicated_key_in_a_search_space_file_is_an_error(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("choices:\n  '*': [batchnorm]\n  '*': [layernorm]\n")
