@@ -17,6 +17,7 @@ import optuna
 from autonorm._errors import AutoNormError, ConfigError
 from autonorm._io import mask_password
 from autonorm._trial_keys import STUDY_INFO
+from autonorm.budget import Budget
 from autonorm.search._fingerprint import flat_differences
 from autonorm.search._workers import RetryStaleTrial
 
@@ -245,8 +246,9 @@ def _shown(value: Any) -> str:
 
 
 def _difference(key: str, old: Any, new: Any) -> list[str]:
-    if key == "budget":
-        old_b, new_b = dict(old or {}), dict(new or {})
+    if key == "budget":  # no budget is the default budget (devices 1, ...)
+        default = Budget().to_dict()
+        old_b, new_b = {**default, **dict(old or {})}, {**default, **dict(new or {})}
         return [
             f"budget.{k} {_shown(old_b.get(k))} -> {_shown(new_b.get(k))}"
             for k in sorted(set(old_b) | set(new_b))

@@ -81,6 +81,16 @@ def test_a_rerun_with_changed_settings_is_refused_naming_each_difference(tmp_pat
     assert len(finished(other.study)) == 2
 
 
+def test_a_study_started_without_a_budget_continues_with_more_compute(tmp_path):
+    first = quick(tmp_path, n_trials=1)
+    assert first.study.user_attrs["autonorm"]["budget"] is None
+    more = quick(tmp_path, n_trials=None, budget={"trainings": 3})  # no budget = the default one
+    assert len(finished(more.study)) > 1  # joined, and trained more
+    assert more.summary["compute"]["trainings"] <= 3
+    with pytest.raises(AutoNormError, match="budget.devices 1 -> 2"):  # a real change still is
+        quick(tmp_path, budget={"devices": 2})
+
+
 def test_settings_differences_ignore_added_compute_and_older_records():
     old = {"monitor": "val_loss", "budget": {"batch_size": 2, "trainings": 3}, "max_epochs": 3}
     assert settings_differences(old, {**old, "budget": {"batch_size": 2, "trainings": 8}}) == []
