@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from autonorm._errors import AutoNormError, UsageError
 from autonorm.cli._output import console, print_result
-from autonorm.cli._user_code import import_class
+from autonorm.cli._user_code import find_user_modules, import_class
 
 
 def _storage_of(target: str) -> tuple[Any, str | None, Path | None]:
@@ -66,7 +65,7 @@ def run_report(args: argparse.Namespace) -> int:
 def _model_class_and_args(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     from autonorm._io import load_yaml
 
-    sys.path.insert(0, os.getcwd())
+    find_user_modules()
     cls = import_class(args.model, "model")
     kwargs = load_yaml(args.model_args, "--model-args") if args.model_args else {}
     if not isinstance(kwargs, dict):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from autonorm._errors import UsageError
 from autonorm._io import mask_password
 from autonorm.cli._output import console, print_result
-from autonorm.cli._user_code import import_class
+from autonorm.cli._user_code import find_user_modules, import_class
 
 if TYPE_CHECKING:
     from autonorm.search import SearchSettings
@@ -93,12 +93,39 @@ def _factory(spec: Any, what: str) -> Callable[[], Any]:
     return functools.partial(cls, **kwargs)  # keeps the class: its Lightning namespace
 
 
+def _check_config_files(argv: Sequence[str]) -> None:
+    """Read every ``--config`` file with the strict loader first (jsonargparse's own would
+    keep the last of two duplicated keys, or expand aliases).
+
+    Raises:
+        UsageError: the file's first problem, in one line.
+    """
+    from autonorm._errors import ConfigError
+    from autonorm._io import load_yaml
+
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is None:
+            continue
+        path = Path(value)
+        try:
+            if path.is_file():
+                load_yaml(path.read_text(), repr(str(path)))
+            else:  # jsonargparse also takes the YAML text itself
+                load_yaml(value, "--config")
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+
+
 def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from jsonargparse import ArgumentError
 
     from autonorm.search import SearchProgress, TrialLines, make_sampler, pool_position, search
 
-    sys.path.insert(0, os.getcwd())  # user modules next to the command, as LightningCLI does
+    find_user_modules()  # user modules next to the command, as LightningCLI finds them
+    _check_config_files(argv)
     parser = _search_parser()
     try:
         cfg = parser.parse_args(list(argv))

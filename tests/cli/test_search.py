@@ -56,6 +56,25 @@ def test_search_from_a_yaml_config(workdir, installed_cli):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((workdir / "yaml-out" / "summary.json").read_text())
     assert summary["budget"]["batch_size"] == 8
+    # a duplicated key (jsonargparse's loader would keep the last): refused in one line
+    duplicated = workdir / "twice.yaml"
+    duplicated.write_text((workdir / "search.yaml").read_text() + "search:\n  mode: max\n")
+    refused = installed_cli(["search", "--config", str(duplicated)], workdir)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "twice.yaml' is not valid YAML: duplicated key 'search'" in refused.stderr
+
+
+def test_a_stray_file_named_like_a_library_does_not_shadow_it(tmp_path, workdir, installed_cli):
+    """``plotly.py`` next to the user's module: the report still draws with the real plotly,
+    and the user's module is still found."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "usermodels.py").write_text((workdir / "usermodels.py").read_text())
+    (project / "plotly.py").write_text("raise ImportError('the stray plotly.py was imported')\n")
+    result = installed_cli(["search", *SEARCH_ARGS, "--search.out_dir", "out"], project)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stray" not in result.stderr
+    assert "Plotly.newPlot(" in (project / "out" / "report.html").read_text()
 
 
 def test_failed_invocations_leave_an_existing_study_intact(bundle, workdir, installed_cli):
