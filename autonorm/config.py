@@ -113,6 +113,10 @@ def _numbers(value: Any) -> Any:
         return value
 
 
+#: Factory arguments of :func:`~autonorm.norms.create_norm` that a rewrite sets itself.
+_PLACEMENT_PARAMS = ("device", "dtype")
+
+
 @dataclass(frozen=True)
 class NormChoice:
     """One slot's choice: a registry name, its parameters, and optionally a weight-side part.
@@ -143,7 +147,13 @@ class NormChoice:
     def __post_init__(self) -> None:
         spec = get_spec(self.name)  # ValueError listing the valid names
         params = {str(k): _frozen(v) for k, v in dict(self.params).items()}
-        allowed = set(spec.params) | set(COMMON_PARAMS)
+        placed = sorted(set(params) & set(_PLACEMENT_PARAMS))
+        if placed:
+            raise ValueError(
+                f"{self.name}: {placed} are not choice parameters: a rewrite builds each layer "
+                "on the device and dtype of the layer it replaces"
+            )
+        allowed = set(spec.params) | set(COMMON_PARAMS) - set(_PLACEMENT_PARAMS)
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise ValueError(

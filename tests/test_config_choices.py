@@ -75,3 +75,16 @@ def test_uniform_takes_a_label_and_adds_params_to_it():
     assert torch.isfinite(model(x)).all()
     with pytest.raises(ValueError, match="unknown norm 'groupnrom'; valid names are"):
         autonorm.NormConfig.uniform(slots, "groupnrom+ws")
+
+
+@pytest.mark.parametrize("raw", ["layernorm(device=cpu)", "groupnorm(groups=2, dtype=float16)"])
+def test_device_and_dtype_are_refused_when_a_choice_is_parsed(raw, tmp_path):
+    """A rewrite builds each layer on its slot's device and dtype: a choice carrying them would
+    fail later in apply_config with 'got multiple values'."""
+    message = r"are not choice parameters: a rewrite builds each layer on the device and dtype"
+    with pytest.raises(ValueError, match=message):
+        NormChoice.parse(raw)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"slots:\n  bn1: '{raw}'\n")
+    with pytest.raises(ConfigError, match=rf"(?s)cfg.yaml.*slot 'bn1'.*{message}"):
+        NormConfig.load(path)
