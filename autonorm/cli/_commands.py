@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autonorm._errors import AutoNormError, UsageError
-from autonorm.cli._output import console, print_result
+from autonorm.cli._output import console, plain_text, print_result
 from autonorm.cli._user_code import find_user_modules, import_class
 
 
@@ -126,16 +126,16 @@ def run_show(args: argparse.Namespace) -> int:
     from autonorm.config import NormConfig
 
     config = NormConfig.load(args.config)
-    table = Table(title=str(args.config))
+    table = Table(title=plain_text(args.config))
     table.add_column("slot")
     table.add_column("choice")
     for slot, choice in config.choices.items():
-        table.add_row(slot, choice.label)
+        table.add_row(plain_text(slot), plain_text(choice.label))
     out = console()
     out.print(table)
     for key, value in config.metadata.items():
         if key not in ("versions", "space", "switchable_weights"):
-            out.print(f"{key}: {value}")
+            out.print(plain_text(f"{key}: {value}"))
     return 0
 
 

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+#: Control characters (an ANSI escape starts with one), shown as their escape instead.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain_text(value: object) -> Any:
+    """User text (slot names, study names, a config's metadata) shown as written: a Rich
+    ``Text``, so ``[bold]`` is not markup, with control characters as visible escapes, so an
+    ANSI sequence in a file does not drive the terminal."""
+    from rich.text import Text
+
+    return Text(_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value)))
 
 
 def console() -> Any:
@@ -26,19 +39,21 @@ def print_result(out: Any, result: Any) -> None:
 
     if result.best_config is not None:
         table = Table(
-            title=f"best config: {result.study.study_name} (value {result.best_value:.4g}, "
-            f"trial {result.best_trial.number})"
+            title=plain_text(
+                f"best config: {result.study.study_name} (value {result.best_value:.4g}, "
+                f"trial {result.best_trial.number})"
+            )
         )
         table.add_column("slot")
         table.add_column("choice")
         for slot, choice in result.best_config.choices.items():
-            table.add_row(slot, choice.label)
+            table.add_row(plain_text(slot), plain_text(choice.label))
         out.print(table)
     elif result.pareto is not None:
         out.print(f"Pareto front: {len(result.pareto)} configs ({PARETO_FILE})")
     else:
         out.print("[bold red]no trial met the budget[/]: no best config")
-    out.print(f"bundle: {result.out_dir}")
+    out.print(plain_text(f"bundle: {result.out_dir}"))
     for name in (
         BEST_CONFIG_FILE,
         PARETO_FILE,
@@ -48,4 +63,4 @@ def print_result(out: Any, result: Any) -> None:
         STORAGE_FILE,
     ):
         if (result.out_dir / name).exists():
-            out.print(f"  {result.out_dir / name}")
+            out.print(plain_text(f"  {result.out_dir / name}"))
