@@ -318,9 +318,11 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
         study: a study with one or more objectives.
 
     Returns:
-        The non-dominated feasible COMPLETE trials with finite values (empty when none).
+        The non-dominated feasible COMPLETE trials with finite values (empty when none); a
+        trial that reused another's result is that trial, not a second point.
     """
-    candidates = feasible_complete(study.get_trials(deepcopy=False))
+    trials = feasible_complete(study.get_trials(deepcopy=False))
+    candidates = [t for t in trials if REUSED_FROM not in t.user_attrs]
     signs = [-1.0 if maximizes(study, i) else 1.0 for i in range(len(study.directions))]
     return [
         copy.deepcopy(t)

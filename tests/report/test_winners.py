@@ -77,3 +77,21 @@ def test_pareto_trials_matches_optuna_without_infeasible_trials(tmp_path):
     points = [(1.0, 5.0, True), (2.0, 2.0, True), (3.0, 3.0, True), (2.0, 2.0, True)]
     study = multi_objective_study(tmp_path, points)
     assert [t.number for t in pareto_trials(study)] == sorted(t.number for t in study.best_trials)
+
+
+def test_a_reused_result_is_not_a_second_point_of_the_pareto_front(tmp_path):
+    from autonorm._trial_keys import REUSED_FROM
+
+    study = multi_objective_study(tmp_path, [(1.0, 5.0, True), (2.0, 2.0, True)])
+    original = study.trials[1]
+    study.add_trial(  # what the search records when a proposal equals a finished trial
+        optuna.trial.create_trial(
+            params=original.params,
+            distributions=original.distributions,
+            values=original.values,
+            user_attrs={**original.user_attrs, REUSED_FROM: original.number},
+        )
+    )
+    assert [t.number for t in pareto_trials(study)] == [0, 1]
+    summary = write_summary(study, tmp_path / "out")
+    assert [p["trial"] for p in summary["pareto"]] == [0, 1]
