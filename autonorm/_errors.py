@@ -26,3 +26,5 @@ class UsageError(AutoNormError):
 
 #: Exit status of the ``autonorm`` command (and of a pool worker) on bad input.
 USAGE_ERROR = 2
+#: Exit status of a search (or report) that ran but has no answer: no trial met the budget.
+NO_BEST_CONFIG = 3

@@ -76,8 +76,8 @@ API_CASES = {
     ),
     "space changed against the study": (
         lambda b: search_on(b, space="cnn"),
-        ConfigError,
-        "search space changed",
+        AutoNormError,
+        r"recorded with other settings: space\.",
     ),
     "bad memory string": (
         lambda b: search_on(b, budget=Budget(max_memory="lots")),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -134,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return getattr(err, "exit_code", 130)
     except (ValueError, FileNotFoundError, ImportError) as err:  # bad input, incl. AutoNormError
-        if debug:
-            raise
+        if debug:  # the traceback too; the exit status stays the same
+            traceback.print_exc()
         message = mask_password(str(err)).strip().splitlines()
         print(f"autonorm: error: {message[0] if message else type(err).__name__}", file=sys.stderr)
         for line in message[1:3]:
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     except Exception as err:
         if debug:
-            raise
+            traceback.print_exc()
         print(
             f"autonorm: failed: {type(err).__name__}: {mask_password(str(err))} (run with --debug for "
             "the traceback)",

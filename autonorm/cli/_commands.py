@@ -58,8 +58,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = out or folder or default_out_dir(safe_folder_name(study.study_name))
     out.mkdir(parents=True, exist_ok=True)
     result = export_bundle(study, out, storage=storage)
-    print_result(console(), result)
-    return 0
+    return print_result(console(), result)
 
 
 def _model_class_and_args(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:

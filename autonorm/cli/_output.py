@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from autonorm._errors import NO_BEST_CONFIG
+
 #: Control characters (an ANSI escape starts with one), shown as their escape instead.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -24,8 +26,9 @@ def console() -> Any:
     return Console(stderr=False, soft_wrap=True)
 
 
-def print_result(out: Any, result: Any) -> None:
-    """The best config as a table (or the Pareto front's size) and the bundle's files."""
+def print_result(out: Any, result: Any) -> int:
+    """The best config as a table (or the Pareto front's size) and the bundle's files; returns
+    the exit status (:data:`~autonorm._errors.NO_BEST_CONFIG` when there is no answer)."""
     from rich.table import Table
 
     from autonorm.report import SUMMARY_FILE
@@ -64,3 +67,4 @@ def print_result(out: Any, result: Any) -> None:
     ):
         if (result.out_dir / name).exists():
             out.print(plain_text(f"  {result.out_dir / name}"))
+    return 0 if result.best_config is not None or result.pareto else NO_BEST_CONFIG

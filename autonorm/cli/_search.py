@@ -150,8 +150,7 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
         progress = SearchProgress(settings.n_trials)
         with progress:
             result = search(model_factory, data_factory, settings=settings, callbacks=[progress])
-        print_result(console(), result)
-        return 0
+        return print_result(console(), result)
     # a worker of `--search.n_workers`: its parent writes the bundle
     index, count = position
     sampler = settings.sampler
@@ -248,8 +247,9 @@ def _run_pool(
         retrain=retrain,
         say=out.print,
     )
+    answer = 0
     if outcome.result is not None:
-        print_result(out, outcome.result)
+        answer = print_result(out, outcome.result)
     else:
         out.print(f"no finished trial in study {study_name!r}: no bundle written")
     for worker in outcome.failed:
@@ -261,7 +261,7 @@ def _run_pool(
         )
         for line in errors[-3:]:
             print(f"  {mask_password(line)}", file=sys.stderr)
-    return outcome.exit_code
+    return outcome.exit_code or answer
 
 
 def _retrainer(
@@ -293,6 +293,24 @@ def _import_problem(class_path: str) -> str | None:
     return None
 
 
+def _union_problem(lines: list[str]) -> str:
+    """``got 'maybe'; expected one of true, false, 'learn', 'learn-sparse'`` from
+    jsonargparse's Union message (its subtypes and the given value)."""
+    given = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("Given value:")), "")
+    subtypes = next((x for x in lines if x.startswith("Subtypes:")), "")
+    valid: list[str] = []
+    for kind in re.findall(r"<class '(\w+)'>|Literal\[([^\]]*)\]", subtypes):
+        if kind[0] == "bool":
+            valid += ["true", "false"]
+        elif kind[0] and kind[0] != "NoneType":
+            valid.append(f"{'an' if kind[0][0] in 'aeiou' else 'a'} {kind[0]}")
+        elif kind[1]:
+            valid += [v.strip() for v in kind[1].split(",")]
+    if "NoneType" in subtypes:
+        valid.append("null")
+    return f"got {given!r}; expected one of {', '.join(valid) or 'the documented values'}"
+
+
 def _parse_error_summary(text: str) -> str:
     """One line from jsonargparse's nested message: the class path that failed and why."""
     lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
@@ -319,6 +337,8 @@ def _parse_error_summary(text: str) -> str:
                 f"--{key.group(1)} {not_a_class.group(1)} is neither a {base} (of "
                 "lightning.pytorch or pytorch_lightning) nor a config file"
             )
+    if key and any("Union subtypes" in line for line in lines):
+        return f"--{key.group(1)}: {_union_problem(lines)}"
     if key and len(lines) > 1:
         return f"--{key.group(1)}: {lines[1]}"
     return lines[0] if lines else "invalid arguments"

@@ -51,6 +51,12 @@ class SearchProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None and not self.polled and not any(self.counts.values()):
+            # an error before any trial ended (bad input, a refused rerun): its one line is
+            # the whole message, no empty panel above it
+            self._live.transient = True
+            self._live.__exit__(*exc)
+            return
         self._live.update(self.render())
         self._live.__exit__(*exc)
         if not self.console.is_terminal:

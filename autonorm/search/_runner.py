@@ -217,14 +217,13 @@ class _SearchRun:
             existing = None
         space, learned = _space_of(settings, training, slots, existing, out)
         params = space.parameters(slots)
-        if existing is not None:
-            labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
-            check_study_compatible(existing, labels, settings.directions)
         plan = _plan(settings, slots, params, learned)
         info = _study_info(settings, space, slots, model_class, learned, plan)
         info["experiment"], missed = experiment
-        if existing is not None:
+        if existing is not None:  # every recorded difference in one line, then the trials'
             check_study_settings(existing, info)
+            labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
+            check_study_compatible(existing, labels, settings.directions)
         study, created = open_study(
             storage,
             study_name,

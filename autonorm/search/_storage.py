@@ -202,7 +202,8 @@ def check_study_compatible(
     if study.get_trials(deepcopy=False) and existing != wanted:
         raise AutoNormError(
             f"study {study.study_name!r} has directions {existing}, this search asks for {wanted}; "
-            "use another --study_name or the same mode/objectives"
+            "use the same mode/objectives, or start a new study (--search.study_name / "
+            "study_name=..., or a new out_dir)"
         )
     changed = []
     for trial in study.get_trials(deepcopy=False):
@@ -215,9 +216,9 @@ def check_study_compatible(
     if changed:
         raise ConfigError(
             f"the search space changed against the existing study {study.study_name!r} (Optuna "
-            "cannot change a categorical parameter's choices):\n  "
-            + "\n  ".join(changed)
-            + "\nUse the same space, or a new study name / out_dir."
+            f"cannot change a categorical parameter's choices): {'; '.join(changed)}; use the "
+            "same space, or start a new study (--search.study_name / study_name=..., or a new "
+            "out_dir)"
         )
 
 
@@ -261,10 +262,9 @@ def _difference(key: str, old: Any, new: Any) -> list[str]:
         if names[0] != names[1]:
             return [f"slots {len(names[0])} -> {len(names[1])} ({_shown(names[1])})"]
         return ["slots: same names, other kinds or channels"]
-    if key == "space":
-        return ["space: other choices"]
-    if key == "experiment":
-        return [f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in flat_differences(old, new, "")]
+    if key in ("space", "experiment"):  # each nested value that differs, by its dotted key
+        where = "space" if key == "space" else ""
+        return [f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in flat_differences(old, new, where)]
     return [f"{key} {_shown(old)} -> {_shown(new)}"]
 
 

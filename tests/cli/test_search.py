@@ -96,7 +96,7 @@ def test_failed_invocations_leave_an_existing_study_intact(bundle, workdir, inst
     )
     for result in (changed_space, bad_budget, other_data, other_model):
         assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "search space changed" in changed_space.stderr
+    assert "recorded with other settings: space." in changed_space.stderr
     assert "data.arguments.batch_size 16 -> 8" in other_data.stderr
     assert "model.arguments.lr 0.05 -> 0.1" in other_model.stderr
     after = {p.name: digest(p) for p in out.iterdir() if p.is_file()}

@@ -26,7 +26,7 @@ def test_help(workdir, installed_cli):
             "cannot import --model",
         ),
         (["search", "--config", "missing.yaml"], "does not exist"),
-        (["search", "--config", "broken.yaml"], "config"),
+        (["search", "--config", "broken.yaml"], "broken.yaml' is not valid YAML"),
         (["search", *SEARCH_ARGS, "--search.budget.max_memory", "lots"], "max_memory"),
         (["search", *SEARCH_ARGS, "--search.n_trials", "0"], "n_trials"),
         (["search", *SEARCH_ARGS, "--search.choices", "[batchnorm,fancynorm]"], "fancynorm"),
@@ -37,6 +37,10 @@ def test_help(workdir, installed_cli):
         ),
         (["search", *SEARCH_ARGS, "--search.out_dir", "usermodels.py/out"], "cannot be written"),
         (["search", *SEARCH_ARGS, "--search.mode", "up"], "mode"),
+        (
+            ["search", *SEARCH_ARGS, "--search.warm_start", "maybe"],
+            "--search.warm_start: got 'maybe'; expected one of true, false, 'learn', 'learn-sparse'",
+        ),
         (["show", "missing.yaml"], "cannot read"),
         (["report", "nowhere"], "neither"),
         (["recommend", "nowhere.Net"], "cannot import"),
@@ -85,3 +89,21 @@ def test_a_model_class_that_is_no_lightning_module_is_named_in_one_line(capsys):
         "autonorm: error: --model tests.models.SmallResNet is neither a LightningModule (of "
         "lightning.pytorch or pytorch_lightning) nor a config file"
     )
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_status(workdir, installed_cli):
+    args = ["search", *SEARCH_ARGS, "--search.n_trials", "0", "--search.out_dir", "debug-out"]
+    plain = installed_cli(args, workdir)
+    debug = installed_cli(["--debug", *args], workdir)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" in debug.stderr and "Traceback" not in plain.stderr
+    assert "autonorm: error: `n_trials` must be a positive int" in debug.stderr
+
+
+def test_a_search_without_an_answer_exits_3(workdir, installed_cli):
+    """Every trial over a parameter budget no model meets: the search ran, no best config."""
+    args = ["search", *SEARCH_ARGS, "--search.budget.max_params", "1"]
+    result = installed_cli([*args, "--search.out_dir", "no-answer"], workdir)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "no trial met the budget" in result.stdout
+    assert (workdir / "no-answer" / "report.html").is_file()  # the bundle says why

@@ -158,8 +158,12 @@ def test_multi_objective_returns_a_pareto_front(tmp_path):
 def test_changed_space_against_an_existing_study_is_refused_and_the_study_kept(tmp_path):
     _search(tmp_path, n_trials=1)
     db = (tmp_path / "run" / "study.db").read_bytes()
-    with pytest.raises(autonorm.ConfigError, match="search space changed"):
-        _search(tmp_path, n_trials=2, space=SearchSpace("cnn"))
+    with pytest.raises(
+        autonorm.AutoNormError, match=r"recorded with other settings: .*space\."
+    ) as err:
+        _search(tmp_path, n_trials=2, space=SearchSpace("cnn"), monitor="val_acc", mode="max")
+    message = str(err.value)  # every difference in one line
+    assert "\n" not in message and "monitor 'val_loss' -> 'val_acc'" in message
     assert (tmp_path / "run" / "study.db").read_bytes() == db
 
 
