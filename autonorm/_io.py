@@ -166,6 +166,8 @@ def load_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a config") from None
 
 
 def load_json(text: str, source: str) -> Any:
@@ -189,3 +191,5 @@ def load_json(text: str, source: str) -> Any:
         return json.loads(text, object_pairs_hook=no_duplicates)
     except ValueError as err:  # JSONDecodeError is a ValueError
         raise ConfigError(f"{source} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a config") from None

@@ -153,3 +153,15 @@ def test_a_search_space_with_aliases_is_refused(tmp_path):
     path.write_text("choices:\n  'a.*': &c [batchnorm, layernorm]\n  'b.*': *c\n")
     with pytest.raises(ConfigError, match=r"space.yaml' is not valid YAML: aliases \(\*c\)"):
         resolve_space(str(path))
+
+
+@pytest.mark.parametrize(
+    ("loader", "text"),
+    [("yaml", "a: " + "[" * 5000 + "]" * 5000), ("json", "[" * 100_000 + "]" * 100_000)],
+)
+def test_a_config_nested_too_deeply_is_one_line_not_a_recursion_error(loader, text):
+    from autonorm._io import load_json, load_yaml
+
+    load = load_yaml if loader == "yaml" else load_json
+    with pytest.raises(ConfigError, match="'deep' is nested too deeply to be a config"):
+        load(text, "'deep'")

@@ -35,9 +35,28 @@ def checkpoint_safe_globals() -> list[Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises:
+        FileNotFoundError: no such file.
+        AutoNormError: a file torch cannot read as a checkpoint, in one line (torch's own
+            message runs over many).
+    """
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AutoNormError(
+            f"{os.fspath(path)!r} is not a checkpoint torch can read ({type(err).__name__}: {first})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise AutoNormError(
+            f"{os.fspath(path)!r} holds a {type(checkpoint).__name__}, no checkpoint"
+        )
+    return checkpoint
 
 
 def checkpoint_entry(

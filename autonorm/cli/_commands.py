@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autonorm._errors import AutoNormError, UsageError
+from autonorm._trial_keys import STUDY_INFO
 from autonorm.cli._output import console, plain_text, print_result
 from autonorm.cli._user_code import find_user_modules, import_class
 
@@ -44,7 +45,13 @@ def _load_study(storage: Any, name: str | None) -> Any:
         name = names[0]
     if name not in names:
         raise UsageError(f"no study {name!r} in the storage; it holds {names}")
-    return optuna.load_study(study_name=name, storage=resolved)
+    study = optuna.load_study(study_name=name, storage=resolved)
+    if STUDY_INFO not in study.user_attrs:
+        raise UsageError(
+            f"study {name!r} was not made by autonorm (it records no autonorm settings): "
+            "nothing to report"
+        )
+    return study
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -155,6 +155,11 @@ search.__signature__ = search_signature(  # type: ignore[attr-defined]
 )
 
 
+def _foreign(study: optuna.Study) -> bool:
+    """Whether ``study`` has trials but no autonorm record (another tool's: no configs)."""
+    return bool(study.get_trials(deepcopy=False)) and STUDY_INFO not in study.user_attrs
+
+
 def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slot], str, nn.Module]:
     """Find the slots on one fresh model (one probe), check the space fits them; fill in the
     example input the probe used. Returns the slots, the model's class path and the probe."""
@@ -215,6 +220,11 @@ class _SearchRun:
             )
         except KeyError:
             existing = None
+        if existing is not None and _foreign(existing):
+            raise AutoNormError(
+                f"study {study_name!r} in this storage was not made by autonorm: give "
+                "another study name (--search.study_name / study_name=...)"
+            )
         space, learned = _space_of(settings, training, slots, existing, out)
         params = space.parameters(slots)
         plan = _plan(settings, slots, params, learned)

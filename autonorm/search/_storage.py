@@ -122,6 +122,11 @@ def make_storage(
     path = Path(text)
     if not path.parent.is_dir():
         raise AutoNormError(f"journal storage folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise AutoNormError(
+            f"storage {text!r} is a folder: give a journal file in it (e.g. "
+            f"{str(path / 'journal.log')!r}) or a database URL"
+        )
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(str(path)))

@@ -3,6 +3,7 @@ traceback, no password) and exit code 2."""
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
 from autonorm.cli import main
@@ -45,16 +46,41 @@ def test_help(workdir, installed_cli):
         (["report", "nowhere"], "neither"),
         (["recommend", "nowhere.Net"], "cannot import"),
         (["recommend", "usermodels.Net", "--model-args", "[1, 2]"], "YAML mapping"),
+        (["show", "deep.yaml"], "'deep.yaml' is nested too deeply to be a config"),
+        (["search", *SEARCH_ARGS, "--search.storage", "a-folder"], "'a-folder' is a folder"),
+        (["report", "sqlite:///foreign.db"], "study 'f' was not made by autonorm"),
+        (
+            [
+                "search",
+                *SEARCH_ARGS,
+                "--search.storage",
+                "sqlite:///foreign.db",
+                "--search.study_name",
+                "f",
+            ],
+            "study 'f' in this storage was not made by autonorm",
+        ),  # fmt: skip
+        (
+            ["export", "usermodels.Net", "--checkpoint", "junk.ckpt", "-o", "x.pt2"],
+            "'junk.ckpt' is not a checkpoint torch can read",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(workdir, installed_cli, args, message):
     (workdir / "broken.yaml").write_text("model: [unclosed\n")
+    (workdir / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    (workdir / "a-folder").mkdir(exist_ok=True)
+    (workdir / "junk.ckpt").write_bytes(b"not a checkpoint")
+    if not (workdir / "foreign.db").exists():  # a study another tool made
+        foreign = optuna.create_study(storage=f"sqlite:///{workdir / 'foreign.db'}", study_name="f")
+        foreign.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     out = workdir / "bad-input-out"
     if "--search.out_dir" not in args and args[0] == "search" and "--config" not in args:
         args = [*args, "--search.out_dir", str(out)]
     result = installed_cli(args, workdir)
     assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "secret" not in result.stderr + result.stdout
 
