@@ -12,7 +12,7 @@ from typing_extensions import Unpack, override
 
 from autonorm._errors import AutoNormError
 from autonorm.callbacks._optimizers import wrap_configure_optimizers
-from autonorm.callbacks._perturbation import DERIVE_METHODS, learned_config
+from autonorm.callbacks._perturbation import DERIVE_METHODS, finalize_checked, learned_config
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions, current_structure
 from autonorm.callbacks._ssn import RadiusSchedule, sparse_layers
 from autonorm.norms import SWITCHABLE_MIXINGS
@@ -79,7 +79,10 @@ class LearnNorms(AutoNorm, mode="learn"):
             of their own (Sparse SN uses 0.1).
         mixing_weight_decay: weight decay of the mixing logits (e.g. 0.0).
         finalize: at the end of fit swap the SwitchableNorms for the chosen native layers and
-            recompute BatchNorm statistics on ``finalize_batches`` training batches.
+            recompute BatchNorm statistics on ``finalize_batches`` training batches. Where the
+            fit has validation data, the monitored metric is measured before and after: a
+            model worse by more than 5% gets its SwitchableNorms back, with a warning naming
+            both values (:attr:`finalized` says which was kept).
         calibration_forward: ``f(module, batch)`` used for that recalibration.
         log_mixing_weights: log the per-slot mixing weights to the trainer's loggers each epoch.
         init: ``"uniform"`` mixing weights, or ``"original"`` for a pretrained model: each
@@ -140,6 +143,8 @@ class LearnNorms(AutoNorm, mode="learn"):
         self.log_mixing_weights = log_mixing_weights
         self.init = init
         self.mixing_history: list[dict[str, Any]] = []
+        #: after a fit with ``finalize``: whether the native layers were kept (see ``finalize``)
+        self.finalized: bool | None = None
         self._original_configure_optimizers: Any = None
         self._radius_schedule: RadiusSchedule | None = None
 
@@ -217,7 +222,15 @@ class LearnNorms(AutoNorm, mode="learn"):
             monitor_mode=self.monitor_mode,
         )
         if self.finalize:
-            self._finalize(trainer, pl_module)
+            self.finalized = finalize_checked(
+                trainer,
+                pl_module,
+                self.config,
+                lambda: self._finalize(trainer, pl_module),
+                monitor=self.monitor,
+                monitor_mode=self.monitor_mode,
+            )
+            self.structure = current_structure(pl_module, self._feeders)
         super().on_fit_end(trainer, pl_module)
 
     def _finalize(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -247,7 +260,6 @@ class LearnNorms(AutoNorm, mode="learn"):
                 modules=new_bns,
             )
             log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
-        self.structure = current_structure(pl_module, self._feeders)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

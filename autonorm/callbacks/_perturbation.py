@@ -10,7 +10,9 @@ same device, with the fit's validation loaders and its ``limit_val_batches``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -65,15 +67,11 @@ def perturbation_unavailable(trainer: Trainer) -> str | None:
     return None
 
 
-def perturb_fit(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    slots: Sequence[Slot],
-    monitor: str,
-    *,
-    maximize: bool,
-) -> SlotEvidence:
-    """Perturb ``pl_module``'s SwitchableNorm slots on ``trainer``'s validation loaders."""
+def fit_validator(
+    trainer: Trainer, pl_module: LightningModule, monitor: str
+) -> Callable[[nn.Module], float]:
+    """``monitor`` after one pass over ``trainer``'s validation loaders, in a Trainer of its
+    own (the fit's trainer is given back to the module after each pass)."""
     device = trainer.strategy.root_device
     pl = namespace_of(pl_module)
     validator: Any = pl.Trainer(
@@ -91,12 +89,77 @@ def perturb_fit(
     loaders = trainer.val_dataloaders
 
     def validate(module: nn.Module) -> float:
-        return validated_value(validator, module, monitor, dataloaders=loaders)
+        try:
+            return validated_value(validator, module, monitor, dataloaders=loaders)
+        finally:
+            pl_module.trainer = trainer  # the validator attached itself; the fit's is back
 
-    try:
-        return perturb_slots(pl_module, slots, validate, maximize=maximize)
-    finally:
-        pl_module.trainer = trainer  # the validator attached itself; the fit's trainer is back
+    return validate
+
+
+def perturb_fit(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    slots: Sequence[Slot],
+    monitor: str,
+    *,
+    maximize: bool,
+) -> SlotEvidence:
+    """Perturb ``pl_module``'s SwitchableNorm slots on ``trainer``'s validation loaders."""
+    validate = fit_validator(trainer, pl_module, monitor)
+    return perturb_slots(pl_module, slots, validate, maximize=maximize)
+
+
+#: ``finalize=True`` keeps the native layers only if the validation metric with them is within
+#: this share of its value with the SwitchableNorm model (an argmax near a uniform mix, swapped
+#: in without training, can collapse a model).
+FINALIZE_TOLERANCE = 0.05
+
+
+def finalize_checked(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    config: NormConfig,
+    swap: Callable[[], None],
+    *,
+    monitor: str | None,
+    monitor_mode: str,
+) -> bool:
+    """Run ``swap`` (the SwitchableNorms to ``config``'s native layers, BatchNorm recalibrated)
+    and, where the fit's validation data allows, measure the monitored metric before and after:
+    a model worse by more than :data:`FINALIZE_TOLERANCE` gets its SwitchableNorm layers back,
+    with a warning naming both values (recorded in ``config.metadata["finalize"]``). Returns
+    whether the native layers were kept."""
+    watched = fit_monitor(trainer, monitor, monitor_mode)
+    if perturbation_unavailable(trainer) is not None or watched is None:
+        swap()
+        return True
+    name, maximize = watched
+    validate = fit_validator(trainer, pl_module, name)
+    evidence = config.metadata.get("perturbation") or {}
+    before = evidence.get("base")  # the SwitchableNorm model, measured by the perturbation
+    before = validate(pl_module) if before is None else float(before)
+    mixing = {slot: pl_module.get_submodule(slot) for slot in config.choices}
+    swap()
+    after = validate(pl_module)
+    worse = (before - after) if maximize else (after - before)
+    kept = math.isfinite(after) and worse <= FINALIZE_TOLERANCE * max(abs(before), 1e-12)
+    config.metadata["finalize"] = {"monitor": name, "before": before, "after": after, "kept": kept}
+    if kept:
+        log.info(
+            "AutoNorm: finalized: %s %.4g with SwitchableNorm, %.4g after", name, before, after
+        )
+        return True
+    for slot, module in mixing.items():
+        pl_module.set_submodule(slot, module)
+    warnings.warn(
+        f"AutoNorm: finalize kept the SwitchableNorm model: {name} {before:.4g} with it, "
+        f"{after:.4g} with the derived native layers (worse by more than "
+        f"{FINALIZE_TOLERANCE:.0%}); train the derived config from scratch "
+        "(AutoNorm(config=...)) for a model of native layers",
+        stacklevel=2,
+    )
+    return False
 
 
 def learned_config(

@@ -126,3 +126,50 @@ def test_derive_by_weights_skips_the_validation_passes(tmp_path):
 def test_bad_derive_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoNorm(mode="learn", **kwargs)
+
+
+def _finalize_run(tmp_path, **options):
+    torch.manual_seed(3)
+    model, dm = TinyConvNet(), TinyDataModule()
+    callback = AutoNorm(
+        mode="learn",
+        finalize=True,
+        init="original",  # bn1, bn2 start (and stay) on batch statistics: BatchNorm is derived
+        derive="weights",
+        monitor="val_acc",
+        monitor_mode="max",
+        **options,
+    )
+    watch = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    trainer = tiny_trainer(tmp_path, [callback, watch], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(model, datamodule=dm)
+    return model, dm, callback
+
+
+def test_finalize_keeps_native_layers_that_validate_as_well(tmp_path):
+    model, dm, callback = _finalize_run(tmp_path)
+    assert callback.finalized is True
+    assert callback.config.choices["bn1"].name == "batchnorm"
+    assert isinstance(model.bn1, nn.BatchNorm1d) and not isinstance(model.bn1, SwitchableNorm)
+    check = callback.config.metadata["finalize"]
+    assert check["kept"] and check["monitor"] == "val_acc"
+    assert _val(model, dm, "val_acc") == pytest.approx(check["after"])
+    assert check["after"] >= 0.95 * check["before"]
+
+
+def test_finalize_that_wrecks_the_model_keeps_the_switchable_model_and_warns(tmp_path):
+    """Recalibrated on inputs far from the data, the new BatchNorms ruin the model: the
+    SwitchableNorm model stays, and the warning names both values."""
+
+    def off_data(module, batch):
+        return module(batch[0] * 100.0 + 50.0)
+
+    with pytest.warns(UserWarning, match=r"finalize kept the SwitchableNorm model: val_acc "):
+        model, dm, callback = _finalize_run(tmp_path, calibration_forward=off_data)
+    assert callback.finalized is False
+    assert isinstance(model.bn1, SwitchableNorm) and isinstance(model.bn2, SwitchableNorm)
+    check = callback.config.metadata["finalize"]
+    assert not check["kept"] and check["after"] < 0.95 * check["before"]
+    assert _val(model, dm, "val_acc") == pytest.approx(check["before"])  # as it trained
+    # the structure recorded for checkpoints is the model's: SwitchableNorm
+    assert callback.structure.choices["bn1"].name == "switchable"
