@@ -288,17 +288,40 @@ def _as_args(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (example_input,), {}
 
 
+def _batch_dynamic(example_input: Any) -> Any:
+    """``dynamic_shapes`` for ``torch.export``: every tensor input's first dimension (the
+    batch) left to the exporter (``Dim.AUTO``: dynamic unless the model fixes it)."""
+
+    def spec(value: Any) -> Any:
+        return (
+            {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() else None
+        )
+
+    args, kwargs = _as_args(example_input)
+    if kwargs:
+        return {name: spec(value) for name, value in kwargs.items()}
+    return tuple(spec(value) for value in args)
+
+
 def export_program(model: nn.Module, example_input: Any, path: str | Path) -> Path:
     """Write ``model`` (in eval mode) as a ``torch.export`` program (``.pt2``), loadable with
-    ``torch.export.load(path).module()`` without the model's code."""
+    ``torch.export.load(path).module()`` without the model's code; the batch dimension is
+    dynamic where the model allows."""
     args, kwargs = _as_args(example_input)
-    program = torch.export.export(model.eval(), args, kwargs)
+    dynamic = _batch_dynamic(example_input)
+    program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=dynamic)
     torch.export.save(program, path)
     return Path(path)
 
 
+#: The ONNX packages (``pip install 'autonorm[deploy]'``).
+ONNX_PACKAGES = "onnx onnxscript onnxruntime"
+
+
 def export_onnx(model: nn.Module, example_input: Any, path: str | Path) -> Path:
-    """Write ``model`` (in eval mode) as ONNX with ``torch.onnx.export(dynamo=True)``.
+    """Write ``model`` (in eval mode) as one ONNX file with ``torch.onnx.export(dynamo=True)``
+    (weights inside, no ``.onnx.data`` side file); the batch dimension is dynamic where the
+    model allows.
 
     Raises:
         ImportError: onnx or onnxscript is not installed.
@@ -308,8 +331,42 @@ def export_onnx(model: nn.Module, example_input: Any, path: str | Path) -> Path:
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(
-            f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({err})"
+            f"ONNX export needs onnx and onnxscript: pip install {ONNX_PACKAGES} ({err})"
         ) from None
     args, kwargs = _as_args(example_input)
-    torch.onnx.export(model.eval(), args, str(path), kwargs=kwargs, dynamo=True, verbose=False)
+    torch.onnx.export(
+        model.eval(),
+        args,
+        str(path),
+        kwargs=kwargs,
+        dynamic_shapes=_batch_dynamic(example_input),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     return Path(path)
+
+
+def onnx_difference(path: str | Path, model: nn.Module, example_input: Any) -> float:
+    """The largest difference between the ONNX file run by onnxruntime and ``model`` on
+    ``example_input`` (a tensor or a tuple of tensors).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args, kwargs = _as_args(example_input)
+    values = [*args, *kwargs.values()]
+    feed = {
+        i.name: v.detach().cpu().numpy() for i, v in zip(session.get_inputs(), values, strict=True)
+    }
+    got = session.run(None, feed)
+    with torch.no_grad():
+        expected = _run(model.eval(), example_input)
+    flat = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    return max(
+        float((torch.as_tensor(g) - e.detach().cpu()).abs().max())
+        for g, e in zip(got, flat, strict=True)
+    )

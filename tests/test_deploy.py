@@ -254,12 +254,29 @@ def test_cli_export_folds_a_trained_checkpoint(user_project, capsys):
     assert main([*args, "--onnx", "net.onnx"]) == 0
     printed = capsys.readouterr().out
     assert "bn" in printed and "conv" in printed and "layernorm depends on the input" in printed
+    assert "norms folded for inference" in printed
+    assert "max |difference| from the model in onnxruntime" in printed  # the ONNX file checked
     folded = torch.export.load(user_project / "net.pt2").module()
     reference = autonorm.load_from_checkpoint(usermodels.Net, user_project / "net.ckpt").eval()
-    x = torch.randn(4, 2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), reference(x), rtol=0, atol=1e-5)
-    assert (user_project / "net.onnx").stat().st_size > 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(user_project / "net.onnx"))
+    for batch in (4, 2, 7):  # the batch dimension is dynamic in both files
+        x = torch.randn(batch, 2, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), reference(x), rtol=0, atol=1e-5)
+            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            torch.testing.assert_close(torch.from_numpy(got), reference(x), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in user_project.glob("net.onnx*")) == ["net.onnx"]  # no side file
+    # --no-fold says so; a model without a checkpoint is exported only with --untrained
+    assert main([*args, "--no-fold"]) == 0
+    printed = capsys.readouterr().out
+    assert "--no-fold" in printed and "norms folded" not in printed
+    assert main(["export", "usermodels.Net", "-o", "init.pt2"]) == 2
+    assert "no --checkpoint: the model would be exported with untrained weights" in (
+        capsys.readouterr().err
+    )
+    assert main(["export", "usermodels.Net", "-o", "init.pt2", "--untrained"]) == 0
 
 
 def test_cli_export_refuses_a_wrong_output_suffix(user_project, capsys):

@@ -74,6 +74,11 @@ def _plain_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model-args", default=None, help="YAML mapping of init arguments")
     exp.add_argument("--input-shape", type=int, nargs="+", default=None)
     exp.add_argument("--no-fold", action="store_true", help="write the model unfolded")
+    exp.add_argument(
+        "--untrained",
+        action="store_true",
+        help="without --checkpoint: export the model's initial weights (refused otherwise)",
+    )
     exp.add_argument("-o", "--output", required=True, help="the torch.export program (.pt2)")
     exp.add_argument("--onnx", default=None, help="also write the model as ONNX to this file")
     dash = sub.add_parser("dashboard", help="open the study in optuna-dashboard")

@@ -157,6 +157,7 @@ def run_export(args: argparse.Namespace) -> int:
         export_onnx,
         export_program,
         fold_norms,
+        onnx_difference,
         plan_folds,
     )
     from autonorm.surgery import apply_config
@@ -171,6 +172,11 @@ def run_export(args: argparse.Namespace) -> int:
         model = load_from_checkpoint(cls, args.checkpoint, example_input=example, **kwargs)
         example = _example_input(args, model, random=True)
     else:
+        if not args.untrained:
+            raise UsageError(
+                "no --checkpoint: the model would be exported with untrained weights; give "
+                "--checkpoint, or --untrained to export the initial weights anyway"
+            )
         model = cls(**kwargs)
         example = _example_input(args, model, random=True)
         if args.config:
@@ -182,7 +188,8 @@ def run_export(args: argparse.Namespace) -> int:
     if not args.no_fold:
         fold_norms(model, example, plan=plan)
         plan = getattr(model, FOLDS_ATTR)
-    table = Table(title=f"{cls.__name__}: norms folded for inference")
+    title = "norms kept as they are (--no-fold)" if args.no_fold else "norms folded for inference"
+    table = Table(title=plain_text(f"{cls.__name__}: {title}"))
     for column in ("slot", "folded into", "kept because"):
         table.add_column(column)
     for fold in plan:
@@ -198,7 +205,12 @@ def run_export(args: argparse.Namespace) -> int:
     error = float((got - expected).abs().max())
     out.print(f"wrote {path} (max |difference| from the unfolded model: {error:.2e})")
     if args.onnx:
-        out.print(f"wrote {export_onnx(model, example, args.onnx)}")
+        onnx_path = export_onnx(model, example, args.onnx)
+        try:
+            checked = f"max |difference| from the model in onnxruntime: {onnx_difference(onnx_path, model, example):.2e}"
+        except ImportError:
+            checked = "not checked: pip install onnxruntime"
+        out.print(plain_text(f"wrote {onnx_path} ({checked})"))
     return 0
 
 
