@@ -89,7 +89,8 @@ class LearnNorms(AutoNorm, mode="learn"):
             layer starts on the statistic of the normalizer it replaces
             (:func:`~autonorm.to_switchable`).
         derive: ``"auto"`` (perturbation where the fit, in one process, has validation data and
-            a known monitor, else the weights, saying why in the log), ``"perturbation"``
+            a known monitor, else the weights, saying why in the log; the weights for Sparse
+            SN, whose layers end on the one normalizer they trained with), ``"perturbation"``
             (refused in one line where it cannot run) or ``"weights"``. Perturbation costs
             validation passes, about twice the slots times the candidates.
         monitor: the validation metric perturbation compares; by default the monitor of the
@@ -226,40 +227,12 @@ class LearnNorms(AutoNorm, mode="learn"):
                 trainer,
                 pl_module,
                 self.config,
-                lambda: self._finalize(trainer, pl_module),
+                lambda: _swap_to_native(trainer, pl_module, self),
                 monitor=self.monitor,
                 monitor_mode=self.monitor_mode,
             )
             self.structure = current_structure(pl_module, self._feeders)
         super().on_fit_end(trainer, pl_module)
-
-    def _finalize(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Swap the SwitchableNorms for the derived native layers; recalibrate new BatchNorms."""
-        assert self.config is not None
-        apply_config(
-            pl_module,
-            self.config,
-            partial=True,
-            example_input=getattr(pl_module, "example_input_array", None),
-        )
-        new_bns = slot_batchnorms(  # fused norm+activation slots included
-            pl_module, [n for n, c in self.config.choices.items() if c.name == "batchnorm"]
-        )
-        if new_bns and self.finalize_batches:
-            loader = trainer.train_dataloader
-            if loader is None:
-                raise AutoNormError(
-                    "finalize=True needs the training dataloader to recalibrate BatchNorm"
-                )
-            batches = (trainer.strategy.batch_to_device(b) for b in loader)
-            used = recalibrate_batchnorm(
-                pl_module,
-                batches,
-                num_batches=self.finalize_batches,
-                forward=self.calibration_forward,
-                modules=new_bns,
-            )
-            log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -267,3 +240,33 @@ class LearnNorms(AutoNorm, mode="learn"):
             # the module's own method, as wrap_configure_optimizers found it
             pl_module.configure_optimizers = self._original_configure_optimizers  # type: ignore[method-assign]
             self._original_configure_optimizers = None
+
+
+def _swap_to_native(trainer: Trainer, pl_module: LightningModule, callback: LearnNorms) -> None:
+    """Swap the SwitchableNorms for the derived native layers; recalibrate new BatchNorms."""
+    config = callback.config
+    assert config is not None
+    apply_config(
+        pl_module,
+        config,
+        partial=True,
+        example_input=getattr(pl_module, "example_input_array", None),
+    )
+    new_bns = slot_batchnorms(  # fused norm+activation slots included
+        pl_module, [n for n, c in config.choices.items() if c.name == "batchnorm"]
+    )
+    if new_bns and callback.finalize_batches:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise AutoNormError(
+                "finalize=True needs the training dataloader to recalibrate BatchNorm"
+            )
+        batches = (trainer.strategy.batch_to_device(b) for b in loader)
+        used = recalibrate_batchnorm(
+            pl_module,
+            batches,
+            num_batches=callback.finalize_batches,
+            forward=callback.calibration_forward,
+            modules=new_bns,
+        )
+        log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)

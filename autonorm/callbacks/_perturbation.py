@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 #: How the learn mode derives its config: ``"perturbation"`` (validation passes, each slot's
 #: candidates forced one at a time), ``"weights"`` (the largest learned mixing weight), or
-#: ``"auto"``: perturbation where the fit has validation data and a known monitor, else weights.
+#: ``"auto"``: perturbation where the fit has validation data and a known monitor, else weights
+#: (always for Sparse SN, whose layers end on the one normalizer they trained with).
 DERIVE_METHODS = ("auto", "perturbation", "weights")
 
 
@@ -173,8 +174,8 @@ def learned_config(
 ) -> NormConfig:
     """The learn mode's config at the end of fit, by ``derive`` (:data:`DERIVE_METHODS`)."""
     learned = derive_config(pl_module)
-    if derive == "weights":
-        return learned
+    if derive == "weights" or (derive == "auto" and learned.learned_mixing == "sparsestmax"):
+        return learned  # Sparse SN ends on one normalizer per layer: what it trained with
     watched = fit_monitor(trainer, monitor, monitor_mode)
     reason = perturbation_unavailable(trainer) or (
         None if watched is not None else "no monitor is known (give `monitor`)"

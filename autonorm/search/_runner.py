@@ -8,13 +8,14 @@ monitored metric. Trials over the budget end at once and are recorded as infeasi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,16 @@ search.__signature__ = search_signature(  # type: ignore[attr-defined]
 )
 
 
+@contextlib.contextmanager
+def _held(lock: Any) -> Iterator[None]:
+    """``lock`` (a claim lock) held for the block."""
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _foreign(study: optuna.Study) -> bool:
     """Whether ``study`` has trials but no autonorm record (another tool's: no configs)."""
     return bool(study.get_trials(deepcopy=False)) and STUDY_INFO not in study.user_attrs
@@ -214,64 +225,67 @@ class _SearchRun:
             heartbeat_interval=settings.heartbeat_interval,
             grace_period=settings.grace,
         )
-        try:
-            existing: optuna.Study | None = optuna.load_study(
-                study_name=study_name, storage=storage
-            )
-        except KeyError:
-            existing = None
-        if existing is not None and _foreign(existing):
-            raise AutoNormError(
-                f"study {study_name!r} in this storage was not made by autonorm: give "
-                "another study name (--search.study_name / study_name=...)"
-            )
-        space, learned = _space_of(settings, training, slots, existing, out)
-        params = space.parameters(slots)
-        plan = _plan(settings, slots, params, learned)
-        info = _study_info(settings, space, slots, model_class, learned, plan)
-        info["experiment"], missed = experiment
-        if existing is not None:  # every recorded difference in one line, then the trials'
-            check_study_settings(existing, info)
-            labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
-            check_study_compatible(existing, labels, settings.directions)
-        study, created = open_study(
-            storage,
-            study_name,
-            ["minimize" if d == "min" else "maximize" for d in settings.directions],
-            sampler=make_sampler(settings.sampler, settings.seed),
-            pruner=optuna.pruners.NopPruner()
-            if settings.multi_objective
-            else make_pruner(settings.pruner, settings.max_epochs),
-            existing=existing,
-        )
-        with warnings.catch_warnings():  # the dashboard names the values (val_acc, ...)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([settings.monitor, *settings.objectives[1:]])
-        if not created and existing is None:  # created meanwhile by a worker starting alongside
-            check_study_settings(study, info)
-        study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
-        if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace):
-            warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
-        if created and missed:  # said once, when the study is made
-            log.warning(
-                "study %r cannot tell a rerun with other %s: keep them as they are for this "
-                "study (or save the hyperparameters)",
-                study_name,
-                "; ".join(missed),
-            )
-        if created and settings.seed is None:  # configs still share their k-th run's seed
-            study.set_user_attr(keys.RUN_SEED, random.randrange(2**31 - 2**20))
-        if created:  # only the worker that created the study plans its first trials
-            # rung checkpoints of an earlier study in this folder are not this study's runs
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-            if plan.baselines:
-                for step in plan.screen():
-                    study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
-            else:  # several objectives or no warm start: the baselines, then the sampler
-                for label, chosen in _sampler_baselines(settings, slots, params, learned):
-                    attrs = {BASELINE: label, **_guarded(label)}
-                    study.enqueue_trial(chosen, user_attrs=attrs)
         claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
+        # one worker at a time joins or creates the study: one learn pass for all, and settings
+        # recorded by one are checked by the next
+        with _held(claim):
+            try:
+                existing: optuna.Study | None = optuna.load_study(
+                    study_name=study_name, storage=storage
+                )
+            except KeyError:
+                existing = None
+            if existing is not None and _foreign(existing):
+                raise AutoNormError(
+                    f"study {study_name!r} in this storage was not made by autonorm: give "
+                    "another study name (--search.study_name / study_name=...)"
+                )
+            space, learned = _space_of(settings, training, slots, existing, out)
+            params = space.parameters(slots)
+            plan = _plan(settings, slots, params, learned)
+            info = _study_info(settings, space, slots, model_class, learned, plan)
+            info["experiment"], missed = experiment
+            if existing is not None:  # every recorded difference in one line, then the trials'
+                check_study_settings(existing, info)
+                labels = {name: choice_labels for name, (choice_labels, _) in params.items()}
+                check_study_compatible(existing, labels, settings.directions)
+            study, created = open_study(
+                storage,
+                study_name,
+                ["minimize" if d == "min" else "maximize" for d in settings.directions],
+                sampler=make_sampler(settings.sampler, settings.seed),
+                pruner=optuna.pruners.NopPruner()
+                if settings.multi_objective
+                else make_pruner(settings.pruner, settings.max_epochs),
+                existing=existing,
+            )
+            with warnings.catch_warnings():  # the dashboard names the values (val_acc, ...)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([settings.monitor, *settings.objectives[1:]])
+            if not created and existing is None:  # created meanwhile by a worker starting alongside
+                check_study_settings(study, info)
+            study.set_user_attr(STUDY_INFO, info)  # the same defining settings; compute may grow
+            if is_sqlite(storage) and workers.live_foreign_trials(study, settings.grace):
+                warnings.warn(_SQLITE_SHARED.format(name=study_name), stacklevel=3)
+            if created and missed:  # said once, when the study is made
+                log.warning(
+                    "study %r cannot tell a rerun with other %s: keep them as they are for this "
+                    "study (or save the hyperparameters)",
+                    study_name,
+                    "; ".join(missed),
+                )
+            if created and settings.seed is None:  # configs still share their k-th run's seed
+                study.set_user_attr(keys.RUN_SEED, random.randrange(2**31 - 2**20))
+            if created:  # only the worker that created the study plans its first trials
+                # rung checkpoints of an earlier study in this folder are not this study's runs
+                shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+                if plan.baselines:
+                    for step in plan.screen():
+                        study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+                else:  # several objectives or no warm start: the baselines, then the sampler
+                    for label, chosen in _sampler_baselines(settings, slots, params, learned):
+                        attrs = {BASELINE: label, **_guarded(label)}
+                        study.enqueue_trial(chosen, user_attrs=attrs)
         return cls(settings, training, study, space, out, plan, params, claim, slots)
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:

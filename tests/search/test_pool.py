@@ -3,6 +3,7 @@ reaches its workers through their environment, never their command line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -77,3 +78,41 @@ def test_pool_workers_get_the_storage_off_their_command_line(workdir, tmp_path, 
     assert SECRET not in (out / STORAGE_FILE).read_text()
     for path in [tmp_path / "pool.log", *(out / "workers").iterdir()]:
         assert SECRET not in path.read_text(), path
+
+
+COUNTING_MODULE = '''
+import os
+from usermodels import Data, Net
+
+
+class CountedNet(Net):
+    """Appends the root folder of every fit to fits.log: the learn pass trains under .../learn."""
+
+    def on_fit_start(self):
+        with open(os.path.join(os.environ["FITS_LOG_DIR"], "fits.log"), "a") as log:
+            log.write(f"{os.getpid()} {self.trainer.default_root_dir}\\n")
+'''
+
+
+def test_a_pool_runs_one_learn_pass_for_its_study(workdir, tmp_path, autonorm_cli):
+    """Two workers with a learned warm start: one learns (under the claim lock), the other
+    waits and reuses its narrowed space and learned config."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "usermodels.py").write_text((workdir / "usermodels.py").read_text())
+    (project / "counted.py").write_text(COUNTING_MODULE)
+    out = tmp_path / "bundle"
+    args = [
+        "search", "--model", "counted.CountedNet", "--data", "usermodels.Data",
+        "--trainer.max_epochs", "1", "--search.space", "minimal", "--search.n_trials", "4",
+        "--search.n_workers", "2", "--search.out_dir", str(out), "--search.warm_start", "learn",
+        "--search.storage", str(tmp_path / "journal.log"),
+    ]  # fmt: skip
+    env = {**autonorm_cli.env(), "FITS_LOG_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [autonorm_cli.path, *args], cwd=project, env=env, capture_output=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    fits = (tmp_path / "fits.log").read_text().splitlines()
+    learn_passes = [line for line in fits if line.endswith(os.sep + "learn")]
+    assert len(learn_passes) == 1, fits
