@@ -119,6 +119,8 @@ def run_worker_pool(
         signal.signal(signum, forward)
     try:
         for index in range(count):
+            if received:  # interrupted while starting: no more workers
+                break
             path = log_dir / f"worker-{index}.log"
             handle = path.open("wb")
             process = subprocess.Popen(

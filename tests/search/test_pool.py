@@ -116,3 +116,56 @@ def test_a_pool_runs_one_learn_pass_for_its_study(workdir, tmp_path, autonorm_cl
     fits = (tmp_path / "fits.log").read_text().splitlines()
     learn_passes = [line for line in fits if line.endswith(os.sep + "learn")]
     assert len(learn_passes) == 1, fits
+
+
+def test_a_pool_interrupted_while_starting_starts_no_more_workers(tmp_path):
+    """The first worker interrupts its parent at once (as a Ctrl-C while the pool starts): the
+    pool stops starting workers, forwards the signal to the ones it has, and says so."""
+    import signal
+    import sys
+
+    from autonorm.search._pool import run_worker_pool
+
+    interrupt_parent = [
+        sys.executable, "-c",
+        "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(20)",
+    ]  # fmt: skip
+    started = time.time()
+    workers, received = run_worker_pool(interrupt_parent, 40, tmp_path / "logs", poll_interval=0.05)
+    assert received == signal.SIGINT
+    assert len(workers) < 40  # it stopped starting them
+    assert all(w.process.returncode is not None for w in workers)  # none left running
+    assert time.time() - started < 20  # the forwarded signal ended the sleeping workers
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_two_workers_started_together_with_other_settings_one_is_refused(
+    workdir, tmp_path, autonorm_cli
+):
+    """Settings are recorded and checked under the claim lock: of two processes that start
+    the same study at the same moment with different budgets, the second is refused."""
+    storage = str(tmp_path / "journal.log")
+    base = [
+        "search", "--model", "usermodels.Net", "--data", "usermodels.Data",
+        "--trainer.max_epochs", "1", "--search.space", "minimal", "--search.n_trials", "2",
+        "--search.storage", storage, "--search.warm_start", "false",
+    ]  # fmt: skip
+    runs = [
+        [*base, "--search.out_dir", str(tmp_path / "a")],
+        [*base, "--search.out_dir", str(tmp_path / "b"), "--search.budget.max_params", "100000"],
+    ]
+    processes = [
+        subprocess.Popen(
+            [autonorm_cli.path, *args],
+            cwd=workdir,
+            env=autonorm_cli.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for args in runs
+    ]
+    outcomes = [(p.wait(timeout=240), p.stderr.read().decode()) for p in processes]
+    codes = sorted(code for code, _ in outcomes)
+    assert codes == [0, 2], outcomes
+    refused = next(err for code, err in outcomes if code == 2)
+    assert "recorded with other settings: budget.max_params" in refused
