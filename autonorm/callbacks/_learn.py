@@ -232,6 +232,8 @@ class LearnNorms(AutoNorm, mode="learn"):
                 monitor_mode=self.monitor_mode,
             )
             self.structure = current_structure(pl_module, self._feeders)
+            if self.finalized:
+                _resave_last(trainer)
         super().on_fit_end(trainer, pl_module)
 
     @override
@@ -270,3 +272,14 @@ def _swap_to_native(trainer: Trainer, pl_module: LightningModule, callback: Lear
             modules=new_bns,
         )
         log.info("AutoNorm: recalibrated %d BatchNorm layers on %d batches", len(new_bns), used)
+
+
+def _resave_last(trainer: Trainer) -> None:
+    """The ``last.ckpt`` of each ModelCheckpoint with ``save_last`` saved again: it holds the
+    finalized model (its structure and weights), not the SwitchableNorm model of the last
+    epoch. Checkpoints ranked by a metric keep what was measured."""
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        path = getattr(callback, "last_model_path", "")
+        if getattr(callback, "save_last", False) and path:
+            trainer.save_checkpoint(path)
+            log.info("AutoNorm: %s saved again with the finalized model", path)

@@ -173,3 +173,23 @@ def test_finalize_that_wrecks_the_model_keeps_the_switchable_model_and_warns(tmp
     assert _val(model, dm, "val_acc") == pytest.approx(check["before"])  # as it trained
     # the structure recorded for checkpoints is the model's: SwitchableNorm
     assert callback.structure.choices["bn1"].name == "switchable"
+
+
+def test_the_last_checkpoint_after_finalize_holds_the_finalized_model(tmp_path):
+    import autonorm
+
+    torch.manual_seed(0)
+    model, dm = TinyConvNet(), TinyDataModule()
+    callback = AutoNorm(mode="learn", finalize=True)
+    watch = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = tiny_trainer(tmp_path, [callback, watch], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(model, datamodule=dm)
+    assert callback.finalized
+    restored = autonorm.load_from_checkpoint(TinyConvNet, tmp_path / "ckpt" / "last.ckpt").eval()
+    assert not any(isinstance(m, SwitchableNorm) for m in restored.modules())
+    for slot in SLOTS:
+        assert type(getattr(restored, slot)) is type(getattr(model, slot))
+    x, _ = dm.val_set.tensors
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
