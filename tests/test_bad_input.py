@@ -101,6 +101,41 @@ API_CASES = {
         "no normalization slot",
     ),
     "unknown warm start": (lambda b: search_on(b, warm_start="maybe"), ValueError, "warm_start"),
+    "other data on the same study": (
+        lambda b: search_on(b, data=TinyDataModule(n=48)),
+        AutoNormError,
+        r"data\.arguments\.n 96 -> 48",
+    ),
+    "another model argument on the same study": (
+        lambda b: search_on(b, model_kwargs={"lr": 0.2}),
+        AutoNormError,
+        r"model\.arguments\.lr 0\.05 -> 0\.2",
+    ),
+    "a storage path that is a folder": (
+        lambda b: search_on(b, storage=str(b)),
+        AutoNormError,
+        "is a folder",
+    ),
+    "a default config the space cannot give": (
+        lambda b: search_on(b, default_config=NormConfig({"bn1": "dyt"})),
+        AutoNormError,
+        "default_config",
+    ),
+    "a budget the retraining uses up": (
+        lambda b: search_on(b, budget={"trainings": 1.5}, retrain=True),
+        ValueError,
+        "leaves 0.5 trainings for the trials",
+    ),
+    "device in a norm choice": (
+        lambda b: autonorm.NormChoice.parse("layernorm(device=cpu)"),
+        ValueError,
+        "not choice parameters",
+    ),
+    "a file that is no checkpoint": (
+        lambda b: autonorm.load_from_checkpoint(TinyConvNet, b / "best_config.yaml"),
+        AutoNormError,
+        "is not a checkpoint torch can read",
+    ),
     "unreachable PostgreSQL": (
         lambda b: search_on(b, storage="postgresql+psycopg://u:secret@127.0.0.1:9/db"),
         AutoNormError,
