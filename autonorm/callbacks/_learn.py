@@ -263,7 +263,9 @@ def _swap_to_native(trainer: Trainer, pl_module: LightningModule, callback: Lear
             raise AutoNormError(
                 "finalize=True needs the training dataloader to recalibrate BatchNorm"
             )
-        batches = (trainer.strategy.batch_to_device(b) for b in loader)
+        # on_fit_end runs after Lightning moved the model off an accelerator: its device
+        device = next(pl_module.parameters()).device
+        batches = (trainer.strategy.batch_to_device(b, device=device) for b in loader)
         used = recalibrate_batchnorm(
             pl_module,
             batches,

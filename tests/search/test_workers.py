@@ -374,6 +374,7 @@ def test_search_waits_for_a_lost_trial_then_reruns_it_and_warns_about_sqlite(tmp
     out = tmp_path / "run"
     out.mkdir()
     study = optuna.create_study(study_name="s", storage=make_storage(None, out))
+    study.set_user_attr("autonorm", {"monitor": "val_loss"})  # the other worker's record
     lost = _dead_worker_trial(study, beat_age=0)  # alive for now: SQLite shared by two workers
     with pytest.warns(UserWarning, match="same SQLite file"):
         result = autonorm.search(
