@@ -34,8 +34,9 @@ def checkpoint_safe_globals() -> list[Any]:
     return out
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary unpickling).
+def load_checkpoint(path: str | os.PathLike[str], *, lazy: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no arbitrary unpickling);
+    ``lazy``: its tensors memory-mapped, not read (to look at its AutoNorm entry only).
 
     Raises:
         FileNotFoundError: no such file.
@@ -44,7 +45,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     try:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=lazy)
+            except RuntimeError:
+                if not lazy:
+                    raise
+                # an older (non-zip) file cannot be memory-mapped: read it whole
+                checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError):
         raise
     except Exception as err:
@@ -100,7 +107,7 @@ def structure_from_checkpoint(
     file, or not written by AutoNorm)."""
     if not ckpt_path or not os.path.isfile(ckpt_path):
         return None
-    return read_entry(load_checkpoint(ckpt_path))
+    return read_entry(load_checkpoint(ckpt_path, lazy=True))
 
 
 def load_from_checkpoint(

@@ -37,7 +37,7 @@ from autonorm.report import (
     write_report,
     write_summary,
 )
-from autonorm.search._storage import SQLITE_FILE, sqlite_url
+from autonorm.search._storage import SQLITE_FILE, journal_path, sqlite_url
 from autonorm.search._training import BEST_CHECKPOINT_FILE, LEARNED_CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -361,9 +361,8 @@ def absolute_storage(storage: str) -> str:
     a server URL as given."""
     if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
         return "sqlite:///" + os.path.abspath(storage[len("sqlite:///") :])
-    if "://" not in storage:
-        return os.path.abspath(storage)
-    return storage
+    journal = journal_path(storage)
+    return storage if journal is None else str(journal)
 
 
 def bundle_storage(folder: Path) -> tuple[str, str | None]:

@@ -8,14 +8,13 @@ monitored metric. Trials over the budget end at once and are recorded as infeasi
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,16 +155,6 @@ search.__signature__ = search_signature(  # type: ignore[attr-defined]
 )
 
 
-@contextlib.contextmanager
-def _held(lock: Any) -> Iterator[None]:
-    """``lock`` (a claim lock) held for the block."""
-    lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _foreign(study: optuna.Study) -> bool:
     """Whether ``study`` has trials but no autonorm record (another tool's: no configs)."""
     return bool(study.get_trials(deepcopy=False)) and STUDY_INFO not in study.user_attrs
@@ -228,7 +217,7 @@ class _SearchRun:
         claim = workers.claim_lock(storage, study_name, journal_path(settings.storage))
         # one worker at a time joins or creates the study: one learn pass for all, and settings
         # recorded by one are checked by the next
-        with _held(claim):
+        with claim:
             try:
                 existing: optuna.Study | None = optuna.load_study(
                     study_name=study_name, storage=storage

@@ -371,7 +371,23 @@ class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
 # -- claiming trials -------------------------------------------------------------------------
 
 
-class _NoLock:
+class _Lock:
+    """A claim lock: ``acquire``/``release``, or ``with lock:`` for a block."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _NoLock(_Lock):
     def acquire(self) -> None:
         pass
 
@@ -379,7 +395,7 @@ class _NoLock:
         pass
 
 
-class _FileLock:
+class _FileLock(_Lock):
     """``flock`` on a file: shared by the processes of one host (journal file, SQLite)."""
 
     def __init__(self, path: Path) -> None:
@@ -410,7 +426,7 @@ class _FileLock:
                 os.close(fd)
 
 
-class _PostgresLock:
+class _PostgresLock(_Lock):
     """A transaction-level advisory lock: released at commit/rollback, also when the worker
     dies (its connection closes)."""
 

@@ -4,7 +4,7 @@ report tests."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import optuna
 
@@ -13,8 +13,10 @@ from autonorm._trial_keys import (
     CONFIG,
     EPOCHS,
     FEASIBLE,
+    INCUMBENT,
     INFEASIBLE_REASON,
     PRUNE_REASON,
+    RUN_INDEX,
     STUDY_INFO,
 )
 
@@ -132,4 +134,26 @@ def multi_objective_study(tmp_path: Path, points: list[tuple[float, float, bool]
         return a, b
 
     study.optimize(objective, n_trials=len(points))
+    return study
+
+
+def paired_runs_study(values: dict[str, list[float]], guards: dict[str, Any]) -> optuna.Study:
+    """An in-memory maximizing study of full runs: config ``name``'s k-th run (run index k,
+    its seed's place) has the k-th value; ``guards`` marks the configs kept without evidence
+    (the ``incumbent`` attribute's value)."""
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.CategoricalDistribution(list(values))
+    for name, runs in values.items():
+        for index, value in enumerate(runs):
+            attrs = {RUN_INDEX: index, BASELINE: name}
+            if name in guards:
+                attrs[INCUMBENT] = guards[name]
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"p": name},
+                    distributions={"p": distribution},
+                    value=value,
+                    user_attrs=attrs,
+                )
+            )
     return study

@@ -11,36 +11,17 @@ from autonorm import AutoNormError, NormConfig
 from autonorm import _trial_keys as keys
 from autonorm.report import config_runs
 from tests.lightning_models import TinyConvNet, TinyDataModule
+from tests.report.studies import paired_runs_study
 
 OWN = "own"
 DEFAULT = "default"
-
-
-def _study(values: dict[str, list[float]], guards: dict[str, int]) -> optuna.Study:
-    """A maximizing study: each config's runs (its k-th run with run index k)."""
-    study = optuna.create_study(direction="maximize")
-    distribution = optuna.distributions.CategoricalDistribution(list(values))
-    for name, runs in values.items():
-        for index, value in enumerate(runs):
-            attrs = {keys.RUN_INDEX: index, keys.BASELINE: name}
-            if name in guards:
-                attrs[keys.INCUMBENT] = guards[name]
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params={"p": name},
-                    distributions={"p": distribution},
-                    value=value,
-                    user_attrs=attrs,
-                )
-            )
-    return study
 
 
 GUARDS = {OWN: keys.OWN_NORMS_GUARD, DEFAULT: keys.DEFAULT_GUARD}
 
 
 def _chosen(values: dict[str, list[float]]) -> str | None:
-    return config_runs(_study(values, GUARDS))[0].label
+    return config_runs(paired_runs_study(values, GUARDS))[0].label
 
 
 def test_the_named_default_has_the_last_word_without_evidence():
@@ -58,7 +39,9 @@ def test_paired_evidence_replaces_the_named_default():
 
 
 def test_an_older_studys_true_marks_the_own_norms():
-    study = _study({OWN: [0.70, 0.80], "x": [0.71]}, {OWN: True})  # written before the ranks
+    study = paired_runs_study(
+        {OWN: [0.70, 0.80], "x": [0.71]}, {OWN: True}
+    )  # written before the ranks
     assert config_runs(study)[0].guard == keys.OWN_NORMS_GUARD
     assert config_runs(study)[0].label == OWN
 

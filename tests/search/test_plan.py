@@ -24,6 +24,7 @@ from autonorm.search._planned import (
     continue_values,
 )
 from autonorm.search_spaces import slot_groups
+from tests.report.studies import paired_runs_study
 
 MAX_EPOCHS = 9  # rung: 3 epochs
 PARAMS = {"a": ["bn", "gn", "in"], "b": ["bn", "gn", "in"], "c": ["bn", "gn", "in"]}
@@ -166,22 +167,7 @@ def test_the_model_s_own_norms_always_train_in_full_and_a_slow_starter_is_kept()
 
 def test_a_challenger_replaces_the_own_norms_only_on_paired_evidence():
     def study_of(values: dict[str, list[float]]) -> optuna.Study:
-        study = optuna.create_study(direction="maximize")
-        distribution = optuna.distributions.CategoricalDistribution(list(values))
-        for name, runs in values.items():
-            for index, value in enumerate(runs):
-                attrs = {keys.RUN_INDEX: index, keys.BASELINE: name}
-                if name == "own":
-                    attrs[keys.INCUMBENT] = True
-                study.add_trial(
-                    optuna.trial.create_trial(
-                        params={"p": name},
-                        distributions={"p": distribution},
-                        value=value,
-                        user_attrs=attrs,
-                    )
-                )
-        return study
+        return paired_runs_study(values, {"own": keys.OWN_NORMS_GUARD})
 
     # a larger mean from runs the seeds move together with the own norms' runs: evidence
     assert config_runs(study_of({"own": [0.70, 0.80], "x": [0.72, 0.82]}))[0].label == "x"
