@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import logging
 import random
 from typing import Any
 
@@ -126,9 +127,45 @@ def is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
 
+def world_size(trainer: Any) -> int:
+    """How many processes train together (1 outside a distributed strategy)."""
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def reduce_over_ranks(trainer: Any, values: list[float], op: str = "sum") -> list[float]:
+    """Element-wise ``"sum"`` or ``"max"`` of ``values`` over the ranks (``values`` itself in
+    one process); a collective: every rank calls it."""
+    if world_size(trainer) <= 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
 def broadcast(trainer: Any, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
     strategy = getattr(trainer, "strategy", None)
     if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
         return strategy.broadcast(value, src=0)
     return value
+
+
+class quiet_lightning:
+    """Silence Lightning's per-trial info logs (GPU available, ...) unless verbose."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.saved: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        if self.active:
+            for name in (*NAMESPACES, "lightning_fabric", "lightning"):
+                logger = logging.getLogger(name)
+                self.saved[name] = logger.level
+                logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)

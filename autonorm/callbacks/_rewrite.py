@@ -15,6 +15,7 @@ end of fit and stores the layer structure in checkpoints. The rewrite itself is
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from typing_extensions import TypedDict, override
 
 from autonorm._errors import AutoNormError
-from autonorm._lightning import callback_bases, is_global_zero
+from autonorm._lightning import callback_bases, is_global_zero, reduce_over_ranks
 from autonorm.budget import Budget, as_budget, format_bytes
 from autonorm.callbacks._checkpoints import (
     CHECKPOINT_KEY,
@@ -245,6 +246,11 @@ class _RewriteBase(_CallbackType):
         """The size of the first training batch, checked against the budget."""
         check_batch_size(trainer, size, self.budget.batch_size if self.budget else None)
 
+    def for_ranks(self) -> _RewriteBase:
+        """This callback, not yet used, as the other ranks of a distributed training get it
+        (pickled to them): a copy; the search-mode callback leaves its trial on rank 0."""
+        return copy.copy(self)
+
     def measurements(self) -> Measurements:
         """The step recorder's summary so far (empty without ``record_metrics``)."""
         return self.recorder.summary() if self.recorder is not None else {}
@@ -323,9 +329,13 @@ class _RewriteBase(_CallbackType):
             return
         self.recorder.batch_end(pl_module, trainer.optimizers)
         limit = self.budget.max_memory if self.budget is not None else None
-        if limit is not None and self.recorder.peak_memory > limit:
+        if limit is None:
+            return
+        # every rank stops together: the decision is on the highest peak of all ranks
+        (peak,) = reduce_over_ranks(trainer, [float(self.recorder.peak_memory)], op="max")
+        if peak > limit:
             self._over_budget(
-                f"peak memory {format_bytes(self.recorder.peak_memory)} ({self.recorder.method}) > "
+                f"peak memory {format_bytes(int(peak))} ({self.recorder.method}) > "
                 f"budget max_memory={format_bytes(limit)}"
             )
 

@@ -12,6 +12,7 @@ The functions take the trainer only for its rank, its broadcast and its logged m
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,8 +25,15 @@ from typing_extensions import Unpack, override
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import broadcast, is_global_zero, is_oom_error, reseed
-from autonorm.callbacks._measure import Measurements
+from autonorm._lightning import (
+    broadcast,
+    is_global_zero,
+    is_oom_error,
+    reduce_over_ranks,
+    reseed,
+    world_size,
+)
+from autonorm.callbacks._measure import Measurements, first_batch_size
 from autonorm.callbacks._rewrite import AutoNorm, RewriteOptions
 from autonorm.config import NormChoice, NormConfig
 from autonorm.search_spaces import SearchSpace, resolve_space
@@ -139,8 +147,33 @@ def mark_infeasible(trial: optuna.Trial, reason: str, measurements: Measurements
     trial.set_constraint(keys.BUDGET_CONSTRAINT, 1.0)
 
 
-def monitored_value(trainer: Trainer, monitor: str) -> float:
-    """The monitored metric's last value.
+class RankTrial:
+    """The trial as the ranks other than 0 of a distributed training hold it: its number. What
+    they would record stays unrecorded (rank 0 records the same); they have no storage to read,
+    and every read (the trial's attributes, a suggestion, a report) happens on rank 0."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        pass
+
+    def set_constraint(self, key: str, value: float) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("__") or name == "number":  # copy and pickle look for these
+            raise AttributeError(name)
+        raise AutoNormError(
+            f"trial.{name} is read on rank 0 only (this is another rank of trial {self.number})"
+        )
+
+
+def monitored_value(trainer: Trainer, monitor: str, samples: int = 1) -> float:
+    """The monitored metric's last value; in a distributed training (a collective: every rank
+    calls it) the mean of the ranks' values weighted by the ``samples`` each one validated: the
+    value over the whole validation set, whether or not the metric was logged with
+    ``sync_dist`` (a synced value is the same on every rank, and stays).
 
     Raises:
         AutoNormError: the metric was never logged (names the metrics that were).
@@ -152,7 +185,12 @@ def monitored_value(trainer: Trainer, monitor: str) -> float:
             f"{sorted(metrics) or 'none'} (log it with self.log({monitor!r}, ...) in "
             "validation_step)"
         )
-    return float(metrics[monitor])
+    value = float(metrics[monitor])
+    if world_size(trainer) > 1:
+        weight = float(max(samples, 1))  # a metric of no validation: the ranks weigh alike
+        weighted, total = reduce_over_ranks(trainer, [value * weight, weight])
+        value = weighted / total
+    return value
 
 
 def _epoch_verdict(
@@ -180,14 +218,15 @@ def report_epoch(
     trial: optuna.Trial,
     task: TrialTask,
     trainer: Trainer,
+    value: float,
     monitor: str,
     measurements: Measurements,
     epochs_trained: int | None = None,
 ) -> None:
-    """After a validation: report the metric (rank 0), record the epochs trained (a continued
-    run trains only the rest; default: every epoch up to this one) and the measurements, and
-    prune on every rank when rank 0 says so. A run that reached its rung saves its checkpoint
-    first.
+    """After a validation: report the metric's ``value`` (rank 0), record the epochs trained
+    (a continued run trains only the rest; default: every epoch up to this one) and the
+    measurements, and prune on every rank when rank 0 says so. A run that reached its rung
+    saves its checkpoint first.
 
     Raises:
         optuna.TrialPruned: the pruner pruned the trial, the run reached its rung or the metric
@@ -197,7 +236,6 @@ def report_epoch(
     epoch = trainer.current_epoch
     verdict: tuple[str | None, bool] = (None, False)
     if is_global_zero(trainer):
-        value = monitored_value(trainer, monitor)
         verdict = _epoch_verdict(trial, task, value, epoch, monitor)
         trained = epoch + 1 if epochs_trained is None else epochs_trained
         trial.set_user_attr(keys.EPOCHS, trained)
@@ -238,16 +276,13 @@ def infeasible_reason(err: BaseException) -> str | None:
 
 
 def trial_outcome(
-    trial: optuna.Trial | None, trainer: Trainer, monitor: str, measurements: Measurements
+    trial: optuna.Trial | None, value: float, monitor: str, measurements: Measurements
 ) -> TrialOutcome:
-    """The finished run's :class:`TrialOutcome`.
+    """The finished run's :class:`TrialOutcome`, the monitored metric's last ``value``.
 
     Raises:
-        optuna.TrialPruned: the metric's last value is not finite (the reason is recorded on
-            the trial).
-        AutoNormError: the metric was never logged.
+        optuna.TrialPruned: the value is not finite (the reason is recorded on the trial).
     """
-    value = monitored_value(trainer, monitor)
     if not math.isfinite(value):
         import optuna
 
@@ -295,6 +330,8 @@ class TrialNorms(AutoNorm, mode="search"):
         self.monitor = monitor
         self.task = task if task is not None else TrialTask()
         self._first_epoch: int | None = None  # the epoch of the run's first training batch
+        self._validated = 0  # samples this rank validated in the last validation
+        self._last_value: float | None = None  # the metric at the end of training, all ranks'
         # syncbatchnorm only where the budget has several devices
         self.space: SearchSpace = resolve_space(space).for_budget(self.budget)
 
@@ -306,6 +343,12 @@ class TrialNorms(AutoNorm, mode="search"):
         apply_config(
             pl_module, self.config, partial=self.selective, example_input=example, slots=found
         )
+
+    @override
+    def for_ranks(self) -> TrialNorms:
+        copied = copy.copy(self)
+        copied.trial = RankTrial(self.trial.number)  # type: ignore[assignment]
+        return copied
 
     @override
     def _check_params(self, trainer: Trainer, n_params: int) -> None:
@@ -356,6 +399,22 @@ class TrialNorms(AutoNorm, mode="search"):
             self.trial.set_user_attr(keys.EPOCHS, self._epochs_trained(trainer))
 
     @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validated = 0
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._validated += first_batch_size(batch) or 1
+
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -369,6 +428,7 @@ class TrialNorms(AutoNorm, mode="search"):
             self.trial,
             self.task,
             trainer,
+            monitored_value(trainer, self.monitor, self._validated),
             self.monitor,
             self.measurements(),
             self._epochs_trained(trainer),
@@ -384,6 +444,12 @@ class TrialNorms(AutoNorm, mode="search"):
             mark_infeasible(self.trial, reason, self.measurements())
 
     @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # while the ranks are still together (Lightning tears the strategy down before
+        # on_fit_end): the final value over every rank's validation samples
+        self._last_value = monitored_value(trainer, self.monitor, self._validated)
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_global_zero(trainer):
             record_measurements(self.trial, self.measurements())
@@ -397,4 +463,7 @@ class TrialNorms(AutoNorm, mode="search"):
                 on the trial).
             AutoNormError: the metric was never logged.
         """
-        return trial_outcome(self.trial, trainer, self.monitor, self.measurements())
+        value = self._last_value
+        if value is None:  # fit ended without its training end (nothing trained)
+            value = monitored_value(trainer, self.monitor)
+        return trial_outcome(self.trial, value, self.monitor, self.measurements())

@@ -1,11 +1,13 @@
 """``syncbatchnorm``: batch normalization with the statistics of every process of the run.
 
-torch's ``nn.SyncBatchNorm`` syncs on GPU only (on CPU under ``torch.distributed`` it raises) and
-takes ``(N, C, *)`` inputs only. :class:`SyncBatchNorm` subclasses it: on CUDA/XPU it runs torch's
-kernels unchanged; on any other device (CPU with the gloo backend) it all-reduces the per-channel
-sums itself, with gradients flowing through the reduction; without an initialized process
-group, or with one process, it is plain batch normalization. It also takes tokens
-(``channels_last``: statistics over every position of every process).
+torch's ``nn.SyncBatchNorm`` syncs on GPU only (on CPU under ``torch.distributed`` it raises, and
+``DistributedDataParallel`` refuses a CPU model that holds one) and takes ``(N, C, *)`` inputs
+only. :class:`SyncBatchNorm` is a batch norm that runs ``nn.SyncBatchNorm``'s forward (torch's
+kernels) on CUDA/XPU; on any other device (CPU with the gloo backend) it all-reduces the
+per-channel sums itself, with gradients flowing through the reduction; without an initialized
+process group, or with one process, it is plain batch normalization. It is no subclass of
+``nn.SyncBatchNorm``, so that DDP trains it on CPU too. It also takes tokens (``channels_last``:
+statistics over every position of every process).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from autonorm.norms._layers import CHANNELS_FIRST, CHANNELS_LAST, _check_features, check_layout
 
@@ -67,7 +70,7 @@ def global_count(count: int, device: torch.device) -> int:
     return int(total.item())
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     """``nn.SyncBatchNorm`` on any device, for ``(N, C, *)`` or ``(..., C)`` inputs.
 
     In training under ``torch.distributed`` with more than one process in ``process_group``,
@@ -106,11 +109,15 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             momentum=momentum,
             affine=affine,
             track_running_stats=track_running_stats,
-            process_group=process_group,
             device=device,
             dtype=dtype,
         )
+        self.process_group = process_group
         self.layout = check_layout(layout)
+
+    # what nn.SyncBatchNorm's forward (run on CUDA/XPU) calls on its layer
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -137,8 +144,10 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def _forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         group, world = self._group()
         native = x.device.type in (*_NATIVE_SYNC_DEVICES, torch._C._get_privateuse1_backend_name())
-        if world <= 1 or native:
+        if world <= 1:
             return super().forward(x)
+        if native:
+            return nn.SyncBatchNorm.forward(self, x)  # type: ignore[arg-type]
         self._check_input_dim(x)
         self._check_non_zero_input_channels(x)
         factor = 0.0 if self.momentum is None else self.momentum

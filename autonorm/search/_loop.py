@@ -13,9 +13,10 @@ from optuna.trial import TrialState
 
 from autonorm._errors import AutoNormError
 from autonorm._io import mask_password
-from autonorm._trial_keys import RETRY_OF
+from autonorm._trial_keys import FAIL_REASON, RETRY_OF
 from autonorm.search import _workers as workers
 from autonorm.search._plan import DONE, WAIT, Plan
+from autonorm.search._ranks import RankLost
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,13 @@ def optimize(
                 time.sleep(min(1.0, grace / 4))
                 continue
             waiting = False
-            try:
-                study.optimize(attempt, n_trials=1, callbacks=callbacks, catch=())
+            try:  # a trial whose other rank died fails (Optuna logs it) and runs again once
+                study.optimize(attempt, n_trials=1, callbacks=callbacks, catch=(RankLost,))
             except Exception:
                 if attempt.taken_over is None:
                     raise
                 attempt.log_takeover()
+            attempt.retry_lost()
             trial_done()  # it finished: nothing left to settle if the next one fails
             ran += 1
             if getattr(study, "_stop_flag", False):
@@ -104,11 +106,15 @@ class _Attempt:
         self.objective = objective
         self.trial: optuna.Trial | None = None
         self.taken_over: tuple[int, str, str] | None = None  # (number, state, what ran here)
+        self.lost: optuna.Trial | None = None  # a trial another rank of died in
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        self.trial, self.taken_over = trial, None
+        self.trial, self.taken_over, self.lost = trial, None, None
         try:
             result = self.objective(trial)
+        except RankLost:
+            self.lost = trial
+            raise
         except Exception as err:
             self._check_taken_over(trial, f"it ended with {type(err).__name__}: {err}")
             raise
@@ -142,6 +148,19 @@ class _Attempt:
             outcome,
         )
         self.taken_over = None
+
+    def retry_lost(self) -> None:
+        """The trial a rank died in (FAIL): its parameters enqueued once more."""
+        trial, self.lost = self.lost, None
+        if trial is None:
+            return
+        frozen = workers.fresh_trial(self.study, trial)
+        if frozen.state == TrialState.FAIL and workers.enqueue_retry(self.study, frozen):
+            log.warning(
+                "trial %d failed (%s): its parameters run again",
+                frozen.number,
+                frozen.user_attrs.get(FAIL_REASON, "a rank was lost"),
+            )
 
     def settle_after_outage(self, err: BaseException) -> None:
         """The trial an unreachable storage broke: FAIL, its parameters enqueued once more."""

@@ -8,6 +8,7 @@ monitored metric. Trials over the budget end at once and are recorded as infeasi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import random
@@ -24,6 +25,7 @@ from torch import nn
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
+from autonorm._lightning import quiet_lightning
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.callbacks import TrialTask
@@ -33,6 +35,7 @@ from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
 from autonorm.search._fingerprint import experiment_fingerprint
 from autonorm.search._plan import Plan, reuse_finished
+from autonorm.search._ranks import RankLost, follow, is_follower
 from autonorm.search._planned import SCREEN, Candidate, continue_values, trial_task
 from autonorm.search._settings import (
     LEARN_MIXINGS,
@@ -56,9 +59,9 @@ from autonorm.search._training import (
     datamodule_factory,
     learn_pass,
     model_factory,
-    quiet_lightning,
     retrain,
     run_trial,
+    train_job,
 )
 from autonorm.search._warm_start import (
     DEFAULT_CONFIG,
@@ -135,6 +138,19 @@ def search(
         train_dataloaders,
         val_dataloaders,
     )
+    if is_follower():  # a rank of rank 0's trials, started by running this program again
+        follow(functools.partial(train_job, training))
+    settings = settings.for_devices(training.world)
+    training.budget = settings.budget
+    try:
+        return _search(settings, training, train_dataloaders, val_dataloaders)
+    finally:
+        training.close()
+
+
+def _search(
+    settings: SearchSettings, training: Training, train_dataloaders: Any, val_dataloaders: Any
+) -> SearchResult:
     slots, model_class, probe = _probe_slots(training, settings)
     experiment = experiment_fingerprint(
         training.make_model,
@@ -305,6 +321,9 @@ class _SearchRun:
                 )
             except optuna.TrialPruned:
                 self._perturb(trial, task)
+                raise
+            except RankLost as err:  # the loop fails the trial and runs it once more
+                trial.set_user_attr(FAIL_REASON, str(err))
                 raise
             except (KeyboardInterrupt, SystemExit) as err:
                 interrupt = workers.as_interrupt(err)

@@ -116,6 +116,8 @@ class SearchSettings:
             marked FAIL and its parameters run once more (default 4 x heartbeat_interval).
         export: write the bundle at the end; false for a worker whose bundle another process
             writes (the result then carries no summary).
+        collective_timeout: seconds a rank of a trial on several devices waits for the others
+            (a collective, a rank's answer) before the trial fails as lost.
     """
 
     n_trials: int | None = None
@@ -145,6 +147,7 @@ class SearchSettings:
     heartbeat_interval: float = 10.0
     grace_period: float | None = None
     export: bool = field(default=True, metadata=_NOT_CLI)
+    collective_timeout: float = 1800.0
     #: the values as given, per instance (set in ``__post_init__``; not a field)
     _given: ClassVar[dict[str, Any]]
 
@@ -228,6 +231,25 @@ class SearchSettings:
             ) from None
         return out
 
+    def for_devices(self, devices: int) -> SearchSettings:
+        """These settings for trials that train on ``devices`` devices: the budget's
+        ``devices`` taken from them (a budget of more devices than one trial's describes a
+        final training the trials emulate on one).
+
+        Raises:
+            ValueError: the budget names another number of devices than the trials use.
+        """
+        budget = self.budget
+        if devices <= 1 or (budget is not None and budget.devices == devices):
+            return self
+        if budget is not None and budget.devices != 1:
+            raise ValueError(
+                f"budget.devices={budget.devices} but each trial trains on {devices} devices "
+                "(--trainer.devices): give the same number, or leave budget.devices out"
+            )
+        given = budget if budget is not None else Budget()
+        return self.replace(budget=dataclasses.replace(given, devices=devices))
+
     @property
     def grace(self) -> float:
         """``grace_period``, resolved (4 x ``heartbeat_interval`` when not given)."""
@@ -279,6 +301,10 @@ def _check(settings: SearchSettings) -> None:
         raise ValueError(f"`timeout` must be > 0 seconds, got {settings.timeout!r}")
     if settings.mode not in get_args(Direction):
         raise ValueError(f"`mode` must be 'min' or 'max', got {settings.mode!r}")
+    if not settings.collective_timeout > 0:
+        raise ValueError(
+            f"`collective_timeout` must be > 0 seconds, got {settings.collective_timeout!r}"
+        )
     if not settings.heartbeat_interval > 0:
         raise ValueError(
             f"`heartbeat_interval` must be > 0 seconds, got {settings.heartbeat_interval!r}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import NAMESPACES, free_memory, namespace_of
+from autonorm._lightning import free_memory, namespace_of
 from autonorm.budget import Budget
 from autonorm.callbacks import (
     AutoNorm,
@@ -31,6 +31,7 @@ from autonorm.callbacks import (
     restore_into,
 )
 from autonorm.config import NormConfig
+from autonorm.search._ranks import RankFailed, RankGroup, RankJob, RankLayout, rank_layout
 from autonorm.search._settings import EXTRA_OBJECTIVES, SearchSettings
 from autonorm.search_spaces import SearchSpace
 from autonorm.surgery import Slot, SlotEvidence, SlotPatterns, perturb_slots
@@ -57,6 +58,16 @@ def model_factory(model: Any, model_kwargs: dict[str, Any]) -> Callable[[], nn.M
     raise ValueError(f"`model` must be a LightningModule class or a factory, got {model!r}")
 
 
+class _Given:
+    """A factory of the one datamodule the user gave (picklable, for spawned ranks)."""
+
+    def __init__(self, datamodule: Any) -> None:
+        self.datamodule = datamodule
+
+    def __call__(self) -> Any:
+        return self.datamodule
+
+
 def datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
     if datamodule is None:
         return None
@@ -64,7 +75,7 @@ def datamodule_factory(datamodule: Any) -> Callable[[], Any] | None:
         callable(datamodule) and not hasattr(datamodule, "train_dataloader")
     ):
         return datamodule
-    return lambda: datamodule
+    return _Given(datamodule)
 
 
 def trial_callbacks(given: Any) -> list[Any]:
@@ -151,6 +162,13 @@ class Training:
     include: SlotPatterns = None
     exclude: SlotPatterns = None
     verbose: bool = False
+    #: how each training runs on several ranks (None: in this process alone)
+    layout: RankLayout | None = None
+    #: the other ranks, started at the first training (rank 0's side)
+    ranks: RankGroup | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "ranks": None}  # a spawned rank gets the setup, not the group
 
     @classmethod
     def for_search(
@@ -161,7 +179,11 @@ class Training:
         train_dataloaders: Any = None,
         val_dataloaders: Any = None,
     ) -> Training:
-        """How the search with ``settings`` trains."""
+        """How the search with ``settings`` trains (on several ranks where its Trainer
+        arguments ask for several devices)."""
+        layout = rank_layout(
+            namespace_of(make_model), settings.trainer_kwargs, settings.collective_timeout
+        )
         return cls(
             make_model=make_model,
             make_datamodule=make_datamodule,
@@ -173,32 +195,43 @@ class Training:
             include=settings.include,
             exclude=settings.exclude,
             verbose=settings.verbose,
+            layout=layout,
         )
 
     def fit(
-        self, callback: AutoNorm, *, root: Path, seed: int | None, ckpt_path: Path | None = None
+        self,
+        callback: AutoNorm,
+        *,
+        root: Path,
+        seed: int | None,
+        ckpt_path: Path | None = None,
+        save_to: Path | None = None,
     ) -> Any:
         """Seed, build a fresh model and data, train with ``callback`` first among callbacks
-        (continuing ``ckpt_path`` when given); return the Trainer."""
-        if seed is not None:  # before the model exists: its class's namespace, when known
-            namespace_of(self.make_model).seed_everything(seed, workers=True, verbose=False)
-        module = self.make_model()
-        pl = namespace_of(module)  # the Trainer of the module's own Lightning
-        dm, loaders = self._data(self.train_dataloaders)
-        kwargs = {**self._trainer_defaults(root), **self.trainer_kwargs}
-        kwargs["callbacks"] = [callback, *trial_callbacks(self.trainer_kwargs.get("callbacks"))]
-        trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
-        resume = None if ckpt_path is None else str(ckpt_path)
-        if dm is not None:
-            trainer.fit(module, datamodule=dm, ckpt_path=resume)
-        else:
-            trainer.fit(
-                module,
-                train_dataloaders=loaders["train"],
-                val_dataloaders=loaders["val"],
-                ckpt_path=resume,
-            )
-        return trainer
+        (continuing ``ckpt_path`` when given; saving the checkpoint at ``save_to`` after);
+        return the Trainer. On several ranks every rank does the same (this process is rank 0).
+
+        Raises:
+            RankFailed: another rank died, stopped answering or failed.
+        """
+        job = RankJob(callback, root, seed, ckpt_path, save_to)
+        if self.layout is None:
+            return train_job(self, job)
+        if self.ranks is None:
+            spawned = self.layout.start_method != "popen"
+            self.ranks = RankGroup(self.layout, (train_job, self) if spawned else None)
+        return self.ranks.run(job, lambda: train_job(self, job))
+
+    @property
+    def world(self) -> int:
+        """How many ranks (processes, devices) each training runs on."""
+        return 1 if self.layout is None else self.layout.world
+
+    def close(self) -> None:
+        """Stop the other ranks (the search is over)."""
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
     def perturb(
         self, checkpoint: Path, slots: list[Slot], *, monitor: str, maximize: bool
@@ -208,8 +241,8 @@ class Training:
         (:func:`~autonorm.surgery.perturb_slots`)."""
         model = restore_into(self.make_model(), checkpoint, example_input=self.example_input)
         pl = namespace_of(model)
-        dm, loaders = self._data(train=None)
-        kwargs = {**self._trainer_defaults(checkpoint.parent), **self.trainer_kwargs}
+        dm, loaders = self.data(train=None)
+        kwargs = self.trainer_arguments(checkpoint.parent, single_device=True)
         kwargs["callbacks"] = []
         trainer: Any = pl.Trainer(**kwargs)
 
@@ -225,7 +258,7 @@ class Training:
 
         return perturb_slots(model, slots, validate, maximize=maximize)
 
-    def _data(self, train: Any) -> tuple[Any, dict[str, Any]]:
+    def data(self, train: Any) -> tuple[Any, dict[str, Any]]:
         """A fresh datamodule (or the ``train`` and validation loaders), at the budget's
         per-device batch size."""
         dm = self.make_datamodule() if self.make_datamodule is not None else None
@@ -234,8 +267,11 @@ class Training:
             _set_batch_size(dm, loaders, self.budget.batch_size)
         return dm, loaders
 
-    def _trainer_defaults(self, root: Path) -> dict[str, Any]:
-        return {
+    def trainer_arguments(self, root: Path, *, single_device: bool = False) -> dict[str, Any]:
+        """The Trainer's arguments: the trial defaults, the user's, and on several ranks a
+        fresh strategy that joins the ranks autonorm started; ``single_device``: validation
+        passes rank 0 runs alone."""
+        kwargs = {
             "accelerator": "auto",
             "devices": 1,
             "logger": False,
@@ -244,7 +280,13 @@ class Training:
             "enable_progress_bar": self.verbose,
             "num_sanity_val_steps": 0,
             "default_root_dir": str(root),
+            **self.trainer_kwargs,
         }
+        if single_device:
+            kwargs.update(devices=1, strategy="auto", num_nodes=1)
+        elif self.layout is not None:
+            kwargs["strategy"] = self.layout.strategy()
+        return kwargs
 
     def slot_selection(self) -> dict[str, Any]:
         """The callback arguments that select and probe the slots, as the search found them."""
@@ -253,6 +295,32 @@ class Training:
             "exclude": self.exclude,
             "example_input": self.example_input,
         }
+
+
+def train_job(training: Training, job: RankJob) -> Any:
+    """One rank's part of a training: seed, build a fresh model and data, train with the
+    job's callback first among callbacks; return the Trainer."""
+    if job.seed is not None:  # before the model exists: its class's namespace, when known
+        namespace_of(training.make_model).seed_everything(job.seed, workers=True, verbose=False)
+    module = training.make_model()
+    pl = namespace_of(module)  # the Trainer of the module's own Lightning
+    dm, loaders = training.data(training.train_dataloaders)
+    kwargs = training.trainer_arguments(job.root)
+    kwargs["callbacks"] = [job.callback, *trial_callbacks(training.trainer_kwargs.get("callbacks"))]
+    trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
+    resume = None if job.ckpt_path is None else str(job.ckpt_path)
+    if dm is not None:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    else:
+        trainer.fit(
+            module,
+            train_dataloaders=loaders["train"],
+            val_dataloaders=loaders["val"],
+            ckpt_path=resume,
+        )
+    if job.save_to is not None:  # every rank takes part (Lightning's barrier); rank 0 writes
+        trainer.save_checkpoint(job.save_to)
+    return trainer
 
 
 def run_trial(
@@ -267,8 +335,8 @@ def run_trial(
 ) -> float | list[float]:
     """Train the trial's config as ``task`` asks (its seed, its rung, the checkpoint it
     continues); return its objective values. The callback decides what is infeasible or pruned
-    (it raises ``TrialPruned``); an out-of-memory error, or a batch too small for batch
-    statistics, is infeasible."""
+    (it raises ``TrialPruned``); an out-of-memory error (on any rank), or a batch too small
+    for batch statistics, is infeasible."""
     callback = TrialNorms(
         trial,
         space=space,
@@ -283,8 +351,8 @@ def run_trial(
         )
     except optuna.TrialPruned:
         raise
-    except Exception as err:
-        reason = infeasible_reason(err)
+    except Exception as err:  # on another rank: out of memory there is infeasible too
+        reason = err.infeasible if isinstance(err, RankFailed) else infeasible_reason(err)
         if reason is None:
             raise
         free_memory()
@@ -348,33 +416,16 @@ def retrain_best(
     path in ``out_dir``. The search's slot selection applies: a config of included slots is
     partial."""
     training = Training.for_search(settings, make_model, make_datamodule)
-    return retrain(config, training, out_dir, settings.seed)
+    try:
+        return retrain(config, training, out_dir, settings.seed)
+    finally:
+        training.close()
 
 
 def retrain(config: NormConfig, training: Training, out_dir: Path, seed: int | None) -> Path:
     """Train the best config once more for the full schedule; save its checkpoint."""
     # the search's slot selection: a config of included slots is partial, the others keep theirs
     callback = FixedNorms(config, record_metrics=False, **training.slot_selection())
-    trainer = training.fit(callback, root=out_dir / "retrain", seed=seed)
     path = out_dir / BEST_CHECKPOINT_FILE
-    trainer.save_checkpoint(path)
+    training.fit(callback, root=out_dir / "retrain", seed=seed, save_to=path)
     return path
-
-
-class quiet_lightning:
-    """Silence Lightning's per-trial info logs (GPU available, ...) unless verbose."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.saved: dict[str, int] = {}
-
-    def __enter__(self) -> None:
-        if self.active:
-            for name in (*NAMESPACES, "lightning_fabric", "lightning"):
-                logger = logging.getLogger(name)
-                self.saved[name] = logger.level
-                logger.setLevel(logging.WARNING)
-
-    def __exit__(self, *exc: object) -> None:
-        for name, level in self.saved.items():
-            logging.getLogger(name).setLevel(level)

@@ -37,6 +37,7 @@ from autonorm.norms import (
     FrozenBatchNorm,
     IdentityNorm,
     SwitchableNorm,
+    SyncBatchNorm,
     check_choice,
     check_layout,
     get_spec,
@@ -164,7 +165,7 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
         return "identity", module.layout, module.num_features
     if isinstance(module, FrozenBatchNorm):
         return "frozenbatchnorm", module.layout, module.num_features
-    if isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm)):
         return "syncbatchnorm", layout or CHANNELS_FIRST, module.num_features
     if isinstance(module, _BatchNorm):
         return "batchnorm", layout or CHANNELS_FIRST, module.num_features
