@@ -161,7 +161,7 @@ class quiet_lightning:
 
     def __enter__(self) -> None:
         if self.active:
-            for name in (*NAMESPACES, "lightning_fabric", "lightning"):
+            for name in (*NAMESPACES, "lightning_fabric", "lightning.fabric", "lightning"):
                 logger = logging.getLogger(name)
                 self.saved[name] = logger.level
                 logger.setLevel(logging.WARNING)

@@ -39,9 +39,15 @@ CLI_ONLY_OPTIONS: list[tuple[str, Any, Any, str]] = [
         "local worker processes on one shared study (default storage: OUT_DIR/journal.log)",
     ),
 ]
-#: The Trainer's arguments ``--trainer.*`` does not offer: a trial's callbacks and its logger
-#: are autonorm's, and the strategy, plugins and profiler of one trial are not searched.
-TRAINER_SKIP = {"callbacks", "logger", "plugins", "strategy", "profiler"}
+#: The Trainer's arguments ``--trainer.*`` does not offer, and why.
+TRAINER_SKIP = {
+    "callbacks": "a trial's callbacks are autonorm's (pass your own through the Python API's "
+    "trainer_kwargs={'callbacks': ...})",
+    "logger": "trials log to the study (its dashboard and the report), not to a logger",
+    "plugins": "plugins (precision, checkpoint IO, cluster environments) are Python objects; use "
+    "--trainer.precision or the Python API",
+    "profiler": "a profiler would time every trial; profile one training outside the search",
+}
 
 
 def _search_parser() -> Any:
@@ -72,7 +78,7 @@ def _search_parser() -> Any:
         "trainer",
         instantiate=False,
         fail_untyped=False,
-        skip=TRAINER_SKIP,
+        skip=set(TRAINER_SKIP),
     )
     for name, kind, default, text in [*cli_fields(), *CLI_ONLY_OPTIONS]:
         parser.add_argument(f"--search.{name}", type=kind, default=default, help=text)
@@ -122,10 +128,18 @@ def _check_config_files(argv: Sequence[str]) -> None:
 def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from jsonargparse import ArgumentError
 
-    from autonorm.search import SearchProgress, TrialLines, make_sampler, pool_position, search
+    from autonorm.search import (
+        SearchProgress,
+        TrialLines,
+        is_follower,
+        make_sampler,
+        pool_position,
+        search,
+    )
 
     find_user_modules()  # user modules next to the command, as LightningCLI finds them
     _check_config_files(argv)
+    _check_trainer_options(argv)
     parser = _search_parser()
     try:
         cfg = parser.parse_args(list(argv))
@@ -138,6 +152,9 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     settings = _settings(cfg)
     model_factory = _factory(cfg.model, "model")
     data_factory = _factory(cfg.data, "data")
+    if is_follower():  # a rank of another process's trials: it trains them, then exits
+        search(model_factory, data_factory, settings=settings)
+        return 0
     if cfg.search.n_workers > 1:
         study_name = settings.study_name_for(_class_name(cfg.model))
         retrain = _retrainer(model_factory, data_factory, settings, study_name)
@@ -246,6 +263,7 @@ def _run_pool(
         storage=settings.storage,
         retrain=retrain,
         say=out.print,
+        devices_per_worker=_devices_per_trial(settings.trainer_kwargs),
     )
     answer = 0
     if outcome.result is not None:
@@ -262,6 +280,31 @@ def _run_pool(
         for line in errors[-3:]:
             print(f"  {mask_password(line)}", file=sys.stderr)
     return outcome.exit_code or answer
+
+
+def _devices_per_trial(trainer_kwargs: dict[str, Any]) -> int:
+    """The GPUs one worker's trials take (0 for CPU trials): ``--trainer.devices`` as a count or
+    a list; ``auto`` or -1 (every GPU) counts as one, as a pool of one-GPU workers."""
+    if str(trainer_kwargs.get("accelerator", "auto")) == "cpu":
+        return 0
+    devices = trainer_kwargs.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    return devices if isinstance(devices, int) and devices > 1 else 1
+
+
+def _check_trainer_options(argv: Sequence[str]) -> None:
+    """A ``--trainer.<arg>`` the command does not offer is refused in one line that says why.
+
+    Raises:
+        UsageError: naming the argument and the reason.
+    """
+    for arg in argv:
+        name = arg.split("=", 1)[0].removeprefix("--trainer.")
+        if arg.startswith("--trainer.") and name in TRAINER_SKIP:
+            raise UsageError(f"--trainer.{name} is not taken: {TRAINER_SKIP[name]}")
 
 
 def _retrainer(

@@ -34,6 +34,7 @@ from autonorm.search._export import (
 )
 from autonorm.search._pool import log_tail, run_pool, worker_command
 from autonorm.search._progress import SearchProgress, TrialLines
+from autonorm.search._ranks import RankFailed, RankLost, is_follower
 from autonorm.search._runner import search
 from autonorm.search._settings import SearchSettings, cli_fields, default_out_dir
 from autonorm.search._storage import SQLITE_FILE, make_sampler, make_storage
@@ -45,6 +46,8 @@ __all__ = [
     "LEARN_MIXING_LR_SCALE",
     "PARETO_FILE",
     "REPORT_FILE",
+    "RankFailed",
+    "RankLost",
     "SQLITE_FILE",
     "STORAGE_FILE",
     "SearchProgress",
@@ -57,6 +60,7 @@ __all__ = [
     "export_bundle",
     "given_storage",
     "handle_interrupts",
+    "is_follower",
     "log_tail",
     "make_sampler",
     "make_storage",

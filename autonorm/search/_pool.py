@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import optuna
 
-from autonorm._errors import USAGE_ERROR
+from autonorm._errors import USAGE_ERROR, UsageError
 from autonorm.config import NormConfig
 from autonorm.search._export import SearchResult, export_bundle
 from autonorm.search._progress import SearchProgress
@@ -56,13 +56,30 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def gpu_sets(gpus: Sequence[str], count: int, per_worker: int) -> list[str]:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``: one GPU each, round-robin (workers may share
+    one); with ``per_worker`` > 1 (a trial on several devices) a set of its own each.
+
+    Raises:
+        UsageError: the sets need more GPUs than are visible.
+    """
+    if per_worker <= 1:
+        return [gpus[index % len(gpus)] for index in range(count)]
+    if count * per_worker > len(gpus):
+        raise UsageError(
+            f"{count} workers x {per_worker} devices per trial need {count * per_worker} GPUs, "
+            f"{len(gpus)} visible (CUDA_VISIBLE_DEVICES); use fewer workers or devices"
+        )
+    return [",".join(gpus[i * per_worker : (i + 1) * per_worker]) for i in range(count)]
+
+
 def _worker_env(
     index: int, count: int, gpus: Sequence[str], extra: dict[str, str]
 ) -> dict[str, str]:
     env = {**os.environ, **extra}
     env[WORKER_ENV] = f"{index}/{count}"
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index]
     elif "OMP_NUM_THREADS" not in env:
         # CPU workers share the cores instead of each spawning one thread per core
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
@@ -78,11 +95,12 @@ def run_worker_pool(
     poll_interval: float = 1.0,
     gpus: Sequence[str] | None = None,
     env: dict[str, str] | None = None,
+    devices_per_worker: int = 1,
 ) -> tuple[list[PoolWorker], int | None]:
     """Run ``count`` copies of ``command`` and wait for all of them.
 
-    Each worker gets ``AUTONORM_WORKER=i/count``, a GPU round-robin through
-    ``CUDA_VISIBLE_DEVICES`` when there are GPUs (else an even share of the CPU threads), and
+    Each worker gets ``AUTONORM_WORKER=i/count``, its GPUs through ``CUDA_VISIBLE_DEVICES``
+    when there are GPUs (:func:`gpu_sets`; else an even share of the CPU threads), and
     its output in ``log_dir/worker-<i>.log``. The first SIGINT/SIGTERM to this process is
     forwarded to the workers (which mark their trials and stop); a second one kills them.
 
@@ -94,12 +112,14 @@ def run_worker_pool(
         poll_interval: seconds.
         gpus: GPU ids to hand out (default :func:`visible_gpus`).
         env: more environment variables of the workers (values kept off their command line).
+        devices_per_worker: GPUs each worker's trials train on (0: CPU trials, no GPU).
 
     Returns:
         The workers (exited) and the signal that interrupted the pool, if any.
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus() if gpus is None else list(gpus)
+    gpus = gpu_sets(gpus, count, devices_per_worker) if gpus and devices_per_worker else []
+    log_dir.mkdir(parents=True, exist_ok=True)
     workers: list[PoolWorker] = []
     received: list[int] = []
 
@@ -206,6 +226,7 @@ def run_pool(
     storage: str | None,
     retrain: Callable[[NormConfig], Path] | None = None,
     say: Callable[[str], None] = print,
+    devices_per_worker: int = 1,
 ) -> PoolResult:
     """Run ``n_workers`` copies of ``worker_command`` (each an ``autonorm search`` joining the
     study), show their common progress, then export the bundle here.
@@ -219,6 +240,7 @@ def run_pool(
         storage: the shared storage (default: a journal file in ``out``).
         retrain: trains the best config once more when every worker succeeded.
         say: prints a message for the user.
+        devices_per_worker: GPUs each worker's trials train on (0: CPU trials).
     """
     out.mkdir(parents=True, exist_ok=True)
     storage = pool_storage(storage, out, n_workers, say)
@@ -244,7 +266,12 @@ def run_pool(
     with progress:
         # the storage URL (with its password) goes through the environment: `ps` shows command lines
         pool, signum = run_worker_pool(
-            command, n_workers, log_dir, poll=poll, env={STORAGE_ENV: storage}
+            command,
+            n_workers,
+            log_dir,
+            poll=poll,
+            env={STORAGE_ENV: storage},
+            devices_per_worker=devices_per_worker,
         )
     failed = [w for w in pool if w.returncode != 0]
     try:

@@ -139,7 +139,8 @@ def search(
         val_dataloaders,
     )
     if is_follower():  # a rank of rank 0's trials, started by running this program again
-        follow(functools.partial(train_job, training))
+        with quiet_lightning(not settings.verbose):
+            follow(functools.partial(train_job, training))
     settings = settings.for_devices(training.world)
     training.budget = settings.budget
     try:
