@@ -447,7 +447,8 @@ class TrialNorms(AutoNorm, mode="search"):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # while the ranks are still together (Lightning tears the strategy down before
         # on_fit_end): the final value over every rank's validation samples
-        self._last_value = monitored_value(trainer, self.monitor, self._validated)
+        if world_size(trainer) > 1 and self.monitor in trainer.callback_metrics:
+            self._last_value = monitored_value(trainer, self.monitor, self._validated)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -463,7 +464,7 @@ class TrialNorms(AutoNorm, mode="search"):
                 on the trial).
             AutoNormError: the metric was never logged.
         """
-        value = self._last_value
-        if value is None:  # fit ended without its training end (nothing trained)
+        value = self._last_value  # on several ranks: all ranks' value at the training's end
+        if value is None:
             value = monitored_value(trainer, self.monitor)
         return trial_outcome(self.trial, value, self.monitor, self.measurements())

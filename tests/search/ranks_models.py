@@ -6,7 +6,7 @@ faults the tests inject on rank 1 and a callback that records what each rank saw
 makes it raise an out-of-memory error; each file is used once. :class:`Record` appends, on
 rank 0, the validation loss over the whole validation set computed here (a plain loop, no
 collectives) after every validation, and writes each rank's first norm layer (its class and
-state) at the end of a training, one file per class and rank.
+state) after the first training step of a training, one file per class and rank.
 """
 
 from __future__ import annotations
@@ -114,11 +114,14 @@ class Record(pl.Callback):
         with (Path(folder) / "whole_val_loss.jsonl").open("a") as out:
             out.write(json.dumps({"epoch": trainer.current_epoch, "loss": loss}) + "\n")
 
-    def on_train_end(self, trainer, pl_module):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """After the first training step: DDP broadcast rank 0's buffers before the step's
+        forward, so the ranks' running statistics now differ unless the forward took the
+        same (global) batch statistics on every rank."""
         folder = os.environ.get(FAULTS_ENV)
-        if not folder:
+        if not folder or batch_idx != 0 or trainer.current_epoch != 0:
             return
         norm = pl_module.net[1]
-        state = {k: v.detach().cpu() for k, v in norm.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in norm.state_dict().items()}
         record = {"kind": type(norm).__name__, "state": state}
         torch.save(record, Path(folder) / f"{record['kind']}-rank{trainer.global_rank}.pt")

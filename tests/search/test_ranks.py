@@ -91,8 +91,9 @@ def test_ddp_spawn_trials_report_the_whole_validation_sets_metric(tmp_path, faul
 
 
 def test_syncbatchnorm_trains_on_both_ranks_statistics(tmp_path, faults):
-    """A trial of syncbatchnorm: both ranks end with the same running statistics (those of the
-    global batches); the ranks' data differ, so local batch statistics would not agree."""
+    """A trial of syncbatchnorm: after the first step both ranks hold the same running
+    statistics (DDP gave them rank 0's before the step; the step added the global batch's); the
+    ranks' data differ, so local batch statistics would not agree."""
     result = _search(
         "ddp_spawn",
         tmp_path / "out",
@@ -137,6 +138,8 @@ def test_out_of_memory_on_rank_one_alone_makes_the_trial_infeasible(tmp_path, fa
 
 
 def test_the_learn_pass_and_the_retraining_run_on_both_ranks(tmp_path, faults):
+    """The learn pass trains SwitchableNorm on both ranks, its batch branch synced; the best
+    config is retrained on both and its checkpoint saved."""
     result = _search(
         "ddp_spawn",
         tmp_path / "out",
@@ -148,6 +151,11 @@ def test_the_learn_pass_and_the_retraining_run_on_both_ranks(tmp_path, faults):
     assert info["learned_config"] is not None
     assert (result.out_dir / "learned_config.yaml").is_file()
     assert (result.out_dir / "best.ckpt").is_file()
+    # the learned SwitchableNorm's batch branch: statistics of both ranks' batches together
+    learned = [torch.load(faults / f"SwitchableNorm-rank{r}.pt")["state"] for r in (0, 1)]
+    assert not torch.allclose(learned[0]["running_mean"], torch.zeros(8))
+    torch.testing.assert_close(learned[0]["running_mean"], learned[1]["running_mean"])
+    torch.testing.assert_close(learned[0]["running_var"], learned[1]["running_var"])
     trials = result.study.get_trials()
     assert any(t.state == TrialState.COMPLETE for t in trials)
     failed = [t for t in trials if t.state == TrialState.FAIL]  # planned, never run: no budget
