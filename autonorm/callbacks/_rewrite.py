@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
-from typing_extensions import TypedDict, override
+from typing_extensions import Self, TypedDict, override
 
 from autonorm._errors import AutoNormError
 from autonorm._lightning import callback_bases, is_global_zero, reduce_over_ranks
@@ -94,6 +94,23 @@ def check_batch_size(trainer: Trainer, size: int, expected: int | None) -> None:
         f"budget.batch_size={expected} but the first training batch holds {size} samples: "
         "the dataloaders ignore the batch size autonorm set (a datamodule's loaders must read "
         "its `batch_size` attribute or `hparams.batch_size`)"
+    )
+
+
+def memory_over_budget(
+    trainer: Trainer, recorder: TrainingStepRecorder, budget: Budget | None
+) -> str | None:
+    """Why the run's peak memory breaks ``budget.max_memory``, or None. On several ranks the
+    highest peak of all decides (a collective), so that every rank stops together."""
+    limit = budget.max_memory if budget is not None else None
+    if limit is None:
+        return None
+    (peak,) = reduce_over_ranks(trainer, [float(recorder.peak_memory)], op="max")
+    if peak <= limit:
+        return None
+    return (
+        f"peak memory {format_bytes(int(peak))} ({recorder.method}) > "
+        f"budget max_memory={format_bytes(limit)}"
     )
 
 
@@ -246,7 +263,7 @@ class _RewriteBase(_CallbackType):
         """The size of the first training batch, checked against the budget."""
         check_batch_size(trainer, size, self.budget.batch_size if self.budget else None)
 
-    def for_ranks(self) -> _RewriteBase:
+    def for_ranks(self) -> Self:
         """This callback, not yet used, as the other ranks of a distributed training get it
         (pickled to them): a copy; the search-mode callback leaves its trial on rank 0."""
         return copy.copy(self)
@@ -328,16 +345,9 @@ class _RewriteBase(_CallbackType):
         if self.recorder is None:
             return
         self.recorder.batch_end(pl_module, trainer.optimizers)
-        limit = self.budget.max_memory if self.budget is not None else None
-        if limit is None:
-            return
-        # every rank stops together: the decision is on the highest peak of all ranks
-        (peak,) = reduce_over_ranks(trainer, [float(self.recorder.peak_memory)], op="max")
-        if peak > limit:
-            self._over_budget(
-                f"peak memory {format_bytes(int(peak))} ({self.recorder.method}) > "
-                f"budget max_memory={format_bytes(limit)}"
-            )
+        reason = memory_over_budget(trainer, self.recorder, self.budget)
+        if reason is not None:
+            self._over_budget(reason)
 
     @override
     def on_exception(

@@ -116,8 +116,13 @@ class SyncBatchNorm(_BatchNorm):
         self.layout = check_layout(layout)
 
     # what nn.SyncBatchNorm's forward (run on CUDA/XPU) calls on its layer
-    _check_input_dim = nn.SyncBatchNorm._check_input_dim
-    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -234,14 +234,44 @@ def _entry_command() -> list[str]:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     argv0 = sys.argv[0] if sys.argv else ""
-    if spec is not None and spec.name:
-        return [sys.executable, "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
-    if not argv0 or argv0 == "-c" or not Path(argv0).exists():
+    module = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    entry = module or Path(argv0).name
+    runners = ("pytest", "py.test", "ipykernel_launcher", "ipykernel_launcher.py")
+    if entry in runners or (module is None and (argv0 in ("", "-c") or not Path(argv0).exists())):
         raise AutoNormError(
-            "the 'ddp' strategy runs the entry point again for each rank, and this process has "
-            "none (an interactive session or python -c): use strategy='ddp_spawn'"
+            "the 'ddp' strategy runs the program again for each rank, and this one cannot be "
+            f"({entry or 'an interactive session'}): use strategy='ddp_spawn'"
         )
+    if module is not None:
+        return [sys.executable, "-m", module, *sys.argv[1:]]
     return [sys.executable, os.path.abspath(argv0), *sys.argv[1:]]
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+#: What torch's process groups say when a peer is gone or silent (older errors are plain
+#: RuntimeErrors).
+_GROUP_FAILURES = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+
+
+def _from_the_process_group(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) is the process group's: a collective that
+    failed or timed out, not the training's own code."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, torch.distributed.DistError):
+            return True
+        text = str(seen).lower()
+        if isinstance(seen, RuntimeError) and any(m in text for m in _GROUP_FAILURES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _exit_description(code: int | None) -> str:
@@ -353,7 +383,7 @@ class RankGroup:
             )
         if self.spawn_payload is None:
             raise AutoNormError(f"start method {self.layout.start_method!r} needs a payload")
-        context = multiprocessing.get_context(self.layout.start_method)
+        context: Any = multiprocessing.get_context(self.layout.start_method)
         conn = Connection(os.dup(end.fileno()))
         process = context.Process(
             target=_serve_spawned,
@@ -433,11 +463,13 @@ class RankGroup:
         waiting in a collective)."""
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             return None
-        mine = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        mine = _describe(err)
         for follower in self.followers:
             kind, payload = self._poll(follower, _AFTERMATH_S)
             if kind == "gone" or (kind == "error" and payload[0] != mine):
                 return self._failure(follower, kind, payload, _AFTERMATH_S)
+            if kind == "silent" and _from_the_process_group(err):  # it hangs: rank 0 timed out
+                return RankLost(follower.rank, f"stopped answering (rank 0: {mine})")
         return None
 
     def reset(self) -> None:
@@ -486,7 +518,7 @@ def serve(conn: Connection, train: Callable[[RankJob], Any]) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            kind, job = pickle.loads(conn.recv_bytes()) if conn.poll(None) else ("stop", None)
+            kind, job = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # rank 0 is gone
         if kind != "job":
@@ -497,9 +529,8 @@ def serve(conn: Connection, train: Callable[[RankJob], Any]) -> None:
             conn.send(("pruned", None))
             continue
         except BaseException as err:
-            text = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
             with contextlib.suppress(Exception):
-                conn.send(("error", (text, infeasible_reason(err))))
+                conn.send(("error", (_describe(err), infeasible_reason(err))))
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
@@ -507,7 +538,9 @@ def serve(conn: Connection, train: Callable[[RankJob], Any]) -> None:
 
 
 def _serve_spawned(
-    payload: tuple[Callable[[Any, RankJob], Any], Any], environment: dict[str, str], conn: Connection
+    payload: tuple[Callable[[Any, RankJob], Any], Any],
+    environment: dict[str, str],
+    conn: Connection,
 ) -> None:
     """A ``spawn``/``fork`` follower's entry point."""
     os.environ.update(environment)

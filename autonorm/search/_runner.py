@@ -35,8 +35,8 @@ from autonorm.search import _workers as workers
 from autonorm.search._export import SearchResult, export_bundle, worker_result
 from autonorm.search._fingerprint import experiment_fingerprint
 from autonorm.search._plan import Plan, reuse_finished
-from autonorm.search._ranks import RankLost, follow, is_follower
 from autonorm.search._planned import SCREEN, Candidate, continue_values, trial_task
+from autonorm.search._ranks import RankLost, follow, is_follower
 from autonorm.search._settings import (
     LEARN_MIXINGS,
     METRIC,

@@ -2,8 +2,8 @@
 faults the tests inject on rank 1 and a callback that records what each rank saw.
 
 ``RANKS_TEST_DIR`` (an environment variable every rank inherits) names a folder: a file
-``kill-rank1`` there makes rank 1 kill itself (SIGKILL) at its next training step, ``oom-rank1``
-makes it raise an out-of-memory error; each file is used once. :class:`Record` appends, on
+``kill-rank1`` there makes rank 1 kill itself (SIGKILL) at its next training step, ``stop-rank1``
+stop itself (SIGSTOP), ``oom-rank1`` raise an out-of-memory error; each file is used once. :class:`Record` appends, on
 rank 0, the validation loss over the whole validation set computed here (a plain loop, no
 collectives) after every validation, and writes each rank's first norm layer (its class and
 state) after the first training step of a training, one file per class and rank.
@@ -70,6 +70,8 @@ class RanksNet(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.global_rank == 1 and _take_fault("kill-rank1"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.global_rank == 1 and _take_fault("stop-rank1"):
+            os.kill(os.getpid(), signal.SIGSTOP)  # alive, silent: rank 0's collectives time out
         if self.global_rank == 1 and _take_fault("oom-rank1"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
         x, y = batch

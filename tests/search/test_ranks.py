@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
@@ -46,13 +47,13 @@ def faults(tmp_path, monkeypatch) -> Path:
 
 def _search(strategy: str, out: Path, **options):
     options.setdefault("seed", 0)
+    options.setdefault("collective_timeout", 60)
     return autonorm.search(
         RanksNet,
         RanksData,
         trainer_kwargs={**TRAINER, "strategy": strategy, "callbacks": [Record()]},
         space=SPACE,
         out_dir=out,
-        collective_timeout=60,
         **options,
     )
 
@@ -126,6 +127,22 @@ def test_a_killed_rank_fails_one_trial_that_runs_again(tmp_path, faults):
     assert len(finished) == 3 and result.best_config is not None
 
 
+def test_a_rank_that_stops_answering_fails_its_trial_after_the_collective_timeout(tmp_path, faults):
+    (faults / "stop-rank1").write_text("")
+    started = time.monotonic()
+    result = _search(
+        "ddp_spawn", tmp_path / "out", n_trials=2, warm_start=False, collective_timeout=5
+    )
+    elapsed = time.monotonic() - started
+    trials = result.study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1, _states(result.study)
+    assert "rank 1 of the training stopped answering" in failed[0].user_attrs["fail_reason"]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    # generous: the 5 s timeout, a fresh rank's start and three short trainings on 2 cores
+    assert elapsed < 120, elapsed
+
+
 def test_out_of_memory_on_rank_one_alone_makes_the_trial_infeasible(tmp_path, faults):
     (faults / "oom-rank1").write_text("")
     result = _search("ddp_spawn", tmp_path / "out", n_trials=2, warm_start=False)
@@ -135,6 +152,18 @@ def test_out_of_memory_on_rank_one_alone_makes_the_trial_infeasible(tmp_path, fa
     assert "out of memory" in first.user_attrs["infeasible_reason"]
     assert second.state == TrialState.COMPLETE  # the ranks started afresh
     assert result.best_config is not None
+
+
+def test_a_memory_budget_stops_every_rank_together(tmp_path, faults):
+    """Each rank measures its own peak; the trial stops on the highest, on both ranks at once
+    (one rank stopping alone would leave the other waiting in a collective)."""
+    result = _search(
+        "ddp_spawn", tmp_path / "out", n_trials=2, warm_start=False, budget={"max_memory": 1}
+    )
+    trials = result.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all("peak memory" in t.user_attrs["infeasible_reason"] for t in trials)
+    assert result.best_config is None
 
 
 def test_the_learn_pass_and_the_retraining_run_on_both_ranks(tmp_path, faults):
