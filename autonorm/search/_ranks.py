@@ -20,6 +20,7 @@ training setup. A rank that dies or stops answering fails the training with a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -105,7 +107,7 @@ class RankLayout:
         did), and its collectives time out after :attr:`timeout`."""
         params = dict(self.strategy_params)
         params["timeout"] = timedelta(seconds=self.timeout)
-        if "start_method" in params or self.start_method != "popen":
+        if "start_method" in inspect.signature(self.strategy_class).parameters:
             params["start_method"] = "popen"  # the ranks exist: Lightning must not spawn
         return self.strategy_class(**params)
 
@@ -187,18 +189,18 @@ class RankJob:
     save_to: Path | None = None
 
 
+def _lightning_variables(rank: int, world: int, port: int) -> dict[str, str]:
+    """What Lightning reads to join ranks it did not start (one node, on this host)."""
+    values = ("127.0.0.1", str(port), str(world), "0", str(rank))
+    return dict(zip(_LIGHTNING_ENV, values, strict=True))
+
+
 @contextlib.contextmanager
 def rank_environment(rank: int, world: int, port: int) -> Iterator[None]:
-    """The environment Lightning reads to join ranks it did not start, for the time of one
-    training (the process's own values come back after it)."""
+    """:func:`_lightning_variables` in the environment for the time of one training (the
+    process's own values come back after it)."""
     saved = {name: os.environ.get(name) for name in _LIGHTNING_ENV}
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(_lightning_variables(rank, world, port))
     try:
         yield
     finally:
@@ -363,18 +365,19 @@ class RankGroup:
             follower.conn.send(("hello", hello))
         log.info("started %d more rank(s) for the trials (%s)", self.layout.world - 1, self.layout)
         for follower in self.followers:  # each says it is up before the first training
-            self._receive(follower, START_TIMEOUT_S, expected="ready")
+            try:
+                self._receive(follower, START_TIMEOUT_S, expected="ready")
+            except RankFailed as err:  # would fail every trial alike: the search stops
+                self.reset()
+                reason = str(err).removeprefix(f"rank {follower.rank} of the training ")
+                raise RankFailed(
+                    follower.rank, f"did not start: it {reason} (its output is above)"
+                ) from None
 
     def _launch(self, rank: int, end: socket.socket) -> Any:
-        environment = {
-            RANK_ENV: f"{rank}/{self.layout.world}/{end.fileno()}",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(self.port),
-            "WORLD_SIZE": str(self.layout.world),
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-        }
+        environment = _lightning_variables(rank, self.layout.world, self.port)
         if self.layout.start_method == "popen":
+            environment[RANK_ENV] = f"{rank}/{self.layout.world}/{end.fileno()}"
             return subprocess.Popen(
                 _entry_command(),
                 env={**os.environ, **environment},
@@ -512,6 +515,8 @@ def serve(conn: Connection, train: Callable[[RankJob], Any]) -> None:
     """A follower's loop: train each job rank 0 hands over with ``train``, say how it ended,
     until rank 0 says stop or goes away. After an error of its own the follower exits (rank 0's
     collectives then fail at once instead of waiting for the timeout)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's: it stops the ranks
     kind, hello = conn.recv()
     if hello.get("threads"):
         torch.set_num_threads(int(hello["threads"]))
@@ -544,6 +549,5 @@ def _serve_spawned(
 ) -> None:
     """A ``spawn``/``fork`` follower's entry point."""
     os.environ.update(environment)
-    os.environ.pop(RANK_ENV, None)
     run, training = payload
     serve(conn, lambda job: run(training, job))

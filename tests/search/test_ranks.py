@@ -192,12 +192,14 @@ def test_the_learn_pass_and_the_retraining_run_on_both_ranks(tmp_path, faults):
 
 
 _SCRIPT = """
+import os
 import sys
 sys.path.insert(0, {repo!r})
 import autonorm
 from tests.search.ranks_models import RanksData, RanksNet
 
 if __name__ == "__main__":
+    {before}
     result = autonorm.search(
         RanksNet, RanksData,
         trainer_kwargs={{"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2}},
@@ -208,12 +210,14 @@ if __name__ == "__main__":
 """
 
 
-def test_ddp_runs_the_users_script_again_for_rank_one(tmp_path):
-    out = tmp_path / "out"
+def _run_script(tmp_path: Path, before: str = "pass") -> subprocess.CompletedProcess[str]:
     script = tmp_path / "user_search.py"
-    script.write_text(textwrap.dedent(_SCRIPT.format(repo=str(REPO), space=SPACE, out=str(out))))
+    out = str(tmp_path / "out")
+    script.write_text(
+        textwrap.dedent(_SCRIPT.format(repo=str(REPO), space=SPACE, out=out, before=before))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
         capture_output=True,
@@ -221,11 +225,27 @@ def test_ddp_runs_the_users_script_again_for_rank_one(tmp_path):
         timeout=300,
         env=env,
     )
+
+
+def test_ddp_runs_the_users_script_again_for_rank_one(tmp_path):
+    out = tmp_path / "out"
+    done = _run_script(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("TRIALS 3 True") == 1  # code after search() runs on rank 0 only
     study = optuna.load_study(study_name="autonorm-RanksNet", storage=f"sqlite:///{out}/study.db")
     assert len(study.get_trials()) == 3 and "FAIL" not in _states(study)
     assert (out / "best_config.yaml").is_file()
+
+
+def test_a_rank_that_cannot_start_stops_the_search_with_its_reason(tmp_path):
+    """Every trial would fail alike: the search stops at once (no trial retried forever)."""
+    done = _run_script(tmp_path, before='if os.environ.get("LOCAL_RANK") == "1": sys.exit(5)')
+    assert done.returncode != 0
+    assert "rank 1 of the training did not start: it exited with code 5" in done.stderr
+    study = optuna.load_study(
+        study_name="autonorm-RanksNet", storage=f"sqlite:///{tmp_path}/out/study.db"
+    )
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
 
 
 def test_cli_takes_trainer_strategy_ddp(tmp_path, autonorm_cli):
