@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import autonorm
 from autonorm import Budget
-from autonorm.search import SearchSettings
+from autonorm.search import SearchSettings, make_storage
 from autonorm.search._pool import gpu_sets
 from autonorm.search._ranks import rank_layout
 from tests.conftest import REPO
@@ -281,6 +281,35 @@ def test_cli_takes_trainer_strategy_ddp(tmp_path, autonorm_cli):
     assert len(study.get_trials()) == 3 and "FAIL" not in _states(study)
     assert (out / "best_config.yaml").is_file()
     assert "GLOBAL_RANK" not in done.stderr  # Lightning's per-rank banners stay quiet
+
+
+def test_a_pool_of_workers_each_trains_its_trials_on_two_ranks(tmp_path, autonorm_cli):
+    """``--search.n_workers 2`` x ``--trainer.devices 2`` on CPU: each worker starts its own
+    rank 1 (running the worker's command again), and the parent retrains the best config on
+    two ranks of its own."""
+    out = tmp_path / "out"
+    args = [
+        "search",
+        "--model=tests.search.ranks_models.RanksNet",
+        "--data=tests.search.ranks_models.RanksData",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=1",
+        "--search.n_trials=4",
+        "--search.warm_start=false",
+        "--search.seed=0",
+        "--search.retrain=true",
+        "--search.n_workers=2",
+        f"--search.out_dir={out}",
+    ]
+    done = autonorm_cli(args, cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = make_storage(str(out / "journal.log"), out)
+    study = optuna.load_study(study_name="autonorm-RanksNet", storage=storage)
+    assert len(study.get_trials()) == 4 and "FAIL" not in _states(study)
+    assert len({t.user_attrs["worker"]["pid"] for t in study.get_trials()}) == 2
+    assert (out / "best.ckpt").is_file() and (out / "best_config.yaml").is_file()
 
 
 def test_cli_says_which_trainer_arguments_it_does_not_take(tmp_path, autonorm_cli):
