@@ -147,7 +147,7 @@ def reduce_over_ranks(trainer: Any, values: list[float], op: str = "sum") -> lis
 def broadcast(trainer: Any, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
     strategy = getattr(trainer, "strategy", None)
-    if getattr(trainer, "world_size", 1) > 1 and strategy is not None:
+    if world_size(trainer) > 1 and strategy is not None:
         return strategy.broadcast(value, src=0)
     return value
 

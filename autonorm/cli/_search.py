@@ -128,9 +128,11 @@ def _check_config_files(argv: Sequence[str]) -> None:
 def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     from jsonargparse import ArgumentError
 
+    from autonorm._lightning import namespace_of
     from autonorm.search import (
         SearchProgress,
         TrialLines,
+        gpus_per_training,
         is_follower,
         make_sampler,
         pool_position,
@@ -158,8 +160,15 @@ def run_search(argv: Sequence[str], *, debug: bool = False) -> int:
     if cfg.search.n_workers > 1:
         study_name = settings.study_name_for(_class_name(cfg.model))
         retrain = _retrainer(model_factory, data_factory, settings, study_name)
+        gpus = gpus_per_training(namespace_of(model_factory), settings.trainer_kwargs)
         return _run_pool(
-            argv, settings, study_name, cfg.search.n_workers, debug=debug, retrain=retrain
+            argv,
+            settings,
+            study_name,
+            cfg.search.n_workers,
+            debug=debug,
+            retrain=retrain,
+            gpus=gpus,
         )
 
     position = pool_position()
@@ -249,8 +258,10 @@ def _run_pool(
     *,
     debug: bool,
     retrain: Callable[[Any], Path] | None,
+    gpus: int,
 ) -> int:
-    """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it."""
+    """``--search.n_workers K``: the pool runs the workers and writes the bundle; print it.
+    ``gpus``: what one training takes (0: CPU trials), each worker's own set."""
     from autonorm.search import log_tail, run_pool, worker_command
 
     out = console()
@@ -263,7 +274,7 @@ def _run_pool(
         storage=settings.storage,
         retrain=retrain,
         say=out.print,
-        devices_per_worker=_devices_per_trial(settings.trainer_kwargs),
+        devices_per_worker=gpus,
     )
     answer = 0
     if outcome.result is not None:
@@ -280,19 +291,6 @@ def _run_pool(
         for line in errors[-3:]:
             print(f"  {mask_password(line)}", file=sys.stderr)
     return outcome.exit_code or answer
-
-
-def _devices_per_trial(trainer_kwargs: dict[str, Any]) -> int:
-    """The GPUs one worker's trials take (0 for CPU trials): ``--trainer.devices`` as a count or
-    a list; ``auto`` or -1 (every GPU) counts as one, as a pool of one-GPU workers."""
-    if str(trainer_kwargs.get("accelerator", "auto")) == "cpu":
-        return 0
-    devices = trainer_kwargs.get("devices", 1)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    return devices if isinstance(devices, int) and devices > 1 else 1
 
 
 def _check_trainer_options(argv: Sequence[str]) -> None:

@@ -34,7 +34,7 @@ from autonorm.search._export import (
 )
 from autonorm.search._pool import log_tail, run_pool, worker_command
 from autonorm.search._progress import SearchProgress, TrialLines
-from autonorm.search._ranks import RankFailed, RankLost, is_follower
+from autonorm.search._ranks import RankFailed, RankLost, gpus_per_training, is_follower
 from autonorm.search._runner import search
 from autonorm.search._settings import SearchSettings, cli_fields, default_out_dir
 from autonorm.search._storage import SQLITE_FILE, make_sampler, make_storage
@@ -59,6 +59,7 @@ __all__ = [
     "default_out_dir",
     "export_bundle",
     "given_storage",
+    "gpus_per_training",
     "handle_interrupts",
     "is_follower",
     "log_tail",

@@ -112,6 +112,27 @@ class RankLayout:
         return self.strategy_class(**params)
 
 
+def _resolved(namespace: Any, trainer_kwargs: Mapping[str, Any]) -> Any:
+    """A Trainer that never trains: how Lightning resolves the accelerator, devices, nodes and
+    strategy of ``trainer_kwargs``."""
+    given = ("accelerator", "devices", "num_nodes", "strategy")
+    with quiet_lightning(True):
+        return namespace.Trainer(
+            **{k: trainer_kwargs[k] for k in given if k in trainer_kwargs},
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+
+def gpus_per_training(namespace: Any, trainer_kwargs: Mapping[str, Any]) -> int:
+    """The GPUs one training takes with ``trainer_kwargs`` (0: it trains on the CPU): what a
+    worker of a pool needs to itself."""
+    trainer = _resolved(namespace, trainer_kwargs)
+    return 0 if trainer.strategy.root_device.type == "cpu" else int(trainer.num_devices)
+
+
 def rank_layout(
     namespace: Any, trainer_kwargs: Mapping[str, Any], timeout: float
 ) -> RankLayout | None:
@@ -124,17 +145,7 @@ def rank_layout(
             a distributed launcher.
     """
     strategy = trainer_kwargs.get("strategy", "auto")
-    probe_kwargs = {k: trainer_kwargs[k] for k in ("accelerator", "devices") if k in trainer_kwargs}
-    probe_kwargs["num_nodes"] = trainer_kwargs.get("num_nodes", 1)
-    with quiet_lightning(True):
-        trainer = namespace.Trainer(
-            **probe_kwargs,
-            strategy=strategy,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+    trainer = _resolved(namespace, trainer_kwargs)
     if trainer.num_nodes > 1:
         raise AutoNormError(
             f"num_nodes={trainer.num_nodes}: a trial runs on the devices of one machine; for "

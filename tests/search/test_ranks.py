@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import autonorm
 from autonorm import Budget
-from autonorm.search import SearchSettings, make_storage
+from autonorm.search import SearchSettings, gpus_per_training, make_storage
 from autonorm.search._pool import gpu_sets
 from autonorm.search._ranks import rank_layout
 from tests.conftest import REPO
@@ -351,6 +351,13 @@ def test_rank_layout_follows_lightning_and_refuses_what_it_cannot_run():
         rank_layout(pl, {**TRAINER, "strategy": DDPStrategy()}, 60)
     with pytest.raises(ValueError, match="num_nodes=2"):
         rank_layout(pl, {**TRAINER, "num_nodes": 2, "strategy": "ddp"}, 60)
+
+
+def test_a_pool_takes_each_trainings_gpus_as_lightning_resolves_them():
+    import pytorch_lightning as pl
+
+    assert gpus_per_training(pl, TRAINER) == 0  # CPU trials: the threads are shared instead
+    assert gpus_per_training(pl, {"accelerator": "cpu", "devices": 1}) == 0
 
 
 def test_each_worker_gets_its_own_gpu_set():
