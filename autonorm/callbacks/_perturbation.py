@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from autonorm._errors import AutoNormError
-from autonorm._lightning import namespace_of
+from autonorm._lightning import namespace_of, quiet_lightning
 from autonorm.config import NormConfig
 from autonorm.surgery import Slot, SlotEvidence, derive_config, perturb_slots
 
@@ -75,18 +75,19 @@ def fit_validator(
     own (the fit's trainer is given back to the module after each pass)."""
     device = trainer.strategy.root_device
     pl = namespace_of(pl_module)
-    validator: Any = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else device.type,
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        precision=trainer.precision,
-        limit_val_batches=trainer.limit_val_batches,
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=trainer.default_root_dir,
-    )
+    with quiet_lightning(True):  # an inner Trainer: its banners would repeat the fit's
+        validator: Any = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else device.type,
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            precision=trainer.precision,
+            limit_val_batches=trainer.limit_val_batches,
+            logger=False,
+            callbacks=[],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=trainer.default_root_dir,
+        )
     loaders = trainer.val_dataloaders
 
     def validate(module: nn.Module) -> float:

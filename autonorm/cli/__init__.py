@@ -64,6 +64,14 @@ def _plain_parser() -> argparse.ArgumentParser:
         choices=TASKS,
         default=None,
     )
+    for option, what in (("--include", "only the slots"), ("--exclude", "not the slots")):
+        rec.add_argument(
+            option,
+            nargs="+",
+            default=None,
+            metavar="PATTERN",
+            help=f"{what} whose name matches one of these glob patterns (as --search{option[1:]})",
+        )
     rec.add_argument("-o", "--output", default=None, help="write the config (.yaml/.json)")
     exp = sub.add_parser(
         "export", help="fold a trained model's norms and write it for inference (.pt2, ONNX)"

@@ -112,7 +112,18 @@ def run_recommend(args: argparse.Namespace) -> int:
     model = cls(**kwargs)
     example = _example_input(args, model)
     budget = Budget(batch_size=args.batch_size, devices=args.devices)
-    config = recommend(find_slots(model, example), budget, task=args.task)
+    slots = find_slots(model, example, include=args.include, exclude=args.exclude)
+    if not slots and (args.include or args.exclude):
+        given = " ".join(
+            f"--{option} {' '.join(patterns)}"
+            for option, patterns in (("include", args.include), ("exclude", args.exclude))
+            if patterns
+        )
+        raise UsageError(
+            f"no slot of {cls.__name__} is selected by {given}: `autonorm recommend "
+            f"{args.model}` without them lists every slot's name"
+        )
+    config = recommend(slots, budget, task=args.task)
     config.metadata["model_class"] = f"{cls.__module__}.{cls.__qualname__}"
     table = Table(title=f"recommended norms for {cls.__name__}")
     for column in ("slot", "choice", "why"):

@@ -25,23 +25,46 @@ if TYPE_CHECKING:
 # -- importance --------------------------------------------------------------------------------
 
 
+#: The fewest distinct configs among the feasible complete trials that an importance estimate
+#: is drawn from (and at least two per searched parameter): below that, optuna's forest of
+#: trees fits a handful of points and its bars are noise presented as a finding.
+MIN_IMPORTANCE_CONFIGS = 10
+
+
+def importance_basis(trials: Sequence[FrozenTrial]) -> tuple[list[FrozenTrial], set[str]]:
+    """The feasible complete trials an importance estimate rests on and the parameters they
+    share.
+
+    Raises:
+        ValueError: (saying why) no shared parameter, or fewer distinct configs than
+            :data:`MIN_IMPORTANCE_CONFIGS` and than two per parameter; repeated runs of one
+            config say nothing about which slot matters.
+    """
+    feasible = feasible_complete(trials)
+    common = set(feasible[0].params) if feasible else set()
+    for t in feasible[1:]:
+        common &= set(t.params)
+    if feasible and not common:
+        raise ValueError("the feasible complete trials share no parameter")
+    configs = {tuple(sorted((k, repr(t.params[k])) for k in common)) for t in feasible}
+    needed = max(MIN_IMPORTANCE_CONFIGS, 2 * len(common))
+    if len(configs) < needed:
+        raise ValueError(
+            f"it needs at least {needed} distinct configs among the feasible complete trials "
+            f"(two per searched parameter, at least {MIN_IMPORTANCE_CONFIGS}); this study has "
+            f"{len(configs)} in {len(feasible)} trial(s), too few to tell which slot matters"
+        )
+    return feasible, common
+
+
 def importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, float]:
     """Parameter importances for the first objective, over the feasible COMPLETE trials only
     (copied into an in-memory study, so that trials over the budget do not count).
 
     Raises:
-        ValueError: fewer than 2 feasible complete trials, or no parameter they share.
+        ValueError: too few configs to estimate from (:func:`importance_basis`).
     """
-    feasible = feasible_complete(trials)
-    if len(feasible) < 2:
-        raise ValueError(
-            f"needs at least 2 feasible complete trials, the study has {len(feasible)}"
-        )
-    common = set(feasible[0].params)
-    for t in feasible[1:]:
-        common &= set(t.params)
-    if not common:
-        raise ValueError("the feasible trials share no parameter")
+    feasible, common = importance_basis(trials)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -14,6 +14,7 @@ from autonorm._io import atomic_write
 from autonorm._trial_keys import PERTURBED_CHOICES
 from autonorm.report._choices import (
     choice_map_figure,
+    importance_basis,
     importance_figure,
     importances,
     perturbation_evidence,
@@ -25,7 +26,7 @@ from autonorm.report._figures import Figures, history_figure, intermediate_figur
 from autonorm.report._format import budget_limit, choice_label, esc, fmt, state_counts
 from autonorm.report._summary import FINISHED, objective_names, study_info, summarize
 from autonorm.report._types import Config, StudyInfo, Summary, TrialCounts, slot_records
-from autonorm.report._winners import maximizes, pareto_trials
+from autonorm.report._winners import feasible_complete, maximizes, pareto_trials
 
 #: What a table cell holds.
 Cell: TypeAlias = str | int | float | None
@@ -297,10 +298,11 @@ def _importance_section(page: _Page) -> list[str]:
             raise ValueError("no parameter varied")
     except Exception as err:  # importance is a nicety: any failure becomes a note
         log.debug("parameter importance failed: %s", err, exc_info=True)
-        return [*parts, _note(f"No importance estimate: {err}.")]
+        return [*parts, _note(f"Not shown: {err}.")]
+    basis, _ = importance_basis(page.trials)
     caption = (
         f"How much each searched parameter (a slot, or a group of tied slots) explains "
-        f"{esc(page.names[0])} across the feasible complete trials "
+        f"{esc(page.names[0])} across the {len(basis)} feasible complete trials "
         "(optuna.importance.get_param_importances)."
     )
     height = max(300, 26 * len(found) + 120)
@@ -349,10 +351,13 @@ def _choice_map_section(page: _Page) -> list[str]:
         if chosen
         else "no single config was chosen"
     )
+    complete = len(feasible_complete(page.trials))
     caption = (
-        f"Cell: the best {esc(page.names[0])} among the feasible complete trials "
+        f"Cell: the best {esc(page.names[0])} among the {complete} feasible complete trials "
         f"that gave the slot this choice (brighter is better; {star}; x: "
-        "tried, but never in a feasible complete trial; empty: never tried)."
+        "tried, but never in a feasible complete trial; empty: never tried). A cell is one "
+        "run's value, not a mean: a cell that few trials tried is weak evidence (hover: how "
+        "many)."
     )
     height = max(320, 30 * len(slots) + 160)
     return [*parts, _muted(caption), page.figures.render(fig, height=height)]

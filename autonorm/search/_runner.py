@@ -25,7 +25,6 @@ from torch import nn
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import quiet_lightning
 from autonorm._trial_keys import BASELINE, FAIL_REASON, STUDY_INFO
 from autonorm.budget import Budget
 from autonorm.callbacks import TrialTask
@@ -139,8 +138,7 @@ def search(
         val_dataloaders,
     )
     if is_follower():  # a rank of rank 0's trials, started by running this program again
-        with quiet_lightning(not settings.verbose):
-            follow(functools.partial(train_job, training))
+        follow(functools.partial(train_job, training))
     settings = settings.for_devices(training.world)
     training.budget = settings.budget
     try:
@@ -381,17 +379,16 @@ class _SearchRun:
         interrupted, before the interrupt is re-raised)."""
         settings = self.settings
         try:
-            with quiet_lightning(not settings.verbose):
-                ran = loop.optimize(
-                    self.study,
-                    self.objective,
-                    self.claim,
-                    plan=self.plan,
-                    timeout=settings.timeout,
-                    callbacks=list(settings.callbacks),
-                    grace=settings.grace,
-                    trial_done=self._trial_done,
-                )
+            ran = loop.optimize(
+                self.study,
+                self.objective,
+                self.claim,
+                plan=self.plan,
+                timeout=settings.timeout,
+                callbacks=list(settings.callbacks),
+                grace=settings.grace,
+                trial_done=self._trial_done,
+            )
         except BaseException as err:
             interrupt = workers.as_interrupt(err) if isinstance(err, KeyboardInterrupt) else None
             loop.settle_interrupted_trial(self.study, self.current, interrupt, err)
@@ -464,8 +461,7 @@ def _space_of(
         return SearchSpace.from_dict(stored["space"]), NormConfig.from_dict(
             stored["learned_config"]
         )
-    with quiet_lightning(not settings.verbose):
-        learned = learn_pass(training, out, settings, mixing)
+    learned = learn_pass(training, out, settings, mixing)
     return narrow_space(settings.space, slots, learned.learned_weights), learned
 
 

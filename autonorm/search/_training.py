@@ -18,7 +18,7 @@ from torch import nn
 
 from autonorm import _trial_keys as keys
 from autonorm._errors import AutoNormError
-from autonorm._lightning import free_memory, namespace_of
+from autonorm._lightning import free_memory, namespace_of, quiet_lightning
 from autonorm.budget import Budget
 from autonorm.callbacks import (
     AutoNorm,
@@ -244,13 +244,15 @@ class Training:
         dm, loaders = self.data(train=None)
         kwargs = self.trainer_arguments(checkpoint.parent, single_device=True)
         kwargs["callbacks"] = []
-        trainer: Any = pl.Trainer(**kwargs)
+        with quiet_lightning(not self.verbose):
+            trainer: Any = pl.Trainer(**kwargs)
 
         def validate(module: nn.Module) -> float:
-            if dm is not None:
-                metrics = trainer.validate(module, datamodule=dm, verbose=False)
-            else:
-                metrics = trainer.validate(module, dataloaders=loaders["val"], verbose=False)
+            with quiet_lightning(not self.verbose):
+                if dm is not None:
+                    metrics = trainer.validate(module, datamodule=dm, verbose=False)
+                else:
+                    metrics = trainer.validate(module, dataloaders=loaders["val"], verbose=False)
             value = metrics[0].get(monitor) if metrics else None
             if value is None:
                 raise AutoNormError(f"monitor {monitor!r} was not logged in validation")
@@ -307,19 +309,22 @@ def train_job(training: Training, job: RankJob) -> Any:
     dm, loaders = training.data(training.train_dataloaders)
     kwargs = training.trainer_arguments(job.root)
     kwargs["callbacks"] = [job.callback, *trial_callbacks(training.trainer_kwargs.get("callbacks"))]
-    trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
     resume = None if job.ckpt_path is None else str(job.ckpt_path)
-    if dm is not None:
-        trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    else:
-        trainer.fit(
-            module,
-            train_dataloaders=loaders["train"],
-            val_dataloaders=loaders["val"],
-            ckpt_path=resume,
-        )
-    if job.save_to is not None:  # every rank takes part (Lightning's barrier); rank 0 writes
-        trainer.save_checkpoint(job.save_to)
+    # every training of a search (trial, learn pass, retraining, any rank) is quiet here: no
+    # banner per trial in a log; the user's own prints and warnings still show
+    with quiet_lightning(not training.verbose):
+        trainer: Any = pl.Trainer(**kwargs)  # typed for LightningModule; the model is one
+        if dm is not None:
+            trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        else:
+            trainer.fit(
+                module,
+                train_dataloaders=loaders["train"],
+                val_dataloaders=loaders["val"],
+                ckpt_path=resume,
+            )
+        if job.save_to is not None:  # every rank takes part (Lightning's barrier); rank 0 writes
+            trainer.save_checkpoint(job.save_to)
     return trainer
 
 

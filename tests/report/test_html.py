@@ -42,7 +42,7 @@ def test_report_is_self_contained_and_names_the_slots(mixed_study, tmp_path):
     assert "Choice importance" in html and "Intermediate values" in html
     assert "groupnorm(groups=4)" in html  # dict choices get a readable label
     assert "own norms" in html
-    assert "max_memory=1.0 GiB, max_params=1000; rejected 2 trials"  # budget.format_bytes in html
+    assert "max_memory=1.0 GiB, max_params=1000; rejected 2 trials" in html  # format_bytes
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]
 
 
@@ -62,7 +62,7 @@ def test_report_when_every_trial_is_infeasible(tmp_path):
     study = make_study(tmp_path, plans)
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "All 3 trials were over the budget" in html
-    assert "No importance estimate" in html
+    assert "Not shown: it needs at least 10 distinct configs" in html
     assert html.count(PLOTLY_MARKER) == 1
     summary = write_summary(study, tmp_path)
     assert summary["best_value"] is None and summary["trials"]["infeasible"] == 3
@@ -132,3 +132,32 @@ def test_the_choice_map_stars_the_chosen_config_not_the_best_single_run(tmp_path
     assert first == {"batchnorm": "0.8 ★", "layernorm": "0.805"}
     html = write_report(study, tmp_path / "report.html").read_text()
     assert "marks the chosen config&#x27;s choice" in html or "marks the chosen config's" in html
+
+
+IMPORTANCE_BARS = "(sums to 1)"  # the importance figure's axis title
+
+
+def test_importance_from_two_complete_trials_is_not_shown_and_says_why(tmp_path):
+    """Optuna's importance over two trials is noise presented as a finding: no bars, a line
+    with the count it needs and the count the study has."""
+    plans = [(params("batchnorm", "batchnorm", c), {}) for c in CHOICES[:2]]
+    html = write_report(make_study(tmp_path, plans), tmp_path / "report.html").read_text()
+    assert "Choice importance" in html and IMPORTANCE_BARS not in html
+    assert "Not shown: it needs at least 10 distinct configs" in html
+    assert "this study has 2 in 2 trial(s)" in html
+
+
+def test_repeated_runs_of_few_configs_do_not_make_an_importance_estimate(tmp_path):
+    """Twelve complete trials of three configs: runs of one config say nothing about which
+    slot matters, so the count is of distinct configs."""
+    plans = [(params("batchnorm", "batchnorm", CHOICES[i % 3]), {}) for i in range(12)]
+    html = write_report(make_study(tmp_path, plans), tmp_path / "report.html").read_text()
+    assert IMPORTANCE_BARS not in html and "this study has 3 in 12 trial(s)" in html
+
+
+def test_importance_from_enough_configs_is_shown_with_its_count(tmp_path):
+    configs = [(a, b, c) for a in CHOICES for b in CHOICES for c in CHOICES][:12]
+    plans = [(params(*config), {}) for config in configs]
+    html = write_report(make_study(tmp_path, plans), tmp_path / "report.html").read_text()
+    assert IMPORTANCE_BARS in html and "Not shown" not in html
+    assert "across the 12 feasible complete trials" in html
