@@ -60,7 +60,11 @@ def test_the_python_examples_of_a_page_run(page, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)},
+        env={
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": "1",
+            "PATH": str(Path(sys.executable).parent),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -83,7 +87,9 @@ def site(tmp_path_factory) -> Path:
 def test_the_api_reference_documents_every_public_name(site):
     pages = "".join(p.read_text() for p in site.rglob("*.html"))
     missing = [
-        name for name in autonorm.__all__ if name != "__version__" and f'id="autonorm.{name}"' not in pages
+        name
+        for name in autonorm.__all__
+        if name != "__version__" and f'id="autonorm.{name}"' not in pages
     ]
     assert not missing, f"not in the API reference: {missing}"
 

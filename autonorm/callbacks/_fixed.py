@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -20,7 +21,8 @@ class FixedNorms(AutoNorm, mode="fixed"):
     """Rewrite every slot as a given config says, e.g. a search's ``best_config.yaml``.
 
     Args:
-        config: a :class:`~autonorm.NormConfig` or a path to one.
+        config: a :class:`~autonorm.NormConfig`, its ``{slot name: choice}`` mapping (as
+            :func:`~autonorm.apply_config` takes) or a path to a config file.
         check_model: refuse a config recorded for another model class (its metadata
             ``model_class``); False applies it anyway.
         **options: ``include``, ``exclude``, ``example_input``, ``config_path``,
@@ -28,21 +30,23 @@ class FixedNorms(AutoNorm, mode="fixed"):
             name only the selected slots; the others keep their layers.
 
     Raises:
-        ValueError: ``config`` is neither a NormConfig nor a path.
+        ValueError: ``config`` is neither a NormConfig, a mapping nor a path.
     """
 
     def __init__(
         self,
-        config: NormConfig | str | os.PathLike[str],
+        config: NormConfig | Mapping[str, Any] | str | os.PathLike[str],
         *,
         check_model: bool = True,
         **options: Unpack[RewriteOptions],
     ) -> None:
         super().__init__(**options)
         loaded = NormConfig.load(config) if isinstance(config, (str, os.PathLike)) else config
+        if isinstance(loaded, Mapping):
+            loaded = NormConfig(loaded)
         if not isinstance(loaded, NormConfig):
             raise ValueError(
-                f"`config` must be a NormConfig or a path, got {type(config).__name__}"
+                f"`config` must be a NormConfig, a mapping or a path, got {type(config).__name__}"
             )
         self.config: NormConfig | None = loaded
         self.check_model = check_model

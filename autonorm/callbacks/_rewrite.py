@@ -421,14 +421,14 @@ class AutoNorm(_RewriteBase, *callback_bases(), metaclass=_ByMode):  # type: ign
 
     Args:
         mode: ``"learn"``, ``"search"`` or ``"fixed"``.
-        include, exclude: glob patterns on slot names selecting the slots to rewrite.
-        example_input: input for the probe that records each slot's input shape (default: the
-            module's ``example_input_array``).
-        config_path: where to write the config at the end of fit (default: the trainer's log
-            dir).
-        record_metrics: record step time and peak memory (and report them to the trial).
-        budget: an :class:`~autonorm.Budget` or its dict: a run over it stops (a trial is
-            pruned as infeasible).
+        **kwargs: the arguments of the mode's class. Every mode takes ``include`` and
+            ``exclude`` (glob patterns on slot names selecting the slots to rewrite),
+            ``example_input`` (input for the probe that records each slot's input shape;
+            default: the module's ``example_input_array``), ``config_path`` (where to write
+            the config at the end of fit; default: the trainer's log dir), ``record_metrics``
+            (record step time and peak memory, and report them to the trial) and ``budget``
+            (an :class:`~autonorm.Budget` or its dict: a run over it stops, a trial is pruned
+            as infeasible).
 
     Raises:
         ValueError: invalid arguments (unknown mode, trial and config together, an argument

@@ -5,8 +5,9 @@
 a class path, ``--model.<arg>`` / ``--data.<arg>`` their init arguments, ``--trainer.<arg>`` the
 Trainer's, ``--config FILE`` reads everything from YAML and ``--print_config`` prints it; search
 options live under ``--search.*``. Exit codes: 0 success, 2 bad input (one line saying what to
-fix), 1 any other failure, 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM (the running trial
-is marked FAIL and the bundle written first); ``--debug`` shows tracebacks.
+fix), 3 the search ran but no trial met the budget (no best config), 1 any other failure,
+130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM (the running trial is marked FAIL and the
+bundle written first); ``--debug`` shows tracebacks.
 
 Several ``autonorm search`` processes given the same ``--search.storage`` and
 ``--search.study_name`` are workers of one study (a journal file on one host, PostgreSQL across
@@ -70,7 +71,7 @@ def _plain_parser() -> argparse.ArgumentParser:
             nargs="+",
             default=None,
             metavar="PATTERN",
-            help=f"{what} whose name matches one of these glob patterns (as --search{option[1:]})",
+            help=f"{what} whose name matches one of these glob patterns (as --search.{option[2:]})",
         )
     rec.add_argument("-o", "--output", default=None, help="write the config (.yaml/.json)")
     exp = sub.add_parser(

@@ -103,7 +103,8 @@ def search(
         model: a LightningModule class (instantiated per trial with ``model_kwargs``) or a
             zero-argument factory returning a fresh LightningModule.
         datamodule: a LightningDataModule instance, class or factory.
-        train_dataloaders, val_dataloaders: dataloaders, when no datamodule is given.
+        train_dataloaders: the training dataloader, when no datamodule is given.
+        val_dataloaders: the validation dataloader(s), when no datamodule is given.
         model_kwargs: init arguments of a model class.
         settings: a :class:`~autonorm.search.SearchSettings`; its fields may also be given one
             by one, as keyword arguments (they replace the ones of ``settings``).
@@ -186,7 +187,15 @@ def _probe_slots(training: Training, settings: SearchSettings) -> tuple[list[Slo
         probe, training.example_input, include=settings.include, exclude=settings.exclude
     )
     if not slots:
-        raise AutoNormError(f"{type(probe).__name__} has no normalization slot to search")
+        selected = [
+            f"{name}={patterns!r}"
+            for name, patterns in (("include", settings.include), ("exclude", settings.exclude))
+            if patterns
+        ]
+        raise AutoNormError(
+            f"{type(probe).__name__} has no normalization slot to search"
+            + (f" selected by {', '.join(selected)}" if selected else "")
+        )
     settings.space.parameters(slots)  # a space that does not fit the model fails here, early
     return slots, model_class, probe
 

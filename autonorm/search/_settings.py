@@ -80,8 +80,9 @@ class SearchSettings:
             and re-evaluation epochs and the learn pass included).
         monitor: the logged metric to optimize.
         mode: ``min`` or ``max``: the direction of ``monitor``.
-        trainer_kwargs: ``Trainer`` arguments of each trial (default: 3 epochs on CPU, no
-            checkpoints); on the command line, ``--trainer.<arg>``.
+        trainer_kwargs: ``Trainer`` arguments of each trial (default: Lightning's
+            ``max_epochs``, ``accelerator="auto"`` on one device, no checkpoints, no logger);
+            on the command line, ``--trainer.<arg>``.
         storage: None (SQLite ``study.db`` in ``out_dir``), a SQLAlchemy URL (PostgreSQL for
             workers on several machines), a journal file (several workers on one host) or an
             Optuna storage; every search given the same storage and study name joins the study

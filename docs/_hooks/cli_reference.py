@@ -54,6 +54,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if MARKER not in markdown:
         return markdown
     sections = "\n".join(_section(name, text) for name, text in _help_texts())
-    return "\n".join(
-        sections if line.strip() == MARKER else line for line in markdown.splitlines()
-    ) + "\n"
+    return (
+        "\n".join(sections if line.strip() == MARKER else line for line in markdown.splitlines())
+        + "\n"
+    )
