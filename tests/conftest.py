@@ -1,5 +1,5 @@
 """Fixtures shared by the test folders: a user's project folder outside the package, the
-``autonorm`` command run there in a subprocess, and a YAML alias bomb."""
+``autonorm`` command run there in a subprocess, and a YAML alias bomb; and loud skips in CI."""
 
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: The skips CI expects: timm and torchvision do not install on torch's CPU build, so their cases
+#: skip in the main environment and run in `.ci/run`'s second one.
+EXPECTED_IN_CI = ("timm", "torchvision")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under ``CI=true`` (`.ci/run`) every component the tests need is installed (PostgreSQL,
+    a tmpfs, optional packages): a skip there means a test did not run, so it fails instead,
+    saying why it skipped; only :data:`EXPECTED_IN_CI` may skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") != "true" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    if not any(name in reason for name in EXPECTED_IN_CI):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where it must run: {reason}"
 
 
 class AutonormCommand:

@@ -102,3 +102,26 @@ def test_the_cli_reference_shows_every_command_with_its_options(site):
     # generated from the parsers, not written by hand: options of each appear as --help shows them
     for option in ("--search.budget.trainings", "--search.include", "--study-name", "--onnx"):
         assert option in page
+
+
+MAIN_JOB = (
+    "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q "
+    "-e '.[examples,dashboard]' && .venv/bin/autonorm search --config "
+    "examples/mnist1d_cnn/search.yaml"
+)
+TESTS = (
+    "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q "
+    "-e '.[dev]' && .venv/bin/python -m pytest"
+)
+
+
+def test_the_readme_is_a_first_visit_with_its_two_commands():
+    """Short (the rest lives in the docs), its two set-up commands as they were, the test
+    command the one CI runs, and every link into the docs resolving to a file."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 150
+    bash = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    assert bash[:2] == [MAIN_JOB, TESTS]
+    assert TESTS in (REPO / ".ci" / "run").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert links and all((REPO / link).exists() for link in links)

@@ -1,7 +1,7 @@
 """A griffe extension for the API reference: the package's docstrings are Google style with
 Sphinx roles (``:class:`~autonorm.Budget```) and ``Example::`` blocks, which doctest and IDEs
 read; mkdocstrings renders neither, so each role becomes inline code of the name as written
-(the last dotted part where Sphinx's ``~`` asks for it) and ``Example::`` a Google section."""
+(the last dotted part where Sphinx's ``~`` asks for it) and ``Example::`` an Examples section."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|mod|exc|obj):`(~?)([^`
 
 
 def plain(text: str) -> str:
-    """``text`` with its Sphinx roles as inline code and ``Example::`` as ``Example:``."""
+    """``text`` with its Sphinx roles as inline code and ``Example::`` as ``Examples:``."""
 
     def code(match: re.Match[str]) -> str:
         tilde, target = match.groups()
         return f"`{target.rsplit('.', 1)[-1] if tilde else target}`"
 
-    return re.sub(r"^(\s*Examples?)::\s*$", r"\1:", ROLE.sub(code, text), flags=re.M)
+    # griffe reads a plural "Examples:" as the examples section (its doctest lines as code)
+    return re.sub(r"^(\s*)Examples?::\s*$", r"\1Examples:", ROLE.sub(code, text), flags=re.M)
 
 
 class SphinxRoles(griffe.Extension):
