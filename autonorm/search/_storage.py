@@ -79,8 +79,15 @@ def _open_rdb(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
             with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, **kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
-            if attempt == 5:
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.ProgrammingError,
+            sqlalchemy.exc.OperationalError,  # SQLite: "table studies already exists"
+        ) as err:
+            lost_race = not isinstance(err, sqlalchemy.exc.OperationalError) or (
+                "already exists" in str(err)
+            )
+            if attempt == 5 or not lost_race:  # another operational error: not a race
                 raise
             log.debug("storage schema created concurrently (%s): retrying", type(err).__name__)
             time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
