@@ -122,16 +122,21 @@ def run_worker_pool(
     log_dir.mkdir(parents=True, exist_ok=True)
     workers: list[PoolWorker] = []
     received: list[int] = []
+    reached: set[int] = set()  # the workers a forwarded signal reached
+
+    def pass_on(worker: PoolWorker) -> None:
+        reached.add(worker.index)
+        if worker.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if len(received) == 1:
+                    worker.process.send_signal(received[0])
+                else:
+                    worker.process.kill()
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
         for worker in workers:
-            if worker.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    if len(received) == 1:
-                        worker.process.send_signal(signum)
-                    else:
-                        worker.process.kill()
+            pass_on(worker)
 
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
@@ -151,6 +156,8 @@ def run_worker_pool(
                 stderr=subprocess.STDOUT,
             )
             workers.append(PoolWorker(index, process, path, handle))
+            if received and index not in reached:  # the signal came while it started
+                pass_on(workers[-1])
         while any(w.process.poll() is None for w in workers):
             if poll is not None:
                 poll(workers)

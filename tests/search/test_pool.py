@@ -137,6 +137,30 @@ def test_a_pool_interrupted_while_starting_starts_no_more_workers(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+def test_a_worker_started_as_the_signal_arrives_gets_it_too(tmp_path, monkeypatch):
+    """Ctrl-C while a worker is being started: its handler runs before the pool has listed the
+    new worker, which must still get the forwarded signal (it slept its 20 s out, and the pool
+    waited for it)."""
+    import signal
+
+    from autonorm.search._pool import run_worker_pool
+
+    start = subprocess.Popen
+
+    def start_then_interrupt(*args, **kwargs):
+        process = start(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, before the pool lists it
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", start_then_interrupt)
+    started = time.time()
+    workers, received = run_worker_pool(["sleep", "20"], 3, tmp_path / "logs", poll_interval=0.05)
+    monkeypatch.undo()
+    assert received == signal.SIGINT and len(workers) == 1  # no more workers after it
+    assert workers[0].process.returncode == -signal.SIGINT
+    assert time.time() - started < 15  # not the 20 s of an unsignalled worker
+
+
 def test_two_workers_started_together_with_other_settings_one_is_refused(
     workdir, tmp_path, autonorm_cli
 ):
