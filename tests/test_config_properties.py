@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -33,16 +33,6 @@ from autonorm.norms import (
     weight_norm_of,
 )
 
-SETTINGS = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,
-    ],
-)
 LAYOUTS = tuple(SWITCHABLE_CANDIDATES)
 #: Metadata keys that a config reads (probe records, learned weights, the model class).
 RESERVED_METADATA = ("probe", "weights", "mixing", "model_class")
@@ -173,7 +163,7 @@ def _same(loaded: NormConfig, config: NormConfig) -> None:
     assert loaded.metadata == config.metadata
 
 
-@settings(SETTINGS, max_examples=100)
+@settings(max_examples=100)
 @given(config=configs())
 def test_a_valid_config_round_trips_through_dicts_json_and_yaml(config):
     data = config.to_dict()
@@ -190,7 +180,7 @@ def test_a_valid_config_round_trips_through_dicts_json_and_yaml(config):
             assert path.read_text() == text
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(max_examples=200)
 @given(choice=choices())
 def test_a_choice_round_trips_through_its_label_and_value(choice):
     for form in (choice.label, choice.to_value(), choice):
@@ -248,7 +238,7 @@ def _apply(model: nn.Module, config: NormConfig, x: torch.Tensor | None) -> nn.M
         return autonorm.apply_config(model, config, example_input=x)
 
 
-@settings(SETTINGS, max_examples=60)
+@settings(max_examples=60)
 @given(spec=models(), data=st.data())
 def test_a_valid_config_for_a_models_slots_round_trips_and_applies(spec, data, tmp_path):
     model, x = _build_model(spec, seed=0)

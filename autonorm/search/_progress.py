@@ -167,9 +167,8 @@ class SearchProgress:
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         self.spent = spent_epochs(finished, info.get("learn_epochs", 0))
         if self._spent_before is None:  # what this process did not train has no time in it
-            self._spent_before = spent_epochs(
-                [t for t in finished if t.number not in {n.number for n in new or []}]
-            )
+            fresh = {t.number for t in new or []}
+            self._spent_before = spent_epochs([t for t in finished if t.number not in fresh])
         if info.get("budget_epochs"):
             self.budget_epochs = float(info["budget_epochs"])
             self.compute = f"{self.spent} of {info['budget_epochs']:g} epochs"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -51,17 +51,6 @@ DEFAULT_EPS: dict[str, float | None] = {
 #: Layers with a fused autograd function for float32/float64 (in some layout), and
 #: SwitchableNorm, which computes its statistics in float32 under autocast.
 FUSED = ("layernorm", "rmsnorm", "dyt", "groupnorm", "switchable")
-
-SETTINGS = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,
-    ],
-)
 
 
 @pytest.fixture(autouse=True)
@@ -477,7 +466,7 @@ def test_every_registry_name_has_a_formula():
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)
-@settings(SETTINGS, max_examples=150)
+@settings(max_examples=150)
 @given(data=st.data())
 def test_forward_and_gradients_equal_the_formula(name, data):
     """Every registry layer, both layouts, (N, C) to 3-D positions, contiguous or not: output,
@@ -487,7 +476,7 @@ def test_forward_and_gradients_equal_the_formula(name, data):
 
 
 @pytest.mark.parametrize("name", ["batchnorm", "syncbatchnorm", "instancenorm", "switchable"])
-@settings(SETTINGS, max_examples=40)
+@settings(max_examples=40)
 @given(data=st.data())
 def test_training_updates_running_statistics_as_batchnorm(name, data):
     """One training step folds the batch statistics (unbiased variance) into the running ones
@@ -513,7 +502,7 @@ def test_training_updates_running_statistics_as_batchnorm(name, data):
 
 
 @pytest.mark.parametrize("layout", [CHANNELS_LAST, CHANNELS_FIRST])
-@settings(SETTINGS, max_examples=80)
+@settings(max_examples=80)
 @given(data=st.data())
 def test_groupnorm_with_groups_strictly_between_one_and_channels(layout, data):
     """Channels-last GroupNorm's fused backward (GroupNormTokens) with 1 < groups < C, on
@@ -544,7 +533,7 @@ def _autocast_cases(name: str) -> st.SearchStrategy[Case]:
 
 
 @pytest.mark.parametrize("name", FUSED)
-@settings(SETTINGS, max_examples=30)
+@settings(max_examples=30)
 @given(data=st.data())
 def test_under_autocast_the_fused_layers_stay_close_to_the_float32_formula(name, data):
     """Under CPU autocast (bfloat16) the fused functions step aside for torch's layers, which
