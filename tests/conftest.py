@@ -9,24 +9,33 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The property tests (hypothesis): the same examples on every run (CI must not draw a new
-# failure at random), no example database, no deadline on 2 shared cores.
-settings.register_profile(
-    "autonorm",
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,
-    ],
-)
-settings.load_profile("autonorm")
+
+def _hypothesis_profile() -> None:
+    """The property tests (hypothesis): the same examples on every run (CI must not draw a new
+    failure at random), no example database, no deadline on 2 shared cores. `.ci/run`'s timm
+    environment runs only the zoo tests and has no hypothesis."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    settings.register_profile(
+        "autonorm",
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
+    settings.load_profile("autonorm")
+
+
+_hypothesis_profile()
 
 #: The skips CI expects: timm and torchvision do not install on torch's CPU build, so their cases
 #: skip in the main environment and run in `.ci/run`'s second one.
