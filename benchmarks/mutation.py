@@ -1,0 +1,275 @@
+"""Mutation testing (mutmut) of the modules where a silent mistake costs most.
+
+For each target module a scratch copy of the checkout gets a ``[tool.mutmut]`` section that
+mutates that module only and selects the tests that exercise it; ``mutmut run`` then runs, for
+each mutant, the selected tests that call the mutated function. A mutant the tests do not fail
+*survived*. Survivors listed in ``benchmarks/mutation_equivalents.yaml`` (mutant name: why it
+cannot change behaviour) count as equivalent; any other survivor is a gap in the tests.
+
+Score = (killed + timed out) / (mutants - equivalent - not run). "No tests" mutants sit in code
+that the selected tests never call in their own process (code that only runs in a worker
+subprocess, for one): they are counted against the score.
+
+Writes ``benchmarks/results/mutation/<target>.json`` (counts, survivors with their diffs) and
+``benchmarks/results/mutation.md`` (the table of every target run so far, and the survivors).
+
+Usage (outside CI; about 10-40 minutes a target on 2 cores)::
+
+    pip install -e '.[dev,mutation]'
+    python -m benchmarks.mutation                    # every target
+    python -m benchmarks.mutation plan winners       # some
+    python -m benchmarks.mutation --list             # the targets and their tests
+
+Set ``AUTONORM_TEST_POSTGRES_URL`` (``eval "$(.ci/postgres.sh start)"``) to let the PostgreSQL
+variants of the lock tests run too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+EQUIVALENTS = ROOT / "benchmarks" / "mutation_equivalents.yaml"
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str  #: the file mutated, relative to the checkout
+    tests: tuple[str, ...]  #: the test files (or node ids) whose calls select the tests to run
+
+
+TARGETS: dict[str, Target] = {
+    "plan": Target(
+        "autonorm/search/_plan.py",
+        (
+            "tests/search/test_plan.py",
+            "tests/search/test_plan_directions.py",
+            "tests/search/test_plan_confirm.py",
+            "tests/search/test_learn_budget.py",
+        ),
+    ),
+    "winners": Target(
+        "autonorm/report/_winners.py",
+        ("tests/report/test_winners.py", "tests/report/test_summary.py"),
+    ),
+    "workers": Target(
+        "autonorm/search/_workers.py",
+        (
+            "tests/search/test_claim_lock.py",
+            "tests/search/test_heartbeat_refresh.py",
+            "tests/search/test_trial_exit.py",
+            "tests/search/test_workers.py",
+        ),
+    ),
+    "storage": Target(
+        "autonorm/search/_storage.py",
+        ("tests/search/test_storage.py", "tests/search/test_resume.py"),
+    ),
+    "fast_ops": Target(
+        "autonorm/norms/_fast_ops.py",
+        ("tests/norms/test_fast_paths.py", "tests/norms/test_properties.py"),
+    ),
+    "switchable_ops": Target(
+        "autonorm/norms/_switchable_ops.py",
+        ("tests/norms/test_switchable.py", "tests/norms/test_properties.py"),
+    ),
+    "switchable": Target(
+        "autonorm/norms/_switchable.py",
+        (
+            "tests/norms/test_switchable.py",
+            "tests/norms/test_sparsestmax.py",
+            "tests/surgery/test_switchable_and_derive.py",
+        ),
+    ),
+    "apply": Target(
+        "autonorm/surgery/_apply.py",
+        (
+            "tests/surgery/test_apply_config.py",
+            "tests/surgery/test_weight_norms.py",
+            "tests/test_config_properties.py",
+        ),
+    ),
+    "deploy": Target("autonorm/deploy.py", ("tests/test_deploy.py",)),
+    "io": Target("autonorm/_io.py", ("tests/test_io.py", "tests/test_bad_input.py")),
+}
+
+#: mutmut's exit codes, as its ``stats.status_by_exit_code`` reads them
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    None: "not run",
+}
+
+
+def mutmut_section(target: Target) -> str:
+    """The ``[tool.mutmut]`` section of ``target``'s scratch checkout."""
+    settings = {
+        "source_paths": ["autonorm"],
+        "only_mutate": [target.module],
+        "pytest_add_cli_args_test_selection": list(target.tests),
+        "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+        # torch is not fork-safe once it has run: each mutant forks from a server that only imported
+        "process_isolation": "forkserver",
+        # a mutant that loops forever costs multiplier x its tests' time: 15x (the default) made a
+        # few loops an hour of a 2-core machine; 3x plus 10 s still never times out a real run
+        "timeout_multiplier": 3.0,
+        "timeout_constant": 10.0,
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def scratch_checkout(name: str, target: Target, workdir: Path) -> Path:
+    """A fresh copy of the checkout's files (tracked and untracked, not ignored) for ``name``."""
+    where = workdir / name
+    shutil.rmtree(where, ignore_errors=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        path = Path(os.fsdecode(raw))
+        if (ROOT / path).is_file():
+            (where / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / path, where / path)
+    with open(where / "pyproject.toml", "a") as f:
+        f.write(mutmut_section(target))
+    return where
+
+
+def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
+    """Run mutmut on ``target``; its counts and survivors."""
+    where = scratch_checkout(name, target, workdir)
+    # made now, not by mutmut: a sys.path entry missing at start-up stays unsearched (tests import)
+    (where / "mutants").mkdir()
+    env = dict(os.environ)
+    # the tests' subprocesses (CLI, worker pools) import the mutated copy too
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(where / "mutants"), env.get("PYTHONPATH")]))
+    env.pop("CI", None)  # a skipped PostgreSQL test is no failure here
+    started = time.monotonic()
+    log = where / "mutmut.log"
+    with open(log, "w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+            cwd=where,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"mutmut failed on {name} (exit {done.returncode}); its log: {log}")
+    meta = json.loads((where / "mutants" / f"{target.module}.meta").read_text())
+    statuses = {key: STATUS.get(code, "suspicious") for key, code in meta["exit_code_by_key"].items()}
+    equivalents = load_equivalents()
+    survivors = []
+    for key in sorted(k for k, s in statuses.items() if s == "survived"):
+        if key in equivalents:
+            statuses[key] = "equivalent"
+        survivors.append({"name": key, "why_equivalent": equivalents.get(key), "diff": show(where, key)})
+    return {
+        "module": target.module,
+        "tests": list(target.tests),
+        "counts": dict(Counter(statuses.values())),
+        "score": score(Counter(statuses.values())),
+        "minutes": round((time.monotonic() - started) / 60, 1),
+        "survivors": survivors,
+    }
+
+
+def show(where: Path, key: str) -> str:
+    """The diff of mutant ``key`` (``mutmut show``)."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", key], cwd=where, capture_output=True, text=True
+    )
+    return shown.stdout.strip()
+
+
+def score(counts: Counter) -> float | None:
+    scored = sum(counts.values()) - counts["equivalent"] - counts["not run"] - counts["skipped"]
+    return round((counts["killed"] + counts["timeout"]) / scored, 4) if scored else None
+
+
+def load_equivalents() -> dict[str, str]:
+    if not EQUIVALENTS.exists():
+        return {}
+    return yaml.safe_load(EQUIVALENTS.read_text()) or {}
+
+
+def write_table() -> Path:
+    """``results/mutation.md`` from every target's saved result."""
+    rows, sections = [], []
+    for name in TARGETS:
+        path = RESULTS / "mutation" / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        c = Counter(r["counts"])
+        pct = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        rows.append(
+            f"| `{r['module']}` | {sum(c.values())} | {c['killed'] + c['timeout']} | "
+            f"{c['survived']} | {c['equivalent']} | {c['no tests']} | **{pct}** | {r['minutes']} |"
+        )
+        for s in r["survivors"]:
+            label = f"equivalent: {s['why_equivalent']}" if s["why_equivalent"] else "survived"
+            sections.append(f"### `{s['name']}` ({label})\n\n```diff\n{s['diff']}\n```\n")
+    text = (
+        "# Mutation testing\n\nWritten by `python -m benchmarks.mutation` (mutmut). Score = "
+        "(killed + timed out) / (mutants - equivalent).\n\n"
+        "| module | mutants | killed | survived | equivalent | no tests | score | minutes |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n## Survivors\n\n"
+        + ("\n".join(sections) or "None.\n")
+    )
+    out = RESULTS / "mutation.md"
+    out.write_text(text)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help=f"of {', '.join(TARGETS)}; default: all")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/autonorm-mutation"))
+    parser.add_argument("--list", action="store_true", help="print the targets and their tests")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; the targets: {', '.join(TARGETS)}")
+    if args.list:
+        for name, t in TARGETS.items():
+            print(f"{name:15} {t.module:36} {' '.join(t.tests)}")
+        return 0
+    (RESULTS / "mutation").mkdir(parents=True, exist_ok=True)
+    for name in args.targets or TARGETS:
+        result = run_target(name, TARGETS[name], args.workdir, args.workers)
+        (RESULTS / "mutation" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{name}: {result['counts']} score {result['score']} ({result['minutes']} min)")
+    print(f"wrote {write_table()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
