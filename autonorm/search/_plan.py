@@ -140,16 +140,13 @@ class Plan:
         if self.budget_epochs is not None:
             left = self.budget_epochs - self.reserved_epochs - self._promotions
             left -= self.extra_screens * self.rung
-            fits = int(left // self.rung)
-            # room for the confirmations too, as much of them as the non-random baselines allow;
             # random configs only once every confirmation is paid (the leaders' paired runs
-            # decide more than another random screen)
-            full = CONFIRM_TOP * (CONFIRM_RUNS - 1)
-            for confirms in range(full, -1, -1):
-                confirmed = int((left - confirms * self.max_epochs) // self.rung)
-                if confirmed >= room - self.explore:
-                    fits = confirmed if confirms == full else room - self.explore
-                    break
+            # decide more than another random screen); the others before any confirmation
+            confirmations = CONFIRM_TOP * (CONFIRM_RUNS - 1) * self.max_epochs
+            chosen = len(self.baselines) - self.explore
+            fits = math.floor((left - confirmations) / self.rung)
+            if fits < chosen:
+                fits = min(chosen, math.floor(left / self.rung))
             room = min(room, fits)
         if self.n_trials is not None:
             room = min(room, self.n_trials - PROMOTED)
@@ -253,8 +250,8 @@ class Plan:
             fresh = self._first_promotions(evidence)
             if fresh:
                 return self._affordable_promotions(fresh, left)
-        last_round = max((int(t.user_attrs.get(keys.ROUND, 0)) for t in planned), default=0)
-        decided = {int(t.user_attrs.get(keys.ROUND, 0)) for t in promoted}
+        last_round = max((int(t.user_attrs[keys.ROUND]) for t in planned), default=0)
+        decided = {int(t.user_attrs[keys.ROUND]) for t in promoted}
         if last_round > 0 and last_round not in decided:
             moves = evidence.ranked_screen(REFINE, last_round)
             incumbent = evidence.incumbent()
@@ -262,9 +259,9 @@ class Plan:
                 step = evidence.promotion(moves[0], round_=last_round)
                 if self._step_cost(step) <= left:
                     return [step]
-        looks = sum(t.user_attrs.get(keys.BASELINE, "").startswith("second look") for t in promoted)
+        looks = sum(t.user_attrs[keys.BASELINE].startswith("second look") for t in promoted)
         if looks < SECOND_LOOKS and last_round == 0:
-            slow = evidence.second_look(self.maximize)
+            slow = evidence.second_look()
             if slow is not None and self._step_cost(slow) <= left - reserve:
                 return [slow]
         moves = self._moves(evidence, trials)
@@ -423,7 +420,7 @@ class Evidence:
                 params_key(t.params) == key
                 and t.state == TrialState.PRUNED
                 and keys.RUNG_EPOCHS in attrs
-                and int(attrs.get(keys.RUN_INDEX, 0)) == 0
+                and int(attrs[keys.RUN_INDEX]) == 0
                 and int(attrs.get(keys.EPOCHS, 0)) >= int(attrs[keys.RUNG_EPOCHS])
             ):
                 return t
@@ -443,8 +440,8 @@ class Evidence:
         seen: dict[Any, Candidate] = {}
         for t in self.trials:
             attrs = t.user_attrs
-            if attrs.get(keys.STAGE) == stage and int(attrs.get(keys.ROUND, 0)) == round_:
-                label = str(attrs.get(keys.BASELINE, f"trial {t.number}"))
+            if attrs.get(keys.STAGE) == stage and int(attrs[keys.ROUND]) == round_:
+                label = str(attrs[keys.BASELINE])
                 incumbent = int(attrs.get(keys.INCUMBENT, 0))
                 seen.setdefault(params_key(t.params), Candidate(label, dict(t.params), incumbent))
         scored = [(self.rung_value(c.params), c) for c in seen.values()]
@@ -461,7 +458,7 @@ class Evidence:
                 pairs.append((rung, runs.values[0]))
         return spearman(pairs)
 
-    def second_look(self, maximize: bool) -> Planned | None:
+    def second_look(self) -> Planned | None:
         """When the rung does not predict the full runs (:data:`RUNG_FIDELITY`), the promotion
         of the best screened config without a full run: a slow starter gets its chance."""
         fidelity = self.rung_fidelity()

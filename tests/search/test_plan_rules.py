@@ -1,0 +1,360 @@
+"""The staged plan's rules one by one, each where it decides: the screen's size against the rules
+its docstring states (over a grid of budgets, caps and baselines), every step that costs exactly
+what is left (it runs; one epoch less and it does not), the second look's fidelity threshold and
+its single use, the refinement's room under ``n_trials``, and the evidence read from trials
+built by hand (rank correlation, donors, the incumbent)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+from scipy import stats
+
+from autonorm import _trial_keys as keys
+from autonorm.search._plan import (
+    CONFIRM_RUNS,
+    CONFIRM_TOP,
+    PROMOTED,
+    Evidence,
+    Plan,
+    spearman,
+)
+from autonorm.search._planned import CONFIRM, PROMOTE, REFINE, SCREEN, Candidate, Planned
+from tests.search.test_plan import MAX_EPOCHS, PARAMS, objective, run, staged_plan, uniform
+
+RUNG = 3  # of MAX_EPOCHS = 9
+
+
+def expected_screen(plan: Plan) -> list[tuple[str, str, int | None]]:
+    """The screen ``plan.screen()`` must give, from the rules as stated: the most baselines whose
+    rungs fit the budget after the reserved epochs, the first promotions and the extra screens,
+    random configs (the last ``explore``) only where every confirmation fits too; at most
+    ``n_trials - PROMOTED``; under two screens (or no rung below the end) full runs instead."""
+    rung, n = plan.rung, len(plan.baselines)
+    room = n
+    if plan.budget_epochs is not None:
+        guarded = sum(1 for c in plan.baselines if c.incumbent)
+        left = (
+            plan.budget_epochs
+            - plan.learn_epochs
+            - plan.retrain_epochs
+            - (PROMOTED + guarded) * (plan.max_epochs - rung)
+            - plan.extra_screens * rung
+        )
+        confirmations = CONFIRM_TOP * (CONFIRM_RUNS - 1) * plan.max_epochs
+
+        def fits(k: int) -> bool:
+            return k * rung + (confirmations if k > n - plan.explore else 0) <= left
+
+        room = max((k for k in range(n + 1) if fits(k)), default=0)
+    if plan.n_trials is not None:
+        room = min(room, plan.n_trials - PROMOTED)
+    if room >= 2 and rung < plan.max_epochs:
+        return [(SCREEN, c.label, rung) for c in plan.baselines[:room]]
+    count = room if room >= 2 else (n if plan.n_trials is None else plan.n_trials)
+    return [(PROMOTE, c.label, None) for c in plan.baselines[: max(1, count)]]
+
+
+def test_the_screen_is_the_largest_its_rules_allow_over_a_grid_of_budgets():
+    families = ["bn", "gn", "in", "ln", "rms", "sn"]
+    checked = set()
+    for (
+        max_epochs,
+        trainings,
+        n_trials,
+        n,
+        explore,
+        extra,
+        learn,
+        retrain,
+        own,
+    ) in itertools.product(
+        (3, 9, 12),
+        (None, 1, 2.5, 3, 4, 5.5, 7, 10),
+        (None, 2, 3, 5, 9),
+        (1, 3, 6),
+        (0, 2),
+        (0, 1),
+        (0, 4),
+        (0, 9),
+        (False, True),
+    ):
+        baselines = [uniform(f, incumbent=own and i == 0) for i, f in enumerate(families[:n])]
+        plan = Plan(
+            max_epochs=max_epochs,
+            budget_epochs=None if trainings is None else trainings * max_epochs,
+            n_trials=n_trials,
+            learn_epochs=learn,
+            retrain_epochs=retrain,
+            baselines=baselines,
+            explore=min(explore, n),
+            extra_screens=extra,
+        )
+        got = [(p.stage, p.candidate.label, p.rung) for p in plan.screen()]
+        assert got == expected_screen(plan), plan
+        checked.add((got[0][0], len(got)))
+    # the grid reaches both kinds of screen at many sizes
+    assert {stage for stage, _ in checked} == {SCREEN, PROMOTE}
+    assert len(checked) >= 10
+
+
+def test_spearman_matches_scipy_with_ties_and_is_none_without_spread():
+    rng = random.Random(0)
+    for size in (2, 3, 5, 8):
+        for _ in range(20):
+            pairs = [(rng.choice([0, 1, 2, 3]), rng.choice([0.5, 1.5, 2.5])) for _ in range(size)]
+            xs, ys = zip(*pairs, strict=True)
+            if len(set(xs)) < 2 or len(set(ys)) < 2:
+                assert spearman(pairs) is None
+                continue
+            assert spearman(pairs) == pytest.approx(stats.spearmanr(xs, ys).statistic, abs=1e-12)
+    assert spearman([(1.0, 2.0)]) is None
+    assert spearman([(1.0, 2.0), (1.0, 3.0)]) is None  # no spread in the first
+    assert spearman([(1.0, 2.0), (3.0, 2.0)]) is None  # nor in the second
+
+
+# -- trials built by hand ------------------------------------------------------------------------
+
+DISTRIBUTIONS = {name: CategoricalDistribution(["bn", "gn", "in", "ln"]) for name in PARAMS}
+
+
+def cfg(choice: str) -> dict[str, str]:
+    return dict.fromkeys(PARAMS, choice)
+
+
+def add(study: optuna.Study, params, state, attrs, value=None, rung_value=None) -> None:
+    intermediate = {} if rung_value is None else {RUNG - 1: rung_value}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params,
+            distributions=DISTRIBUTIONS,
+            state=state,
+            value=value,
+            intermediate_values=intermediate,
+            user_attrs=attrs,
+        )
+    )
+
+
+def screened(study, choice: str, rung_value: float, incumbent=False, **extra) -> None:
+    step = Planned(SCREEN, uniform(choice, incumbent), rung=RUNG)
+    attrs = {**step.user_attrs(), keys.EPOCHS: RUNG, **extra}
+    add(study, cfg(choice), TrialState.PRUNED, attrs, rung_value=rung_value)
+
+
+def promoted(study, choice: str, value: float, run_index: int = 0, label: str = "") -> None:
+    step = Planned(PROMOTE, Candidate(label or f"uniform:{choice}", cfg(choice)), run=run_index)
+    add(study, cfg(choice), TrialState.COMPLETE, {**step.user_attrs(), keys.EPOCHS: 6}, value)
+
+
+def evidence(study: optuna.Study, maximize: bool = True) -> Evidence:
+    return Evidence(study.trials, RUNG, maximize)
+
+
+def fidelity_study(full_values: dict[str, float]) -> optuna.Study:
+    """Screened bn > gn > in > ln at the rung; full runs of ``full_values``."""
+    study = optuna.create_study(direction="maximize")
+    for choice, at_rung in zip(("bn", "gn", "in", "ln"), (0.9, 0.8, 0.7, 0.6), strict=True):
+        screened(study, choice, at_rung)
+    for choice, value in full_values.items():
+        promoted(study, choice, value)
+    return study
+
+
+def test_a_rung_that_ranks_as_well_as_the_threshold_gets_no_second_look():
+    # rung order bn > gn > in; full runs bn > in > gn: Spearman 0.5, the threshold itself
+    at_threshold = evidence(fidelity_study({"bn": 0.95, "gn": 0.85, "in": 0.9}))
+    assert at_threshold.rung_fidelity() == pytest.approx(0.5)
+    assert at_threshold.second_look() is None
+    below = evidence(fidelity_study({"bn": 0.85, "gn": 0.9, "in": 0.95}))  # reversed: -1
+    look = below.second_look()
+    assert look is not None and look.candidate.params == cfg("ln")  # the best without a full run
+    assert look.candidate.label.startswith("second look: uniform:ln")
+    assert look.continues is not None and look.continues.epochs == RUNG
+
+
+def test_a_second_look_at_the_own_norms_keeps_them_guarded():
+    """The own norms' promoted run failed (no full run): a second look promotes them as the
+    incumbent still, whom only paired evidence replaces."""
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.9, incumbent=True)
+    screened(study, "gn", 0.8)
+    screened(study, "in", 0.7)
+    promoted(study, "gn", 0.5)
+    promoted(study, "in", 0.9)
+    look = evidence(study).second_look()
+    assert look is not None and look.candidate.params == cfg("bn")
+    assert look.candidate.incumbent and look.user_attrs()[keys.INCUMBENT]
+
+
+def test_one_second_look_only_and_only_before_refinement():
+    plan = staged_plan(trainings=None)
+    study = fidelity_study({"bn": 0.85, "gn": 0.9})  # the rung misranked the two it promoted
+    steps = plan._planned(study.trials, left=10 * MAX_EPOCHS)
+    assert isinstance(steps, list) and steps[0].candidate.label.startswith("second look")
+    promoted(study, "in", 0.8, label="second look: in")  # it ran; the fidelity stays low
+    after = plan._planned(study.trials, left=10 * MAX_EPOCHS)
+    assert isinstance(after, list) and after
+    assert not any(s.candidate.label.startswith("second look") for s in after)
+    assert {s.stage for s in after} == {REFINE}
+
+
+def test_a_second_look_costs_the_rest_of_its_run_and_leaves_the_confirmations_paid():
+    plan = staged_plan(trainings=None)
+    study = fidelity_study({"bn": 0.85, "gn": 0.9})
+    # the leaders (gn, bn) each lack one full run: two confirmations are kept
+    reserve = MAX_EPOCHS * CONFIRM_TOP * (CONFIRM_RUNS - 1)
+    cost = MAX_EPOCHS - RUNG
+    exact = plan._planned(study.trials, left=cost + reserve)
+    assert exact and exact[0].candidate.label.startswith("second look")
+    short = plan._planned(study.trials, left=cost + reserve - 1)
+    assert not any(s.candidate.label.startswith("second look") for s in short)
+
+
+def test_a_refinement_round_whose_best_move_beats_the_incumbent_is_promoted_if_it_fits():
+    plan = staged_plan(trainings=None)
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    screened(study, "gn", 0.6)
+    promoted(study, "bn", 0.7)
+    promoted(study, "gn", 0.8)
+    move = Planned(REFINE, Candidate("refine: slot:a <- bn", cfg("in")), rung=RUNG, round=1)
+    add(study, cfg("in"), TrialState.PRUNED, {**move.user_attrs(), keys.EPOCHS: RUNG}, None, 0.9)
+    exact = plan._planned(study.trials, left=MAX_EPOCHS - RUNG)
+    assert [(s.stage, s.round, s.candidate.params) for s in exact] == [(PROMOTE, 1, cfg("in"))]
+    assert exact[0].continues is not None and exact[0].continues.epochs == RUNG
+    short = plan._planned(study.trials, left=MAX_EPOCHS - RUNG - 1)
+    assert not any(s.stage == PROMOTE for s in short)
+
+
+def test_a_challenger_without_a_rung_value_never_beats_the_incumbent():
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    promoted(study, "bn", 0.7)
+    ev = evidence(study)
+    incumbent = ev.incumbent()
+    assert incumbent is not None and incumbent.params == cfg("bn")
+    assert not ev.beats_at_rung(Candidate("never screened", cfg("gn")), incumbent)
+    screened(study, "gn", 0.6)
+    assert evidence(study).beats_at_rung(Candidate("screened", cfg("gn")), incumbent)
+    assert not evidence(study, maximize=False).beats_at_rung(Candidate("s", cfg("gn")), incumbent)
+
+
+def test_evidence_without_a_full_run_has_no_incumbent_and_no_moves():
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    ev = evidence(study)
+    assert ev.incumbent() is None and ev.leaders() == []
+    assert staged_plan(trainings=None)._moves(ev, study.trials) == []
+
+
+def test_the_switchable_donor_reads_each_screened_config_s_own_recorded_choices():
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5, **{keys.SWITCHABLE_CHOICES: {"a": "gn"}})
+    screened(study, "gn", 0.9, **{keys.SWITCHABLE_CHOICES: {"a": "in", "b": "in"}})
+    screened(study, "in", 0.7)
+    donor = evidence(study).mixed_donor(dict)
+    # the best screened config's choices win; the others fill in only what it lacks
+    assert donor is not None and donor.params == {"a": "in", "b": "in"}
+    assert evidence(study).mixed_donor(None) is None
+    silent = optuna.create_study(direction="maximize")
+    screened(silent, "bn", 0.5)
+    assert evidence(silent).mixed_donor(dict) is None
+
+
+def test_without_a_learned_config_the_perturbed_choice_is_the_first_donor():
+    plan = staged_plan(trainings=None)
+    plan.mixed_params = dict
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5, **{keys.SWITCHABLE_CHOICES: {"c": "gn"}})
+    screened(study, "gn", 0.6, **{keys.PERTURBED_CHOICES: {"a": "in"}})
+    promoted(study, "gn", 0.8)
+    moves = plan._moves(evidence(study), study.trials)
+    assert moves[0].label == "refine: slot:a <- switchable perturbation"
+    assert moves[0].params == {**cfg("gn"), "a": "in"}
+
+
+def test_the_perturbed_config_is_screened_at_the_rung_when_exactly_a_rung_is_left():
+    plan = staged_plan(trainings=None)
+    plan.mixed_params = dict
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    screened(study, "gn", 0.6, **{keys.PERTURBED_CHOICES: {"a": "in"}})
+    exact = plan._planned(study.trials, left=RUNG)
+    assert [(s.stage, s.rung, s.candidate.label) for s in exact] == [
+        (SCREEN, RUNG, "switchable perturbation")
+    ]
+    assert exact[0].user_attrs()[keys.RUNG_EPOCHS] == RUNG
+    assert not any(
+        s.candidate.label == "switchable perturbation"
+        for s in plan._planned(study.trials, left=RUNG - 1)
+    )
+
+
+def test_a_confirmation_that_costs_exactly_what_is_left_runs():
+    plan = staged_plan(trainings=None)
+    plan.groups = {}  # no refinement moves: only the confirmation is left
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    screened(study, "gn", 0.6)
+    promoted(study, "bn", 0.7)
+    promoted(study, "gn", 0.8)
+    exact = plan._planned(study.trials, left=MAX_EPOCHS)
+    assert [(s.stage, s.run) for s in exact] == [(CONFIRM, 1)]
+    assert plan._planned(study.trials, left=MAX_EPOCHS - 1) == []
+
+
+@pytest.mark.parametrize("n_trials", [8, 9, 10, 11, 12, 13])
+def test_under_n_trials_alone_refinement_keeps_trials_for_its_promotion_and_confirmation(
+    n_trials,
+):
+    """No compute cap, only ``n_trials``: the plan uses every trial, refinement runs, a round
+    whose best move beats the incumbent at the rung gets its promotion, and the search ends
+    with a confirmation."""
+    study = run(staged_plan(trainings=None, n_trials=n_trials))
+    trials = study.trials
+    assert len(trials) == n_trials
+    assert trials[-1].user_attrs[keys.STAGE] == CONFIRM
+    rounds = {t.user_attrs[keys.ROUND] for t in trials if t.user_attrs[keys.STAGE] == REFINE}
+    assert rounds, "refinement ran"
+    for round_ in rounds:
+        last = max(
+            i
+            for i, t in enumerate(trials)
+            if t.user_attrs[keys.STAGE] == REFINE and t.user_attrs[keys.ROUND] == round_
+        )
+        ev = Evidence(trials[: last + 1], RUNG, True)
+        best, incumbent = ev.ranked_screen(REFINE, round_)[0], ev.incumbent()
+        assert incumbent is not None
+        promoted_ = any(
+            t.user_attrs[keys.STAGE] == PROMOTE and t.user_attrs[keys.ROUND] == round_
+            for t in trials
+        )
+        assert promoted_ == ev.beats_at_rung(best, incumbent), round_
+
+
+def test_the_plan_counts_only_trials_that_did_not_fail_against_n_trials():
+    """A failed trial (retried) does not use up a place: the plan still fills ``n_trials``."""
+    plan = staged_plan(trainings=None, n_trials=10)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for step in plan.screen():
+        study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+    failed = False
+    for _ in range(100):
+        if plan.next(study) != "run":
+            break
+        if not failed:  # the first trial fails once and is retried as a fresh queued trial
+            failed = True
+            study.optimize(lambda t: 1 / 0, n_trials=1, catch=(ZeroDivisionError,))
+            first = study.trials[0]
+            study.enqueue_trial(first.params, user_attrs=first.user_attrs)
+            continue
+        study.optimize(objective, n_trials=1)
+    done = [t for t in study.trials if t.state != TrialState.FAIL]
+    assert len(done) == 10
+    assert any(t.user_attrs.get(keys.STAGE) == REFINE for t in done)
