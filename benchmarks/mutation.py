@@ -58,6 +58,7 @@ TARGETS: dict[str, Target] = {
             "tests/search/test_plan.py",
             "tests/search/test_plan_directions.py",
             "tests/search/test_plan_confirm.py",
+            "tests/search/test_plan_rules.py",
             "tests/search/test_learn_budget.py",
         ),
     ),
@@ -70,8 +71,10 @@ TARGETS: dict[str, Target] = {
         (
             "tests/search/test_claim_lock.py",
             "tests/search/test_heartbeat_refresh.py",
-            "tests/search/test_trial_exit.py",
-            "tests/search/test_workers.py",
+            "tests/search/test_trial_exit.py::test_sys_exit_in_user_code_is_no_interrupt_but_lightnings_ctrl_c_is",
+            "tests/search/test_workers.py::test_stale_trial_fails_once_and_runs_again_once",
+            "tests/search/test_workers.py::test_search_waits_for_a_lost_trial_then_reruns_it_and_warns_about_sqlite",
+            "tests/search/test_workers.py::test_bad_worker_options_are_refused",
         ),
     ),
     "storage": Target(
@@ -168,7 +171,9 @@ def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
     (where / "mutants").mkdir()
     env = dict(os.environ)
     # the tests' subprocesses (CLI, worker pools) import the mutated copy too
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(where / "mutants"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(where / "mutants"), env.get("PYTHONPATH")])
+    )
     env.pop("CI", None)  # a skipped PostgreSQL test is no failure here
     started = time.monotonic()
     log = where / "mutmut.log"
@@ -183,13 +188,17 @@ def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"mutmut failed on {name} (exit {done.returncode}); its log: {log}")
     meta = json.loads((where / "mutants" / f"{target.module}.meta").read_text())
-    statuses = {key: STATUS.get(code, "suspicious") for key, code in meta["exit_code_by_key"].items()}
+    statuses = {
+        key: STATUS.get(code, "suspicious") for key, code in meta["exit_code_by_key"].items()
+    }
     equivalents = load_equivalents()
     survivors = []
     for key in sorted(k for k, s in statuses.items() if s == "survived"):
         if key in equivalents:
             statuses[key] = "equivalent"
-        survivors.append({"name": key, "why_equivalent": equivalents.get(key), "diff": show(where, key)})
+        survivors.append(
+            {"name": key, "why_equivalent": equivalents.get(key), "diff": show(where, key)}
+        )
     return {
         "module": target.module,
         "tests": list(target.tests),
@@ -240,7 +249,9 @@ def write_table() -> Path:
         "# Mutation testing\n\nWritten by `python -m benchmarks.mutation` (mutmut). Score = "
         "(killed + timed out) / (mutants - equivalent).\n\n"
         "| module | mutants | killed | survived | equivalent | no tests | score | minutes |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n## Survivors\n\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "\n".join(rows)
+        + "\n\n## Survivors\n\n"
         + ("\n".join(sections) or "None.\n")
     )
     out = RESULTS / "mutation.md"
@@ -250,7 +261,9 @@ def write_table() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("targets", nargs="*", metavar="TARGET", help=f"of {', '.join(TARGETS)}; default: all")
+    parser.add_argument(
+        "targets", nargs="*", metavar="TARGET", help=f"of {', '.join(TARGETS)}; default: all"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autonorm-mutation"))
     parser.add_argument("--list", action="store_true", help="print the targets and their tests")

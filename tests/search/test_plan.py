@@ -393,11 +393,12 @@ def test_a_retried_trial_keeps_its_stage_rung_seed_and_the_run_it_continues():
 def test_a_later_queued_trial_that_fits_runs_after_the_one_that_does_not_is_skipped():
     plan = staged_plan(trainings=1.5)  # 13.5 epochs
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial(dict.fromkeys(PARAMS, "bn"), user_attrs={keys.STAGE: CONFIRM})
-    study.enqueue_trial(dict.fromkeys(PARAMS, "gn"), user_attrs={keys.STAGE: CONFIRM})
-    study.enqueue_trial(
-        dict.fromkeys(PARAMS, "in"), user_attrs={keys.STAGE: SCREEN, keys.RUNG_EPOCHS: 3}
-    )
+    for step in (
+        Planned(CONFIRM, uniform("bn")),
+        Planned(CONFIRM, uniform("gn")),
+        Planned(SCREEN, uniform("in"), rung=3),
+    ):
+        study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
     study.optimize(objective, n_trials=1)  # 9 epochs: 4.5 left, a full run no longer fits
     assert plan.next(study) == RUN  # ... but the queued screen of 3 epochs does
     assert study.trials[1].state == optuna.trial.TrialState.FAIL
