@@ -255,7 +255,9 @@ def test_the_evidence_ranks_the_rung_and_checks_a_move_in_the_study_s_direction(
             intermediate_values={step: sign * value * (step + 1) / RUNG for step in range(RUNG)},
             user_attrs={
                 keys.STAGE: stage,
+                keys.BASELINE: short,
                 keys.ROUND: round_,
+                keys.RUN_INDEX: 0,
                 keys.RUNG_EPOCHS: RUNG,
                 keys.EPOCHS: 3,
             },
