@@ -94,6 +94,12 @@ def _instancenorm(
     affine: bool = True,
     **kw: Any,
 ) -> nn.Module:
+    if track_running_stats and momentum is None:
+        # batch norms read None as a cumulative average; torch's instance_norm reads it as 0
+        raise ValueError(
+            "instancenorm: momentum=None with track_running_stats=True never updates the "
+            "running statistics (torch's instance norm reads None as 0); give a momentum in (0, 1]"
+        )
     kw.update(affine=affine, track_running_stats=track_running_stats, momentum=momentum)
     if layout == CHANNELS_LAST:
         return InstanceNormChannelsLast(num_features, **kw)

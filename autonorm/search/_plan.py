@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -346,7 +347,7 @@ def _skip(study: optuna.Study, waiting: Sequence[FrozenTrial], reason: str) -> N
 
 def _affordable(left: float, cost: int) -> int:
     """How many runs of ``cost`` epochs fit in ``left`` (no cap: as many as wanted)."""
-    return 1 << 30 if math.isinf(left) else max(0, int(left // cost))
+    return sys.maxsize if math.isinf(left) else max(0, int(left // cost))
 
 
 def spearman(pairs: Sequence[tuple[float, float]]) -> float | None:

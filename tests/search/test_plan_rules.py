@@ -24,7 +24,15 @@ from autonorm.search._plan import (
     Plan,
     spearman,
 )
-from autonorm.search._planned import CONFIRM, PROMOTE, REFINE, SCREEN, Candidate, Planned
+from autonorm.search._planned import (
+    CONFIRM,
+    PROMOTE,
+    REFINE,
+    SCREEN,
+    Candidate,
+    Continued,
+    Planned,
+)
 from tests.search.test_plan import MAX_EPOCHS, PARAMS, objective, run, staged_plan, uniform
 
 RUNG = 3  # of MAX_EPOCHS = 9
@@ -358,3 +366,18 @@ def test_the_plan_counts_only_trials_that_did_not_fail_against_n_trials():
     done = [t for t in study.trials if t.state != TrialState.FAIL]
     assert len(done) == 10
     assert any(t.user_attrs.get(keys.STAGE) == REFINE for t in done)
+
+
+def test_the_first_promotions_pay_for_the_incumbent_first_and_keep_their_order():
+    plan = staged_plan(trainings=None)
+    cost = MAX_EPOCHS - RUNG
+    best, second, own = (
+        Planned(PROMOTE, uniform("gn"), continues=Continued(0, RUNG)),
+        Planned(PROMOTE, uniform("in"), continues=Continued(1, RUNG)),
+        Planned(PROMOTE, uniform("bn", incumbent=True), continues=Continued(2, RUNG)),
+    )
+    steps = [best, second, own]
+    assert plan._affordable_promotions(steps, left=3 * cost) == steps
+    assert plan._affordable_promotions(steps, left=2 * cost) == [best, own]
+    assert plan._affordable_promotions(steps, left=2 * cost - 1) == [own]
+    assert plan._affordable_promotions(steps, left=cost - 1) == []
