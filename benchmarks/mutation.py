@@ -64,7 +64,11 @@ TARGETS: dict[str, Target] = {
     ),
     "winners": Target(
         "autonorm/report/_winners.py",
-        ("tests/report/test_winners.py", "tests/report/test_summary.py"),
+        (
+            "tests/report/test_winners.py",
+            "tests/report/test_summary.py",
+            "tests/report/test_winners_rules.py",
+        ),
     ),
     "workers": Target(
         "autonorm/search/_workers.py",

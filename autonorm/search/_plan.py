@@ -347,7 +347,7 @@ def _skip(study: optuna.Study, waiting: Sequence[FrozenTrial], reason: str) -> N
 
 def _affordable(left: float, cost: int) -> int:
     """How many runs of ``cost`` epochs fit in ``left`` (no cap: as many as wanted)."""
-    return sys.maxsize if math.isinf(left) else max(0, int(left // cost))
+    return sys.maxsize if math.isinf(left) else max(0, math.floor(left / cost))
 
 
 def spearman(pairs: Sequence[tuple[float, float]]) -> float | None:
@@ -393,9 +393,8 @@ class Evidence:
         return [] if runs is None else runs.values
 
     def next_run(self, params: Mapping[str, str]) -> int:
-        """The run index (the seed) of the config's next full run."""
-        runs = self._runs.get(params_key(params))
-        return 0 if runs is None else max(runs.run_indices) + 1
+        """The run index (the seed) of the next full run of a config that has full runs."""
+        return max(self._runs[params_key(params)].run_indices) + 1
 
     def rung_value(self, params: Mapping[str, str]) -> float | None:
         """The config's mean value at the rung over its screening trials (the first value

@@ -155,8 +155,11 @@ def screened(study, choice: str, rung_value: float, incumbent=False, **extra) ->
     add(study, cfg(choice), TrialState.PRUNED, attrs, rung_value=rung_value)
 
 
-def promoted(study, choice: str, value: float, run_index: int = 0, label: str = "") -> None:
-    step = Planned(PROMOTE, Candidate(label or f"uniform:{choice}", cfg(choice)), run=run_index)
+def promoted(
+    study, choice: str, value: float, run_index: int = 0, label: str = "", incumbent=False
+) -> None:
+    candidate = Candidate(label or f"uniform:{choice}", cfg(choice), incumbent)
+    step = Planned(PROMOTE, candidate, run=run_index)
     add(study, cfg(choice), TrialState.COMPLETE, {**step.user_attrs(), keys.EPOCHS: 6}, value)
 
 
@@ -381,3 +384,32 @@ def test_the_first_promotions_pay_for_the_incumbent_first_and_keep_their_order()
     assert plan._affordable_promotions(steps, left=2 * cost) == [best, own]
     assert plan._affordable_promotions(steps, left=2 * cost - 1) == [own]
     assert plan._affordable_promotions(steps, left=cost - 1) == []
+
+
+def test_a_promotion_continues_only_a_screened_run_that_reached_its_rung():
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5)
+    step = Planned(SCREEN, uniform("gn"), rung=1)  # stopped (pruned) before recording an epoch
+    add(study, cfg("gn"), TrialState.PRUNED, step.user_attrs(), rung_value=0.4)
+    ev = evidence(study)
+    assert ev.promotion(uniform("bn")).continues == Continued(0, RUNG)
+    for never in (uniform("gn"), uniform("in")):  # no epoch recorded; never screened
+        fresh = ev.promotion(never)
+        assert fresh.continues is None and keys.START_EPOCH not in fresh.user_attrs()
+
+
+def test_the_leaders_keep_their_labels_and_the_own_norms_confirm_as_the_incumbent():
+    plan = staged_plan(trainings=None)
+    study = optuna.create_study(direction="maximize")
+    screened(study, "bn", 0.5, incumbent=True)
+    screened(study, "gn", 0.6)
+    promoted(study, "bn", 0.8, label="own norms", incumbent=True)
+    promoted(study, "gn", 0.7)
+    ev = evidence(study)
+    assert [(c.label, bool(c.incumbent)) for c in ev.leaders()] == [
+        ("own norms", True),
+        ("uniform:gn", False),
+    ]
+    confirm = plan._confirmation(ev)
+    assert confirm is not None and confirm.candidate.params == cfg("bn") and confirm.run == 1
+    assert confirm.user_attrs()[keys.INCUMBENT]
