@@ -383,7 +383,7 @@ class Evidence:
     def __init__(self, trials: Sequence[FrozenTrial], rung: int, maximize: bool) -> None:
         self.trials = [t for t in trials if t.state.is_finished() and is_feasible(t)]
         self.rung = rung
-        self.sign = 1.0 if maximize else -1.0
+        self.maximize = maximize
         self._ranked = rank_runs(self.trials, maximize=maximize)
         self._runs = {params_key(r.trials[0].params): r for r in self._ranked}
 
@@ -446,7 +446,7 @@ class Evidence:
                 seen.setdefault(params_key(t.params), Candidate(label, dict(t.params), incumbent))
         scored = [(self.rung_value(c.params), c) for c in seen.values()]
         ranked = [(v, c) for v, c in scored if v is not None]
-        return [c for _, c in sorted(ranked, key=lambda vc: -self.sign * vc[0])]
+        return [c for _, c in sorted(ranked, key=lambda vc: vc[0], reverse=self.maximize)]
 
     def rung_fidelity(self) -> float | None:
         """How well the rung ranks the configs that also have a full run: Spearman's rank
@@ -522,7 +522,7 @@ class Evidence:
         mine, theirs = self.rung_value(challenger.params), self.rung_value(incumbent.params)
         if mine is None:
             return False
-        return theirs is None or self.sign * (mine - theirs) > 0
+        return theirs is None or (mine > theirs if self.maximize else mine < theirs)
 
 
 def reuse_finished(

@@ -413,3 +413,41 @@ def test_the_leaders_keep_their_labels_and_the_own_norms_confirm_as_the_incumben
     confirm = plan._confirmation(ev)
     assert confirm is not None and confirm.candidate.params == cfg("bn") and confirm.run == 1
     assert confirm.user_attrs()[keys.INCUMBENT]
+
+
+def test_a_sampled_leader_without_a_label_is_named_by_its_trial():
+    study = optuna.create_study(direction="maximize")
+    promoted(study, "bn", 0.7)
+    add(study, cfg("in"), TrialState.COMPLETE, {}, value=0.9)  # the sampler's: no plan attrs
+    assert [c.label for c in evidence(study).leaders()] == ["trial 1", "uniform:bn"]
+    confirm = staged_plan(trainings=None)._confirmation(evidence(study))
+    assert confirm is not None and confirm.user_attrs()[keys.BASELINE] == "trial 1"
+
+
+def test_the_rung_value_is_the_first_reported_at_or_after_the_rung_s_last_epoch():
+    study = optuna.create_study(direction="maximize")
+    step = Planned(SCREEN, uniform("bn"), rung=RUNG)
+    every_epoch = {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=cfg("bn"),
+            distributions=DISTRIBUTIONS,
+            state=TrialState.PRUNED,
+            intermediate_values=every_epoch,
+            user_attrs={**step.user_attrs(), keys.EPOCHS: RUNG + 1},
+        )
+    )
+    every_other = {0: 0.1, 3: 0.5, 5: 0.7}  # validated every third epoch: none at the rung's
+    step = Planned(SCREEN, uniform("gn"), rung=RUNG)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=cfg("gn"),
+            distributions=DISTRIBUTIONS,
+            state=TrialState.PRUNED,
+            intermediate_values=every_other,
+            user_attrs={**step.user_attrs(), keys.EPOCHS: RUNG},
+        )
+    )
+    ev = evidence(study)
+    assert ev.rung_value(cfg("bn")) == 0.3
+    assert ev.rung_value(cfg("gn")) == 0.5
