@@ -22,6 +22,7 @@ from autonorm.search._plan import (
     PROMOTED,
     Evidence,
     Plan,
+    reuse_finished,
     spearman,
 )
 from autonorm.search._planned import (
@@ -451,3 +452,30 @@ def test_the_rung_value_is_the_first_reported_at_or_after_the_rung_s_last_epoch(
     ev = evidence(study)
     assert ev.rung_value(cfg("bn")) == 0.3
     assert ev.rung_value(cfg("gn")) == 0.5
+
+
+def test_a_reused_result_carries_its_twin_s_config_and_feasibility_and_not_a_planned_trial():
+    study = optuna.create_study(direction="maximize")
+    space = {"a": (["bn", "gn"], ["a"])}
+    recorded = {keys.CONFIG: "a: gn", keys.FEASIBLE: False, keys.INFEASIBLE_REASON: "memory"}
+
+    def first(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("a", ["bn", "gn"])
+        for name, value in recorded.items():
+            trial.set_user_attr(name, value)
+        return 0.7
+
+    study.enqueue_trial({"a": "gn"}, user_attrs={keys.BASELINE: "uniform:gn"})
+    study.optimize(first, n_trials=1)
+    study.enqueue_trial({"a": "gn"})
+    study.optimize(lambda t: reuse_finished(study, t, space) or 0.1, n_trials=1)
+    assert study.trials[1].user_attrs == {
+        **recorded,
+        keys.BASELINE: "uniform:gn",
+        keys.REUSED_FROM: 0,
+    }
+    # a planned trial of the same config trains (a re-evaluation repeats it on purpose)
+    planned = Planned(CONFIRM, Candidate("again", {"a": "gn"}), run=1)
+    study.enqueue_trial({"a": "gn"}, user_attrs=planned.user_attrs())
+    study.optimize(lambda t: reuse_finished(study, t, space) or 0.1, n_trials=1)
+    assert study.trials[2].value == 0.1 and keys.REUSED_FROM not in study.trials[2].user_attrs
