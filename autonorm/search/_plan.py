@@ -527,7 +527,7 @@ class Evidence:
 
 def reuse_finished(
     study: optuna.Study, trial: optuna.Trial, params: Mapping[str, Parameter]
-) -> float | list[float] | None:
+) -> list[float] | None:
     """The values of a finished trial that trained the same config as ``trial``, recorded on
     ``trial`` as reused (no training, no compute), or None when ``trial`` must train.
 
@@ -546,6 +546,5 @@ def reuse_finished(
             for name in (keys.CONFIG, keys.FEASIBLE, keys.INFEASIBLE_REASON, keys.BASELINE):
                 if name in twin.user_attrs:
                     trial.set_user_attr(name, twin.user_attrs[name])
-            values = list(twin.values)
-            return values[0] if len(values) == 1 else values
+            return list(twin.values)  # Optuna takes one value as a list of one
     return None

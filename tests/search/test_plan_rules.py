@@ -479,3 +479,14 @@ def test_a_reused_result_carries_its_twin_s_config_and_feasibility_and_not_a_pla
     study.enqueue_trial({"a": "gn"}, user_attrs=planned.user_attrs())
     study.optimize(lambda t: reuse_finished(study, t, space) or 0.1, n_trials=1)
     assert study.trials[2].value == 0.1 and keys.REUSED_FROM not in study.trials[2].user_attrs
+
+
+def test_a_reused_result_of_two_objectives_keeps_both_values():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    space = {"a": (["bn", "gn"], ["a"])}
+    study.enqueue_trial({"a": "gn"})
+    study.optimize(lambda t: reuse_finished(study, t, space) or [0.7, 120.0], n_trials=1)
+    study.enqueue_trial({"a": "gn"})
+    study.optimize(lambda t: reuse_finished(study, t, space) or [0.1, 5.0], n_trials=1)
+    assert study.trials[1].values == [0.7, 120.0]
+    assert study.trials[1].state == TrialState.COMPLETE
