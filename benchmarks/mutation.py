@@ -109,7 +109,7 @@ TARGETS: dict[str, Target] = {
             "tests/test_config_properties.py",
         ),
     ),
-    "deploy": Target("autonorm/deploy.py", ("tests/test_deploy.py",)),
+    "deploy": Target("autonorm/deploy.py", ("tests/test_deploy.py", "tests/test_deploy_inputs.py")),
     "io": Target("autonorm/_io.py", ("tests/test_io.py", "tests/test_bad_input.py")),
 }
 
