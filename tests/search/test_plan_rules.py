@@ -19,7 +19,10 @@ from autonorm import _trial_keys as keys
 from autonorm.search._plan import (
     CONFIRM_RUNS,
     CONFIRM_TOP,
+    DONE,
     PROMOTED,
+    RUN,
+    WAIT,
     Evidence,
     Plan,
     reuse_finished,
@@ -490,3 +493,67 @@ def test_a_reused_result_of_two_objectives_keeps_both_values():
     study.optimize(lambda t: reuse_finished(study, t, space) or [0.1, 5.0], n_trials=1)
     assert study.trials[1].values == [0.7, 120.0]
     assert study.trials[1].state == TrialState.COMPLETE
+
+
+def study_with(states: list[TrialState]) -> optuna.Study:
+    """Trials of the sampler (no plan attrs) in ``states``; a WAITING one is queued last."""
+    study = optuna.create_study(direction="maximize")
+    for state in states:
+        if state == TrialState.WAITING:
+            study.enqueue_trial(cfg("gn"))
+        else:
+            value = 0.5 if state == TrialState.COMPLETE else None
+            add(study, cfg("bn"), state, {}, value=value)
+    return study
+
+
+def test_n_trials_counts_running_trials_and_skips_a_queued_one_once_the_study_is_full():
+    plan = Plan(max_epochs=MAX_EPOCHS, budget_epochs=None, n_trials=3)
+    busy = study_with([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING])
+    busy.enqueue_trial(cfg("gn"))
+    assert plan.next(busy) == WAIT  # the running one may still fail and leave its place
+    full = study_with([TrialState.COMPLETE] * 3 + [TrialState.WAITING])
+    assert plan.next(full) == DONE
+    skipped = full.trials[-1]
+    assert skipped.state == TrialState.FAIL
+    assert skipped.user_attrs[keys.FAIL_REASON] == "skipped: the study holds its n_trials=3"
+    failed = study_with([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL])
+    failed.enqueue_trial(cfg("gn"))
+    assert plan.next(failed) == RUN  # a failed trial holds no place
+
+
+def test_the_plan_enqueues_no_more_than_the_places_n_trials_leaves_beside_running_trials():
+    plan = staged_plan(trainings=None, n_trials=5)
+    study = optuna.create_study(direction="maximize")
+    for choice, value in (("bn", 0.5), ("gn", 0.6), ("in", 0.7)):
+        screened(study, choice, value)
+    add(study, cfg("ln"), TrialState.RUNNING, {})  # the sampler's, still training
+    assert plan.next(study) == RUN
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    fixed = [(t.user_attrs[keys.STAGE], t.system_attrs["fixed_params"]) for t in queued]
+    assert fixed == [(PROMOTE, cfg("in"))]  # the best screened; the second waits for a place
+
+
+def confirmed_study(runs: int) -> optuna.Study:
+    """bn and gn screened and promoted, each with ``runs`` full runs; the rung misranked them."""
+    study = optuna.create_study(direction="maximize")
+    for choice, at_rung in (("bn", 0.9), ("gn", 0.8), ("in", 0.7)):
+        screened(study, choice, at_rung)
+    for run_index in range(runs):
+        promoted(study, "bn", 0.80 + run_index / 100, run_index=run_index)
+        promoted(study, "gn", 0.90 + run_index / 100, run_index=run_index)
+    return study
+
+
+def test_confirmed_leaders_get_no_more_runs_and_leave_the_budget_to_a_second_look():
+    plan = staged_plan(trainings=None)
+    plan.groups = {}  # no refinement: what is left is a second look or a confirmation
+    once = confirmed_study(runs=1)
+    assert [s.stage for s in plan._planned(once.trials, left=100)] == [PROMOTE]  # second look
+    twice = confirmed_study(runs=CONFIRM_RUNS)
+    cost = MAX_EPOCHS - RUNG
+    exact = plan._planned(twice.trials, left=cost)  # no confirmation is kept back
+    assert [s.candidate.label[:11] for s in exact] == ["second look"]
+    promoted(twice, "in", 0.85, label="second look: uniform:in")
+    promoted(twice, "in", 0.86, run_index=1, label="second look: uniform:in")
+    assert plan._planned(twice.trials, left=100) == []  # every leader has its runs
