@@ -79,6 +79,7 @@ TARGETS: dict[str, Target] = {
             "tests/search/test_workers.py::test_stale_trial_fails_once_and_runs_again_once",
             "tests/search/test_workers.py::test_search_waits_for_a_lost_trial_then_reruns_it_and_warns_about_sqlite",
             "tests/search/test_workers.py::test_bad_worker_options_are_refused",
+            "tests/search/test_lock_and_heartbeat_rules.py",
         ),
     ),
     "storage": Target(
@@ -110,7 +111,10 @@ TARGETS: dict[str, Target] = {
         ),
     ),
     "deploy": Target("autonorm/deploy.py", ("tests/test_deploy.py", "tests/test_deploy_inputs.py")),
-    "io": Target("autonorm/_io.py", ("tests/test_io.py", "tests/test_bad_input.py")),
+    "io": Target(
+        "autonorm/_io.py",
+        ("tests/test_io.py", "tests/test_bad_input.py", "tests/test_io_rules.py"),
+    ),
 }
 
 #: mutmut's exit codes, as its ``stats.status_by_exit_code`` reads them
