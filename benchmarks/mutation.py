@@ -19,6 +19,7 @@ Usage (outside CI; about 10-40 minutes a target on 2 cores)::
     python -m benchmarks.mutation                    # every target
     python -m benchmarks.mutation plan winners       # some
     python -m benchmarks.mutation --list             # the targets and their tests
+    python -m benchmarks.mutation plan --recheck     # the survivors again, with new tests
 
 Set ``AUTONORM_TEST_POSTGRES_URL`` (``eval "$(.ci/postgres.sh start)"``) to let the PostgreSQL
 variants of the lock tests run too.
@@ -152,31 +153,65 @@ def mutmut_section(target: Target) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scratch_checkout(name: str, target: Target, workdir: Path) -> Path:
-    """A fresh copy of the checkout's files (tracked and untracked, not ignored) for ``name``."""
-    where = workdir / name
-    shutil.rmtree(where, ignore_errors=True)
+def checkout_files(under: str | None = None) -> list[Path]:
+    """The checkout's files (tracked and untracked, not ignored), all or those ``under`` a folder."""
     listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        ["git", "ls-files", "-co", "--exclude-standard", "-z", *([under] if under else [])],
         cwd=ROOT,
         check=True,
         capture_output=True,
     ).stdout.split(b"\0")
-    for raw in filter(None, listed):
-        path = Path(os.fsdecode(raw))
-        if (ROOT / path).is_file():
+    return [Path(os.fsdecode(raw)) for raw in listed if raw and (ROOT / os.fsdecode(raw)).is_file()]
+
+
+def copy_files(paths: list[Path], *destinations: Path) -> None:
+    for path in paths:
+        for where in destinations:
             (where / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / path, where / path)
+
+
+def scratch_checkout(name: str, target: Target, workdir: Path) -> Path:
+    """A fresh copy of the checkout for ``name``, with its ``[tool.mutmut]`` section."""
+    where = workdir / name
+    shutil.rmtree(where, ignore_errors=True)
+    copy_files(checkout_files(), where)
     with open(where / "pyproject.toml", "a") as f:
         f.write(mutmut_section(target))
+    # made now, not by mutmut: a sys.path entry missing at start-up stays unsearched (tests import)
+    (where / "mutants").mkdir()
     return where
 
 
-def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
-    """Run mutmut on ``target``; its counts and survivors."""
-    where = scratch_checkout(name, target, workdir)
-    # made now, not by mutmut: a sys.path entry missing at start-up stays unsearched (tests import)
-    (where / "mutants").mkdir()
+def refreshed_tests(name: str, target: Target, workdir: Path) -> Path:
+    """``name``'s scratch checkout of the last run, with the checkout's current tests (the
+    mutants stay: the module must be unchanged since)."""
+    where = workdir / name
+    if not (where / "mutants" / f"{target.module}.meta").exists():
+        raise SystemExit(f"--recheck {name}: no earlier run in {where}")
+    if (where / target.module).read_bytes() != (ROOT / target.module).read_bytes():
+        raise SystemExit(f"--recheck {name}: {target.module} changed since its run; run it anew")
+    copy_files(checkout_files("tests"), where, where / "mutants")
+    pyproject = (ROOT / "pyproject.toml").read_text() + mutmut_section(target)
+    for folder in (where, where / "mutants"):
+        (folder / "pyproject.toml").write_text(pyproject)
+    (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: new stats
+    return where
+
+
+def statuses_of(where: Path, target: Target) -> dict[str, str]:
+    meta = json.loads((where / "mutants" / f"{target.module}.meta").read_text())
+    return {key: STATUS.get(code, "suspicious") for key, code in meta["exit_code_by_key"].items()}
+
+
+def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: bool) -> dict:
+    """Run mutmut on ``target`` (with ``recheck``: only the last run's survivors, against the
+    current tests); its counts and survivors."""
+    if recheck:
+        where = refreshed_tests(name, target, workdir)
+        names = [k for k, status in statuses_of(where, target).items() if status == "survived"]
+    else:
+        where, names = scratch_checkout(name, target, workdir), []
     env = dict(os.environ)
     # the tests' subprocesses (CLI, worker pools) import the mutated copy too
     env["PYTHONPATH"] = os.pathsep.join(
@@ -185,9 +220,9 @@ def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
     env.pop("CI", None)  # a skipped PostgreSQL test is no failure here
     started = time.monotonic()
     log = where / "mutmut.log"
-    with open(log, "w") as out:
+    with open(log, "a" if recheck else "w") as out:
         done = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names],
             cwd=where,
             env=env,
             stdout=out,
@@ -195,10 +230,7 @@ def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
         )
     if done.returncode != 0:
         raise SystemExit(f"mutmut failed on {name} (exit {done.returncode}); its log: {log}")
-    meta = json.loads((where / "mutants" / f"{target.module}.meta").read_text())
-    statuses = {
-        key: STATUS.get(code, "suspicious") for key, code in meta["exit_code_by_key"].items()
-    }
+    statuses = statuses_of(where, target)
     equivalents = load_equivalents()
     survivors = []
     for key in sorted(k for k, s in statuses.items() if s == "survived"):
@@ -207,12 +239,16 @@ def run_target(name: str, target: Target, workdir: Path, workers: int) -> dict:
         survivors.append(
             {"name": key, "why_equivalent": equivalents.get(key), "diff": show(where, key)}
         )
+    minutes = (time.monotonic() - started) / 60
+    if recheck:  # the run's time: the first run's and this one's
+        saved = RESULTS / "mutation" / f"{name}.json"
+        minutes += json.loads(saved.read_text())["minutes"] if saved.exists() else 0
     return {
         "module": target.module,
         "tests": list(target.tests),
         "counts": dict(Counter(statuses.values())),
         "score": score(Counter(statuses.values())),
-        "minutes": round((time.monotonic() - started) / 60, 1),
+        "minutes": round(minutes, 1),
         "survivors": survivors,
     }
 
@@ -275,6 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autonorm-mutation"))
     parser.add_argument("--list", action="store_true", help="print the targets and their tests")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="run only the last run's survivors again, against the current tests (the module "
+        "must be unchanged since)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.targets) - set(TARGETS))
     if unknown:
@@ -285,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     (RESULTS / "mutation").mkdir(parents=True, exist_ok=True)
     for name in args.targets or TARGETS:
-        result = run_target(name, TARGETS[name], args.workdir, args.workers)
+        result = run_target(name, TARGETS[name], args.workdir, args.workers, args.recheck)
         (RESULTS / "mutation" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"{name}: {result['counts']} score {result['score']} ({result['minutes']} min)")
     print(f"wrote {write_table()}")

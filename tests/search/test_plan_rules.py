@@ -557,3 +557,33 @@ def test_confirmed_leaders_get_no_more_runs_and_leave_the_budget_to_a_second_loo
     promoted(twice, "in", 0.85, label="second look: uniform:in")
     promoted(twice, "in", 0.86, run_index=1, label="second look: uniform:in")
     assert plan._planned(twice.trials, left=100) == []  # every leader has its runs
+
+
+def test_refinement_screens_as_many_moves_as_the_budget_leaves_after_their_promotion():
+    plan = staged_plan(trainings=None)
+    study = optuna.create_study(direction="maximize")
+    for choice, at_rung in (("bn", 0.5), ("gn", 0.6), ("in", 0.7)):
+        screened(study, choice, at_rung)
+    for run_index in range(CONFIRM_RUNS):  # the rung ranked them right; both confirmed
+        promoted(study, "in", 0.9, run_index=run_index)
+        promoted(study, "gn", 0.8, run_index=run_index)
+    promotion = MAX_EPOCHS - RUNG
+    for fitting in (1, 2, 3):
+        moves = plan._planned(study.trials, left=promotion + fitting * RUNG)
+        assert [(s.stage, s.round) for s in moves] == [(REFINE, 1)] * fitting
+    assert plan._planned(study.trials, left=promotion + RUNG - 1) == []
+
+
+def test_refinement_rounds_count_from_one_even_when_the_whole_screen_failed():
+    """Every screened trial failed; a config the sampler found leads: the learned config's
+    moves around it are round 1, and no second look is planned."""
+    plan = staged_plan(trainings=None)
+    plan.learned = cfg("gn")
+    study = optuna.create_study(direction="maximize")
+    step = Planned(SCREEN, uniform("bn"), rung=RUNG)
+    add(study, cfg("bn"), TrialState.FAIL, step.user_attrs())
+    add(study, cfg("in"), TrialState.COMPLETE, {}, value=0.9)
+    moves = plan._planned(study.trials, left=100 * MAX_EPOCHS)
+    assert moves and {(s.stage, s.round) for s in moves} == {(REFINE, 1)}
+    plan.learned = None  # nothing to borrow from: only the leader's confirmation is left
+    assert [s.stage for s in plan._planned(study.trials, left=100 * MAX_EPOCHS)] == [CONFIRM]
