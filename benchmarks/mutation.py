@@ -231,14 +231,8 @@ def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: 
     if done.returncode != 0:
         raise SystemExit(f"mutmut failed on {name} (exit {done.returncode}); its log: {log}")
     statuses = statuses_of(where, target)
-    equivalents = load_equivalents()
-    survivors = []
-    for key in sorted(k for k, s in statuses.items() if s == "survived"):
-        if key in equivalents:
-            statuses[key] = "equivalent"
-        survivors.append(
-            {"name": key, "why_equivalent": equivalents.get(key), "diff": show(where, key)}
-        )
+    survived = sorted(k for k, status in statuses.items() if status == "survived")
+    survivors = [{"name": key, "diff": show(where, key)} for key in survived]
     minutes = (time.monotonic() - started) / 60
     if recheck:  # the run's time: the first run's and this one's
         saved = RESULTS / "mutation" / f"{name}.json"
@@ -246,8 +240,7 @@ def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: 
     return {
         "module": target.module,
         "tests": list(target.tests),
-        "counts": dict(Counter(statuses.values())),
-        "score": score(Counter(statuses.values())),
+        "counts": dict(Counter(statuses.values())),  # as mutmut has them: equivalents survived
         "minutes": round(minutes, 1),
         "survivors": survivors,
     }
@@ -273,7 +266,8 @@ def load_equivalents() -> dict[str, str]:
 
 
 def write_table() -> Path:
-    """``results/mutation.md`` from every target's saved result."""
+    """``results/mutation.md`` from every target's saved result and the equivalents listed now."""
+    equivalents = load_equivalents()
     rows, sections = [], []
     for name in TARGETS:
         path = RESULTS / "mutation" / f"{name}.json"
@@ -281,13 +275,17 @@ def write_table() -> Path:
             continue
         r = json.loads(path.read_text())
         c = Counter(r["counts"])
-        pct = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        why = {s["name"]: equivalents.get(s["name"]) for s in r["survivors"]}
+        c["equivalent"] = sum(reason is not None for reason in why.values())
+        c["survived"] -= c["equivalent"]
+        scored = score(c)
+        pct = "n/a" if scored is None else f"{100 * scored:.1f}%"
         rows.append(
             f"| `{r['module']}` | {sum(c.values())} | {c['killed'] + c['timeout']} | "
             f"{c['survived']} | {c['equivalent']} | {c['no tests']} | **{pct}** | {r['minutes']} |"
         )
         for s in r["survivors"]:
-            label = f"equivalent: {s['why_equivalent']}" if s["why_equivalent"] else "survived"
+            label = f"equivalent: {why[s['name']]}" if why[s["name"]] else "survived"
             sections.append(f"### `{s['name']}` ({label})\n\n```diff\n{s['diff']}\n```\n")
     text = (
         "# Mutation testing\n\nWritten by `python -m benchmarks.mutation` (mutmut). Score = "
@@ -317,7 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only the last run's survivors again, against the current tests (the module "
         "must be unchanged since)",
     )
+    parser.add_argument("--table", action="store_true", help="only rewrite results/mutation.md")
     args = parser.parse_args(argv)
+    if args.table:
+        print(f"wrote {write_table()}")
+        return 0
     unknown = sorted(set(args.targets) - set(TARGETS))
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; the targets: {', '.join(TARGETS)}")
@@ -329,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.targets or TARGETS:
         result = run_target(name, TARGETS[name], args.workdir, args.workers, args.recheck)
         (RESULTS / "mutation" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{name}: {result['counts']} score {result['score']} ({result['minutes']} min)")
+        print(f"{name}: {result['counts']} ({result['minutes']} min)")
     print(f"wrote {write_table()}")
     return 0
 
