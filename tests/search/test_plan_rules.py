@@ -588,3 +588,19 @@ def test_refinement_rounds_count_from_one_even_when_the_whole_screen_failed():
     assert moves and {(s.stage, s.round) for s in moves} == {(REFINE, 1)}
     plan.learned = None  # nothing to borrow from: only the leader's confirmation is left
     assert [s.stage for s in plan._planned(study.trials, left=100 * MAX_EPOCHS)] == [CONFIRM]
+
+
+def test_the_evidence_ranks_ties_in_screen_order_and_ignores_unfinished_trials():
+    study = optuna.create_study(direction="maximize")
+    for choice, at_rung in (("bn", 0.5), ("gn", 0.5), ("in", 0.7)):
+        screened(study, choice, at_rung)
+    step = Planned(SCREEN, uniform("ln"), rung=RUNG)  # still training, already past its rung
+    add(study, cfg("ln"), TrialState.RUNNING, step.user_attrs(), rung_value=0.9)
+    ev = evidence(study)
+    assert [c.params["a"] for c in ev.ranked_screen(SCREEN, 0)] == ["in", "bn", "gn"]
+    assert ev.rung_value(cfg("ln")) is None
+    assert [c.params["a"] for c in evidence(study, maximize=False).ranked_screen(SCREEN, 0)] == [
+        "bn",
+        "gn",
+        "in",
+    ]
