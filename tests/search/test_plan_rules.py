@@ -86,9 +86,9 @@ def test_the_screen_is_the_largest_its_rules_allow_over_a_grid_of_budgets():
         retrain,
         own,
     ) in itertools.product(
-        (3, 9, 12),
+        (1, 2, 3, 9, 12),  # 1 and 2: no rung below the end
         (None, 1, 2.5, 3, 4, 5.5, 7, 10),
-        (None, 2, 3, 5, 9),
+        (None, 1, 2, 3, 5, 9),
         (1, 3, 6),
         (0, 2),
         (0, 1),
