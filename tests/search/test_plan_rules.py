@@ -604,3 +604,45 @@ def test_the_evidence_ranks_ties_in_screen_order_and_ignores_unfinished_trials()
         "gn",
         "in",
     ]
+
+
+def queue(study: optuna.Study, step: Planned) -> None:
+    study.enqueue_trial(step.candidate.params, user_attrs=step.user_attrs())
+
+
+def test_what_is_left_counts_the_retraining_and_the_running_trials_and_a_rung_in_full():
+    sampler_only = Plan(max_epochs=MAX_EPOCHS, budget_epochs=RUNG - 1, n_trials=None)
+    study = optuna.create_study(direction="maximize")
+    queue(study, Planned(SCREEN, uniform("bn"), rung=RUNG))  # costs its whole rung
+    assert sampler_only.next(study) == DONE and study.trials[0].state == TrialState.FAIL
+    retrained = Plan(max_epochs=MAX_EPOCHS, budget_epochs=20, n_trials=None, retrain_epochs=9)
+    study = optuna.create_study(direction="maximize")
+    queue(study, Planned(PROMOTE, uniform("bn")))
+    assert retrained.next(study) == RUN  # 20 - 9 kept for the retraining: one run fits
+    study.optimize(objective, n_trials=1)
+    queue(study, Planned(PROMOTE, uniform("gn")))
+    assert retrained.next(study) == DONE  # 20 - 9 - 9 leaves 2
+    busy = Plan(max_epochs=MAX_EPOCHS, budget_epochs=12, n_trials=None)
+    study = optuna.create_study(direction="maximize")
+    add(study, cfg("bn"), TrialState.RUNNING, Planned(PROMOTE, uniform("bn")).user_attrs())
+    queue(study, Planned(PROMOTE, uniform("gn")))
+    assert busy.next(study) == WAIT  # 12 - 9 running: the queued run waits for what is left
+
+
+def test_a_plan_or_sampler_with_nothing_left_waits_for_running_trials_then_ends():
+    budgeted = staged_plan(trainings=100)
+    budgeted.groups = {}
+    study = confirmed_study(runs=CONFIRM_RUNS)
+    promoted(study, "in", 0.85, label="second look: uniform:in")
+    promoted(study, "in", 0.86, run_index=1, label="second look: uniform:in")
+    assert budgeted.next(study) == DONE
+    add(study, cfg("ln"), TrialState.RUNNING, {})  # the sampler's, from before
+    assert budgeted.next(study) == WAIT
+    sampler = Plan(max_epochs=MAX_EPOCHS, budget_epochs=12, n_trials=None)
+    study = optuna.create_study(direction="maximize")
+    add(study, cfg("bn"), TrialState.RUNNING, {})
+    assert sampler.next(study) == WAIT  # 3 epochs left unless it fails
+    assert (
+        Plan(max_epochs=MAX_EPOCHS, budget_epochs=8, n_trials=None).next(optuna.create_study())
+        == DONE
+    )
