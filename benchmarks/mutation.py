@@ -81,6 +81,8 @@ TARGETS: dict[str, Target] = {
             "tests/search/test_workers.py::test_search_waits_for_a_lost_trial_then_reruns_it_and_warns_about_sqlite",
             "tests/search/test_workers.py::test_bad_worker_options_are_refused",
             "tests/search/test_lock_and_heartbeat_rules.py",
+            "tests/search/test_interrupt_rules.py",
+            "tests/search/test_stale_without_heartbeat.py",
         ),
     ),
     "storage": Target(
@@ -180,7 +182,26 @@ def scratch_checkout(name: str, target: Target, workdir: Path) -> Path:
         f.write(mutmut_section(target))
     # made now, not by mutmut: a sys.path entry missing at start-up stays unsearched (tests import)
     (where / "mutants").mkdir()
+    (where / "subprocess-site").mkdir()
+    (where / "subprocess-site" / "sitecustomize.py").write_text(SUBPROCESS_SITE)
     return where
+
+
+#: ``sitecustomize`` of every Python process of a run. mutmut's stats pass records which tests
+#: call each function in its own pytest process; a subprocess a test starts in another folder
+#: (the CLI, a worker pool) finds no ``[tool.mutmut]`` there and would fail, so it runs the
+#: original code then. Mutants themselves reach subprocesses (``MUTANT_UNDER_TEST`` is inherited).
+SUBPROCESS_SITE = """import os
+
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    try:
+        with open("pyproject.toml") as f:
+            configured = "[tool.mutmut]" in f.read()
+    except OSError:
+        configured = False
+    if not configured:
+        os.environ["MUTANT_UNDER_TEST"] = ""
+"""
 
 
 def refreshed_tests(name: str, target: Target, workdir: Path) -> Path:
@@ -215,7 +236,9 @@ def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: 
     env = dict(os.environ)
     # the tests' subprocesses (CLI, worker pools) import the mutated copy too
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(where / "mutants"), env.get("PYTHONPATH")])
+        filter(
+            None, [str(where / "mutants"), str(where / "subprocess-site"), env.get("PYTHONPATH")]
+        )
     )
     env.pop("CI", None)  # a skipped PostgreSQL test is no failure here
     started = time.monotonic()

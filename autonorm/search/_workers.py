@@ -64,9 +64,10 @@ def worker_identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _describe(worker: Any) -> str:
+def _worker_name(worker: Any) -> str:
+    """``worker host:pid`` of a recorded ``worker`` attribute, else "an unknown worker"."""
     if isinstance(worker, dict) and worker:
-        return f"{worker.get('host', '?')}:{worker.get('pid', '?')}"
+        return f"worker {worker.get('host', '?')}:{worker.get('pid', '?')}"
     return "an unknown worker"
 
 
@@ -314,9 +315,9 @@ def recover_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
             beat = trial.datetime_start.timestamp() if trial.datetime_start else None
         if beat is None or now - beat <= grace_period:
             continue
-        worker = _describe(trial.user_attrs.get(WORKER))
+        worker = _worker_name(trial.user_attrs.get(WORKER))
         reason = (
-            f"worker {worker} stopped sending heartbeats: the last one was {now - beat:.0f} s "
+            f"{worker} stopped sending heartbeats: the last one was {now - beat:.0f} s "
             f"ago, the grace period is {grace_period:g} s"
         )
         if not fail_trial(study, trial, reason):
@@ -357,9 +358,9 @@ class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         log.warning(
-            "trial %d failed: worker %s stopped sending heartbeats",
+            "trial %d failed: %s stopped sending heartbeats",
             trial.number,
-            _describe(trial.user_attrs.get(WORKER)),
+            _worker_name(trial.user_attrs.get(WORKER)),
         )
         retry = copy.copy(trial)
         attrs = {k: trial.user_attrs[k] for k in _KEPT_ON_RETRY if k in trial.user_attrs}

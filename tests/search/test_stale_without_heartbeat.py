@@ -72,8 +72,14 @@ def test_a_trial_that_never_beat_is_kept_within_the_grace_period(kind, tmp_path)
     ("user_attrs", "who"),
     [
         ({}, "an unknown worker"),  # died before it recorded itself
-        ({keys.WORKER: {"host": "elsewhere", "pid": 4242}}, "elsewhere:4242"),  # before its beat
-        ({keys.WORKER: {"host": "h", "pid": 7}, keys.HEARTBEAT: "garbage"}, "h:7"),  # unreadable
+        (
+            {keys.WORKER: {"host": "elsewhere", "pid": 4242}},
+            "worker elsewhere:4242",
+        ),  # before its beat
+        (
+            {keys.WORKER: {"host": "h", "pid": 7}, keys.HEARTBEAT: "garbage"},
+            "worker h:7",
+        ),  # unreadable
     ],
     ids=["no-worker", "worker", "unreadable-beat"],
 )
@@ -86,7 +92,7 @@ def test_a_trial_that_never_beat_fails_after_the_grace_period_and_runs_again_onc
     trial = study.trials[number]
     assert trial.state == TrialState.FAIL
     reason = trial.user_attrs[keys.FAIL_REASON]
-    assert f"worker {who} stopped sending heartbeats" in reason
+    assert f"{who} stopped sending heartbeats" in reason
     assert "the last one was 60 s ago" in reason and "grace period is 10 s" in reason
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
     assert retry.user_attrs == {keys.RETRY_OF: number}
