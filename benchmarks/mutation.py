@@ -113,7 +113,15 @@ TARGETS: dict[str, Target] = {
             "tests/test_config_properties.py",
         ),
     ),
-    "deploy": Target("autonorm/deploy.py", ("tests/test_deploy.py", "tests/test_deploy_inputs.py")),
+    "deploy": Target(
+        "autonorm/deploy.py",
+        (
+            "tests/test_deploy.py",
+            "tests/test_deploy_inputs.py",
+            "tests/test_fold_output_comparison.py",
+            "tests/test_deploy_rules.py",
+        ),
+    ),
     "io": Target(
         "autonorm/_io.py",
         ("tests/test_io.py", "tests/test_bad_input.py", "tests/test_io_rules.py"),

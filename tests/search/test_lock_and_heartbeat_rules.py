@@ -324,6 +324,33 @@ def test_a_heartbeat_that_cannot_write_warns_once_and_beats_again_once_the_stora
     assert "Is a directory" in message
 
 
+def test_leaving_the_block_waits_for_a_hung_beat_only_so_long(tmp_path):
+    """A beat stuck in the storage (the journal's lock held elsewhere) does not hold the worker
+    forever: leaving the block waits ``interval + 10`` s for the heartbeat thread, then goes on
+    (the thread is a daemon and ends once its beat gets through)."""
+    study = journal_study(tmp_path)
+    trial = study.ask()
+    journal_lock = JournalFileSymlinkLock(str(tmp_path / "journal.log"))
+    heartbeat = workers.TrialHeartbeat(study, trial, INTERVAL)
+    before = set(threading.enumerate())
+    heartbeat.__enter__()
+    (thread,) = started_threads(before)
+    left = threading.Event()
+    journal_lock.acquire()
+    try:
+        time.sleep(20 * INTERVAL)  # the next beat now waits for the lock
+        threading.Thread(
+            target=lambda: (heartbeat.__exit__(None, None, None), left.set()), daemon=True
+        ).start()
+        # within Optuna's 30 s before it takes a held journal lock for stale
+        assert left.wait(25), "leaving the block waited for a beat that cannot get through"
+        assert thread.is_alive()
+    finally:
+        journal_lock.release()
+    thread.join(PATIENCE)
+    assert not thread.is_alive(), "the heartbeat thread never ended once its beat got through"
+
+
 # -- stale and live trials --------------------------------------------------------------------
 
 
