@@ -87,7 +87,11 @@ TARGETS: dict[str, Target] = {
     ),
     "storage": Target(
         "autonorm/search/_storage.py",
-        ("tests/search/test_storage.py", "tests/search/test_resume.py"),
+        (
+            "tests/search/test_storage.py",
+            "tests/search/test_storage_rules.py",
+            "tests/search/test_resume.py",
+        ),
     ),
     "fast_ops": Target(
         "autonorm/norms/_fast_ops.py",
