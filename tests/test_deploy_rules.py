@@ -90,6 +90,40 @@ def test_a_batch_norm_switched_to_batch_statistics_after_training_does_not_fold(
     assert reasons(model, x)["1"] == "batchnorm depends on the input at inference"
 
 
+class BareFrozen(nn.Module):
+    """A frozen batch norm look-alike with statistics and eps only (no weight, no bias)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.eps = 1e-3
+        self.register_buffer("running_mean", torch.linspace(-1, 1, channels))
+        self.register_buffer("running_var", torch.linspace(0.5, 2, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = (self.running_var + self.eps).rsqrt()
+        return (x - self.running_mean.view(shape)) * scale.view(shape)
+
+
+def test_the_inference_affine_map_is_in_float64_also_without_weight_or_bias():
+    frozen = BareFrozen(4)
+    scale, shift = inference_affine(frozen)
+    assert scale.dtype == shift.dtype == torch.float64
+    expected = (frozen.running_var.double() + 1e-3).rsqrt()
+    torch.testing.assert_close(scale, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(shift, -frozen.running_mean.double() * expected, rtol=1e-12, atol=0)
+    x = torch.randn(2, 4, 3, 3)
+    mapped = x.double() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(mapped.float(), frozen(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "norm", [nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.InstanceNorm2d(4), nn.Identity()]
+)
+def test_norms_whose_eval_output_depends_on_the_input_have_no_affine_map(norm):
+    assert inference_affine(norm) is None
+
+
 # -- folding -----------------------------------------------------------------------------------
 
 
