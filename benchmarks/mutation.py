@@ -235,8 +235,8 @@ def statuses_of(where: Path, target: Target) -> dict[str, str]:
 
 
 def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: bool) -> dict:
-    """Run mutmut on ``target`` (with ``recheck``: only the last run's survivors, against the
-    current tests); its counts and survivors."""
+    """Run mutmut on ``target`` (with ``recheck``: only the last run's survivors and the
+    mutants no test reached, against the current tests); its counts and survivors."""
     if recheck:
         where = refreshed_tests(name, target, workdir)
         again = ("survived", "no tests")  # new tests may reach code no test called before
