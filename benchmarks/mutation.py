@@ -92,7 +92,11 @@ TARGETS: dict[str, Target] = {
     ),
     "fast_ops": Target(
         "autonorm/norms/_fast_ops.py",
-        ("tests/norms/test_fast_paths.py", "tests/norms/test_properties.py"),
+        (
+            "tests/norms/test_fast_paths.py",
+            "tests/norms/test_properties.py",
+            "tests/norms/test_traced_paths.py",
+        ),
     ),
     "switchable_ops": Target(
         "autonorm/norms/_switchable_ops.py",
@@ -129,10 +133,12 @@ TARGETS: dict[str, Target] = {
     ),
 }
 
-#: mutmut's exit codes, as its ``stats.status_by_exit_code`` reads them
+#: mutmut's exit codes, as its ``stats.status_by_exit_code`` reads them (a crash, which mutmut
+#: calls suspicious, is a test run the mutant failed)
 STATUS = {
     1: "killed",
     3: "killed",
+    -11: "killed",  # the mutant crashed the test process (SIGSEGV: a kernel given wrong sizes)
     0: "survived",
     5: "no tests",
     33: "no tests",

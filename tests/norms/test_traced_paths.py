@@ -1,0 +1,71 @@
+"""The plain-op paths that ``torch.compile`` and ``torch.export`` trace instead of the fused
+autograd functions (:func:`autonorm.norms._fast_ops.tracing`) compute what the fused paths
+compute: forward, input and parameter gradients, in float64, for the layers that have both.
+
+The traced path is taken here in eager mode through a tensor subclass (what tracing sees: not
+a plain ``torch.Tensor``), so each case runs in milliseconds; ``test_compile.py`` checks the
+same layers under a real ``torch.compile``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autonorm.norms import CHANNELS_FIRST, CHANNELS_LAST, create_norm
+from autonorm.norms._fast_ops import fused_dtype, tracing
+
+
+class Traced(torch.Tensor):
+    """Any tensor subclass: the fused functions read real data, so they take the plain ops."""
+
+
+#: (registry name, layout, params, input shape): each layer with a fused path and a traced one
+CASES = [
+    ("layernorm", CHANNELS_FIRST, {}, (3, 6, 4, 5)),
+    ("layernorm", CHANNELS_FIRST, {"affine": False}, (2, 6, 7)),
+    ("rmsnorm", CHANNELS_FIRST, {}, (3, 6, 4, 5)),
+    ("rmsnorm", CHANNELS_FIRST, {"affine": False}, (2, 6, 3, 2, 2)),
+    ("groupnorm", CHANNELS_LAST, {"groups": 3}, (3, 7, 6)),  # 1 < groups < C
+    ("groupnorm", CHANNELS_LAST, {"groups": 2}, (2, 3, 4, 6)),  # more than one position dim
+    ("groupnorm", CHANNELS_LAST, {"groups": 3, "affine": False}, (2, 5, 6)),
+    ("groupnorm", CHANNELS_LAST, {"groups": 6}, (2, 5, 6)),
+    ("dyt", CHANNELS_LAST, {}, (3, 5, 6)),
+    ("dyt", CHANNELS_FIRST, {"affine": False}, (2, 6, 3, 3)),
+]
+
+
+def _layer(name: str, layout: str, params: dict) -> nn.Module:
+    layer = create_norm(name, 6, layout=layout, dtype=torch.float64, **params)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5 + 1.0)
+    return layer
+
+
+def _step(layer: nn.Module, x: torch.Tensor, subclass: bool):
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    given = x.as_subclass(Traced) if subclass else x
+    assert tracing(given) is subclass
+    out = layer(given)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return out.as_subclass(torch.Tensor).detach(), x.grad, grads
+
+
+@pytest.mark.parametrize(("name", "layout", "params", "shape"), CASES)
+def test_the_traced_path_computes_what_the_fused_one_does(name, layout, params, shape):
+    layer = _layer(name, layout, params)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2
+    assert fused_dtype(x)
+    fused = _step(layer, x, subclass=False)
+    traced = _step(layer, x, subclass=True)
+    torch.testing.assert_close(traced[0], fused[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(traced[1], fused[1], rtol=1e-10, atol=1e-10)
+    assert traced[2].keys() == fused[2].keys()
+    for key, grad in fused[2].items():
+        torch.testing.assert_close(traced[2][key], grad, rtol=1e-10, atol=1e-10, msg=key)
