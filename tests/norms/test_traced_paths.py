@@ -69,3 +69,23 @@ def test_the_traced_path_computes_what_the_fused_one_does(name, layout, params, 
     assert traced[2].keys() == fused[2].keys()
     for key, grad in fused[2].items():
         torch.testing.assert_close(traced[2][key], grad, rtol=1e-10, atol=1e-10, msg=key)
+
+
+class _SaysWhetherTraced(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (1.0 if tracing(x) else 0.0)
+
+
+def test_compiling_and_exporting_each_take_the_traced_path():
+    """Under ``torch.compile`` and under ``torch.export`` on their own (each the only tracer),
+    ``tracing`` is true; in eager mode on a plain tensor it is false."""
+    x = torch.zeros(2)
+    assert torch.equal(_SaysWhetherTraced()(x), x)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(_SaysWhetherTraced(), backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), x + 1)
+    finally:
+        torch._dynamo.reset()
+    exported = torch.export.export(_SaysWhetherTraced(), (x,)).module()
+    assert torch.equal(exported(x), x + 1)
