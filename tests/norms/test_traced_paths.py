@@ -44,26 +44,32 @@ def _layer(name: str, layout: str, params: dict) -> nn.Module:
     return layer
 
 
-def _step(layer: nn.Module, x: torch.Tensor, subclass: bool):
+def _step(layer: nn.Module, x: torch.Tensor, subclass: bool, strided: bool = False):
+    """Output, input and parameter gradients; ``strided``: the output's gradient arrives as a
+    non-contiguous tensor (a transposed view), as after a ``transpose`` downstream."""
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad()
     given = x.as_subclass(Traced) if subclass else x
     assert tracing(given) is subclass
     out = layer(given)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
-    (out * weights).sum().backward()
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
+    if strided:
+        grad = grad.transpose(0, -1).contiguous().transpose(0, -1)
+        assert not grad.is_contiguous()
+    out.backward(grad)
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     return out.as_subclass(torch.Tensor).detach(), x.grad, grads
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous-grad", "strided-grad"])
 @pytest.mark.parametrize(("name", "layout", "params", "shape"), CASES)
-def test_the_traced_path_computes_what_the_fused_one_does(name, layout, params, shape):
+def test_the_traced_path_computes_what_the_fused_one_does(name, layout, params, shape, strided):
     layer = _layer(name, layout, params)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2
     assert fused_dtype(x)
-    fused = _step(layer, x, subclass=False)
-    traced = _step(layer, x, subclass=True)
+    fused = _step(layer, x, subclass=False, strided=strided)
+    traced = _step(layer, x, subclass=True, strided=strided)
     torch.testing.assert_close(traced[0], fused[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(traced[1], fused[1], rtol=1e-10, atol=1e-10)
     assert traced[2].keys() == fused[2].keys()
@@ -89,3 +95,13 @@ def test_compiling_and_exporting_each_take_the_traced_path():
         torch._dynamo.reset()
     exported = torch.export.export(_SaysWhetherTraced(), (x,)).module()
     assert torch.equal(exported(x), x + 1)
+
+
+def test_half_precision_and_autocast_keep_torch_s_layers():
+    """The fused functions compute in the input's dtype; torch's layers keep float32
+    statistics for half precision, so half precision and autocast never take the fused path."""
+    x = torch.ones(2, 3)
+    assert fused_dtype(x) and fused_dtype(x.double())
+    assert not fused_dtype(x.bfloat16()) and not fused_dtype(x.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_dtype(x)
