@@ -76,7 +76,8 @@ class WeightStandardization(nn.Module):
         >>> conv = nn.Conv2d(3, 4, 3)
         >>> _ = parametrize.register_parametrization(conv, "weight", WeightStandardization())
         >>> w = conv.weight.flatten(1)
-        >>> bool(w.mean(1).abs().max() < 1e-6), bool((w.var(1, correction=0) - 1).abs().max() < 1e-3)
+        >>> # the variance is var / (var + eps): just under 1 for the small initial weights
+        >>> bool(w.mean(1).abs().max() < 1e-6), bool((w.var(1, correction=0) - 1).abs().max() < 1e-2)
         (True, True)
     """
 
