@@ -100,7 +100,11 @@ TARGETS: dict[str, Target] = {
     ),
     "switchable_ops": Target(
         "autonorm/norms/_switchable_ops.py",
-        ("tests/norms/test_switchable.py", "tests/norms/test_properties.py"),
+        (
+            "tests/norms/test_switchable.py",
+            "tests/norms/test_properties.py",
+            "tests/norms/test_traced_paths.py",
+        ),
     ),
     "switchable": Target(
         "autonorm/norms/_switchable.py",

@@ -80,6 +80,7 @@ class Case:
     radius: float | None = None  # Sparse SN's radius, set on the built layer
     strided: bool = False  # input and upstream gradient in reversed memory order
     offset: float = 0.0  # added to the input: a large mean over a spread of about 1
+    constant_channel: bool = False  # channel 0 one value over the batch and positions
 
     @property
     def channels(self) -> int:
@@ -259,6 +260,8 @@ def _input(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
         offset_shape = [1] * len(shape)
         offset_shape[dim] = shape[dim]
         x = x + torch.randn(offset_shape, generator=gen, dtype=torch.float64)
+    if case.constant_channel:  # no variance over the batch or positions (nor per sample)
+        x.select(channel_dim, 0).fill_(0.5 + case.offset)
     grad = torch.randn(shape, generator=gen, dtype=torch.float64)
     x, grad = x.to(case.dtype), grad.to(case.dtype)
     if case.strided:  # the same values, the dims laid out in reverse order in memory
@@ -474,6 +477,18 @@ def test_forward_and_gradients_equal_the_formula(name, data):
     """Every registry layer, both layouts, (N, C) to 3-D positions, contiguous or not: output,
     input gradient and parameter gradients are those of the formula."""
     case = data.draw(cases(name), label="case")
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+@settings(max_examples=30)
+@given(data=st.data())
+def test_a_channel_without_variance_equals_the_formula(name, data):
+    """A channel with one value over the batch and positions (a dead feature, padding): zero
+    batch and instance variances, which the kernels report as an infinite or a zero inverse
+    standard deviation; the layers must read both as 0."""
+    case = data.draw(cases(name, dtypes=(torch.float64,), large_means=False), label="case")
+    case.constant_channel = True
     check_against_reference(case)
 
 

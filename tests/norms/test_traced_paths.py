@@ -1,12 +1,15 @@
 """The plain-op paths that ``torch.compile`` and ``torch.export`` trace instead of the fused
 autograd functions (:func:`autonorm.norms._fast_ops.tracing`) compute what the fused paths
-compute: forward, input and parameter gradients, in float64, for the layers that have both.
+compute: forward, input and parameter gradients, in float64, for the layers that have both
+(SwitchableNorm's statistics and custom backward included).
 
 The traced path is taken here in eager mode through a tensor subclass (what tracing sees: not
 a plain ``torch.Tensor``), so each case runs in milliseconds; ``test_compile.py`` checks the
 same layers under a real ``torch.compile``."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -32,6 +35,10 @@ CASES = [
     ("groupnorm", CHANNELS_LAST, {"groups": 6}, (2, 5, 6)),
     ("dyt", CHANNELS_LAST, {}, (3, 5, 6)),
     ("dyt", CHANNELS_FIRST, {"affine": False}, (2, 6, 3, 3)),
+    ("switchable", CHANNELS_FIRST, {}, (3, 6, 4, 5)),
+    ("switchable", CHANNELS_FIRST, {"candidates": ("instance", "batch")}, (2, 6, 7)),
+    ("switchable", CHANNELS_LAST, {}, (3, 5, 6)),
+    ("switchable", CHANNELS_LAST, {"candidates": ("layer", "batch")}, (2, 3, 2, 6)),
 ]
 
 
@@ -68,8 +75,9 @@ def test_the_traced_path_computes_what_the_fused_one_does(name, layout, params, 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2
     assert fused_dtype(x)
-    fused = _step(layer, x, subclass=False, strided=strided)
-    traced = _step(layer, x, subclass=True, strided=strided)
+    # each from the same buffers (a training step moves SwitchableNorm's running statistics)
+    fused = _step(copy.deepcopy(layer), x, subclass=False, strided=strided)
+    traced = _step(copy.deepcopy(layer), x, subclass=True, strided=strided)
     torch.testing.assert_close(traced[0], fused[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(traced[1], fused[1], rtol=1e-10, atol=1e-10)
     assert traced[2].keys() == fused[2].keys()
