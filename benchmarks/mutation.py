@@ -111,7 +111,10 @@ TARGETS: dict[str, Target] = {
         (
             "tests/norms/test_switchable.py",
             "tests/norms/test_sparsestmax.py",
+            "tests/norms/test_properties.py",
+            "tests/norms/test_traced_paths.py",
             "tests/surgery/test_switchable_and_derive.py",
+            "tests/surgery/test_pretrained_init.py",
         ),
     ),
     "apply": Target(
