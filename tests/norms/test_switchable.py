@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import warnings
 import weakref
 
@@ -343,7 +344,12 @@ def test_one_by_one_maps_are_finite(layout):
 def test_training_batch_of_one_warns_and_drops_the_batch_branch(layout, shape):
     sn = _random_sn(layout, dtype=torch.float32)
     x = _x(shape, dtype=torch.float32).requires_grad_()
-    with pytest.warns(RuntimeWarning, match="batch of one sample"):
+    message = (
+        "SwitchableNorm got a training batch of one sample: its batch statistics are undefined, "
+        "so the batch branch is left out of this step and the running statistics are not "
+        "updated. Train with batches of 2 or more samples."
+    )
+    with pytest.warns(RuntimeWarning, match=f"^{re.escape(message)}$"):
         out = sn(x)
     out.square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
@@ -373,8 +379,26 @@ def test_training_batch_of_one_warns_and_drops_the_batch_branch(layout, shape):
 
 def test_batch_only_with_one_sample_is_an_error():
     sn = SwitchableNorm(C, candidates=("batch",))
-    with pytest.raises(ValueError, match=r"candidates=\('batch',\) needs more than one sample"):
+    with pytest.raises(ValueError) as err:
         sn(torch.randn(1, C, 3, 3))
+    assert str(err.value) == (
+        "SwitchableNorm with candidates=('batch',) needs more than one sample per batch in "
+        "training (got a batch of 1)"
+    )
+
+
+def test_the_repr_shows_what_differs_from_plain_softmax_mixing():
+    assert repr(SwitchableNorm(4)) == (
+        "SwitchableNorm(4, layout='channels_first', candidates=('instance', 'layer', 'batch'), "
+        "eps=1e-05, momentum=0.1, affine=True)"
+    )
+    sparse = SwitchableNorm(4, track_running_stats=False, mixing="sparsestmax")
+    sparse.radius.fill_(0.25)
+    assert repr(sparse) == (
+        "SwitchableNorm(4, layout='channels_first', candidates=('instance', 'layer', 'batch'), "
+        "eps=1e-05, momentum=0.1, affine=True, track_running_stats=False, "
+        "mixing='sparsestmax', radius=0.25)"
+    )
 
 
 def test_invalid_arguments_are_refused():
