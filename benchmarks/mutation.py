@@ -122,6 +122,12 @@ TARGETS: dict[str, Target] = {
         (
             "tests/surgery/test_apply_config.py",
             "tests/surgery/test_weight_norms.py",
+            "tests/surgery/test_switchable_and_derive.py",
+            "tests/surgery/test_pretrained_init.py",
+            "tests/surgery/test_transformer_fast_path.py",
+            "tests/surgery/test_frozen_and_settings.py",
+            "tests/surgery/test_records.py",
+            "tests/surgery/test_model_class_check.py",
             "tests/test_config_properties.py",
         ),
     ),
