@@ -19,7 +19,7 @@ Usage (outside CI; about 10-40 minutes a target on 2 cores)::
     python -m benchmarks.mutation                    # every target
     python -m benchmarks.mutation plan winners       # some
     python -m benchmarks.mutation --list             # the targets and their tests
-    python -m benchmarks.mutation plan --recheck     # the survivors again, with new tests
+    python -m benchmarks.mutation plan --recheck     # survivors, untested, timed out: again
 
 Set ``AUTONORM_TEST_POSTGRES_URL`` (``eval "$(.ci/postgres.sh start)"``) to let the PostgreSQL
 variants of the lock tests run too.
@@ -254,11 +254,13 @@ def statuses_of(where: Path, target: Target) -> dict[str, str]:
 
 
 def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: bool) -> dict:
-    """Run mutmut on ``target`` (with ``recheck``: only the last run's survivors and the
-    mutants no test reached, against the current tests); its counts and survivors."""
+    """Run mutmut on ``target`` (with ``recheck``: only the last run's survivors, the mutants
+    no test reached and those that timed out, against the current tests); its counts and
+    survivors."""
     if recheck:
         where = refreshed_tests(name, target, workdir)
-        again = ("survived", "no tests")  # new tests may reach code no test called before
+        # new tests may reach code no test called before; a timeout may be a loaded machine
+        again = ("survived", "no tests", "timeout")
         names = [k for k, status in statuses_of(where, target).items() if status in again]
     else:
         where, names = scratch_checkout(name, target, workdir), []
