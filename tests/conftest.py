@@ -126,3 +126,23 @@ def alias_bomb() -> str:
     for prev, cur in zip("abcdefgh"[: levels - 1], "bcdefghi"[: levels - 1], strict=True):
         lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
     return "schema_version: 1\nmetadata:\n  " + "\n  ".join(lines) + "\nslots:\n  bn1: layernorm\n"
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were():
+    """Each test starts with the process's SIGINT/SIGTERM handlers as the session began: a
+    Lightning fit that saw a KeyboardInterrupt leaves SIGINT ignored, which would change what a
+    later test's Ctrl-C does. A test that leaves them changed is named in a warning."""
+    import signal
+    import warnings
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in before.items():
+        if signal.getsignal(signum) is not handler:
+            warnings.warn(
+                f"the test left the {signal.Signals(signum).name} handler changed "
+                f"({signal.getsignal(signum)!r}): restored",
+                stacklevel=1,
+            )
+            signal.signal(signum, handler)

@@ -13,6 +13,16 @@ import pytest
 from autonorm.search import _workers as workers
 
 
+@pytest.fixture(autouse=True)
+def _forget_the_signals():
+    """The first signal stays recorded after its block (for the CLI's exit code): a later
+    in-process search would read any error as that interrupt. A fresh block clears it."""
+    yield
+    with workers.handle_interrupts():
+        pass
+    assert workers.received_signal() is None
+
+
 def _send(signum: int) -> None:
     """Deliver ``signum`` to this process now (its handler runs before this returns)."""
     signal.raise_signal(signum)
