@@ -210,8 +210,8 @@ def scratch_checkout(name: str, target: Target, workdir: Path) -> Path:
         f.write(mutmut_section(target))
     # made now, not by mutmut: a sys.path entry missing at start-up stays unsearched (tests import)
     (where / "mutants").mkdir()
-    (where / "subprocess-site").mkdir()
-    (where / "subprocess-site" / "sitecustomize.py").write_text(SUBPROCESS_SITE)
+    # there, not in a folder of its own: the CLI tests put the checkout alone on PYTHONPATH
+    (where / "mutants" / "sitecustomize.py").write_text(SUBPROCESS_SITE)
     return where
 
 
@@ -267,9 +267,7 @@ def run_target(name: str, target: Target, workdir: Path, workers: int, recheck: 
     env = dict(os.environ)
     # the tests' subprocesses (CLI, worker pools) import the mutated copy too
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(
-            None, [str(where / "mutants"), str(where / "subprocess-site"), env.get("PYTHONPATH")]
-        )
+        filter(None, [str(where / "mutants"), env.get("PYTHONPATH")])
     )
     env.pop("CI", None)  # a skipped PostgreSQL test is no failure here
     started = time.monotonic()
