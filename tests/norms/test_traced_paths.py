@@ -29,6 +29,8 @@ CASES = [
     ("layernorm", CHANNELS_FIRST, {"affine": False}, (2, 6, 7)),
     ("rmsnorm", CHANNELS_FIRST, {}, (3, 6, 4, 5)),
     ("rmsnorm", CHANNELS_FIRST, {"affine": False}, (2, 6, 3, 2, 2)),
+    ("rmsnorm", CHANNELS_FIRST, {"eps": 0.5}, (2, 6, 3)),  # an eps that shows in the result
+    ("layernorm", CHANNELS_FIRST, {"eps": 0.5}, (2, 6, 3)),
     ("groupnorm", CHANNELS_LAST, {"groups": 3}, (3, 7, 6)),  # 1 < groups < C
     ("groupnorm", CHANNELS_LAST, {"groups": 2}, (2, 3, 4, 6)),  # more than one position dim
     ("groupnorm", CHANNELS_LAST, {"groups": 3, "affine": False}, (2, 5, 6)),
