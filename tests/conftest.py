@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -133,9 +135,6 @@ def _signal_handlers_as_they_were():
     """Each test starts with the process's SIGINT/SIGTERM handlers as the session began: a
     Lightning fit that saw a KeyboardInterrupt leaves SIGINT ignored, which would change what a
     later test's Ctrl-C does. A test that leaves them changed is named in a warning."""
-    import signal
-    import warnings
-
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in before.items():

@@ -79,6 +79,18 @@ def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t not in before]
 
 
+def taken_meanwhile(lock) -> bool:
+    """Whether another worker (a thread) takes ``lock`` while this one holds its own."""
+    taken = threading.Event()
+
+    def other_worker() -> None:
+        with lock:
+            taken.set()
+
+    threading.Thread(target=other_worker, daemon=True).start()
+    return taken.wait(PATIENCE)
+
+
 def wait_until(condition, what: str) -> None:
     deadline = time.monotonic() + PATIENCE
     while not condition():
@@ -117,16 +129,9 @@ def test_a_storage_held_in_memory_has_no_claim_lock_and_says_so(
     storage = optuna.storages.InMemoryStorage() if given is None else make_storage(given, tmp_path)
     caplog.set_level(logging.DEBUG, logger=workers.__name__)
     first, second = (workers.claim_lock(storage, "s", None) for _ in range(2))
-    taken = threading.Event()
-
-    def other_worker() -> None:
-        with second:
-            taken.set()
-
     with first:
         assert not list(tmp_path.iterdir())
-        threading.Thread(target=other_worker, daemon=True).start()
-        assert taken.wait(PATIENCE), "a worker waited for a claim that takes nothing"
+        assert taken_meanwhile(second), "a worker waited for a claim that takes nothing"
     said = [r.getMessage() for r in caplog.records if r.name == workers.__name__]
     assert said == [f"no claim lock for storage {type(storage).__name__}"] * 2
 
@@ -148,16 +153,9 @@ def test_on_postgresql_the_claim_is_per_study_and_leaves_no_file(database, tmp_p
     suffix = uuid.uuid4().hex[:8]
     mine = workers.claim_lock(make_storage(database, tmp_path), f"mine-{suffix}", None)
     theirs = workers.claim_lock(make_storage(database, tmp_path), f"theirs-{suffix}", None)
-    taken = threading.Event()
-
-    def other_study_worker() -> None:
-        with theirs:
-            taken.set()
-
     with mine:
         assert not list(tmp_path.iterdir())
-        threading.Thread(target=other_study_worker, daemon=True).start()
-        assert taken.wait(PATIENCE), "a worker of another study waited for this study's claim"
+        assert taken_meanwhile(theirs), "a worker of another study waited for this study's claim"
 
 
 def test_on_postgresql_every_study_name_gives_a_claim_lock_that_can_be_taken(database, tmp_path):
