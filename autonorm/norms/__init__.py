@@ -4,7 +4,8 @@ builds them. Nothing here knows about models, slots or searches.
 Modules: ``_registry`` (:func:`create_norm`, each choice's :class:`NormSpec` and the validation of
 its parameters), ``_layers`` (layout-aware Batch/Group/Instance/Layer/RMS norms, DyT, identity),
 ``_switchable`` (:class:`SwitchableNorm`; its fused statistics in ``_switchable_ops``) and
-``_sparsestmax`` (Sparse SN's projection), ``_sync`` (:class:`SyncBatchNorm` in both layouts),
+``_sparsestmax`` (Sparse SN's projection), ``_small_batch`` (Batch Renormalization, FRN + TLU,
+EvoNorm-S0), ``_sync`` (:class:`SyncBatchNorm` in both layouts),
 ``_weight`` (weight standardization and weight norm on a feeding Conv/Linear), ``_groups`` (the
 GroupNorm group counts offered), ``_fast_ops`` (fused autograd functions behind the layers).
 """
@@ -37,6 +38,7 @@ from autonorm.norms._registry import (
     create_norm,
     get_spec,
 )
+from autonorm.norms._small_batch import BatchRenorm, EvoNormS0, FilterResponseNorm
 from autonorm.norms._sparsestmax import sparsestmax, vertex_radius
 from autonorm.norms._switchable import (
     SWITCHABLE_CANDIDATES,
@@ -79,6 +81,9 @@ __all__ = [
     "WEIGHT_NAMES",
     "WEIGHT_NORMS",
     "BatchNormChannelsLast",
+    "BatchRenorm",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "BatchNormNd",
     "DyT",
     "FrozenBatchNorm",

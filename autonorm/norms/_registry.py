@@ -33,6 +33,7 @@ from autonorm.norms._layers import (
     RMSNormChannelsFirst,
     check_layout,
 )
+from autonorm.norms._small_batch import BatchRenorm, EvoNormS0, FilterResponseNorm
 from autonorm.norms._switchable import SwitchableNorm
 from autonorm.norms._sync import SyncBatchNorm
 from autonorm.norms._weight import check_weight
@@ -131,6 +132,22 @@ def _dyt(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -
     return DyT(num_features, layout=layout, **kw)
 
 
+def _batchrenorm(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
+    return BatchRenorm(num_features, layout=layout, **kw)
+
+
+def _frn(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
+    return FilterResponseNorm(num_features, layout=layout, **kw)
+
+
+def _evonorm_s0(
+    num_features: int, *, layout: str, input_ndim: int | None, groups: int | None = None, **kw: Any
+) -> nn.Module:
+    if groups is None:
+        groups = default_groups(num_features, input_ndim=input_ndim)
+    return EvoNormS0(num_features, groups, layout=layout, **kw)
+
+
 def _identity(num_features: int, *, layout: str, input_ndim: int | None, **kw: Any) -> nn.Module:
     return IdentityNorm(num_features, layout=layout)
 
@@ -146,6 +163,8 @@ class NormSpec:
         needs_positions: the statistics need more than one position per (sample, channel):
             invalid on an ``(N, C)`` input.
         reference: the paper or source, for docs and reports.
+        activation: the layer includes its activation (FRN's TLU, EvoNorm's sigmoid gate): it
+            replaces the slot's norm and the activation after it, so the slot must know one.
     """
 
     name: str
@@ -154,7 +173,12 @@ class NormSpec:
     needs_positions: bool = False
     reference: str = ""
     layouts: tuple[str, ...] = field(default=LAYOUTS)
+    activation: bool = False
 
+
+#: Batch Renormalization's parameters besides eps/affine: its momentum, the limits of its
+#: corrections and their schedule.
+RENORM_PARAMS = ("momentum", "r_max", "d_max", "warmup_steps", "ramp_steps")
 
 _REGISTRY: dict[str, NormSpec] = {
     spec.name: spec
@@ -208,6 +232,28 @@ _REGISTRY: dict[str, NormSpec] = {
             _dyt,
             ("alpha_init",),
             reference="Zhu et al., Transformers without Normalization, CVPR 2025",
+        ),
+        NormSpec(
+            "batchrenorm",
+            _batchrenorm,
+            RENORM_PARAMS,
+            reference="Ioffe, Batch Renormalization, NeurIPS 2017",
+        ),
+        NormSpec(
+            "frn",
+            _frn,
+            needs_positions=True,
+            reference="Singh & Krishnan, Filter Response Normalization Layer (FRN + TLU), "
+            "CVPR 2020",
+            activation=True,
+        ),
+        NormSpec(
+            "evonorm_s0",
+            _evonorm_s0,
+            ("groups",),
+            reference="Liu et al., Evolving Normalization-Activation Layers (EvoNorm-S0), "
+            "NeurIPS 2020",
+            activation=True,
         ),
         NormSpec("identity", _identity, reference="no normalization"),
     )
@@ -270,7 +316,7 @@ def check_choice(
     value_problems = check_params(params)
     problems += value_problems
     groups = params.get("groups")
-    if name == "groupnorm" and groups is not None and not value_problems and num_features % groups:
+    if name in GROUPED and groups is not None and not value_problems and num_features % groups:
         problems.append(
             f"`groups` must divide num_features, got groups={groups}, num_features={num_features}"
         )
@@ -284,6 +330,10 @@ def check_choice(
     return problems
 
 
+#: Choices that take a group count, which must divide the channels.
+GROUPED = ("groupnorm", "evonorm_s0")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -292,7 +342,8 @@ def check_params(params: dict[str, Any]) -> list[str]:
     """What is wrong with the values of a choice's parameters, whatever the slot (empty: all
     valid): ``eps`` a finite number > 0; ``momentum`` a number in [0, 1] or None;
     ``affine``/``track_running_stats`` true or false (not a string); ``groups`` a positive
-    int or None; ``alpha_init`` a finite number.
+    int or None; ``alpha_init`` a finite number; ``r_max`` a finite number >= 1, ``d_max`` one
+    >= 0; ``warmup_steps`` an int >= 0 and ``ramp_steps`` one >= 1.
 
     Example::
 
@@ -319,7 +370,20 @@ def check_params(params: dict[str, Any]) -> list[str]:
             problems.append(f"`groups` must be a positive int, got groups={value!r}")
         elif key == "alpha_init" and not (_is_number(value) and math.isfinite(value)):
             problems.append(f"`alpha_init` must be a finite number, got alpha_init={value!r}")
+        elif key in _LOWEST and not _at_least(value, _LOWEST[key], integer=key.endswith("steps")):
+            kind = "an int" if key.endswith("steps") else "a finite number"
+            problems.append(f"`{key}` must be {kind} >= {_LOWEST[key]}, got {key}={value!r}")
     return problems
+
+
+#: The least value of Batch Renormalization's parameters.
+_LOWEST = {"r_max": 1, "d_max": 0, "warmup_steps": 0, "ramp_steps": 1}
+
+
+def _at_least(value: Any, lowest: int, *, integer: bool) -> bool:
+    if integer and not (isinstance(value, int) and not isinstance(value, bool)):
+        return False
+    return _is_number(value) and math.isfinite(value) and value >= lowest
 
 
 def _positions(input_shape: tuple[int, ...], layout: str) -> int:
@@ -353,7 +417,8 @@ def create_norm(
 
     Args:
         name: a registry name (``batchnorm``, ``syncbatchnorm``, ``frozenbatchnorm``,
-            ``groupnorm``, ``instancenorm``, ``layernorm``, ``rmsnorm``, ``switchable``, ``dyt``, ``identity``), or a class / partial / factory
+            ``groupnorm``, ``instancenorm``, ``layernorm``, ``rmsnorm``, ``switchable``, ``dyt``,
+            ``batchrenorm``, ``frn``, ``evonorm_s0``, ``identity``), or a class / partial / factory
             called as ``factory(num_features, **kwargs)`` (with ``layout`` if it accepts one).
         num_features: number of channels C.
         layout: ``"channels_first"`` (input ``(N, C, *)``) or ``"channels_last"`` (``(..., C)``).
@@ -362,7 +427,8 @@ def create_norm(
         **kwargs: ``eps``, ``affine``, ``device``, ``dtype`` and the choice's own parameters
             (``groups`` for groupnorm, by default :func:`~autonorm.norms._groups.default_groups`
             of the channels and ``input_ndim``; ``candidates`` for switchable, the statistics it
-            mixes; ``alpha_init`` for dyt).
+            mixes; ``alpha_init`` for dyt; :data:`RENORM_PARAMS` for batchrenorm; ``groups``
+            for evonorm_s0, defaulting as groupnorm's).
 
     Returns:
         The layer.

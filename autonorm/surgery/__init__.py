@@ -33,14 +33,8 @@ from autonorm.surgery._recalibrate import (
     recalibrate_batchnorm,
     slot_batchnorms,
 )
-from autonorm.surgery._slots import (
-    Slot,
-    SlotPatterns,
-    SlotType,
-    find_slots,
-    register_slot_type,
-    select_slots,
-)
+from autonorm.surgery._slot_types import SlotType, register_slot_type
+from autonorm.surgery._slots import Slot, SlotPatterns, find_slots, select_slots
 
 __all__ = [
     "SWITCHABLE_INITS",

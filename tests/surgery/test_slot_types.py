@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-import autonorm.surgery._slots
+import autonorm.surgery._slot_types
 from autonorm import ConfigError, NormChoice, apply_config, find_slots, register_slot_type
 from autonorm.surgery._rebuild import build_replacement
 from tests.models import CF, CL
@@ -39,7 +39,7 @@ class ScaledChannelRMSNorm(ChannelRMSNorm):
 
 @pytest.fixture
 def user_types(monkeypatch):
-    monkeypatch.setattr(autonorm.surgery._slots, "_USER_TYPES", {})
+    monkeypatch.setattr(autonorm.surgery._slot_types, "_USER_TYPES", {})
 
 
 def tokens_model(norm: nn.Module) -> nn.Module:
