@@ -208,6 +208,8 @@ class FilterResponseNorm(nn.Module):
         layout: ``channels_first`` or ``channels_last``.
     """
 
+    includes_activation = True
+
     def __init__(
         self,
         num_features: int,
@@ -232,7 +234,7 @@ class FilterResponseNorm(nn.Module):
         nn.init.zeros_(self.tau)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _check_input(self, input, 3 if self.layout == CHANNELS_FIRST else 2)
+        _check_input(self, input, 3)  # positions to average over
         ndim = input.dim()
         nu2 = input.square().mean(dim=_position_dims(input, self.layout), keepdim=True)
         out = input * torch.rsqrt(nu2 + self.eps)
@@ -262,6 +264,8 @@ class EvoNormS0(nn.Module):
         affine: learn ``weight`` and ``bias`` (``v`` is always learned).
         layout: ``channels_first`` or ``channels_last``.
     """
+
+    includes_activation = True
 
     def __init__(
         self,

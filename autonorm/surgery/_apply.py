@@ -26,6 +26,7 @@ from autonorm.norms import (
     weight_norm_of,
     weight_problems,
 )
+from autonorm.surgery._activations import place_activation
 from autonorm.surgery._probe import call_with_example
 from autonorm.surgery._rebuild import (
     BATCH_FAMILY,
@@ -174,13 +175,17 @@ def _build_replacements(
 
 
 def _install(model: nn.Module, replacements: Mapping[Slot, nn.Module]) -> nn.Module:
-    """Put each new layer in every place of its slot; the new root when the root is a slot."""
+    """Put each new layer in every place of its slot; the new root when the root is a slot.
+    A new layer that includes its activation holds the slot's activation; one that does not
+    gives a held activation back."""
     for slot, new in replacements.items():
         if slot.name == "":
             model = new
-            continue
-        for name in slot.names:
-            _set_module(model, name, new)
+        else:
+            for name in slot.names:
+                _set_module(model, name, new)
+        includes_activation = getattr(inner(new), "includes_activation", False)
+        place_activation(model, slot.activation, includes_activation)
     return model
 
 

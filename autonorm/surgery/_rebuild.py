@@ -203,11 +203,25 @@ def _affine(norm: nn.Module, kind: str) -> bool:
 
 
 #: eps of a registry layer built without one (nn.RMSNorm's None: the dtype's machine epsilon).
-_DEFAULT_EPS: dict[str, float | None] = {"rmsnorm": None}
+_DEFAULT_EPS: dict[str, float | None] = {"rmsnorm": None, "frn": 1e-6}
 #: Kinds whose settings (momentum, affine, tracking) mean the same: a rewrite among them keeps
 #: them. SwitchableNorm keeps batch statistics with a momentum, so it carries them through the
 #: learned path (BatchNorm -> SwitchableNorm -> BatchNorm).
-BATCH_FAMILY = frozenset({"batchnorm", "syncbatchnorm", "frozenbatchnorm", "switchable"})
+BATCH_FAMILY = frozenset(
+    {"batchnorm", "syncbatchnorm", "frozenbatchnorm", "switchable", "batchrenorm"}
+)
+
+
+def _renorm_params(norm: Any) -> dict[str, Any]:
+    """A Batch Renormalization layer's limits and given schedule, where not the defaults."""
+    params: dict[str, Any] = {}
+    if norm.r_max != 3.0:
+        params["r_max"] = norm.r_max
+    if norm.d_max != 5.0:
+        params["d_max"] = norm.d_max
+    if norm.given_schedule:
+        params.update(warmup_steps=norm.warmup_steps, ramp_steps=norm.ramp_steps)
+    return params
 
 
 def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) -> NormChoice:
@@ -224,6 +238,10 @@ def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) ->
         eps = getattr(norm, "eps", None)
     if kind == "groupnorm":
         params["groups"] = norm.num_groups
+    if kind == "evonorm_s0":
+        params["groups"] = norm.groups
+    if kind == "batchrenorm":
+        params.update(_renorm_params(norm))
     if kind == "switchable":
         if norm.candidates != SWITCHABLE_CANDIDATES[norm.layout]:
             params["candidates"] = list(norm.candidates)
@@ -235,7 +253,7 @@ def keep_choice_of(module: nn.Module, kind: str, *, eps: float | None = None) ->
             params["track_running_stats"] = False
     if kind == "dyt" and norm.alpha_init != 0.5:
         params["alpha_init"] = norm.alpha_init
-    if kind in ("batchnorm", "syncbatchnorm", "instancenorm"):
+    if kind in ("batchnorm", "syncbatchnorm", "instancenorm", "batchrenorm"):
         if norm.momentum != 0.1:
             params["momentum"] = norm.momentum
         default_tracking = kind != "instancenorm"

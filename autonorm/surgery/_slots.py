@@ -29,9 +29,18 @@ from torch import nn
 
 from autonorm.config import NormChoice, SlotRecord
 from autonorm.norms import (
+    NORM_NAMES,
     check_choice,
+    get_spec,
     is_feeder,
     weight_norm_of,
+)
+from autonorm.surgery._activations import (
+    ACTIVATIONS_ATTR,
+    activation_of,
+    declared_activations,
+    held,
+    module_uses,
 )
 from autonorm.surgery._detect import custom_layouts, norm_like, refusal
 from autonorm.surgery._feeders import (
@@ -89,6 +98,12 @@ class Slot:
             elsewhere (an add, an activation), from several places, or is unknown.
         weight_offset: what the slot's layer adds to its weight (1 for Gemma's
             ``x * (1 + w)``); a rewrite carries ``weight + weight_offset`` over.
+        activation: dotted name of the activation module right after the slot's norm (the
+            child of a fused module, the next module of an ``nn.Sequential``, or declared), or
+            None: unknown. A choice that includes its activation (``frn``, ``evonorm_s0``)
+            needs one (:mod:`autonorm.surgery._activations`).
+        activation_held: the slot's norm includes its activation and holds the original one
+            (to give back on a rewrite to a choice without an activation).
         original: the slot's layer before an earlier rewrite, as a config recorded it.
         unsettled: why the slot's layout is unknown (None: settled); a rewrite is refused.
     """
@@ -104,6 +119,8 @@ class Slot:
     reached: bool | None = None
     feeder: str | None = None
     weight_offset: float = 0.0
+    activation: str | None = None
+    activation_held: bool = False
     keep: NormChoice | None = field(default=None, compare=False, repr=False)
     refusal: str | None = field(default=None, compare=False, repr=False)
     original: NormChoice | None = field(default=None, compare=False, repr=False)
@@ -144,6 +161,7 @@ class Slot:
                 input_shape=self.input_shape,
                 **choice.params,
             )
+            problems += self._activation_problems(choice.name, keep.name)
         if choice.weight != keep.weight and choice.weight is not None and self.feeder is None:
             problems.append(
                 f"{choice.weight} needs the Conv/Linear layer that feeds the slot, and its input "
@@ -151,6 +169,25 @@ class Slot:
                 f"find_slots(..., feeders={{{self.name!r}: '<layer name>'}}))"
             )
         return problems
+
+    def _activation_problems(self, name: str, current: str) -> list[str]:
+        """What keeps a choice from taking over, or giving back, the slot's activation."""
+        if name not in NORM_NAMES:
+            return []  # check_choice said so
+        spec = get_spec(name)
+        if spec.activation and self.activation is None:
+            return [
+                f"{name} includes its activation and no activation is known after this slot "
+                "(a fused norm-activation module, an activation right after it in an "
+                "nn.Sequential, or one declared: "
+                f"find_slots(..., activations={{{self.name!r}: '<activation module>'}}))"
+            ]
+        if get_spec(current).activation and not spec.activation and not self.activation_held:
+            return [
+                f"the slot's {current} includes its activation and holds no original one to "
+                f"give back, so {name} would leave the slot without an activation"
+            ]
+        return []
 
     @property
     def input_ndim(self) -> int | None:
@@ -296,6 +333,7 @@ def _make_slot(
     custom: bool,
     feeders: tuple[dict[str, str | None], dict[str, str]],
     record: SlotRecord | None,
+    activations: tuple[dict[str, str], dict[int, int]],
 ) -> Slot:
     """The :class:`Slot` of one norm module, from its class, the probe (else the config's
     record of it) and its feeder."""
@@ -328,6 +366,7 @@ def _make_slot(
             why = refusal(module, found.kind, io is not None)
     elif extra is None:
         extra = ()
+    activation = activation_of(model, names, extra if why is None else None, *activations)
     return Slot(
         name=names[0],
         kind=found.kind,
@@ -340,6 +379,8 @@ def _make_slot(
         reached=None if probed is None else key in probed.shapes,
         feeder=feeder,
         weight_offset=found.weight_offset,
+        activation=activation,
+        activation_held=held(model, activation),
         keep=keep,
         refusal=why,
         original=None if record is None else record.original,
@@ -356,6 +397,7 @@ def find_slots(
     probe: bool = True,
     feeders: Mapping[str, str | None] | None = None,
     records: Mapping[str, SlotRecord] | None = None,
+    activations: Mapping[str, str] | None = None,
 ) -> list[Slot]:
     """The norm slots of ``model``, in ``named_modules()`` order.
 
@@ -378,6 +420,10 @@ def find_slots(
             :attr:`NormConfig.probe`): where no probe reaches a slot, its layout, input shape,
             feeder and original layer come from its record. A slot whose layout neither
             settles is :attr:`Slot.unsettled`, and a rewrite of it is refused.
+        activations: ``{slot name: module name}`` declaring the activation right after a slot
+            where surgery cannot see it (default: the model's ``autonorm_activations``
+            attribute); otherwise a fused module's activation child or the next module of an
+            ``nn.Sequential`` (:attr:`Slot.activation`).
 
     Returns:
         One :class:`Slot` per norm module (a module shared at several places is one slot).
@@ -415,8 +461,20 @@ def find_slots(
         modules = {k: f.module for k, f in found.items()}
         probed = run_probe(model, modules, example_input, custom, feeders=feeder_modules)
     tagged = tagged_feeders(feeder_modules)
+    if activations is None:
+        activations = getattr(model, ACTIVATIONS_ATTR, None)
+    activation_info = (declared_activations(model, activations, list(channels)), module_uses(model))
     slots = [
-        _make_slot(model, key, f, probed, key in custom, (declared, tagged), _record_of(f, records))
+        _make_slot(
+            model,
+            key,
+            f,
+            probed,
+            key in custom,
+            (declared, tagged),
+            _record_of(f, records),
+            activation_info,
+        )
         for key, f in found.items()
     ]
     unreached = [s.name for s in slots if s.reached is False]

@@ -76,6 +76,9 @@ def test_registry_names_are_the_documented_choices():
         "rmsnorm",
         "switchable",
         "dyt",
+        "batchrenorm",
+        "frn",
+        "evonorm_s0",
         "identity",
     )
 

@@ -47,6 +47,9 @@ DEFAULT_EPS: dict[str, float | None] = {
     "switchable": 1e-5,
     "dyt": None,
     "identity": None,
+    "batchrenorm": 1e-5,
+    "frn": 1e-6,
+    "evonorm_s0": 1e-5,
 }
 #: Layers with a fused autograd function for float32/float64 (in some layout), and
 #: SwitchableNorm, which computes its statistics in float32 under autocast.
@@ -144,7 +147,7 @@ def cases(
             kwargs["track_running_stats"] = track
         if name == "instancenorm" and track and kwargs.get("momentum", 0.1) is None:
             del kwargs["momentum"]  # refused (it would never update the statistics)
-    if name == "groupnorm":
+    if name in ("groupnorm", "evonorm_s0"):
         groups = draw(st.sampled_from([None, *_divisors(channels)]))
         if groups is not None:
             kwargs["groups"] = groups
@@ -159,6 +162,11 @@ def cases(
             kwargs["mixing"] = "sparsestmax"
             k = len(kwargs.get("candidates", allowed))
             radius = draw(st.floats(0.0, 1.2 * vertex_radius(k)))
+    if name == "batchrenorm":  # every phase: warm-up, ramp, at the limits (the step is drawn)
+        kwargs["r_max"] = draw(st.sampled_from([1.0, 1.2, 3.0]))
+        kwargs["d_max"] = draw(st.sampled_from([0.0, 0.3, 5.0]))
+        kwargs["warmup_steps"] = draw(st.integers(0, 2))
+        kwargs["ramp_steps"] = draw(st.integers(1, 3))
     if name == "dyt" and draw(st.booleans()):
         kwargs["alpha_init"] = draw(st.floats(-2.0, 2.0, allow_nan=False))
     dtype = draw(st.sampled_from(dtypes))
@@ -189,7 +197,7 @@ def _tracks(case: Case) -> bool:
     if case.name == "switchable" and "batch" not in case.kwargs.get("candidates", ("batch",)):
         return False  # no batch branch
     if case.name not in ("batchnorm", "syncbatchnorm", "instancenorm", "switchable"):
-        return case.name == "frozenbatchnorm"
+        return case.name in ("frozenbatchnorm", "batchrenorm")
     return case.kwargs.get("track_running_stats", case.name != "instancenorm")
 
 
@@ -198,7 +206,12 @@ def check_initial_state(case: Case, layer: nn.Module) -> None:
     ``weight`` 1 and ``bias`` 0 (nn.RMSNorm: no bias), DyT's ``alpha`` at ``alpha_init``,
     SwitchableNorm's equal logits, running mean 0 and variance 1 where statistics are kept."""
     affine = case.kwargs.get("affine", True) and case.name != "identity"
-    own = {"dyt": {"alpha"}, "switchable": {"mean_weight", "var_weight"}}.get(case.name, set())
+    own = {
+        "dyt": {"alpha"},
+        "switchable": {"mean_weight", "var_weight"},
+        "frn": {"tau"},
+        "evonorm_s0": {"v"},
+    }.get(case.name, set())
     if affine:
         own |= {"weight"} if case.name == "rmsnorm" else {"weight", "bias"}
     if case.name == "frozenbatchnorm":  # frozen: its affine and statistics are buffers
@@ -209,6 +222,7 @@ def check_initial_state(case: Case, layer: nn.Module) -> None:
     assert ("running_mean" in state) == ("running_var" in state) == _tracks(case)
     initial = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
     initial.update(mean_weight=1.0, var_weight=1.0, alpha=case.kwargs.get("alpha_init", 0.5))
+    initial.update(tau=0.0, v=1.0)
     for key, value in state.items():
         if key in initial:
             expected = torch.full_like(value, initial[key])
@@ -245,6 +259,8 @@ def _build(case: Case) -> nn.Module:
                 b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) + 0.5)
             elif name == "radius" and case.radius is not None:
                 b.fill_(case.radius)
+            elif name == "num_batches_tracked" and case.name == "batchrenorm":
+                b.fill_(case.seed % 5)  # the step sets Batch Renormalization's limits
     return layer.train(case.training)
 
 
@@ -344,6 +360,16 @@ def reference(
         out = torch.tanh(params["alpha"] * h)
     elif name == "identity":
         out = h
+    elif name == "batchrenorm":
+        out = _renorm_reference(case, h, buffers, running(), normalize)
+    elif name == "frn":  # per sample and channel over the positions; its TLU comes below
+        out = normalize(h, h.square().mean(1, keepdim=True))
+    elif name == "evonorm_s0":  # x * sigmoid(v x) / std over each group's channels, positions
+        groups = kw.get("groups") or default_groups(c, input_ndim=case.input_ndim)
+        grouped = h.reshape(n, -1, groups, c // groups)
+        _, var = _moments(grouped, (1, 3))
+        std = normalize(torch.ones_like(grouped), var).reciprocal().reshape(h.shape)
+        out = h * torch.sigmoid(params["v"].view(1, 1, c) * h) / std
     elif name == "switchable":
         candidates = kw.get("candidates", SWITCHABLE_CANDIDATES[case.layout])
         if case.layout == CHANNELS_FIRST:
@@ -368,8 +394,29 @@ def reference(
         out = out * weight.view(1, 1, c)
     if bias is not None:
         out = out + bias.view(1, 1, c)
+    if name == "frn":  # the Thresholded Linear Unit
+        out = torch.maximum(out, params["tau"].view(1, 1, c))
     out = out.reshape(moved_shape)
     return out.movedim(-1, 1) if case.layout == CHANNELS_FIRST else out
+
+
+def _renorm_reference(case, h, buffers, running, normalize):
+    """Batch Renormalization (Ioffe 2017): in training the batch-normalized value times ``r``
+    plus ``d``, both clipped and constants for the gradient, with limits grown linearly from
+    (1, 0) after the warm-up; in eval mode BatchNorm's inference."""
+    eps = case.kwargs.get("eps", 1e-5)
+    running_mean, running_var = running
+    if not case.training:
+        return normalize(h - running_mean, running_var)
+    kw = {"r_max": 3.0, "d_max": 5.0, "warmup_steps": 5000, "ramp_steps": 20000, **case.kwargs}
+    step = int(buffers["num_batches_tracked"])
+    progress = min(max((step - kw["warmup_steps"]) / kw["ramp_steps"], 0.0), 1.0)
+    r_max, d_max = 1 + (kw["r_max"] - 1) * progress, kw["d_max"] * progress
+    mean, var = _moments(h, (0, 1))
+    sigma = torch.sqrt(running_var + eps)
+    r = (torch.sqrt(var + eps) / sigma).clamp(1 / r_max, r_max).detach()
+    d = ((mean - running_mean) / sigma).clamp(-d_max, d_max).detach()
+    return normalize(h - mean, var) * r + d
 
 
 def expected_running_stats(
@@ -492,7 +539,9 @@ def test_a_channel_without_variance_equals_the_formula(name, data):
     check_against_reference(case)
 
 
-@pytest.mark.parametrize("name", ["batchnorm", "syncbatchnorm", "instancenorm", "switchable"])
+@pytest.mark.parametrize(
+    "name", ["batchnorm", "syncbatchnorm", "instancenorm", "switchable", "batchrenorm"]
+)
 @settings(max_examples=40)
 @given(data=st.data())
 def test_training_updates_running_statistics_as_batchnorm(name, data):

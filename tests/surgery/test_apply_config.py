@@ -23,7 +23,10 @@ from autonorm import (
 )
 from autonorm.norms import (
     BatchNormChannelsLast,
+    BatchRenorm,
     DyT,
+    EvoNormS0,
+    FilterResponseNorm,
     FrozenBatchNorm,
     GroupNormChannelsLast,
     IdentityNorm,
@@ -32,6 +35,7 @@ from autonorm.norms import (
     RMSNormChannelsFirst,
     SwitchableNorm,
     SyncBatchNorm,
+    get_spec,
 )
 from autonorm.surgery import NormWithExtra
 from autonorm.surgery._rebuild import settled_choice
@@ -83,6 +87,9 @@ def expected_type(norm: str, layout: str, ndim: int) -> type[nn.Module]:
         "dyt": DyT,
         "identity": IdentityNorm,
         "frozenbatchnorm": FrozenBatchNorm,
+        "batchrenorm": BatchRenorm,
+        "frn": FilterResponseNorm,
+        "evonorm_s0": EvoNormS0,
     }
     if norm in ours:
         return ours[norm]
@@ -93,6 +100,7 @@ def expected_type(norm: str, layout: str, ndim: int) -> type[nn.Module]:
 INVALID = {
     ("convnext", "instancenorm"): "slot 'head_norm'",
     ("mlp", "instancenorm"): "needs more than one position",
+    ("mlp", "frn"): "needs more than one position",
     **{
         ("fused", norm): "slot 'doubled' cannot be rewritten"
         for norm in NORM_NAMES
@@ -107,9 +115,12 @@ def test_uniform_conversion(name, norm):
     model, x = build(name)
     slots = find_slots(model, x)
     config = NormConfig.uniform(slots, norm)
-    if (name, norm) in INVALID:
+    invalid = INVALID.get((name, norm))
+    if get_spec(norm).activation and any(s.activation is None for s in slots):
+        invalid = f"{norm} includes its activation and no activation is known"
+    if invalid is not None:
         modules = modules_of(model)
-        with pytest.raises(ConfigError, match=INVALID[name, norm]):
+        with pytest.raises(ConfigError, match=invalid):
             apply_config(model, config, slots=slots)
         assert all(a[1] is b[1] for a, b in zip(modules, modules_of(model), strict=True))
         return
@@ -126,7 +137,7 @@ def test_uniform_conversion(name, norm):
             assert type(layer) is NormWithExtra
             layer = layer.norm
         assert type(layer) is expected_type(norm, slot.layout, len(slot.input_shape))
-        if norm in ("switchable", "dyt", "identity"):
+        if norm in ("switchable", "dyt", "identity", "batchrenorm", "frn", "evonorm_s0"):
             assert layer.layout == slot.layout
     assert_trains(model, x)
     model.eval()
