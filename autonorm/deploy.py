@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: Attribute of a folded model: the :class:`Fold` of each of its slots.
 FOLDS_ATTR = "autonorm_folds"
 #: Registry kinds that are a per-channel affine map in eval mode.
-FOLDABLE_KINDS = ("batchnorm", "syncbatchnorm", "frozenbatchnorm")
+FOLDABLE_KINDS = ("batchnorm", "syncbatchnorm", "frozenbatchnorm", "batchrenorm")
 
 
 @dataclass(frozen=True)

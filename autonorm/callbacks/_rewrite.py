@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import os
 from collections.abc import Mapping, Sized
 from pathlib import Path
@@ -37,6 +38,7 @@ from autonorm.callbacks._checkpoints import (
 )
 from autonorm.callbacks._measure import Measurements, TrainingStepRecorder, first_batch_size
 from autonorm.config import NormConfig
+from autonorm.norms import BatchRenorm
 from autonorm.surgery import Slot, SlotPatterns, apply_config, find_slots, select_slots
 
 if TYPE_CHECKING:
@@ -112,6 +114,17 @@ def memory_over_budget(
         f"peak memory {format_bytes(int(peak))} ({recorder.method}) > "
         f"budget max_memory={format_bytes(limit)}"
     )
+
+
+def scale_renorm_schedules(model: nn.Module, total_steps: float) -> None:
+    """Fit each Batch Renormalization layer's warm-up and ramp (given as the paper's 5000 and
+    20000 steps, longer than most runs) to the run's ``total_steps`` optimizer steps; a
+    schedule the user gave stays (:meth:`~autonorm.norms.BatchRenorm.scale_schedule`)."""
+    if not math.isfinite(total_steps):
+        return  # an endless run keeps the paper's schedule
+    for module in model.modules():
+        if isinstance(module, BatchRenorm):
+            module.scale_schedule(int(total_steps))
 
 
 def _no_slot_message(pl_module: nn.Module, include: SlotPatterns, exclude: SlotPatterns) -> str:
@@ -317,6 +330,10 @@ class _RewriteBase(_CallbackType):
     def selective(self) -> bool:
         """Whether ``include``/``exclude`` select some slots (a config then names only those)."""
         return self.include is not None or self.exclude is not None
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scale_renorm_schedules(pl_module, trainer.estimated_stepping_batches)
 
     # -- training steps: measured against the budget ------------------------------------------
 

@@ -207,3 +207,28 @@ def test_wrong_inputs_are_refused_in_one_line():
         FilterResponseNorm(4)(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="more than one value per channel"):
         BatchRenorm(4)(torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_a_trained_batch_renorm_folds_into_its_feeder(layout):
+    from autonorm import find_slots, fold_norms
+
+    torch.manual_seed(0)
+    if layout == "channels_first":
+        feeder, x = torch.nn.Conv2d(3, 8, 3), torch.randn(4, 3, 6, 6)
+    else:
+        feeder, x = torch.nn.Linear(3, 8), torch.randn(4, 5, 3)
+    norm = BatchRenorm(8, r_max=2.0, d_max=1.0, warmup_steps=1, ramp_steps=2, layout=layout)
+    model = torch.nn.Sequential(feeder, norm, torch.nn.ReLU())
+    for step in range(5):  # through the warm-up and ramp: the corrections act
+        model(x * (step + 1) + step)
+    assert norm.limits() == (2.0, 1.0)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    (slot,) = find_slots(model, x)
+    assert slot.kind == "batchrenorm"
+    fold_norms(model, x)
+    assert isinstance(model[1], torch.nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
