@@ -87,6 +87,12 @@ def _positive_number(value: Any) -> float | None:
     return float(value)
 
 
+#: A per-device batch of at most this many samples is small for batch statistics.
+SMALL_BATCH = 8
+#: A per-device batch of at least this many samples is large enough for batch statistics.
+LARGE_BATCH = 16
+
+
 @dataclass(frozen=True)
 class Budget:
     """What every trial must fit in.
@@ -134,6 +140,12 @@ class Budget:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (bytes as ints)."""
         return asdict(self)
+
+    @property
+    def small_batch(self) -> bool:
+        """Whether the per-device batch is under :data:`LARGE_BATCH`, where batch statistics
+        are unreliable (Wu & He 2018) and the small-batch family is worth a trial."""
+        return self.batch_size is not None and self.batch_size < LARGE_BATCH
 
 
 def as_budget(value: Budget | Mapping[str, Any] | None, what: str = "budget") -> Budget | None:

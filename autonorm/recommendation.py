@@ -8,8 +8,9 @@ input and the run's batch size, and a sentence saying why (kept in the config's 
 - ``(N, C)`` features: ``batchnorm``, or ``layernorm`` at a per-device batch of 8 or less;
 - conv feature maps: ``batchnorm`` at a per-device batch of 16 or more (or unknown);
   at 8 or less ``syncbatchnorm`` on several devices, else ``groupnorm`` with weight
-  standardization on the feeding conv; 9 to 15: ``batchnorm`` (``syncbatchnorm`` on several
-  devices); a conv slot the architecture gave a per-position LayerNorm (ConvNeXt) keeps it;
+  standardization on the feeding conv, or, with no conv feeding it and an activation after it,
+  ``frn`` (FRN + TLU); 9 to 15: ``batchrenorm`` (``syncbatchnorm`` on several devices); a
+  conv slot the architecture gave a per-position LayerNorm (ConvNeXt) keeps it;
 - ``task="style"``: ``instancenorm`` for conv slots; ``task="generation"``: ``groupnorm``.
 
 It is a starting point (and a warm-start trial for :func:`autonorm.search`), not a search.
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autonorm._errors import AutoNormError
-from autonorm.budget import Budget, as_budget
+from autonorm.budget import LARGE_BATCH, SMALL_BATCH, Budget, as_budget
 from autonorm.config import NormChoice, NormConfig
 from autonorm.norms import CHANNELS_LAST, default_groups
 from autonorm.surgery import Slot
@@ -30,10 +31,6 @@ from autonorm.surgery import Slot
 #: Tasks :func:`recommend` knows. Classification, detection and segmentation follow the
 #: default rules (the batch size decides); generation and style change the conv slots.
 TASKS = ("classification", "detection", "segmentation", "generation", "style")
-#: A per-device batch of at most this many samples is small for batch statistics.
-SMALL_BATCH = 8
-#: A per-device batch of at least this many samples is large enough for batch statistics.
-LARGE_BATCH = 16
 
 
 def _kind_of_input(slot: Slot) -> str:
@@ -117,12 +114,22 @@ def _conv_rule(slot: Slot, budget: Budget | None, task: str | None) -> tuple[Nor
             f"the global batch of {total}{caveat} (Peng et al., MegDet 2018)"
         )
     if batch <= SMALL_BATCH:
-        return _groupnorm(
-            slot, f"conv feature map, {_batch_text(budget)} <= {SMALL_BATCH} on one device"
-        )
-    return _own(slot, "batchnorm"), (
-        f"conv feature map, {_batch_text(budget)}: moderate batch, BatchNorm still works (it "
-        f"degrades below {SMALL_BATCH + 1}, Wu & He 2018)"
+        why = f"conv feature map, {_batch_text(budget)} <= {SMALL_BATCH} on one device"
+        if slot.feeder is None and slot.activation is not None:
+            return NormChoice("frn"), (
+                f"{why}: FRN + TLU normalizes per sample and channel and replaces the activation "
+                f"{slot.activation!r}; it beat BatchNorm and GroupNorm at every batch size on "
+                "ImageNet ResNet-50 (Singh & Krishnan 2020); no Conv/Linear feeds this slot "
+                "directly, so no weight standardization"
+            )
+        return _groupnorm(slot, why)
+    settings = {
+        k: v for k, v in _own(slot, "batchnorm").params.items() if k != "track_running_stats"
+    }
+    return NormChoice("batchrenorm", settings), (
+        f"conv feature map, {_batch_text(budget)}: moderate batch, where BatchNorm starts to "
+        f"degrade (Wu & He 2018); Batch Renormalization corrects its batch statistics towards "
+        "the running ones and is BatchNorm at inference, foldable (Ioffe 2017)"
     )
 
 

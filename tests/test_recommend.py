@@ -70,6 +70,22 @@ def test_small_batch_without_a_feeder_is_plain_groupnorm():
     assert "no weight standardization" in cfg.metadata["reasons"]["bn"]
 
 
+def test_small_batch_without_a_feeder_but_with_an_activation_is_frn():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(8), torch.nn.SiLU()
+    )
+    x = torch.randn(4, 3, 8, 8)
+    slots = find_slots(model, x)
+    cfg = recommend(slots, Budget(batch_size=4))
+    assert labels(cfg) == {"2": "frn"}
+    reason = cfg.metadata["reasons"]["2"]
+    assert "replaces the activation '3'" in reason and "Singh & Krishnan 2020" in reason
+    apply_config(model, cfg, slots=slots)
+    assert type(model[3]).__name__ == "HeldActivation"
+    model(x).sum().backward()
+
+
 def test_small_batch_on_four_devices_is_syncbatchnorm():
     model, x, slots = slots_of("resnet")
     cfg = recommend(slots, Budget(batch_size=2, devices=4))
@@ -83,8 +99,12 @@ def test_small_batch_on_four_devices_is_syncbatchnorm():
 
 
 def test_moderate_batch():
-    _, _, slots = slots_of("conv1d")
-    assert set(labels(recommend(slots, Budget(batch_size=12))).values()) == {"batchnorm"}
+    model, x, slots = slots_of("conv1d")
+    cfg = recommend(slots, Budget(batch_size=12))
+    assert set(labels(cfg).values()) == {"batchrenorm"}
+    assert all("Ioffe 2017" in reason for reason in cfg.metadata["reasons"].values())
+    apply_config(model, cfg, slots=slots)
+    assert torch.isfinite(model(x)).all()
     assert set(labels(recommend(slots, Budget(batch_size=12, devices=2))).values()) == {
         "syncbatchnorm"
     }

@@ -51,7 +51,7 @@ def _per_channel(tensor: torch.Tensor, ndim: int, layout: str) -> torch.Tensor:
     return tensor.reshape(-1, *([1] * (ndim - 2)))
 
 
-def _check_input(module: nn.Module, input: torch.Tensor, min_ndim: int) -> None:
+def _check_input(module: Any, input: torch.Tensor, min_ndim: int) -> None:
     if input.dim() < min_ndim:
         raise ValueError(
             f"{type(module).__name__} expects an input of rank >= {min_ndim}, "
@@ -209,6 +209,8 @@ class FilterResponseNorm(nn.Module):
     """
 
     includes_activation = True
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -266,6 +268,8 @@ class EvoNormS0(nn.Module):
     """
 
     includes_activation = True
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(
         self,

@@ -29,8 +29,19 @@ OWN_NORMS = "own norms"
 DEFAULT_CONFIG = "default config"
 #: How strongly each guarded baseline is kept (``_trial_keys.INCUMBENT``).
 GUARDS = {OWN_NORMS: OWN_NORMS_GUARD, DEFAULT_CONFIG: DEFAULT_GUARD}
-#: The uniform families a user would try by hand, in the order the warm start lists them.
-UNIFORM_FAMILIES = ("batchnorm", "groupnorm", "instancenorm", "layernorm", "rmsnorm", "dyt")
+#: The uniform families a user would try by hand, in the order the warm start lists them; the
+#: small-batch family only where the space offers it (a per-device batch under 16).
+UNIFORM_FAMILIES = (
+    "batchnorm",
+    "groupnorm",
+    "instancenorm",
+    "layernorm",
+    "rmsnorm",
+    "dyt",
+    "batchrenorm",
+    "frn",
+    "evonorm_s0",
+)
 #: Uniform SwitchableNorm: not in the hand-run grid (so not in its compute), but screened with
 #: it, because each layer learns its own mix (Luo et al., 2019): strong where batch statistics
 #: fail for some layers only, and its mixing weights say which.

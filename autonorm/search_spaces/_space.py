@@ -10,12 +10,17 @@ proposes can be applied.
 Two options widen the presets: ``weight_norms=True`` adds weight-side pairs (``groupnorm+ws``,
 ``batchnorm+ws``, ``identity+wn``) where a slot has a feeder, and ``devices > 1`` (from the
 budget, :meth:`SearchSpace.for_budget`) adds ``syncbatchnorm`` next to ``batchnorm``.
+``small_batch=True`` (a per-device batch under 16 in the budget) adds the small-batch family:
+``batchrenorm`` after the batch norms, and ``frn`` and ``evonorm_s0`` to channels-first slots
+(they include their activation: offered where the slot has one, and the log says why not
+elsewhere).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +29,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from autonorm._errors import ConfigError
 from autonorm._io import load_yaml
-from autonorm.norms import CHANNELS_FIRST, default_groups, group_counts
+from autonorm.norms import CHANNELS_FIRST, NORM_NAMES, default_groups, get_spec, group_counts
 
 if TYPE_CHECKING:
     from autonorm.budget import Budget
     from autonorm.config import NormChoice
     from autonorm.surgery import Slot
+
+log = logging.getLogger(__name__)
 
 TIE_MODES = ("none", "stage", "all")
 TIE_PREFIX = "tie:"
@@ -97,6 +104,19 @@ def _minimal(slot: Slot) -> list[Any]:
     ]
 
 
+def small_batch_choices(slot: Slot, choices: list[Any]) -> list[Any]:
+    """A preset's ``choices`` for ``slot`` with the small-batch family: ``batchrenorm`` after
+    the batch norms (Ioffe 2017), and on a channels-first slot ``frn`` (Singh & Krishnan 2020)
+    and ``evonorm_s0`` (Liu et al. 2020), which replace the activation after the slot too."""
+    out = list(choices)
+    batch = [c for c in ("syncbatchnorm", "batchnorm") if c in out]
+    if batch:
+        out.insert(out.index(batch[0]) + 1, "batchrenorm")
+    if slot.layout == CHANNELS_FIRST:
+        out += ["frn", "evonorm_s0"]
+    return out
+
+
 #: Preset name -> function of a slot giving its choices (before validity filtering).
 PRESETS: dict[str, Callable[[Slot], list[Any]]] = {
     "auto": _auto,
@@ -145,6 +165,8 @@ class SearchSpace:
             batchnorm / syncbatchnorm choice with ``+ws``, and ``identity+wn``.
         devices: how many devices the final training uses; with more than one, the presets
             offer ``syncbatchnorm`` after ``batchnorm`` (see :meth:`for_budget`).
+        small_batch: the presets also offer the small-batch family (:func:`small_batch_choices`;
+            set by :meth:`for_budget` where the per-device batch is under 16).
 
     Example::
 
@@ -160,6 +182,7 @@ class SearchSpace:
     keep: bool = True
     weight_norms: bool = False
     devices: int = 1
+    small_batch: bool = False
     _patterns: tuple[PatternChoices, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -170,8 +193,9 @@ class SearchSpace:
             problems.append(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.tie not in TIE_MODES:
             problems.append(f"`tie` must be one of {TIE_MODES}, got {self.tie!r}")
-        if not isinstance(self.weight_norms, bool):
-            problems.append(f"`weight_norms` must be true or false, got {self.weight_norms!r}")
+        for flag in ("weight_norms", "small_batch"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"`{flag}` must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             problems.append(f"`devices` must be a positive int, got {self.devices!r}")
         if isinstance(self.choices, (list, tuple)):  # a bare list: every slot
@@ -202,13 +226,22 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "search space") -> SearchSpace:
         """Build from ``{"preset": ..., "choices": {pattern: [...]}, "identity": bool, "tie": ...,
-        "keep": bool, "weight_norms": bool, "devices": int}``.
+        "keep": bool, "weight_norms": bool, "devices": int, "small_batch": bool}``.
 
         A bare list under ``choices`` applies to every slot (pattern ``*``).
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-        known = {"preset", "choices", "identity", "tie", "keep", "weight_norms", "devices"}
+        known = {
+            "preset",
+            "choices",
+            "identity",
+            "tie",
+            "keep",
+            "weight_norms",
+            "devices",
+            "small_batch",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -225,6 +258,7 @@ class SearchSpace:
                 keep=bool(data.get("keep", True)),
                 weight_norms=data.get("weight_norms", False),
                 devices=data.get("devices", 1),
+                small_batch=data.get("small_batch", False),
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -243,8 +277,9 @@ class SearchSpace:
         return cls.from_dict(data or {}, source=f"search space file {str(path)!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-value description (for metadata and study attributes)."""
-        return {
+        """Plain-value description (for metadata and study attributes); ``small_batch`` only
+        where set, so that the description of an earlier space stays what it was."""
+        out = {
             "preset": self.preset,
             "choices": {p.pattern: [c.to_value() for c in p.choices] for p in self._patterns},
             "identity": self.identity,
@@ -253,19 +288,28 @@ class SearchSpace:
             "weight_norms": self.weight_norms,
             "devices": self.devices,
         }
+        if self.small_batch:
+            out["small_batch"] = True
+        return out
 
     def for_budget(self, budget: Budget | None) -> SearchSpace:
-        """This space for a run under ``budget``: its ``devices`` taken from the budget.
+        """This space for a run under ``budget``: its ``devices`` taken from the budget, and
+        the small-batch family offered where the per-device batch is under 16
+        (:attr:`autonorm.Budget.small_batch`).
 
         Example::
 
             >>> from autonorm.budget import Budget
-            >>> SearchSpace("cnn").for_budget(Budget(batch_size=2, devices=4)).devices
-            4
+            >>> space = SearchSpace("cnn").for_budget(Budget(batch_size=2, devices=4))
+            >>> space.devices, space.small_batch
+            (4, True)
         """
-        if budget is None or budget.devices == self.devices:
+        if budget is None:
             return self
-        return dataclasses.replace(self, devices=budget.devices)
+        small_batch = self.small_batch or budget.small_batch
+        if (budget.devices, small_batch) == (self.devices, self.small_batch):
+            return self
+        return dataclasses.replace(self, devices=budget.devices, small_batch=small_batch)
 
     # -- per-slot choices ----------------------------------------------------------------------
 
@@ -281,6 +325,8 @@ class SearchSpace:
             raw = PRESETS[self.preset](slot)
             if self.devices > 1 and "batchnorm" in raw:  # a preset's choices are plain names
                 raw.insert(raw.index("batchnorm") + 1, "syncbatchnorm")
+            if self.small_batch:
+                raw = small_batch_choices(slot, raw)
         if self.identity:
             raw.append("identity")
         out: list[NormChoice] = []
@@ -307,6 +353,9 @@ class SearchSpace:
         for choice in self.unchecked_choices(slot):
             problems = slot.check(choice)
             (rejected if problems else valid).append((choice, problems))
+        for choice, problems in rejected:
+            if get_spec(choice.name).activation if choice.name in NORM_NAMES else False:
+                log.info("slot %r: %s is not offered: %s", slot.name, choice.label, problems[0])
         if not valid:
             reasons = "; ".join(f"{c.label}: {p[0]}" for c, p in rejected)
             raise ConfigError(

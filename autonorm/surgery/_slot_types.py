@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -141,7 +142,8 @@ def _builtin_type(module: nn.Module) -> tuple[str, str, int | None] | None:
     layout = getattr(module, "layout", None)
     for cls, kind in _OWN_KINDS:
         if isinstance(module, cls):
-            return kind, module.layout, module.num_features
+            own: Any = module  # each of them keeps its layout and channel count
+            return kind, own.layout, own.num_features
     if isinstance(module, FrozenBatchNorm):
         return "frozenbatchnorm", module.layout, module.num_features
     if isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm)):
