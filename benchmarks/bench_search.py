@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autonorm  # noqa: E402
 from autonorm.callbacks import AutoNorm  # noqa: E402
-from autonorm.norms import check_choice, default_groups  # noqa: E402
+from autonorm.norms import default_groups  # noqa: E402
 from autonorm.search import LEARN_MIXING_LR_SCALE  # noqa: E402
 from benchmarks.search_tasks import TASKS as NEW_TASKS  # noqa: E402
 from benchmarks.search_tasks import Task  # noqa: E402
@@ -147,9 +147,7 @@ def uniform_config(slots: list[autonorm.Slot], name: str) -> autonorm.NormConfig
     choices: dict[str, Any] = {}
     for slot in slots:
         params = {"groups": default_groups(slot.num_features, 8)} if name == "groupnorm" else {}
-        valid = not check_choice(
-            name, slot.num_features, layout=slot.layout, input_shape=slot.input_shape, **params
-        )
+        valid = not slot.check({"name": name, **params})  # activations included (frn, evo)
         choices[slot.name] = {"name": name, **params} if valid else slot.keep_choice().to_value()
     return autonorm.NormConfig(choices, metadata={"source": f"uniform:{name}"})
 

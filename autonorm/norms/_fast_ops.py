@@ -327,3 +327,113 @@ def group_norm_tokens(
             out = out * weight
         return (out if bias is None else out + bias).view(x.shape)
     return GroupNormTokens.apply(x3.contiguous(), weight, bias, groups, eps).view(x.shape)
+
+
+def _position_dots(a: torch.Tensor, b: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Per sample and channel of 3-D tensors ``(N, C, P)`` (``(N, P, C)`` when
+    ``channels_last``): ``(a * b).sum`` over the positions P, without a product temporary."""
+    if channels_last:
+        zero = a.new_zeros(a.shape[0], a.shape[-1])
+        return _sample_sums(a, b, zero)[0]
+    n, channels, positions = a.shape
+    rows = a.reshape(n * channels, 1, positions)
+    return torch.bmm(rows, b.reshape(n * channels, positions, 1)).view(n, channels)
+
+
+class FilterResponseNormFunction(torch.autograd.Function):
+    """FRN + TLU of a 3-D ``x`` (``(N, C, P)``, or ``(N, P, C)`` when ``channels_last``)::
+
+        y = max(x * a + b, tau),  a = weight * rstd,  rstd = (mean_P(x^2) + eps) ** -0.5
+
+    Saves ``x`` and the per-(sample, channel) ``rstd``; the backward recomputes the
+    pre-threshold value for the TLU's mask (``g'``: the gradient where it passes)::
+
+        dx = a * g' - x * weight * rstd^3 * mean_P(g' * x)
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        tau: torch.Tensor,
+        eps: float,
+        channels_last: bool,
+    ) -> torch.Tensor:
+        pos = 1 if channels_last else 2
+        positions = x.shape[pos]
+        rstd = (torch.linalg.vector_norm(x, dim=pos).square_().div_(positions) + eps).rsqrt_()
+        ctx.channels_last = channels_last
+        ctx.save_for_backward(x, rstd, weight, bias, tau)
+        out = FilterResponseNormFunction._pre_threshold(ctx, x, rstd, weight, bias)
+        return out.clamp_(min=FilterResponseNormFunction._view(ctx, tau))
+
+    @staticmethod
+    def _view(ctx: Any, per_channel: torch.Tensor) -> torch.Tensor:
+        """A ``(C,)`` or ``(N, C)`` tensor shaped to broadcast over ``x``."""
+        if ctx.channels_last:
+            return per_channel.unsqueeze(-2)
+        return per_channel.unsqueeze(-1)
+
+    @staticmethod
+    def _pre_threshold(
+        ctx: Any,
+        x: torch.Tensor,
+        rstd: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a = rstd if weight is None else rstd * weight
+        view = FilterResponseNormFunction._view
+        if bias is None:
+            return torch.mul(x, view(ctx, a))
+        return torch.addcmul(view(ctx, bias), x, view(ctx, a))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, rstd, weight, bias, tau = ctx.saved_tensors
+        view, cl = FilterResponseNormFunction._view, ctx.channels_last
+        grad = grad.contiguous()
+        y = FilterResponseNormFunction._pre_threshold(ctx, x, rstd, weight, bias)
+        passes = torch.gt(y, view(ctx, tau))
+        passed = torch.mul(grad, passes, out=y)  # g': the gradient the TLU lets through
+        other = (0, 1) if cl else (0, 2)
+        grad_passed_sum = passed.sum(other)
+        grad_tau = grad.sum(other) - grad_passed_sum if ctx.needs_input_grad[3] else None
+        dots = _position_dots(passed, x, cl)  # sum_P(g' * x) per (sample, channel)
+        grad_weight = (dots * rstd).sum(0) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_passed_sum if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            a = rstd if weight is None else rstd * weight
+            coef = a * rstd.square() * dots / x.shape[1 if cl else 2]
+            grad_x = passed.mul_(view(ctx, a)).addcmul_(x, view(ctx, coef), value=-1)
+        return grad_x, grad_weight, grad_bias, grad_tau, None, None
+
+
+def filter_response_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    tau: torch.Tensor,
+    eps: float,
+    channels_last: bool,
+) -> torch.Tensor:
+    """FRN + TLU of ``x`` (``(N, C, *)``, or ``(N, *, C)`` when ``channels_last``): the fused
+    function on float32/float64 outside autocast, else plain ops (which a tracer fuses)."""
+    if tracing(x) or not fused_dtype(x):
+        pos = list(range(1, x.dim() - 1)) if channels_last else list(range(2, x.dim()))
+        shape = [1] * x.dim()
+        shape[-1 if channels_last else 1] = -1
+        out = x * torch.rsqrt(x.square().mean(pos, keepdim=True) + eps)
+        if weight is not None:
+            out = out * weight.view(shape)
+        if bias is not None:
+            out = out + bias.view(shape)
+        return torch.maximum(out, tau.view(shape))
+    n, channels = x.shape[0], x.shape[-1 if channels_last else 1]
+    shape3 = (n, -1, channels) if channels_last else (n, channels, -1)
+    x3 = x.reshape(shape3).contiguous()
+    return FilterResponseNormFunction.apply(x3, weight, bias, tau, eps, channels_last).view(x.shape)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from autonorm.norms._fast_ops import filter_response_norm
 from autonorm.norms._layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
@@ -237,14 +238,9 @@ class FilterResponseNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_input(self, input, 3)  # positions to average over
-        ndim = input.dim()
-        nu2 = input.square().mean(dim=_position_dims(input, self.layout), keepdim=True)
-        out = input * torch.rsqrt(nu2 + self.eps)
-        if self.weight is not None:
-            out = out * _per_channel(self.weight, ndim, self.layout)
-        if self.bias is not None:
-            out = out + _per_channel(self.bias, ndim, self.layout)
-        return torch.maximum(out, _per_channel(self.tau, ndim, self.layout))
+        channels_last = self.layout == CHANNELS_LAST
+        out = filter_response_norm(input, self.weight, self.bias, self.tau, self.eps, channels_last)
+        return out if channels_last else laid_out_like(out, input)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, layout={self.layout}"

@@ -41,6 +41,10 @@ CASES = [
     ("switchable", CHANNELS_FIRST, {"candidates": ("instance", "batch")}, (2, 6, 7)),
     ("switchable", CHANNELS_LAST, {}, (3, 5, 6)),
     ("switchable", CHANNELS_LAST, {"candidates": ("layer", "batch")}, (2, 3, 2, 6)),
+    ("frn", CHANNELS_FIRST, {}, (3, 6, 4, 5)),
+    ("frn", CHANNELS_FIRST, {"affine": False, "eps": 0.5}, (2, 6, 7)),
+    ("frn", CHANNELS_LAST, {}, (3, 5, 6)),
+    ("frn", CHANNELS_LAST, {"eps": 0.5}, (2, 3, 2, 6)),
 ]
 
 

@@ -312,3 +312,23 @@ def test_zoo(name: str, probe: bool) -> None:
     fresh, _ = build(name)
     fresh = to_switchable(fresh, config=NormConfig.uniform(slots, "switchable"))
     finite_step(fresh, example)
+
+
+def test_timm_batchnormact_activations_are_held_by_frn_and_given_back() -> None:
+    """timm's fused BatchNormAct2d: its ``act`` child is the slot's activation where it is one
+    (an Identity is not), frn/evonorm_s0 hold it, batchnorm gives it back."""
+    model, example = build("timm_mobilenetv3")
+    slots = find_slots(model, example)
+    with_act = [s for s in slots if s.activation is not None]
+    without = [s for s in slots if s.activation is None]
+    assert with_act and without  # timm builds some with apply_act=False: an Identity
+    assert all(s.activation == f"{s.name}.act" for s in with_act)
+    assert all(isinstance(model.get_submodule(s.name).act, nn.Identity) for s in without)
+    acts = {s.name: model.get_submodule(s.name).act for s in with_act}
+    config = {s.name: "frn" if i % 2 else "evonorm_s0" for i, s in enumerate(with_act)}
+    apply_config(model, config, partial=True, example_input=example)
+    assert all(type(model.get_submodule(n).act).__name__ == "HeldActivation" for n in acts)
+    finite_step(model, example)
+    apply_config(model, dict.fromkeys(acts, "batchnorm"), partial=True, example_input=example)
+    assert all(model.get_submodule(n).act is act for n, act in acts.items())
+    finite_step(model, example)
