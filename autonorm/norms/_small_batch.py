@@ -185,13 +185,6 @@ class BatchRenorm(_BatchNorm):
         )
 
 
-def _position_dims(x: torch.Tensor, layout: str) -> list[int]:
-    """The dims of the positions of one sample and channel."""
-    if layout == CHANNELS_FIRST:
-        return list(range(2, x.dim()))
-    return list(range(1, x.dim() - 1))
-
-
 class FilterResponseNorm(nn.Module):
     """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan,
     CVPR 2020)::
@@ -292,26 +285,25 @@ class EvoNormS0(nn.Module):
         reset_affine(self)
         nn.init.ones_(self.v)
 
-    def _group_std(self, x: torch.Tensor) -> torch.Tensor:
-        """``sqrt(var + eps)`` per sample and group, broadcast back over ``x``'s channels."""
+    def _grouped(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``x`` viewed with each group's values along the reduced dims (``(N, G, -1)``, or
+        ``(N, -1, G, C/G)`` channels-last), and those dims."""
         if self.layout == CHANNELS_LAST:
-            grouped = x.reshape(x.shape[0], -1, self.groups, self.num_features // self.groups)
-            var = grouped.var(dim=(1, 3), correction=0, keepdim=True)
-            std = (var + self.eps).sqrt().expand_as(grouped)
-            return std.reshape(x.shape)
-        grouped = x.reshape(x.shape[0], self.groups, -1)
-        var = grouped.var(dim=2, correction=0, keepdim=True)
-        return (var + self.eps).sqrt().expand_as(grouped).reshape(x.shape)
+            shape = (x.shape[0], -1, self.groups, self.num_features // self.groups)
+            return x.reshape(shape), (1, 3)
+        return x.reshape(x.shape[0], self.groups, -1), (2,)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_input(self, input, 2)
         ndim = input.dim()
-        gate = torch.sigmoid(input * _per_channel(self.v, ndim, self.layout))
-        out = input * gate / self._group_std(input)
-        if self.weight is not None:
-            out = out * _per_channel(self.weight, ndim, self.layout)
-        if self.bias is not None:
-            out = out + _per_channel(self.bias, ndim, self.layout)
+        grouped, dims = self._grouped(input)
+        std = (grouped.var(dim=dims, correction=0, keepdim=True) + self.eps).sqrt()
+        gated = input * torch.sigmoid(input * _per_channel(self.v, ndim, self.layout))
+        # divided per group on the grouped view: no input-sized copy of the group std
+        out = (self._grouped(gated)[0] / std).reshape(input.shape)
+        if self.weight is not None and self.bias is not None:
+            weight = _per_channel(self.weight, ndim, self.layout)
+            return torch.addcmul(_per_channel(self.bias, ndim, self.layout), out, weight)
         return out
 
     def extra_repr(self) -> str:
