@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Mapping
 
 import yaml
 
 from autonorm.budget import format_bytes
 from autonorm.config import NormChoice
+from autonorm.norms import NORM_NAMES, get_spec
 from autonorm.report._types import STATES, StoredChoice, TrialCategory, TrialCounts
 
 
@@ -33,6 +35,18 @@ def choice_label(value: StoredChoice) -> str:
         return NormChoice.parse(value).label
     except (ValueError, yaml.YAMLError):  # YAMLError: a malformed parameter in a label
         return str(value)
+
+
+def papers(*configs: Mapping[str, StoredChoice]) -> list[tuple[str, str]]:
+    """``(registry name, paper)`` of each norm the configs choose, in registry order."""
+    used = set()
+    for config in configs:
+        for value in config.values():
+            try:
+                used.add(NormChoice.parse(value).name)
+            except (ValueError, yaml.YAMLError):
+                continue  # not a choice autonorm wrote: no paper to name
+    return [(name, get_spec(name).reference) for name in NORM_NAMES if name in used]
 
 
 def budget_limit(key: str, value: object) -> str:

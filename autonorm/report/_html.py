@@ -23,7 +23,14 @@ from autonorm.report._choices import (
 )
 from autonorm.report._cost import cost_table_html
 from autonorm.report._figures import Figures, history_figure, intermediate_figure, pareto_figure
-from autonorm.report._format import budget_limit, choice_label, esc, fmt, state_counts
+from autonorm.report._format import (
+    budget_limit,
+    choice_label,
+    esc,
+    fmt,
+    papers,
+    state_counts,
+)
 from autonorm.report._summary import FINISHED, objective_names, study_info, summarize
 from autonorm.report._types import Config, StudyInfo, Summary, TrialCounts, slot_records
 from autonorm.report._winners import feasible_complete, maximizes, pareto_trials
@@ -229,11 +236,14 @@ def _config_section(summary: Summary, info: StudyInfo) -> str:
                 + _table(_CONFIG_HEADER, _config_rows(plain["config"], info))
                 + cost_table_html(plain["inference_cost"])
             )
+        chosen = [summary["best_config"]] + ([] if plain is None else [plain["config"]])
         return (
             f"<h2>Best config (trial {esc(summary['best_trial'])})</h2>"
             + _table(_CONFIG_HEADER, _config_rows(summary["best_config"], info))
             + cost_table_html(summary["inference_cost"])
             + deploy
+            + "<h3>The chosen norms' papers</h3>"
+            + _table(("choice", "paper"), papers(*chosen))
         )
     if not pareto:
         return ""

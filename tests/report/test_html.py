@@ -100,6 +100,16 @@ def test_report_spells_choices_as_norm_choice_labels(tmp_path):
     assert "groupnorm(affine=true, groups=4)" in html and "affine=True" not in html
 
 
+def test_report_names_the_papers_of_the_chosen_norms(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'papers.db'}")
+    config = {"a": "frn", "b": {"name": "batchrenorm", "r_max": 2.0}, "c": "frn"}
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={CONFIG: config}))
+    html = write_report(study, tmp_path / "report.html").read_text()
+    section = html[html.index("The chosen norms' papers") :]
+    assert section.index("Ioffe, Batch Renormalization") < section.index("Singh & Krishnan")
+    assert section.count("Singh & Krishnan") == 1 and "groupnorm" not in section
+
+
 def test_the_choice_map_stars_the_chosen_config_not_the_best_single_run(tmp_path):
     """The own norms' two runs against a challenger's single run a hair above the better one:
     no paired evidence, the own norms are chosen, and their cells carry the star although the
