@@ -437,3 +437,79 @@ def filter_response_norm(
     shape3 = (n, -1, channels) if channels_last else (n, channels, -1)
     x3 = x.reshape(shape3).contiguous()
     return FilterResponseNormFunction.apply(x3, weight, bias, tau, eps, channels_last).view(x.shape)
+
+
+class EvoNormS0Function(torch.autograd.Function):
+    """EvoNorm-S0 of ``x`` viewed per group (``(N, G, C/G, P)``, or ``(N, P, G, C/G)`` when
+    ``channels_last``)::
+
+        y = h * rstd * weight + bias,  h = x * sigmoid(v * x),  rstd = (var_group(x) + eps) ** -0.5
+
+    Saves ``x`` and the per-(sample, group) mean and ``rstd``; the backward recomputes the gate::
+
+        dx = g * weight * rstd * (s + v * x * s * (1 - s)) + c * (x - mean),
+        c = -rstd^3 / M * sum_group(g * weight * h),  s = sigmoid(v * x)
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        channels_last: bool,
+    ) -> torch.Tensor:
+        ctx.stats_dims = (1, 3) if channels_last else (2, 3)
+        ctx.positions_dim = 1 if channels_last else 3
+        ctx.param_shape = (1, 1, *x.shape[2:]) if channels_last else (1, *x.shape[1:3], 1)
+        var, mean = torch.var_mean(x, ctx.stats_dims, correction=0, keepdim=True)
+        rstd = (var + eps).rsqrt_()
+        out = torch.mul(x, v.view(ctx.param_shape)).sigmoid_().mul_(x).mul_(rstd)
+        if weight is not None and bias is not None:
+            out.mul_(weight.view(ctx.param_shape)).add_(bias.view(ctx.param_shape))
+        ctx.save_for_backward(x, mean, rstd, v, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, mean, rstd, v, weight = ctx.saved_tensors
+        shape, pos = ctx.param_shape, ctx.positions_dim
+        per_channel = [d for d in range(4) if shape[d] == 1]  # the dims a channel sums over
+        grad = grad.contiguous()
+        gate = torch.mul(x, v.view(shape)).sigmoid_()
+        buffer = torch.mul(x, gate).mul_(grad)  # g * h
+        gh = buffer.sum(pos, keepdim=True)  # per (sample, channel)
+        w = torch.ones_like(v) if weight is None else weight
+        grad_weight = (gh * rstd).sum(per_channel).view(-1) if weight is not None else None
+        grad_bias = grad.sum(per_channel).view(-1) if weight is not None else None
+        count = x[0].numel() / rstd[0].numel()  # values per (sample, group)
+        coef = (gh * w.view(shape)).sum(ctx.stats_dims, keepdim=True) * rstd.pow(3) / -count
+        xss = torch.addcmul(gate, gate, gate, value=-1, out=buffer).mul_(x)  # x s (1 - s)
+        slope = gate.addcmul_(xss, v.view(shape))  # dh/dx = s + v x s (1 - s)
+        scale = rstd * w.view(shape)  # per (sample, channel): dL/dh = g * scale
+        grad_v = (xss.mul_(grad).mul_(x).sum(pos, keepdim=True) * scale).sum(per_channel)
+        grad_x = slope.mul_(grad).mul_(scale).addcmul_(x, coef).sub_(coef * mean)
+        return grad_x, grad_v.view(-1), grad_weight, grad_bias, None, None
+
+
+def evonorm_s0(
+    x: torch.Tensor,
+    groups: int,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    channels_last: bool,
+) -> torch.Tensor | None:
+    """:class:`EvoNormS0Function` of ``x`` (``(N, C, *)``, or ``(N, *, C)`` when
+    ``channels_last``), or None where plain ops apply (tracing, half precision, autocast)."""
+    if tracing(x) or not fused_dtype(x):
+        return None
+    n, channels = x.shape[0], x.shape[-1 if channels_last else 1]
+    size = channels // groups
+    shape4 = (n, -1, groups, size) if channels_last else (n, groups, size, -1)
+    x4 = x.reshape(shape4).contiguous()
+    return EvoNormS0Function.apply(x4, v, weight, bias, eps, channels_last).view(x.shape)

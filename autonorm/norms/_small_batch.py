@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autonorm.norms._fast_ops import filter_response_norm
+from autonorm.norms._fast_ops import evonorm_s0, filter_response_norm
 from autonorm.norms._layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
@@ -295,6 +295,12 @@ class EvoNormS0(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_input(self, input, 2)
+        channels_last = self.layout == CHANNELS_LAST
+        fused = evonorm_s0(
+            input, self.groups, self.v, self.weight, self.bias, self.eps, channels_last
+        )
+        if fused is not None:
+            return fused if channels_last else laid_out_like(fused, input)
         ndim = input.dim()
         grouped, dims = self._grouped(input)
         std = (grouped.var(dim=dims, correction=0, keepdim=True) + self.eps).sqrt()

@@ -45,6 +45,10 @@ CASES = [
     ("frn", CHANNELS_FIRST, {"affine": False, "eps": 0.5}, (2, 6, 7)),
     ("frn", CHANNELS_LAST, {}, (3, 5, 6)),
     ("frn", CHANNELS_LAST, {"eps": 0.5}, (2, 3, 2, 6)),
+    ("evonorm_s0", CHANNELS_FIRST, {"groups": 2}, (3, 6, 4, 5)),
+    ("evonorm_s0", CHANNELS_FIRST, {"groups": 3, "affine": False, "eps": 0.5}, (2, 6)),
+    ("evonorm_s0", CHANNELS_LAST, {"groups": 3}, (3, 5, 6)),
+    ("evonorm_s0", CHANNELS_LAST, {"groups": 6}, (2, 3, 2, 6)),
 ]
 
 
