@@ -84,12 +84,16 @@ def _next_in_sequential(model: nn.Module, name: str) -> str | None:
 
 
 def declared_activations(
-    model: nn.Module, activations: Mapping[str, str] | None, slot_names: Sequence[str]
+    model: nn.Module,
+    activations: Mapping[str, str] | None,
+    slot_names: Sequence[str],
+    uses: Mapping[int, int],
 ) -> dict[str, str]:
     """The declared ``{slot name: activation module name}``, checked (every problem at once).
 
     Raises:
-        AutoNormError: a name that is no slot, or a module the model does not have.
+        AutoNormError: a name that is no slot, a module the model does not have, or one it
+            uses at several places (holding it would change the others too).
     """
     if activations is None:
         return {}
@@ -103,9 +107,16 @@ def declared_activations(
             problems.append(f"{slot!r} is not a norm slot")
             continue
         try:
-            model.get_submodule(str(name))
+            module = model.get_submodule(str(name))
         except AttributeError:
             problems.append(f"slot {slot!r}: the model has no module {name!r}")
+            continue
+        if uses.get(id(module), 0) > 1:
+            problems.append(
+                f"slot {slot!r}: {name!r} is used at {uses[id(module)]} places of the model; "
+                "a choice that includes its activation would change them all (give the slot "
+                "an activation module of its own)"
+            )
     if problems:
         raise AutoNormError("declared activations do not fit the model: " + "; ".join(problems))
     return {slot: str(name) for slot, name in activations.items()}

@@ -463,7 +463,8 @@ def find_slots(
     tagged = tagged_feeders(feeder_modules)
     if activations is None:
         activations = getattr(model, ACTIVATIONS_ATTR, None)
-    activation_info = (declared_activations(model, activations, list(channels)), module_uses(model))
+    uses = module_uses(model)
+    activation_info = (declared_activations(model, activations, list(channels), uses), uses)
     slots = [
         _make_slot(
             model,

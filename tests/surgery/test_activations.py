@@ -93,6 +93,8 @@ def test_an_activation_used_at_several_places_is_not_offered():
     slots = {s.name: s for s in find_slots(model, X)}
     assert slots["bn1"].activation is None
     assert slots["bn2"].activation is None  # the Sequential's next module is the shared ReLU
+    with pytest.raises(AutoNormError, match=r"slot 'bn1': 'relu' is used at 2 places"):
+        find_slots(model, X, activations={"bn1": "relu"})
 
 
 class Block(nn.Module):
