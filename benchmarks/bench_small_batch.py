@@ -6,7 +6,8 @@ its own norms and earlier uniform families, retrained with the same fresh seeds 
 
   uniform:<f>   each of ``batchrenorm``, ``frn``, ``evonorm_s0`` on every slot where it is valid
                 (``frn``/``evonorm_s0`` only where the slot's activation is known; the slot keeps
-                its own layer elsewhere), retrained from scratch with the fresh seeds
+                its own layer elsewhere), retrained from scratch with the fresh seeds; a family
+                valid on no slot is "not offered" (nothing to train)
   grid+small    the hand grid with the three added (one run per family and the own norms, the
                 best kept; its compute is its size)
   autonorm      this version's default search, whose space offers the three at these batches
@@ -54,7 +55,9 @@ def bench(key: str, seeds: int) -> dict[str, Any]:
     offered = {f: sum(not s.check(f) for s in slots) for f in FAMILY}
     print(f"\n== {key}: {task.name}, {len(slots)} slots; valid on {offered}", flush=True)
     grid_task = dataclasses.replace(task, families=task.families + FAMILY)
-    found = [Found(f"uniform:{f}", uniform_config(slots, f), 0.0, 0.0) for f in FAMILY]
+    found = [
+        Found(f"uniform:{f}", uniform_config(slots, f), 0.0, 0.0) for f in FAMILY if offered[f]
+    ]
     found.append(dataclasses.replace(run_grid(grid_task, slots), method="grid+small"))
     found.append(run_autonorm(task, 0))
     rows = [retrained_row(task, f, seeds) for f in found]
@@ -87,9 +90,11 @@ def report(runs: list[dict[str, Any]]) -> str:
             return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
 
         for f in FAMILY:
-            row = rows[f"uniform:{f}"]
-            if run["offered"][f] and sign * (row["mean"] - earlier["mean"]) > max(
-                0.005, earlier["std"], row["std"]
+            row = rows.get(f"uniform:{f}")
+            if (
+                row is not None
+                and run["offered"][f]
+                and sign * (row["mean"] - earlier["mean"]) > max(0.005, earlier["std"], row["std"])
             ):
                 wins.append(f"{run['task']}: uniform {f} {cell(row)} > {earlier['method']}")
         for method in ("grid+small", "autonorm"):
@@ -100,7 +105,9 @@ def report(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {run['task']} | {offered} | {cell(saved['own'])} | {cell(earlier)} "
             f"({earlier['method']}) | "
-            + " | ".join(cell(rows[f"uniform:{f}"]) for f in FAMILY)
+            + " | ".join(
+                cell(rows[f"uniform:{f}"]) if run["offered"][f] else "not offered" for f in FAMILY
+            )
             + f" | {cell(rows['grid+small'])} [{rows['grid+small']['trainings']:.0f}] "
             f"{rows['grid+small']['config']} | {cell(rows['autonorm'])} "
             f"[{rows['autonorm']['trainings']:.1f}] {rows['autonorm']['config']} |"
