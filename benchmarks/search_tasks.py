@@ -224,6 +224,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU()  # a module: the activation a choice like frn may replace
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
@@ -233,7 +234,7 @@ class ResidualBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
 
 
@@ -252,22 +253,35 @@ class ResNet2d(_Classifier):
         super().__init__(lr)
         self.save_hyperparameters()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+        )
         self.stage1 = nn.Sequential(ResidualBlock(w, 2 * w))
         self.stage2 = nn.Sequential(ResidualBlock(2 * w, 4 * w, 2))
         self.stage3 = nn.Sequential(ResidualBlock(4 * w, 8 * w, 2), ResidualBlock(8 * w, 8 * w))
         self.head_conv = nn.Conv2d(8 * w, 8 * w, 1, bias=False)
         self.head_bn = nn.BatchNorm2d(8 * w)
+        self.head_act = nn.ReLU()
         self.fc = nn.Linear(8 * w, 8 * w, bias=False)
         self.fc_bn = nn.BatchNorm1d(8 * w)
+        self.fc_act = nn.ReLU()
         self.out = nn.Linear(8 * w, classes)
         self.example_input_array = torch.zeros(2, 1, 20, 20)
+        # the activations right after the norms (a bn2's comes after the residual add: none)
+        blocks = [
+            f"stage{s}.{i}" for s, stage in enumerate(self.stages, 1) for i in range(len(stage))
+        ]
+        self.autonorm_activations = {f"{b}.bn1": f"{b}.act1" for b in blocks}
+        self.autonorm_activations.update(head_bn="head_act", fc_bn="fc_act")
+
+    @property
+    def stages(self) -> tuple[nn.Sequential, ...]:
+        return (self.stage1, self.stage2, self.stage3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        x = self.stage3(self.stage2(self.stage1(x)))
-        x = F.relu(self.head_bn(self.head_conv(x))).mean((2, 3))
-        return self.out(F.relu(self.fc_bn(self.fc(x))))
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        x = self.head_act(self.head_bn(self.head_conv(x))).mean((2, 3))
+        return self.out(self.fc_act(self.fc_bn(self.fc(x))))
 
 
 def _conv_norm(cin: int, cout: int) -> nn.Sequential:
