@@ -8,8 +8,8 @@ its own norms and earlier uniform families, retrained with the same fresh seeds 
                 (``frn``/``evonorm_s0`` only where the slot's activation is known; the slot keeps
                 its own layer elsewhere), retrained from scratch with the fresh seeds; a family
                 valid on no slot is "not offered" (nothing to train)
-  grid+small    the hand grid with the three added (one run per family and the own norms, the
-                best kept; its compute is its size)
+  grid+small    the hand grid with those of the three that are offered (one run per family and
+                the own norms, the best kept; its compute is its size)
   autonorm      this version's default search, whose space offers the three at these batches
 
 Run (each task a few minutes on one core)::
@@ -54,7 +54,8 @@ def bench(key: str, seeds: int) -> dict[str, Any]:
     slots = autonorm.find_slots(task.model())
     offered = {f: sum(not s.check(f) for s in slots) for f in FAMILY}
     print(f"\n== {key}: {task.name}, {len(slots)} slots; valid on {offered}", flush=True)
-    grid_task = dataclasses.replace(task, families=task.families + FAMILY)
+    added = tuple(f for f in FAMILY if offered[f])  # a family valid nowhere is the own norms
+    grid_task = dataclasses.replace(task, families=task.families + added)
     found = [
         Found(f"uniform:{f}", uniform_config(slots, f), 0.0, 0.0) for f in FAMILY if offered[f]
     ]
