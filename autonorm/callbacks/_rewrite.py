@@ -331,10 +331,6 @@ class _RewriteBase(_CallbackType):
         """Whether ``include``/``exclude`` select some slots (a config then names only those)."""
         return self.include is not None or self.exclude is not None
 
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        scale_renorm_schedules(pl_module, trainer.estimated_stepping_batches)
-
     # -- training steps: measured against the budget ------------------------------------------
 
     @override
@@ -474,3 +470,7 @@ class AutoNorm(_RewriteBase, *callback_bases(), metaclass=_ByMode):  # type: ign
     def state_key(self) -> str:
         """One key for every mode: checkpoints restore into whichever class wrote them."""
         return "AutoNorm"
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scale_renorm_schedules(pl_module, trainer.estimated_stepping_batches)
