@@ -513,3 +513,53 @@ def evonorm_s0(
     shape4 = (n, -1, groups, size) if channels_last else (n, groups, size, -1)
     x4 = x.reshape(shape4).contiguous()
     return EvoNormS0Function.apply(x4, v, weight, bias, eps, channels_last).view(x.shape)
+
+
+class BatchRenormFunction(torch.autograd.Function):
+    """Batch Renormalization's training step on ``x`` ``(N, C, *)`` or ``(M, C)``: torch's
+    batch-norm kernel normalizes with the batch statistics (and moves the running ones in
+    place by ``factor``); ``r`` and ``d``, from the batch statistics and the running ones
+    before that move, then scale and shift its output in place. With ``r`` and ``d`` constants
+    the step is a batch norm whose affine is ``(weight * r, weight * d + bias)``: the backward
+    is torch's batch-norm backward with that weight, from the saved input and batch statistics.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running: tuple[torch.Tensor, torch.Tensor],
+        factor: float,
+        eps: float,
+        limits: tuple[float, float],
+    ) -> torch.Tensor:
+        running_mean, running_var = running
+        sigma = (running_var + eps).sqrt()  # the running statistics before the kernel moves them
+        old_mean = running_mean.clone()
+        out, mean, invstd = torch.native_batch_norm(
+            x, None, None, running_mean, running_var, True, factor, eps
+        )
+        r_max, d_max = limits
+        r = (invstd.reciprocal() / sigma).clamp_(1.0 / r_max, r_max).to(x.dtype)
+        d = ((mean - old_mean) / sigma).clamp_(-d_max, d_max).to(x.dtype)
+        scale = r if weight is None else weight * r
+        shift = d if weight is None else weight * d
+        if bias is not None:
+            shift = shift + bias
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, invstd, r, d, weight)
+        return out.mul_(_channel_view(scale, x, 1)).add_(_channel_view(shift, x, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, mean, invstd, r, d, weight = ctx.saved_tensors
+        scale = r if weight is None else weight * r
+        grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+            grad, x, scale, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
+        grad_weight = grad_scale * r + grad_shift * d if ctx.needs_input_grad[1] else None
+        grad_bias = grad_shift if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from autonorm.norms._fast_ops import evonorm_s0, filter_response_norm
+from autonorm.norms._fast_ops import (
+    BatchRenormFunction,
+    evonorm_s0,
+    filter_response_norm,
+    fused_dtype,
+    tracing,
+)
 from autonorm.norms._layers import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
@@ -153,7 +159,17 @@ class BatchRenorm(_BatchNorm):
                 f"shape {tuple(x.shape)}"
             )
         r_max, d_max = self.limits()
-        with torch.no_grad():
+        if fused_dtype(x) and not tracing(x):
+            tracked = self.num_batches_tracked
+            assert tracked is not None
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+            running = (running_mean, running_var)
+            limits = (r_max, d_max)
+            return BatchRenormFunction.apply(
+                x, self.weight, self.bias, running, factor, self.eps, limits
+            )
+        with torch.no_grad():  # plain ops: traced (torch.compile, export), half precision
             var, mean = torch.var_mean(x, dim=dims, correction=0)
             sigma = (running_var + self.eps).sqrt()
             r = ((var + self.eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)

@@ -232,3 +232,33 @@ def test_a_trained_batch_renorm_folds_into_its_feeder(layout):
     assert isinstance(model[1], torch.nn.Identity)
     with torch.no_grad():
         assert torch.allclose(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_batch_renorm_plain_path_computes_what_the_fused_one_does(layout):
+    """The plain ops torch.compile/export trace against the fused function, past the ramp."""
+    import copy
+
+    from tests.norms.test_traced_paths import Traced
+
+    fused = BatchRenorm(4, r_max=1.5, d_max=0.3, warmup_steps=0, ramp_steps=1, layout=layout)
+    fused = fused.double()
+    _randomize(fused)
+    fused.num_batches_tracked.fill_(1)
+    fused.running_mean.copy_(torch.randn(4, dtype=torch.double))
+    fused.running_var.copy_(torch.rand(4, dtype=torch.double) + 0.2)
+    plain = copy.deepcopy(fused)
+    shape = (5, 4, 3, 2) if layout == "channels_first" else (5, 3, 2, 4)
+    x = torch.randn(shape, dtype=torch.double) * 2 + 1
+    results = []
+    for layer, traced in ((fused, False), (plain, True)):
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf.as_subclass(Traced) if traced else leaf)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
+        grads = [leaf.grad, layer.weight.grad, layer.bias.grad]
+        results.append((out.as_subclass(torch.Tensor).detach(), grads, layer.running_var.clone()))
+    (out_f, grads_f, var_f), (out_p, grads_p, var_p) = results
+    assert torch.allclose(out_f, out_p, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads_f, grads_p, strict=True))
+    assert torch.allclose(var_f, var_p, atol=1e-12)
+    assert int(fused.num_batches_tracked) == int(plain.num_batches_tracked) == 2
