@@ -246,6 +246,33 @@ def _sample_sums(
     return torch.stack([s[1] for s in sums]), torch.stack([s[2] for s in sums])
 
 
+def _token_group_moments(
+    x: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of tokens ``x`` ``(N, S, C)``: the per-channel means ``(N, G, C/G)`` and the mean and
+    biased variance of each sample's groups ``(N, G, 1)``, by the law of total variance from
+    the per-channel moments (:func:`_sample_moments`)."""
+    mean, var = _sample_moments(x)
+    mean = mean.view(x.shape[0], groups, -1)
+    group_mean = mean.mean(-1, keepdim=True)
+    group_var = (var.view(mean.shape) + (mean - group_mean).square()).mean(-1, True)
+    return mean, group_mean, group_var
+
+
+def group_moments(x: torch.Tensor, groups: int, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    """Mean and biased variance per sample and group of ``x`` ``(N, C, P)`` (``(N, P, C)``
+    when ``channels_last``), each ``(N, G)``, from torch's fused kernels (``torch.var_mean``
+    over a group's channels and positions runs several times slower)."""
+    n = x.shape[0]
+    if channels_last:
+        _, group_mean, group_var = _token_group_moments(x, groups)
+        return group_mean.view(n, groups), group_var.view(n, groups)
+    channels, positions = x.shape[1], x.shape[2]
+    _, mean, rstd = torch.native_group_norm(x, None, None, n, channels, positions, groups, 0.0)
+    var = torch.where(rstd > 0, rstd.pow(-2), 0.0)  # eps=0: a constant group has inf
+    return mean.view(n, groups), var.view(n, groups)
+
+
 class GroupNormTokens(torch.autograd.Function):
     """Group norm of tokens ``x`` ``(N, S, C)``: per sample over each group's channels and the
     S positions (instance norm: ``groups = C``), without moving the channels first. Saves
@@ -264,10 +291,7 @@ class GroupNormTokens(torch.autograd.Function):
         eps: float,
     ) -> torch.Tensor:
         n, _, channels = x.shape
-        mean, var = _sample_moments(x)  # law of total variance from the per-channel moments
-        mean = mean.view(n, groups, -1)
-        group_mean = mean.mean(-1, keepdim=True)
-        group_var = (var.view(n, groups, -1) + (mean - group_mean).square()).mean(-1, True)
+        mean, group_mean, group_var = _token_group_moments(x, groups)
         rstd = (group_var + eps).rsqrt_()
         # contiguous: reshape may keep the expansion's zero stride, which the kernels misread
         center = group_mean.expand_as(mean).reshape(n, channels).contiguous()
@@ -464,8 +488,13 @@ class EvoNormS0Function(torch.autograd.Function):
         ctx.stats_dims = (1, 3) if channels_last else (2, 3)
         ctx.positions_dim = 1 if channels_last else 3
         ctx.param_shape = (1, 1, *x.shape[2:]) if channels_last else (1, *x.shape[1:3], 1)
-        var, mean = torch.var_mean(x, ctx.stats_dims, correction=0, keepdim=True)
-        rstd = (var + eps).rsqrt_()
+        n, groups = x.shape[0], x.shape[2 if channels_last else 1]
+        flat = (
+            (n, -1, x.shape[2] * x.shape[3]) if channels_last else (n, x.shape[1] * x.shape[2], -1)
+        )
+        mean, var = group_moments(x.view(flat), groups, channels_last)
+        stats_shape = (n, 1, groups, 1) if channels_last else (n, groups, 1, 1)
+        mean, rstd = mean.view(stats_shape), (var.view(stats_shape) + eps).rsqrt_()
         out = torch.mul(x, v.view(ctx.param_shape)).sigmoid_().mul_(x).mul_(rstd)
         if weight is not None and bias is not None:
             out.mul_(weight.view(ctx.param_shape)).add_(bias.view(ctx.param_shape))
