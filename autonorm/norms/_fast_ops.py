@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from autonorm.norms._switchable_ops import _position_sums
+
 
 def tracing(x: torch.Tensor) -> bool:
     """Whether ``x`` is being traced (torch.compile, torch.export, FX fake tensors): the
@@ -359,9 +361,7 @@ def _position_dots(a: torch.Tensor, b: torch.Tensor, channels_last: bool) -> tor
     if channels_last:
         zero = a.new_zeros(a.shape[0], a.shape[-1])
         return _sample_sums(a, b, zero)[0]
-    n, channels, positions = a.shape
-    rows = a.reshape(n * channels, 1, positions)
-    return torch.bmm(rows, b.reshape(n * channels, positions, 1)).view(n, channels)
+    return _position_sums(a, b)[0]  # the batch-norm backward kernel's reductions, one pass
 
 
 class FilterResponseNormFunction(torch.autograd.Function):
@@ -421,8 +421,9 @@ class FilterResponseNormFunction(torch.autograd.Function):
         view, cl = FilterResponseNormFunction._view, ctx.channels_last
         grad = grad.contiguous()
         y = FilterResponseNormFunction._pre_threshold(ctx, x, rstd, weight, bias)
-        passes = torch.gt(y, view(ctx, tau))
-        passed = torch.mul(grad, passes, out=y)  # g': the gradient the TLU lets through
+        # g': the gradient the TLU lets through; a float mask in place (bool masks and
+        # torch.where run several times slower on CPU)
+        passed = torch.gt(y, view(ctx, tau), out=y).mul_(grad)
         other = (0, 1) if cl else (0, 2)
         grad_passed_sum = passed.sum(other)
         grad_tau = grad.sum(other) - grad_passed_sum if ctx.needs_input_grad[3] else None
