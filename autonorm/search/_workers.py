@@ -131,7 +131,7 @@ def handle_interrupts() -> Iterator[None]:
     """Turn the first SIGINT or SIGTERM into :class:`Interrupted`; ignore later ones.
 
     Only in the main thread (signal handlers can be set nowhere else); restores the previous
-    handlers on exit.
+    handlers and forgets the signal on exit (the raised :class:`Interrupted` carries it on).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -145,6 +145,7 @@ def handle_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received.clear()  # a later search in this process must not read its errors as this
 
 
 def as_interrupt(err: BaseException) -> Interrupted | None:
