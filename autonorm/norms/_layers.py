@@ -53,8 +53,6 @@ def laid_out_like(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     channels-last memory where ``input`` is in it, else contiguous. A layer computing on a
     permuted view would otherwise hand back a strided tensor that a following ``.view``
     refuses."""
-    if out.is_contiguous():
-        return out
     for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
         in_format = input.dim() == ndim and input.is_contiguous(memory_format=memory_format)
         if in_format and not input.is_contiguous():
