@@ -158,7 +158,7 @@ def test_three_workers_share_one_study(storage, workdir, tmp_path):
     procs = []
     for i in range(3):
         out = tmp_path / ("w0" if i < 2 else "w2")  # two workers also share a bundle folder
-        args = search_args(url, name, out, n_trials=6, sleep=0.05)
+        args = search_args(url, name, out, n_trials=6, sleep=0.3)  # long enough to share
         procs.append((start(args, workdir, tmp_path / f"w{i}.log"), tmp_path / f"w{i}.log"))
     codes = [finish(proc, log) for proc, log in procs]
     logs = [log.read_text() for _, log in procs]
@@ -207,7 +207,7 @@ def test_n_workers_runs_a_local_pool_with_one_display_and_one_bundle(workdir, tm
     args = [
         "search",
         "--model", "workmodels.Net",
-        "--model.sleep", "0.1",
+        "--model.sleep", "0.5",  # trials long enough that the second worker is up to share them
         "--data", "workmodels.Data",
         "--trainer.max_epochs", "1",
         "--search.space", "minimal",
